@@ -1,0 +1,183 @@
+"""What `txt2image.py` and `image2image.py` share: arguments, their checks,
+the denoising loop with a progress bar, decoding and saving."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from .images import GenerationParameters, check_output_path, save_images, validate_size
+from .pipeline import Denoising, StableDiffusion
+from .samplers import SAMPLERS
+
+
+def parser(description: str, image_input: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    if image_input:
+        p.add_argument("image", help="input image (resized/cropped to multiples of 64)")
+        p.add_argument(
+            "--strength",
+            type=float,
+            default=0.5,
+            help="how much to change the image: 0 keeps it, 1 replaces it",
+        )
+    else:
+        p.add_argument("--width", type=int, help="default: the model's native size")
+        p.add_argument("--height", type=int, help="default: the model's native size")
+    p.add_argument("prompt")
+    p.add_argument(
+        "--model",
+        default="sdxl",
+        help="'sdxl' (stabilityai/sdxl-turbo), 'sd' (stabilityai/stable-diffusion-2-1"
+        "-base), a Hugging Face repo id or a local diffusers folder",
+    )
+    p.add_argument("--n_images", type=int, default=1)
+    p.add_argument("--n_rows", type=int, default=1)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        help="classifier-free guidance weight (default: the model's; <= 1 turns it off)",
+    )
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: the model's")
+    p.add_argument("--seed", type=int, default=None, help="-1 or none: random (printed)")
+    p.add_argument("--decoding_batch_size", type=int, default=1)
+    p.add_argument(
+        "-q", "--quantize", action="store_true", help="4-bit text encoders and 8-bit UNet"
+    )
+    p.add_argument(
+        "--float16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: float16 on a GPU, float32 on the CPU (where float16 is slow)",
+    )
+    p.add_argument(
+        "--preload-models",
+        action="store_true",
+        help="load all weights before generating (for timings)",
+    )
+    p.add_argument("--output", default="out.png")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file instead of picking a new name",
+    )
+    p.add_argument("--save-individual", action="store_true", help="also save each image on its own")
+    p.add_argument("-v", "--verbose", action="store_true", help="timings and peak memory")
+    return p
+
+
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """Reject bad arguments before any model is loaded; returns the output path."""
+    if args.n_images < 1:
+        p.error("--n_images must be at least 1")
+    if args.n_rows < 1 or args.n_images % args.n_rows:
+        p.error(f"--n_images {args.n_images} is not divisible by --n_rows {args.n_rows}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be at least 1 (got {args.steps})")
+    if args.cfg is not None and args.cfg < 0:
+        p.error(f"--cfg must be >= 0 (got {args.cfg})")
+    if args.decoding_batch_size < 1:
+        p.error("--decoding_batch_size must be at least 1")
+    if not 0 <= getattr(args, "strength", 0) <= 1:
+        p.error(f"--strength must be between 0 and 1 (got {args.strength})")
+    try:
+        validate_size(getattr(args, "width", None) or 8, getattr(args, "height", None) or 8)
+        individual = args.n_images if args.save_individual else 0
+        return check_output_path(args.output, overwrite=args.overwrite, individual=individual)
+    except ValueError as e:
+        p.error(str(e))
+
+
+def seed(args: argparse.Namespace) -> int:
+    """The seed to use, printed so that a run can be repeated; -1 or none: random."""
+    value = secrets.randbits(31) if args.seed is None or args.seed < 0 else args.seed
+    print(f"Seed: {value}")
+    return value
+
+
+def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDiffusion:
+    start = time.perf_counter()
+    try:
+        sd = StableDiffusion(args.model, float16=args.float16, quantize=args.quantize)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    if args.preload_models:
+        sd.preload()
+    if args.verbose:
+        print(f"Model loaded in {time.perf_counter() - start:.1f} s ({sd.folder})")
+    return sd
+
+
+def denoise(sd: StableDiffusion, latents: Denoising, args: argparse.Namespace) -> mx.array:
+    start = time.perf_counter()
+    for step, x in enumerate(tqdm(latents, desc="Denoising")):
+        mx.eval(x)
+        # The conditioning is computed by now; free the text encoders.
+        if step == 0 and not args.preload_models:
+            sd.release_text_encoders()
+    if args.verbose:
+        print(
+            f"Denoised in {time.perf_counter() - start:.1f} s, "
+            f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
+        )
+    return x
+
+
+def decode_and_save(
+    sd: StableDiffusion,
+    latents: mx.array,
+    args: argparse.Namespace,
+    output: Path,
+    parameters: GenerationParameters,
+) -> None:
+    # The UNet is done: free it before the VAE's peak.
+    if not args.preload_models:
+        sd.release_unet()
+    start = time.perf_counter()
+    batch = args.decoding_batch_size
+    decoded = []
+    for i in tqdm(range(0, latents.shape[0], batch), desc="Decoding"):
+        images = sd.decode(latents[i : i + batch])
+        mx.eval(images)
+        decoded.append(np.array(images))
+    if args.verbose:
+        print(
+            f"Decoded in {time.perf_counter() - start:.1f} s, "
+            f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
+        )
+    paths = save_images(
+        np.concatenate(decoded),
+        output,
+        parameters,
+        n_rows=args.n_rows,
+        overwrite=args.overwrite,
+        save_individual=args.save_individual,
+    )
+    for path in paths:
+        print(f"Saved {path}")
+
+
+def generation_parameters(
+    sd: StableDiffusion, args: argparse.Namespace, width: int, height: int, **extra
+) -> GenerationParameters:
+    defaults = sd.defaults
+    return GenerationParameters(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt or "",
+        steps=args.steps or defaults.steps,
+        sampler=args.sampler or defaults.sampler,
+        cfg_scale=defaults.cfg if args.cfg is None else args.cfg,
+        seed=sd.last_seed,
+        width=width,
+        height=height,
+        model=args.model,
+        **extra,
+    )

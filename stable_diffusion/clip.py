@@ -1,0 +1,132 @@
+"""CLIP text encoder (transformers' CLIPTextModel / CLIPTextModelWithProjection).
+
+Attribute names mirror transformers' so its state dicts load key for key."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import TextEncoderConfig
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+    "gelu": nn.gelu,
+}
+
+
+@dataclass
+class TextEncoderOutput:
+    last_hidden_state: mx.array
+    # Input of the last layer; SDXL (and "clip skip") conditions on it.
+    penultimate_hidden_state: mx.array
+    # Final hidden state at the end-of-text token, projected when the model has a projection.
+    pooled: mx.array
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dims: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dims, dims)
+        self.k_proj = nn.Linear(dims, dims)
+        self.v_proj = nn.Linear(dims, dims)
+        self.out_proj = nn.Linear(dims, dims)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        batch, length, dims = x.shape
+        head_dim = dims // self.heads
+        q, k, v = (
+            proj(x).reshape(batch, length, self.heads, head_dim).transpose(0, 2, 1, 3)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        # A "causal" mask instead of an additive -inf matrix: no NaN in float16.
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=1 / math.sqrt(head_dim), mask="causal"
+        )
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dims))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.activation = ACTIVATIONS[config.hidden_act]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        dims, eps = config.hidden_size, config.layer_norm_eps
+        self.layer_norm1 = nn.LayerNorm(dims, eps=eps)
+        self.self_attn = CLIPAttention(dims, config.num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(dims, eps=eps)
+        self.mlp = CLIPMLP(config)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        positions = mx.arange(input_ids.shape[1])
+        return self.token_embedding(input_ids) + self.position_embedding(positions)
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.layers = [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class CLIPTextModel(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        if config.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"Text encoder config: unsupported hidden_act {config.hidden_act!r}")
+        self.config = config
+        self.text_model = CLIPTextTransformer(config)
+        if config.with_projection:
+            self.text_projection = nn.Linear(
+                config.hidden_size, config.projection_dim, bias=False
+            )
+
+    def __call__(self, input_ids: mx.array) -> TextEncoderOutput:
+        x = self.text_model.embeddings(input_ids)
+        layers = self.text_model.encoder.layers
+        for layer in layers[:-1]:
+            x = layer(x)
+        penultimate = x
+        last = self.text_model.final_layer_norm(layers[-1](x))
+
+        # transformers' rule: configs with the legacy eos id 2 pool at the highest
+        # id (the end-of-text token); others at the first end-of-text token.
+        if self.config.eos_token_id == 2:
+            eos_position = mx.argmax(input_ids, axis=-1)
+        else:
+            eos_position = mx.argmax(input_ids == self.config.eos_token_id, axis=-1)
+        pooled = last[mx.arange(last.shape[0]), eos_position]
+        if self.config.with_projection:
+            pooled = self.text_projection(pooled)
+        return TextEncoderOutput(last, penultimate, pooled)

@@ -1,0 +1,108 @@
+"""Resolve a model name (alias, hub repo id or local folder) to a local
+diffusers-format folder, downloading only the files the pipeline needs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ALIASES = {
+    "sdxl": "stabilityai/sdxl-turbo",
+    "sd": "stabilityai/stable-diffusion-2-1-base",
+}
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def _download_patterns(variant: str) -> list[str]:
+    patterns = [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer*/*.json",
+        "tokenizer*/merges.txt",
+    ]
+    for component in COMPONENTS:
+        patterns.append(f"{component}/config.json")
+        for stem in WEIGHT_STEMS:
+            patterns.append(f"{component}/{stem}{variant}.safetensors")
+            if not variant:
+                patterns += [f"{component}/{stem}-*-of-*.safetensors", f"{component}/*.index.json"]
+    return patterns
+
+
+def weight_files(folder: Path, prefer_float16: bool) -> list[Path]:
+    """The safetensors files of one component folder, the float16 variant first
+    when asked for and present; sharded files in order."""
+    variants = (".fp16", "") if prefer_float16 else ("", ".fp16")
+    for variant in variants:
+        for stem in WEIGHT_STEMS:
+            single = folder / f"{stem}{variant}.safetensors"
+            if single.is_file():
+                return [single]
+            shards = sorted(folder.glob(f"{stem}-*-of-*{variant}.safetensors"))
+            if shards and (variant or not any(".fp16" in s.name for s in shards)):
+                return shards
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise ModelNotFoundError(
+        f"no .safetensors weights in {folder} (found: {', '.join(found) or 'nothing'}). "
+        "Only safetensors diffusers folders are supported here; convert .bin weights with "
+        "diffusers' save_pretrained(safe_serialization=True)."
+    )
+
+
+def resolve_model(model: str, prefer_float16: bool = False) -> Path:
+    """A local folder for `model`: an existing folder as is, else a hub repo id
+    (or alias) fetched through the Hugging Face cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"{path} is not a diffusers model folder (no model_index.json in it)."
+            )
+        return path
+    repo_id = ALIASES.get(model, model)
+    if path.suffix or repo_id.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model {model!r} is neither a local folder nor a Hugging Face repo id "
+            f"(owner/name); known aliases: {', '.join(ALIASES)}."
+        )
+    return _snapshot(repo_id, prefer_float16)
+
+
+def _snapshot(repo_id: str, prefer_float16: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        folder = None
+        if prefer_float16:
+            folder = Path(snapshot_download(repo_id, allow_patterns=_download_patterns(".fp16")))
+        if folder is None or not any((folder / "unet").glob("*.fp16.safetensors")):
+            folder = Path(snapshot_download(repo_id, allow_patterns=_download_patterns("")))
+    except LocalEntryNotFoundError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and {why}. "
+            "Download it once with network access (unset HF_HUB_OFFLINE), set HF_HOME to the "
+            "cache that has it, or pass a local diffusers folder to --model."
+        ) from e
+    except GatedRepoError as e:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is gated: accept its license on the hub and log in "
+            "with `hf auth login`."
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise ModelNotFoundError(f"no model {repo_id!r} on the Hugging Face hub.") from e
+    if not (folder / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{repo_id!r} is not a diffusers pipeline (no model_index.json).")
+    return folder

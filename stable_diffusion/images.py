@@ -1,0 +1,319 @@
+"""Reading input images and writing results, with their generation parameters.
+
+Output names: results are never written over an existing file unless asked to.  For
+``out.png`` the grid goes to ``out.png`` and, with ``save_individual``, image *i* to
+``out-i.png``.  When any of these exists, the whole set moves to the next free stem:
+``out_1.png`` (``out_1-0.png``, ...), then ``out_2.png``, ...  The ``_k`` suffix for runs
+and ``-i`` for images keep one run's names from ever being another run's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin
+
+from .parameters import GenerationParameters
+
+__all__ = [
+    "MAX_INPUT_PIXELS",
+    "GenerationParameters",
+    "check_output_path",
+    "load_image",
+    "make_grid",
+    "read_parameters",
+    "save_images",
+    "validate_size",
+]
+
+# Inputs above this are refused before decoding: far beyond what Stable Diffusion can
+# use, and kept below PIL's own 89.5 MP decompression-bomb warning.
+MAX_INPUT_PIXELS = 8192 * 8192
+
+_PARAMETERS_KEY = "parameters"  # A1111's PNG text chunk
+# Pillow opens 16-bit grayscale as "I;16*", or as "I" in older versions.
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def validate_size(width: int, height: int, multiple: int = 8) -> None:
+    """Raise ValueError, suggesting valid values, unless both sides are positive multiples
+    of `multiple`."""
+    problems = []
+    for name, value in (("width", width), ("height", height)):
+        if value > 0 and value % multiple == 0:
+            continue
+        lower = value // multiple * multiple
+        options = [v for v in (lower, lower + multiple) if v > 0]
+        suggestion = " or ".join(str(v) for v in options)
+        problems.append(
+            f"{name} {value} is not a positive multiple of {multiple}; use {suggestion}"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def make_grid(images: Any, n_rows: int) -> np.ndarray:
+    """Tile (N, H, W, C) images into one (n_rows*H, N/n_rows*W, C) array, row by row."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"expected images of shape (N, H, W, C), got {images.shape}")
+    n, h, w, c = images.shape
+    if n_rows < 1 or n % n_rows:
+        raise ValueError(
+            f"cannot arrange {n} images in {n_rows} rows: the number of images must be "
+            "divisible by n_rows"
+        )
+    n_cols = n // n_rows
+    grid = images.reshape(n_rows, n_cols, h, w, c).transpose(0, 2, 1, 3, 4)
+    return grid.reshape(n_rows * h, n_cols * w, c)
+
+
+def check_output_path(
+    path: str | os.PathLike[str], overwrite: bool = False, *, individual: int = 0
+) -> Path:
+    """Validate an output path before spending minutes on generation, and resolve the name
+    that will be written.
+
+    Adds ``.png`` when there is no extension and refuses other extensions (only PNG keeps
+    the parameters).  Raises ValueError when the directory is missing or not writable.
+    Unless `overwrite`, returns the first free name (see the module docstring), counting the
+    `individual` per-image files ``stem-0.png`` ... that will accompany it.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file name such as {path / 'out.png'}")
+    if path.suffix == "":
+        path = path.with_suffix(".png")
+    elif path.suffix.lower() != ".png":
+        raise ValueError(
+            f"{path}: only PNG output is supported (it carries the generation parameters); "
+            f"use {path.with_suffix('.png')}"
+        )
+    directory = path.parent
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise ValueError(f"cannot save to {path}: the directory {directory} {what}")
+    try:
+        # Actually creating a file is the only reliable test (read-only mounts, ACLs, root).
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"cannot save to {path}: directory {directory} is not writable ({e.strerror or e})"
+        ) from None
+    if overwrite:
+        return path
+    return next(
+        candidate
+        for candidate in _candidate_names(path)
+        if not any(p.exists() for p in _file_set(candidate, individual))
+    )
+
+
+def save_images(
+    images: Any,
+    path: str | os.PathLike[str],
+    parameters: GenerationParameters | Sequence[GenerationParameters],
+    *,
+    n_rows: int = 1,
+    overwrite: bool = False,
+    save_individual: bool = False,
+) -> list[Path]:
+    """Save float images (N, H, W, 3) in [0, 1] (NumPy or MLX) as one grid PNG carrying the
+    parameters in A1111's ``parameters`` text chunk, and optionally each image as well.
+
+    `parameters` is one object for all images or one per image; the grid gets the first.
+    With a single image the grid *is* that image, so no separate copy is written.  Returns
+    the paths written, grid first; names follow the module docstring.
+    """
+    pixels = _to_uint8(images)
+    n = len(pixels)
+    if n == 0:
+        raise ValueError("no images to save")
+    all_parameters = (
+        [parameters] * n if isinstance(parameters, GenerationParameters) else list(parameters)
+    )
+    if len(all_parameters) != n:
+        raise ValueError(f"got {len(all_parameters)} parameter sets for {n} images")
+    grid = make_grid(pixels, n_rows)
+    individual = n if save_individual and n > 1 else 0
+    grid_path = check_output_path(path, overwrite, individual=individual)
+
+    outputs = zip(
+        [grid, *pixels[:individual]],
+        [all_parameters[0], *all_parameters[:individual]],
+        _file_set(grid_path, individual),
+        strict=True,
+    )
+    return [_write_png(image, p, target, overwrite) for image, p, target in outputs]
+
+
+def read_parameters(path: str | os.PathLike[str]) -> GenerationParameters:
+    """The generation parameters stored in an image by `save_images` (or A1111)."""
+    with _open_image(path) as image:
+        try:
+            # `.text` also reads text chunks placed after the image data.
+            chunks = image.text if isinstance(image, PngImagePlugin.PngImageFile) else image.info
+            text = chunks.get(_PARAMETERS_KEY)
+        except Exception as e:  # PIL reports corrupt data with many exception types
+            raise ValueError(f"{path}: cannot read the image metadata ({e})") from None
+    if not isinstance(text, str):
+        raise ValueError(
+            f"{path} has no generation parameters (no '{_PARAMETERS_KEY}' PNG text chunk)"
+        )
+    try:
+        return GenerationParameters.from_text(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load_image(
+    path: str | os.PathLike[str], *, multiple: int = 64
+) -> tuple[np.ndarray, str | None]:
+    """Read an image for img2img as float32 (H, W, 3) RGB in [0, 1].
+
+    Applies the EXIF orientation, flattens transparency onto white and converts every mode
+    to RGB.  Sides that are not multiples of `multiple` are rounded to the nearest multiple
+    (at least one), resizing and, if the aspect ratio changes, center-cropping.  Returns the
+    pixels and a message describing such changes, or None.  Raises ValueError naming the file
+    when it is missing, not an image, corrupt or larger than MAX_INPUT_PIXELS.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be positive, got {multiple}")
+    notes = []
+    with _open_image(path) as image:
+        w, h = image.size
+        if w * h > MAX_INPUT_PIXELS:
+            raise ValueError(
+                f"{path}: the image is {w}x{h}, too large (over {MAX_INPUT_PIXELS:,} pixels); "
+                "resize it first"
+            )
+        try:
+            # Decode before the EXIF step, whose errors are forgiven: corrupt pixel data
+            # must not slip through as an "EXIF problem".
+            image.load()
+            rgb, flattened = _to_rgb(_exif_transpose(image, notes))
+        except Exception as e:  # PIL reports corrupt data with many exception types
+            raise ValueError(f"{path}: cannot decode the image ({e or type(e).__name__})") from None
+    if flattened:
+        notes.append("transparent areas were filled with white")
+
+    w, h = rgb.size
+    target = tuple(max(multiple, math.floor(s / multiple + 0.5) * multiple) for s in (w, h))
+    if target != (w, h):
+        rgb = ImageOps.fit(rgb, target, Image.Resampling.LANCZOS)
+        cropped = " and center-cropped" if w * target[1] != h * target[0] else ""
+        notes.append(
+            f"resized{cropped} {w}x{h} to {target[0]}x{target[1]} "
+            f"(sides must be multiples of {multiple})"
+        )
+    pixels = np.asarray(rgb, dtype=np.float32) / 255.0
+    return pixels, "; ".join(notes) or None
+
+
+def _open_image(path: str | os.PathLike[str]) -> Image.Image:
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not an image")
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise ValueError(f"{path}: the image is too large to load safely") from None
+    except Exception as e:  # UnidentifiedImageError, permissions, and corrupt headers alike
+        reason = (
+            "not an image or an unsupported format"
+            if isinstance(e, Image.UnidentifiedImageError)
+            else str(e) or type(e).__name__
+        )
+        raise ValueError(f"{path}: cannot open the image ({reason})") from None
+    if min(image.size) < 1:
+        image.close()
+        raise ValueError(f"{path}: the image is empty ({image.width}x{image.height})")
+    return image
+
+
+def _exif_transpose(image: Image.Image, notes: list[str]) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF must not cost the user an otherwise good image
+        notes.append("its EXIF orientation could not be read, so it was used as stored")
+        return image
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
+    """RGB version of `image`, and whether transparency was flattened onto white."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # PIL's own conversion clips 16-bit values at 255 instead of scaling them.
+        gray = np.asarray(image, dtype=np.float64) / 65535.0
+        gray = np.round(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(np.stack([gray] * 3, axis=-1)), False
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), True
+    return image.convert("RGB"), False
+
+
+def _to_uint8(images: Any) -> np.ndarray:
+    # NumPy cannot view MLX's bfloat16 buffers, so widen those first.
+    if isinstance(images, mx.array) and images.dtype == mx.bfloat16:
+        images = images.astype(mx.float32)
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected images of shape (N, H, W, 3), got {images.shape}")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
+    # NaNs become black rather than failing the save: the user keeps whatever came out.
+    images = np.nan_to_num(images.astype(np.float32), nan=0.0)
+    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _candidate_names(path: Path) -> Iterator[Path]:
+    yield path
+    for k in itertools.count(1):
+        yield path.with_name(f"{path.stem}_{k}{path.suffix}")
+
+
+def _file_set(grid_path: Path, individual: int) -> list[Path]:
+    return [grid_path] + [
+        grid_path.with_name(f"{grid_path.stem}-{i}.png") for i in range(individual)
+    ]
+
+
+def _write_png(
+    pixels: np.ndarray, parameters: GenerationParameters, path: Path, overwrite: bool
+) -> Path:
+    info = PngImagePlugin.PngInfo()
+    # Lone surrogates (e.g. from undecodable command-line bytes) cannot be stored as UTF-8;
+    # escape them rather than lose the image.
+    text = parameters.to_text().encode("utf-8", "backslashreplace").decode("utf-8")
+    info.add_text(_PARAMETERS_KEY, text)  # tEXt, or iTXt beyond Latin-1, as A1111 does
+    image = Image.fromarray(pixels)
+    if overwrite:
+        image.save(path, format="PNG", pnginfo=info)
+        return path
+    # Exclusive creation: if another process took the name since it was checked, move on
+    # to the next free one instead of overwriting.
+    candidates = _candidate_names(path)
+    while True:
+        candidate = next(candidates)
+        try:
+            f = open(candidate, "xb")  # noqa: SIM115 - closed by the `with` below
+        except FileExistsError:
+            continue
+        with f:
+            image.save(f, format="PNG", pnginfo=info)
+        return candidate

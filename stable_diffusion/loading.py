@@ -1,0 +1,119 @@
+"""Build the pipeline's components from a diffusers-format folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .clip import CLIPTextModel
+from .config import AutoencoderConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, read_json
+from .hub import weight_files
+from .samplers import default_sampler
+from .tokenizer import Tokenizer
+from .unet import UNetModel
+from .vae import Autoencoder
+from .weights import diffusers as diffusers_keys
+from .weights.files import load_weights
+
+Mapping = Callable[[dict[str, mx.array]], dict[str, mx.array]]
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the model folder is incomplete.")
+    return read_json(path)
+
+
+def load_into(
+    model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype, source: str
+) -> nn.Module:
+    """Load already-mapped weights into `model`, cast to `dtype`, with an error
+    that says which checkpoint does not fit which model."""
+    expected = dict(nn.utils.tree_flatten(model.parameters()))
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    wrong_shape = [
+        k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        details = "; ".join(
+            f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", sorted(wrong_shape)),
+            )
+            if keys
+        )
+        raise ValueError(
+            f"the weights of {source} do not match the model built from its config ({details}). "
+            "The checkpoint and config.json belong to different architectures."
+        )
+    model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()])
+    model.eval()
+    return model
+
+
+def _load_component(
+    folder: Path, model: nn.Module, mapping: Mapping, dtype: mx.Dtype, prefer_float16: bool
+) -> nn.Module:
+    weights: dict[str, mx.array] = {}
+    for path in weight_files(folder, prefer_float16):
+        weights.update(load_weights(path))
+    return load_into(model, mapping(weights), dtype, str(folder))
+
+
+def load_unet(folder: Path, dtype: mx.Dtype) -> UNetModel:
+    config = UNetConfig.from_dict(_read_config(folder))
+    model = UNetModel(config)
+    return _load_component(folder, model, diffusers_keys.map_unet, dtype, dtype == mx.float16)
+
+
+def load_vae(folder: Path, dtype: mx.Dtype) -> Autoencoder:
+    """The VAE in `dtype`, or in float32 where its config says float16 overflows
+    (`force_upcast`, as the SDXL VAE does: black images)."""
+    config = AutoencoderConfig.from_dict(_read_config(folder))
+    if config.force_upcast:
+        dtype = mx.float32
+    model = Autoencoder(config)
+    return _load_component(folder, model, diffusers_keys.map_vae, dtype, dtype == mx.float16)
+
+
+def load_text_encoder(folder: Path, dtype: mx.Dtype) -> CLIPTextModel:
+    config = TextEncoderConfig.from_dict(_read_config(folder))
+    model = CLIPTextModel(config)
+    return _load_component(
+        folder, model, diffusers_keys.map_text_encoder, dtype, dtype == mx.float16
+    )
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    return Tokenizer.from_folder(folder)
+
+
+def load_scheduler_config(folder: Path) -> tuple[SchedulerConfig, str]:
+    """The noise schedule and the sampler matching the model's own scheduler."""
+    path = folder / "scheduler_config.json"
+    values = read_json(path) if path.is_file() else {}
+    return SchedulerConfig.from_dict(values), default_sampler(values)
+
+
+def quantize(model: nn.Module, bits: int) -> None:
+    """Quantize the linear layers whose input width fits a supported group size."""
+
+    def group_size(module: nn.Module) -> int | None:
+        if not isinstance(module, nn.Linear):
+            return None
+        return next((g for g in (64, 32) if module.weight.shape[1] % g == 0), None)
+
+    for size in (64, 32):
+        nn.quantize(
+            model,
+            group_size=size,
+            bits=bits,
+            class_predicate=lambda _, m, size=size: group_size(m) == size,
+        )

@@ -1,0 +1,292 @@
+"""Generation parameters and their AUTOMATIC1111 ("A1111") text form.
+
+The text is what A1111 stores in a PNG's ``parameters`` chunk and what A1111, ComfyUI
+viewers, civitai and InvokeAI's import read::
+
+    a cat, "in a hat"
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler a, CFG scale: 7.0, Seed: 42, Size: 512x512, Model: m
+
+Choices made here, so that ``from_text(p.to_text()) == p`` for every valid ``p``:
+
+* Prompts are written verbatim, as A1111 does.  A1111's reader strips each line and
+  treats a line starting with ``Negative prompt:`` as the start of the negative prompt,
+  so a prompt that this would change (leading/trailing whitespace, such a line, ...) is
+  *also* written JSON-quoted as a ``Prompt:`` / ``Negative prompt:`` field on the
+  parameters line.  A1111 lets these fields override the lines above, as does
+  `from_text`, so both recover the exact prompt.
+* Field values are JSON-quoted when they contain ``,``, ``:``, ``"`` or a newline,
+  have surrounding whitespace, or are empty (A1111 quotes the first three cases).
+* Samplers use A1111's display names; ``dpm++2m_karras`` is written the older single-field
+  way, ``DPM++ 2M Karras``, which every reader knows.  Newer A1111's
+  ``Sampler: DPM++ 2M, Schedule type: Karras`` is read as the same sampler.
+* LoRAs go in a ``Lora`` field in A1111's prompt syntax, e.g.
+  ``Lora: "<lora:name:0.8>, <lora:other:1.0>"``, rather than into the prompt, so the
+  prompt comes back exactly as the user typed it.
+* Fields that this module does not model (``Clip skip``, ``Hires upscale``, ...) are
+  kept, in order, in `GenerationParameters.extras` and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import operator
+import re
+from collections.abc import Iterable, Mapping
+
+# Internal sampler name -> A1111 display name.
+SAMPLER_DISPLAY_NAMES: dict[str, str] = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "ddim": "DDIM",
+    "dpm++2m": "DPM++ 2M",
+    "dpm++2m_karras": "DPM++ 2M Karras",
+    "lcm": "LCM",
+    "heun": "Heun",
+}
+_SAMPLERS_BY_DISPLAY_NAME = {v: k for k, v in SAMPLER_DISPLAY_NAMES.items()}
+
+# A1111's own field pattern (modules/infotext_utils.py): a key, then a JSON-quoted value or
+# anything up to the next comma.  Using it verbatim keeps us reading what A1111 reads.
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_KEY = re.compile(r"\w[\w \-/]+")
+_SIZE = re.compile(r"(\d+)x(\d+)")
+_LORA = re.compile(r"<lora:([^<>]*):([^:<>]*)>")
+_NEGATIVE_PREFIX = "Negative prompt:"
+
+# Fields GenerationParameters models; `extras` may not reuse them.
+_RESERVED_KEYS = frozenset(
+    {
+        "Prompt",
+        "Negative prompt",
+        "Steps",
+        "Sampler",
+        "CFG scale",
+        "Seed",
+        "Size",
+        "Model",
+        "Denoising strength",
+        "Lora",
+    }
+)
+_REQUIRED_KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationParameters:
+    """Everything needed to reproduce an image.
+
+    `sampler` is an internal name (``"euler_a"``); A1111 display names given here are
+    converted to it, and unknown samplers (from other tools' images) are kept as given.
+    `strength` is img2img's denoising strength, None for txt2img.  `extras` holds other
+    ``(field, value)`` pairs; a mapping is accepted and stored as a tuple.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int
+    sampler: str
+    cfg_scale: float
+    seed: int
+    width: int
+    height: int
+    model: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()
+    strength: float | None = None
+    extras: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        # Normalise first so that equal parameters compare equal after a round trip.
+        extras = tuple(
+            (str(k), str(v))
+            for k, v in (self.extras.items() if isinstance(self.extras, Mapping) else self.extras)
+        )
+        sampler = _SAMPLERS_BY_DISPLAY_NAME.get(self.sampler, self.sampler)
+        if sampler == "dpm++2m" and ("Schedule type", "Karras") in extras:
+            sampler = "dpm++2m_karras"
+            extras = tuple(kv for kv in extras if kv != ("Schedule type", "Karras"))
+        set_ = object.__setattr__  # the dataclass is frozen
+        set_(self, "extras", extras)
+        set_(self, "sampler", sampler)
+        set_(self, "cfg_scale", float(self.cfg_scale))
+        set_(self, "loras", tuple((str(name), float(s)) for name, s in self.loras))
+        if self.strength is not None:
+            set_(self, "strength", float(self.strength))
+        for name in ("steps", "seed", "width", "height"):
+            value = getattr(self, name)
+            try:
+                set_(self, name, operator.index(value))  # accepts NumPy integers, not floats
+            except TypeError:
+                raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.steps < 0 or self.width <= 0 or self.height <= 0:
+            raise ValueError(
+                f"steps must be >= 0 and the size positive, got steps={self.steps}, "
+                f"size={self.width}x{self.height}"
+            )
+        if not self.sampler:
+            raise ValueError("the sampler name is empty")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be finite, got {self.cfg_scale}")
+        if self.strength is not None and not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, got {self.strength}")
+        for name, strength in self.loras:
+            if not name or any(c in name for c in "<>\n") or not math.isfinite(strength):
+                raise ValueError(
+                    f"invalid LoRA {name!r}: {strength} (names cannot be empty or contain "
+                    "'<', '>' or newlines; strengths must be finite)"
+                )
+        keys = [k for k, _ in self.extras]
+        for key in keys:
+            if not _KEY.fullmatch(key) or key in _RESERVED_KEYS:
+                raise ValueError(
+                    f"invalid extra field name {key!r}: names start with a letter or digit, "
+                    "contain only letters, digits, spaces, '-' and '/', and cannot be one "
+                    f"of {sorted(_RESERVED_KEYS)}"
+                )
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"extra field names must be unique, got {keys}")
+
+    def to_text(self) -> str:
+        """The A1111 ``parameters`` text (see the module docstring)."""
+        fields = [
+            ("Steps", str(self.steps)),
+            ("Sampler", SAMPLER_DISPLAY_NAMES.get(self.sampler, self.sampler)),
+            ("CFG scale", repr(self.cfg_scale)),
+            ("Seed", str(self.seed)),
+            ("Size", f"{self.width}x{self.height}"),
+        ]
+        if self.model is not None:
+            fields.append(("Model", self.model))
+        if self.strength is not None:
+            fields.append(("Denoising strength", repr(self.strength)))
+        if self.loras:
+            lora_tags = (f"<lora:{name}:{strength!r}>" for name, strength in self.loras)
+            fields.append(("Lora", ", ".join(lora_tags)))
+        fields.extend(self.extras)
+
+        head = self.prompt
+        if self.negative_prompt:
+            head += f"\n{_NEGATIVE_PREFIX} {self.negative_prompt}"
+        line = _format_fields(fields)
+        # Fall back to quoted fields for whatever the plain lines would not reproduce.
+        prompt, negative = _read_prompt_lines(_split_text(f"{head}\n{line}")[0])
+        exact = []
+        if prompt != self.prompt:
+            exact.append(("Prompt", self.prompt))
+        if negative != self.negative_prompt:
+            exact.append(("Negative prompt", self.negative_prompt))
+        if exact:
+            line += ", " + _format_fields(exact)
+        return f"{head}\n{line}".strip()
+
+    @classmethod
+    def from_text(cls, text: str) -> GenerationParameters:
+        """Parse A1111 ``parameters`` text, ours or any tool's.
+
+        Unknown fields end up in `extras`.  Raises ValueError when the text has no
+        parameters line or lacks one of Steps, Sampler, CFG scale, Seed and Size.
+        """
+        head_lines, line = _split_text(text)
+        if not line:
+            raise ValueError(
+                "no generation parameters found (expected a last line like "
+                "'Steps: 20, Sampler: Euler a, CFG scale: 7.0, Seed: 42, Size: 512x512')"
+            )
+        prompt, negative = _read_prompt_lines(head_lines)
+        fields: dict[str, str] = {}
+        for key, value in _FIELD.findall(line):
+            fields[key] = _unquote(value)
+        prompt = fields.pop("Prompt", prompt)
+        negative = fields.pop("Negative prompt", negative)
+        missing = [k for k in _REQUIRED_KEYS if k not in fields]
+        if missing:
+            raise ValueError(f"generation parameters lack the field(s) {', '.join(missing)}")
+
+        size = _SIZE.fullmatch(fields.pop("Size"))
+        if size is None:
+            raise ValueError("generation parameters: Size must look like 512x768")
+        strength = fields.pop("Denoising strength", None)
+        return cls(
+            prompt=prompt,
+            negative_prompt=negative,
+            steps=_to_number(int, "Steps", fields.pop("Steps")),
+            sampler=fields.pop("Sampler"),
+            cfg_scale=_to_number(float, "CFG scale", fields.pop("CFG scale")),
+            seed=_to_number(int, "Seed", fields.pop("Seed")),
+            width=int(size[1]),
+            height=int(size[2]),
+            model=fields.pop("Model", None),
+            loras=_parse_loras(fields.pop("Lora", "")),
+            strength=None
+            if strength is None
+            else _to_number(float, "Denoising strength", strength),
+            extras=tuple(fields.items()),
+        )
+
+
+def _split_text(text: str) -> tuple[list[str], str]:
+    """(prompt lines, parameters line) as A1111 splits them: the last line holds the
+    parameters only if it has at least three fields."""
+    *lines, last = text.strip().split("\n")
+    if len(_FIELD.findall(last)) < 3:
+        return [*lines, last], ""
+    return lines, last
+
+
+def _read_prompt_lines(lines: Iterable[str]) -> tuple[str, str]:
+    """A1111's reading of the lines above the parameters: (prompt, negative prompt)."""
+    # Mirrors A1111 quirk for quirk (e.g. empty lines before any text are dropped), so
+    # that `to_text` notices every prompt that A1111 would misread.
+    prompt = negative = ""
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith(_NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(_NEGATIVE_PREFIX) :].strip()
+        if in_negative:
+            negative = f"{negative}\n{line}" if negative else line
+        else:
+            prompt = f"{prompt}\n{line}" if prompt else line
+    return prompt, negative
+
+
+def _format_fields(fields: Iterable[tuple[str, str]]) -> str:
+    return ", ".join(f"{key}: {_quote(value)}" for key, value in fields)
+
+
+def _quote(value: str) -> str:
+    if value and value == value.strip() and not any(c in value for c in ',:"\n'):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass  # not JSON after all: A1111 keeps such values as written, and so do we
+    return value.strip()
+
+
+def _to_number(kind: type[int] | type[float], key: str, value: str) -> int | float:
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ValueError(f"generation parameters: {key} is not a number: {value!r}") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueError(f"generation parameters: {key} must be finite, got {value!r}")
+    return number
+
+
+def _parse_loras(value: str) -> tuple[tuple[str, float], ...]:
+    return tuple(
+        (name, float(_to_number(float, f"Lora {name}", strength)))
+        for name, strength in _LORA.findall(value)
+    )

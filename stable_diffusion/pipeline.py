@@ -1,0 +1,344 @@
+"""The `StableDiffusion` pipeline: text (and optionally an image) to latents to images.
+
+One class serves SD 1.x, SD 2.x and SDXL; what differs is read from the model
+folder: one or two text encoders, SDXL's pooled text and size conditioning."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from . import loading
+from .config import read_json
+from .hub import ALIASES, resolve_model
+from .samplers import make_sampler
+
+# Per-model defaults for well-known repos; other models get their
+# architecture's defaults.
+KNOWN_DEFAULTS = {
+    "stabilityai/sdxl-turbo": {"steps": 2, "cfg": 0.0},
+    "stabilityai/sd-turbo": {"steps": 2, "cfg": 0.0},
+}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    sampler: str
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, for the batch it runs (with CFG: negative
+    half first)."""
+
+    context: mx.array
+    text_embeds: mx.array | None = None
+    time_ids: mx.array | None = None
+
+
+class Denoising:
+    """The lazy latents of one generation, one per step; `len()` is the step count."""
+
+    def __init__(self, latents: Iterator[mx.array], steps: int):
+        self._latents = latents
+        self.steps = steps
+
+    def __iter__(self) -> Iterator[mx.array]:
+        return self._latents
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def default_dtype() -> mx.Dtype:
+    # float16 matmuls do not reach the optimized BLAS on CPU (about 47x slower
+    # than float32 there); GPUs gain from float16.
+    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+
+
+class StableDiffusion:
+    """Stable Diffusion 1.x / 2.x / SDXL from a diffusers-format model.
+
+    `model` is an alias ("sdxl", "sd"), a Hugging Face repo id, or a local folder.
+    `float16=None` picks float16 on a GPU and float32 on the CPU.
+    """
+
+    def __init__(
+        self,
+        model: str = "sdxl",
+        float16: bool | None = None,
+        quantize: bool = False,
+    ):
+        self.dtype = default_dtype() if float16 is None else (mx.float16 if float16 else mx.float32)
+        self.model_name = model
+        self.repo_id = ALIASES.get(model, model)
+        folder = resolve_model(model, prefer_float16=self.dtype == mx.float16)
+        self.folder = folder
+        model_index = read_json(folder / "model_index.json")
+        self.is_xl = (
+            "text_encoder_2" in model_index and model_index["text_encoder_2"][0] is not None
+        )
+        self.force_zeros_for_empty_prompt = self.is_xl and model_index.get(
+            "force_zeros_for_empty_prompt", True
+        )
+
+        self.scheduler_config, self.default_sampler = loading.load_scheduler_config(
+            folder / "scheduler"
+        )
+        encoder_names = ["text_encoder", "text_encoder_2"] if self.is_xl else ["text_encoder"]
+        tokenizer_names = ["tokenizer", "tokenizer_2"] if self.is_xl else ["tokenizer"]
+        self.tokenizers = [loading.load_tokenizer(folder / name) for name in tokenizer_names]
+        self.text_encoders = [
+            loading.load_text_encoder(folder / name, self.dtype) for name in encoder_names
+        ]
+        self.unet = loading.load_unet(folder / "unet", self.dtype)
+        self.vae = loading.load_vae(folder / "vae", self.dtype)
+        self.vae_dtype = self.vae.decoder.conv_in.weight.dtype
+        self.defaults = self._model_defaults()
+        if quantize:
+            for encoder in self.text_encoders:
+                loading.quantize(encoder, bits=4)
+            loading.quantize(self.unet, bits=8)
+
+    def preload(self) -> None:
+        """Read all weights now instead of at first use (they load lazily)."""
+        mx.eval([m.parameters() for m in (*self.text_encoders, self.unet, self.vae)])
+
+    def release_text_encoders(self) -> None:
+        """Free the text encoders once the conditioning is computed (lower peak
+        memory); generating again needs a new pipeline."""
+        self.text_encoders = []
+
+    def release_unet(self) -> None:
+        """Free the UNet before decoding; generating again needs a new pipeline."""
+        self.unet = None
+
+    # -- defaults ---------------------------------------------------------------------
+
+    def _model_defaults(self) -> Defaults:
+        size = self.unet.config.sample_size * self.vae.downscale
+        known = KNOWN_DEFAULTS.get(self.repo_id, {})
+        return Defaults(
+            width=size,
+            height=size,
+            steps=known.get("steps", 30),
+            cfg=known.get("cfg", 5.0 if self.is_xl else 7.5),
+            sampler=self.default_sampler,
+        )
+
+    # -- text -------------------------------------------------------------------------
+
+    def _encode_texts(self, texts: list[str]) -> tuple[mx.array, mx.array | None]:
+        if not self.text_encoders:
+            raise RuntimeError("the text encoders were released; create a new StableDiffusion")
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = mx.array(tokenizer.encode(texts))
+            output = encoder(ids)
+            hidden.append(
+                output.penultimate_hidden_state if self.is_xl else output.last_hidden_state
+            )
+            pooled = output.pooled
+        return mx.concatenate(hidden, axis=-1), pooled if self.is_xl else None
+
+    def _conditioning(
+        self,
+        texts: list[str],
+        negative_texts: list[str] | None,
+        use_cfg: bool,
+        image_size: tuple[int, int],
+        original_size: tuple[int, int] | None,
+        crop: tuple[int, int],
+    ) -> Conditioning:
+        context, pooled = self._encode_texts(texts)
+        if use_cfg:
+            if negative_texts is None and self.force_zeros_for_empty_prompt:
+                negative, negative_pooled = mx.zeros_like(context), mx.zeros_like(pooled)
+            else:
+                negative, negative_pooled = self._encode_texts(negative_texts or [""] * len(texts))
+            context = mx.concatenate([negative, context])
+            if self.is_xl:
+                pooled = mx.concatenate([negative_pooled, pooled])
+        if not self.is_xl:
+            return Conditioning(context.astype(self.dtype))
+        # SDXL is conditioned on the training image's original size, crop and target size.
+        time_ids = [*(original_size or image_size), *crop, *image_size]
+        time_ids = mx.broadcast_to(mx.array(time_ids, dtype=mx.float32), (context.shape[0], 6))
+        return Conditioning(context.astype(self.dtype), pooled.astype(self.dtype), time_ids)
+
+    # -- sampling ---------------------------------------------------------------------
+
+    def _denoise(
+        self,
+        x: mx.array,
+        run,
+        conditioning: Conditioning,
+        cfg_weight: float,
+        use_cfg: bool,
+        key: mx.array,
+    ) -> Iterator[mx.array]:
+        for i, t in enumerate(run.timesteps):
+            x_in = run.scale_model_input(x, i).astype(self.dtype)
+            if use_cfg:
+                x_in = mx.concatenate([x_in, x_in])
+            prediction = self.unet(
+                x_in,
+                mx.array([t], dtype=mx.float32),
+                conditioning.context,
+                conditioning.text_embeds,
+                conditioning.time_ids,
+            ).astype(mx.float32)
+            if use_cfg:
+                unconditional, text = mx.split(prediction, 2)
+                prediction = unconditional + cfg_weight * (text - unconditional)
+            noise = None
+            if run.stochastic:
+                key, step_key = mx.random.split(key)
+                noise = mx.random.normal(x.shape, key=step_key)
+            x = run.step(prediction, x, i, noise=noise)
+            yield x
+
+    def _prepare(self, text, n_images, negative_text, num_steps, cfg_weight, sampler, seed):
+        texts = [text] if isinstance(text, str) else list(text)
+        texts = [t for t in texts for _ in range(n_images)]
+        if negative_text is not None:
+            negatives = [negative_text] if isinstance(negative_text, str) else list(negative_text)
+            negatives = [t for t in negatives for _ in range(n_images)]
+            if len(negatives) != len(texts):
+                raise ValueError("give one negative prompt, or one per prompt")
+        else:
+            negatives = None
+        defaults = self.defaults
+        num_steps = defaults.steps if num_steps is None else num_steps
+        cfg_weight = defaults.cfg if cfg_weight is None else cfg_weight
+        if num_steps < 1:
+            raise ValueError(f"steps must be at least 1 (got {num_steps})")
+        if cfg_weight < 0:
+            raise ValueError(f"cfg weight must be >= 0 (got {cfg_weight})")
+        sampler = make_sampler(sampler or defaults.sampler, self.scheduler_config)
+        seed = secrets.randbits(31) if seed is None else seed
+        self.last_seed = seed
+        return texts, negatives, num_steps, cfg_weight, sampler, mx.random.key(seed)
+
+    def generate_latents(
+        self,
+        text: str | list[str],
+        n_images: int = 1,
+        num_steps: int | None = None,
+        cfg_weight: float | None = None,
+        negative_text: str | list[str] | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        sampler: str | None = None,
+        latents: mx.array | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop: tuple[int, int] = (0, 0),
+    ) -> Denoising:
+        """Lazily yield the latent after each denoising step (nothing is computed
+        until `mx.eval`). `latents` gives the initial noise (NHWC, standard normal)
+        to reproduce a run exactly; otherwise it is drawn from `seed`. Arguments are
+        checked at the call, before anything is computed."""
+        texts, negatives, num_steps, cfg_weight, sampler, key = self._prepare(
+            text, n_images, negative_text, num_steps, cfg_weight, sampler, seed
+        )
+        defaults = self.defaults
+        width, height = width or defaults.width, height or defaults.height
+        self._check_size(width, height)
+        shape = (
+            len(texts),
+            height // self.vae.downscale,
+            width // self.vae.downscale,
+            self.unet.config.in_channels,
+        )
+        key, noise_key = mx.random.split(key)
+        noise = mx.random.normal(shape, key=noise_key) if latents is None else latents
+        if noise.shape != shape:
+            raise ValueError(f"initial latents have shape {noise.shape}, expected {shape}")
+        use_cfg = cfg_weight > 1
+        conditioning = self._conditioning(
+            texts, negatives, use_cfg, (height, width), original_size, crop
+        )
+        run = sampler.start(num_steps)
+        x = run.initial_latents(noise.astype(mx.float32))
+        steps = self._denoise(x, run, conditioning, cfg_weight, use_cfg, key)
+        return Denoising(steps, len(run.timesteps))
+
+    def generate_latents_from_image(
+        self,
+        image: mx.array | np.ndarray,
+        text: str | list[str],
+        strength: float = 0.8,
+        n_images: int = 1,
+        num_steps: int | None = None,
+        cfg_weight: float | None = None,
+        negative_text: str | list[str] | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        noise: mx.array | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop: tuple[int, int] = (0, 0),
+    ) -> Denoising:
+        """img2img: noise the image's latents to `strength` (0 keeps the image, 1
+        replaces it) and denoise them. `image` is (H, W, 3) or (N, H, W, 3) in [0, 1].
+        At least one denoising step always runs."""
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be between 0 and 1 (got {strength})")
+        image = mx.array(image, dtype=mx.float32)
+        if image.ndim == 3:
+            image = image[None]
+        height, width = image.shape[1:3]
+        self._check_size(width, height)
+        texts, negatives, num_steps, cfg_weight, sampler, key = self._prepare(
+            text, n_images, negative_text, num_steps, cfg_weight, sampler, seed
+        )
+        if image.shape[0] not in (1, len(texts)):
+            raise ValueError(f"give one image or one per generated image ({len(texts)})")
+        x0 = self.encode_image(image)
+        x0 = mx.broadcast_to(x0, (len(texts), *x0.shape[1:]))
+        if strength == 0:
+            return Denoising(iter([x0]), 1)
+        key, noise_key = mx.random.split(key)
+        noise = mx.random.normal(x0.shape, key=noise_key) if noise is None else noise
+        use_cfg = cfg_weight > 1
+        conditioning = self._conditioning(
+            texts, negatives, use_cfg, (height, width), original_size, crop
+        )
+        run = sampler.start(num_steps, strength=strength)
+        x = run.noised_latents(x0, noise.astype(mx.float32))
+        steps = self._denoise(x, run, conditioning, cfg_weight, use_cfg, key)
+        return Denoising(steps, len(run.timesteps))
+
+    # -- VAE --------------------------------------------------------------------------
+
+    def _check_size(self, width: int, height: int) -> None:
+        multiple = self.vae.downscale
+        for name, value in (("width", width), ("height", height)):
+            if value < multiple or value % multiple:
+                lower = max(multiple, value // multiple * multiple)
+                raise ValueError(
+                    f"{name} {value} is not a positive multiple of {multiple}; "
+                    f"use {lower} or {lower + multiple}"
+                )
+
+    def encode_image(self, image: mx.array) -> mx.array:
+        """(N, H, W, 3) images in [0, 1] -> scaled latents (posterior mean)."""
+        vae_config = self.vae.config
+        mean, _ = self.vae.encode((2 * image - 1).astype(self.vae_dtype))
+        shift = vae_config.shift_factor or 0.0
+        return (mean.astype(mx.float32) - shift) * vae_config.scaling_factor
+
+    def decode(self, latents: mx.array) -> mx.array:
+        """Latents -> (N, H, W, 3) images in [0, 1]."""
+        vae_config = self.vae.config
+        latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
+        images = self.vae.decode(latents.astype(self.vae_dtype))
+        return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)

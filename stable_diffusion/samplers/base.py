@@ -1,0 +1,138 @@
+"""What every sampler shares: the `Sampler` → `Run` protocol, argument checks, and the
+two ways a model output turns into a clean-image prediction.
+
+A `Sampler` is built once per scheduler config; `start()` makes a `Run`, which holds
+one generation's schedule (numpy tables, computed once) and any multistep history.
+Step math is MLX, in float32, and stays lazy. Its scalar coefficients are computed from
+the float32 tables in numpy float32, as diffusers computes them in torch float32: at
+large σ (zero-SNR schedules start at σ ≈ 4096) the steps cancel large terms, and only
+the same roundings give the same latents. They reach MLX as Python floats (an
+np.float32 on the left of an mx.array would turn the product into a numpy array)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from abc import ABC, abstractmethod
+
+import mlx.core as mx
+import numpy as np
+
+from ..config import SchedulerConfig
+from .schedule import alphas_cumprod
+
+
+class Run(ABC):
+    """One sampling run. Call `step(…, i)` for i = 0, 1, … len(timesteps) - 1, in order."""
+
+    stochastic: bool = False
+
+    def __init__(
+        self,
+        timesteps: np.ndarray,
+        init_noise_sigma: float,
+        first_scales: tuple[float, float],
+        prediction_type: str,
+    ) -> None:
+        self.timesteps: list[float] = [float(t) for t in timesteps]
+        self.init_noise_sigma = init_noise_sigma
+        # x = signal·x0 + noise·ε at timesteps[0]: what img2img must start from.
+        self._first_scales = first_scales
+        self.prediction_type = prediction_type
+
+    def initial_latents(self, noise: mx.array) -> mx.array:
+        """txt2img's starting latent from standard normal `noise`."""
+        return (noise.astype(mx.float32) * self.init_noise_sigma).astype(noise.dtype)
+
+    def noised_latents(self, x0: mx.array, noise: mx.array) -> mx.array:
+        """img2img's starting latent: clean latent `x0` noised to timesteps[0]."""
+        signal, sigma = self._first_scales
+        x = x0.astype(mx.float32) * signal + noise.astype(mx.float32) * sigma
+        return x.astype(x0.dtype)
+
+    def scale_model_input(self, x: mx.array, i: int) -> mx.array:
+        return x
+
+    @abstractmethod
+    def step(
+        self, model_output: mx.array, x: mx.array, i: int, noise: mx.array | None = None
+    ) -> mx.array:
+        """The latent after step `i`, given the model's output on step `i`'s input.
+
+        `noise` (standard normal, x's shape) is required if `stochastic`, else ignored."""
+
+    def _step_noise(self, noise: mx.array | None) -> mx.array:
+        if noise is None:
+            raise ValueError(f"{type(self).__name__}.step() needs standard normal `noise`")
+        return noise.astype(mx.float32)
+
+
+class SigmaRun(Run):
+    """A run of the k-diffusion samplers, whose latents are x = x0 + σ·ε, not scaled
+    to unit variance; the model sees x / √(σ² + 1)."""
+
+    def __init__(
+        self,
+        timesteps: np.ndarray,
+        sigmas: np.ndarray,
+        init_noise_sigma: float,
+        prediction_type: str,
+    ) -> None:
+        super().__init__(timesteps, init_noise_sigma, (1.0, float(sigmas[0])), prediction_type)
+        self.sigmas = sigmas
+
+    def scale_model_input(self, x: mx.array, i: int) -> mx.array:
+        sigma = self.sigmas[i]
+        return (x.astype(mx.float32) / float((sigma**2 + 1) ** 0.5)).astype(x.dtype)
+
+    def denoised(self, model_output: mx.array, x: mx.array, sigma: np.float32) -> mx.array:
+        """The x0 prediction at noise level σ (float32 inputs)."""
+        if self.prediction_type == "epsilon":
+            return x - float(sigma) * model_output
+        # v-prediction, in k-diffusion form: c_out·v + c_skip·x
+        c_out = -sigma / (sigma**2 + 1) ** 0.5
+        return model_output * float(c_out) + x / float(sigma**2 + 1)
+
+
+def vp_prediction(
+    model_output: mx.array, x: mx.array, alpha: np.float32, sigma: np.float32, prediction_type: str
+) -> tuple[mx.array, mx.array]:
+    """(x0, ε) predicted from a variance-preserving latent x = α·x0 + σ·ε (float32 inputs)."""
+    alpha, sigma = float(alpha), float(sigma)
+    if prediction_type == "epsilon":
+        return (x - sigma * model_output) / alpha, model_output
+    return alpha * x - sigma * model_output, alpha * model_output + sigma * x
+
+
+class Sampler(ABC):
+    """A sampling algorithm bound to a model's noise schedule."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.alphas_cumprod = alphas_cumprod(config)
+
+    def start(self, num_steps: int, strength: float = 1.0) -> Run:
+        """A fresh run of `num_steps` steps; with `strength` < 1 (img2img), the last part
+        of it, as diffusers' img2img pipelines choose, but always at least one step."""
+        if (
+            isinstance(num_steps, bool)
+            or not isinstance(num_steps, numbers.Integral)
+            or num_steps < 1
+        ):
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        if num_steps > self.config.num_train_timesteps:
+            raise ValueError(
+                f"num_steps={num_steps} exceeds the model's "
+                f"{self.config.num_train_timesteps} training timesteps"
+            )
+        if not (isinstance(strength, numbers.Real) and math.isfinite(strength)):
+            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        if not 0 < strength <= 1:
+            raise ValueError(
+                f"strength must be in (0, 1], got {strength} "
+                "(strength 0 would leave the input image unchanged)"
+            )
+        return self._start(int(num_steps), float(strength))
+
+    @abstractmethod
+    def _start(self, num_steps: int, strength: float) -> Run: ...

@@ -1,0 +1,52 @@
+"""DDIM (diffusers' DDIMScheduler with eta = 0): deterministic steps along the
+variance-preserving schedule ᾱ_t."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .base import Run, Sampler, vp_prediction
+from .schedule import img2img_first_step, spaced_timesteps
+
+
+class DDIMRun(Run):
+    def __init__(
+        self,
+        timesteps: np.ndarray,
+        alpha_prods: np.ndarray,
+        prev_alpha_prods: np.ndarray,
+        prediction_type: str,
+    ) -> None:
+        a = alpha_prods[0]
+        super().__init__(timesteps, 1.0, (float(a**0.5), float((1 - a) ** 0.5)), prediction_type)
+        self.alpha_prods = alpha_prods
+        self.prev_alpha_prods = prev_alpha_prods
+
+    def step(
+        self, model_output: mx.array, x: mx.array, i: int, noise: mx.array | None = None
+    ) -> mx.array:
+        a, a_prev = self.alpha_prods[i], self.prev_alpha_prods[i]
+        x0, eps = vp_prediction(
+            model_output.astype(mx.float32),
+            x.astype(mx.float32),
+            a**0.5,
+            (1 - a) ** 0.5,
+            self.prediction_type,
+        )
+        return (float(a_prev**0.5) * x0 + float((1 - a_prev) ** 0.5) * eps).astype(x.dtype)
+
+
+class DDIM(Sampler):
+    def _start(self, num_steps: int, strength: float) -> Run:
+        acp = self.alphas_cumprod
+        timesteps = spaced_timesteps(self.config, num_steps).round().astype(np.int64)
+        # diffusers steps to t - T // num_steps whatever the spacing, and past t = 0 to
+        # ᾱ = 1 (set_alpha_to_one) or to ᾱ_0.
+        final = 1.0 if self.config.set_alpha_to_one else acp[0]
+        prev = timesteps - self.config.num_train_timesteps // num_steps
+        prev_acp = np.where(prev >= 0, acp[np.maximum(prev, 0)], final)
+        first = img2img_first_step(num_steps, strength)
+        return DDIMRun(
+            timesteps[first:], acp[timesteps[first:]], prev_acp[first:], self.config.prediction_type
+        )

@@ -1,0 +1,44 @@
+"""Euler (diffusers' EulerDiscreteScheduler, without churn): the deterministic
+first-order k-diffusion sampler."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..config import SchedulerConfig
+from .base import Run, Sampler, SigmaRun
+from .schedule import (
+    finite_terminal_sigma,
+    img2img_first_step,
+    sigma_init_noise,
+    sigma_schedule,
+)
+
+
+class EulerRun(SigmaRun):
+    def step(
+        self, model_output: mx.array, x: mx.array, i: int, noise: mx.array | None = None
+    ) -> mx.array:
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        sample = x.astype(mx.float32)
+        denoised = self.denoised(model_output.astype(mx.float32), sample, sigma)
+        derivative = (sample - denoised) / float(sigma)
+        return (sample + derivative * float(sigma_next - sigma)).astype(x.dtype)
+
+
+class Euler(Sampler):
+    run_class: type[SigmaRun] = EulerRun
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        super().__init__(config)
+        self.alphas_cumprod = finite_terminal_sigma(self.alphas_cumprod, config)
+
+    def _start(self, num_steps: int, strength: float) -> Run:
+        timesteps, sigmas = sigma_schedule(self.config, self.alphas_cumprod, num_steps)
+        first = img2img_first_step(num_steps, strength)
+        return self.run_class(
+            timesteps[first:],
+            sigmas[first:],
+            sigma_init_noise(sigmas, self.config),
+            self.config.prediction_type,
+        )

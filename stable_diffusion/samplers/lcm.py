@@ -1,0 +1,74 @@
+"""LCM (diffusers' LCMScheduler): consistency-model sampling. Each step jumps to a
+clean-latent estimate, then re-noises it to the next timestep with fresh noise."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .base import Run, Sampler, vp_prediction
+
+
+class LCMRun(Run):
+    stochastic = True
+
+    def __init__(
+        self,
+        timesteps: np.ndarray,
+        alphas_cumprod: np.ndarray,
+        timestep_scaling: float,
+        prediction_type: str,
+    ) -> None:
+        a = alphas_cumprod[timesteps[0]]
+        super().__init__(timesteps, 1.0, (float(a**0.5), float((1 - a) ** 0.5)), prediction_type)
+        self.alphas_cumprod = alphas_cumprod
+        self.timestep_scaling = timestep_scaling
+
+    def step(
+        self, model_output: mx.array, x: mx.array, i: int, noise: mx.array | None = None
+    ) -> mx.array:
+        noise = self._step_noise(noise)
+        t = int(self.timesteps[i])
+        a = self.alphas_cumprod[t]
+        x0, _ = vp_prediction(
+            model_output.astype(mx.float32),
+            x.astype(mx.float32),
+            a**0.5,
+            (1 - a) ** 0.5,
+            self.prediction_type,
+        )
+        # Consistency-model boundary condition (σ_data = 0.5): denoised = x at t = 0.
+        scaled_t = np.float32(t) * np.float32(self.timestep_scaling)
+        c_skip = 0.25 / (scaled_t**2 + 0.25)
+        c_out = scaled_t / (scaled_t**2 + 0.25) ** 0.5
+        denoised = float(c_out) * x0 + float(c_skip) * x.astype(mx.float32)
+        if i == len(self.timesteps) - 1:
+            return denoised.astype(x.dtype)
+        a_next = self.alphas_cumprod[int(self.timesteps[i + 1])]
+        prev = float(a_next**0.5) * denoised + float((1 - a_next) ** 0.5) * noise
+        return prev.astype(x.dtype)
+
+
+class LCM(Sampler):
+    def _start(self, num_steps: int, strength: float) -> Run:
+        original_steps = self.config.original_inference_steps
+        if num_steps > original_steps:
+            raise ValueError(
+                f"lcm runs at most original_inference_steps={original_steps} steps, "
+                f"got num_steps={num_steps}"
+            )
+        # LCM samples on a coarse grid of `original_steps` training timesteps; img2img
+        # (diffusers' LatentConsistencyModelImg2ImgPipeline) keeps the grid's lower
+        # `strength` part and still runs num_steps steps on it. Where that part has fewer
+        # than num_steps points diffusers raises; we run one step per point, at least one.
+        k = self.config.num_train_timesteps // original_steps
+        grid_size = max(int(original_steps * strength), 1)
+        grid = (np.arange(1, grid_size + 1) * k - 1)[::-1]
+        num_steps = min(num_steps, grid_size)
+        picks = np.floor(np.linspace(0, grid_size, num=num_steps, endpoint=False))
+        return LCMRun(
+            grid[picks.astype(np.int64)],
+            self.alphas_cumprod,
+            self.config.timestep_scaling,
+            self.config.prediction_type,
+        )

@@ -1,0 +1,277 @@
+"""CLIP byte-level BPE tokenizer in pure Python.
+
+Produces the same ids as `transformers.CLIPTokenizer` (transformers 5, backed by the Rust
+`tokenizers` library; the same pipeline as `CLIPTokenizerFast` in transformers 4) on the same
+vocab.json/merges.txt. That pipeline is, per prompt:
+
+1. split out special tokens (`<|startoftext|>`, `<|endoftext|>` and the pad token) from the raw
+   text; they map straight to their ids,
+2. normalise every other piece: NFC, runs of whitespace to one space, per-character lowercase,
+3. split it with CLIP's word pattern, then with the GPT-2 byte-level pattern,
+4. map each word's UTF-8 bytes to printable characters and apply the BPE merges, with `</w>`
+   appended to the word's last symbol.
+
+The legacy pure-Python `CLIPTokenizer` of transformers 4 (used when ftfy is missing) differs from
+this on rare inputs: it puts spaces around CJK ideographs, deletes control/format characters
+such as U+200B instead of tokenizing them, and uses context-aware lowercasing (final sigma).
+
+Known gaps with transformers 5: characters newer than the Unicode tables of the Rust regex engine
+(which the `regex` module already classifies as letters), and capitalised spellings of special
+tokens such as "<|ENDOFTEXT|>", which some tokenizer configs (special tokens marked
+`normalized`) map to the special id while here they are ordinary text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import unicodedata
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+from itertools import pairwise
+from pathlib import Path
+
+import regex
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+DEFAULT_MAX_LENGTH = 77
+
+_CLIP_BPE_FILE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+# OpenAI's vocabulary size minus the 256 byte tokens and 2 special tokens (see CLIP's
+# simple_tokenizer.py); the 256 `</w>` byte variants complete the 49408 ids.
+_CLIP_NUM_MERGES = 49152 - 256 - 2
+
+# transformers writes this for "no limit" (VERY_LARGE_INTEGER) when a config lacks one.
+_UNSET_MODEL_MAX_LENGTH = int(1e30)
+_BPE_CACHE_SIZE = 10_000
+_NO_MERGE = float("inf")
+
+# `regex`'s \s is exactly Unicode White_Space, the set the Oniguruma \s of `tokenizers` uses;
+# Python's `re` would also treat U+001C..U+001F as whitespace and drop them.
+_WHITESPACE = regex.compile(r"\s+")
+_CLIP_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+# The ByteLevel pre-tokenizer re-splits each CLIP piece with GPT-2's pattern. That only changes
+# the special-token strings the pattern above keeps whole (e.g. "<|endoftext|>" that was not
+# matched as a special token because it was written in capitals): they become "<|", "endoftext",
+# "|>".
+_BYTE_LEVEL_PATTERN = regex.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's reversible byte -> printable character map (GPT-2/CLIP byte-level BPE).
+
+    Printable latin-1 bytes map to themselves; the rest are shifted past U+00FF, so BPE never
+    sees whitespace or control characters. Its order defines the first 256 vocabulary ids."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    mapping = {b: chr(b) for b in printable}
+    mapping.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return mapping
+
+
+@lru_cache(maxsize=1)
+def _clip_merges() -> tuple[tuple[str, str], ...]:
+    lines = gzip.decompress(_CLIP_BPE_FILE.read_bytes()).decode("utf-8").split("\n")
+    # The first line is a "#version" header.
+    return tuple(_parse_merge(line) for line in lines[1 : _CLIP_NUM_MERGES + 1])
+
+
+def _parse_merge(line: str) -> tuple[str, str]:
+    parts = line.split()
+    if len(parts) != 2:
+        raise ValueError(f"malformed BPE merge line: {line!r}")
+    return parts[0], parts[1]
+
+
+def clip_vocabulary(max_merges: int | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The OpenAI CLIP vocabulary and merges, derived from the shipped BPE file.
+
+    Ids are laid out as in OpenAI CLIP / open_clip and the vocab.json of every SD checkpoint:
+    256 byte tokens, their 256 `</w>` variants, one token per merge, then `<|startoftext|>` and
+    `<|endoftext|>` (49408 ids in all). `max_merges` keeps only the first merges, which still
+    gives a consistent vocabulary (512 + max_merges + 2 ids) for small test models."""
+    all_merges = _clip_merges()
+    if max_merges is not None and not 0 <= max_merges <= len(all_merges):
+        raise ValueError(f"max_merges must be in [0, {len(all_merges)}], got {max_merges}")
+    merges = list(all_merges[:max_merges])
+    byte_tokens = list(_bytes_to_unicode().values())
+    tokens = [
+        *byte_tokens,
+        *(token + END_OF_WORD for token in byte_tokens),
+        *("".join(merge) for merge in merges),
+        BOS_TOKEN,
+        EOS_TOKEN,
+    ]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+class Tokenizer:
+    """CLIP tokenizer for one text encoder.
+
+    `encode` returns plain lists of ids (rows of `max_length` ints); turn them into an array
+    with `mx.array(tokenizer.encode(prompts))`."""
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: Sequence[tuple[str, str]],
+        pad_token: str = EOS_TOKEN,
+        max_length: int = DEFAULT_MAX_LENGTH,
+    ) -> None:
+        for token in (BOS_TOKEN, EOS_TOKEN, pad_token):
+            if token not in vocab:
+                raise ValueError(f"special token {token!r} is not in the vocabulary")
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for bos and eos, got {max_length}")
+        self.vocab = vocab
+        self.bpe_ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
+        self.pad_token = pad_token
+        self.max_length = max_length
+        self.bos_id = vocab[BOS_TOKEN]
+        self.eos_id = vocab[EOS_TOKEN]
+        self.pad_id = vocab[pad_token]
+        # transformers matches special tokens anywhere in the raw text, case-sensitively and
+        # leftmost-longest; that includes a pad token such as "!" (SDXL's second tokenizer), so
+        # "wow!!" there is "wow", "!", "!" rather than the merged "!!".
+        specials = sorted({BOS_TOKEN, EOS_TOKEN, pad_token}, key=len, reverse=True)
+        self._special_split = regex.compile("(" + "|".join(map(regex.escape, specials)) + ")")
+        self._byte_encoder = _bytes_to_unicode()
+        self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load a diffusers `tokenizer/` or `tokenizer_2/` folder.
+
+        Needs vocab.json and merges.txt; the pad token and `model_max_length` come from
+        tokenizer_config.json and special_tokens_map.json (the latter wins, as in transformers)
+        when present."""
+        folder = Path(path)
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        if lines and lines[0].startswith("#version"):
+            lines = lines[1:]
+        merges = [_parse_merge(line) for line in lines if line.strip()]
+
+        settings: dict = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (folder / name).is_file():
+                settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
+        pad_token = settings.get("pad_token") or EOS_TOKEN
+        if isinstance(pad_token, dict):
+            pad_token = pad_token["content"]
+        max_length = settings.get("model_max_length") or DEFAULT_MAX_LENGTH
+        if max_length >= _UNSET_MODEL_MAX_LENGTH:
+            max_length = DEFAULT_MAX_LENGTH
+        return cls(vocab, merges, pad_token=pad_token, max_length=int(max_length))
+
+    @classmethod
+    def clip_default(
+        cls, pad_token: str = EOS_TOKEN, max_length: int = DEFAULT_MAX_LENGTH
+    ) -> Tokenizer:
+        """The full OpenAI CLIP vocabulary shipped with the package, for checkpoints that come
+        without tokenizer files (single-file .safetensors/.ckpt)."""
+        vocab, merges = clip_vocabulary()
+        return cls(vocab, merges, pad_token=pad_token, max_length=max_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, without bos/eos, padding or truncation."""
+        ids: list[int] = []
+        # With a capturing group, split() alternates plain text and special tokens.
+        for i, part in enumerate(self._special_split.split(text)):
+            if i % 2:
+                ids.append(self.vocab[part])
+            elif part:
+                ids.extend(self._tokenize_plain(part))
+        return ids
+
+    def encode(self, texts: str | Sequence[str]) -> list[list[int]]:
+        """One row per prompt: bos, ids, eos, then pad ids up to `max_length`.
+
+        Prompts longer than `max_length - 2` tokens keep their first tokens (the same
+        truncation as transformers) and a warning says how many were dropped; see
+        `encode_chunks` to keep all of them."""
+        if isinstance(texts, str):
+            texts = [texts]
+        room = self.max_length - 2
+        rows = []
+        for text in texts:
+            ids = self.tokenize(text)
+            if len(ids) > room:
+                warnings.warn(
+                    f"prompt has {len(ids)} tokens but the text encoder takes {room}: "
+                    f"the last {len(ids) - room} tokens were dropped ({text[:40]!r}...)",
+                    stacklevel=2,
+                )
+                ids = ids[:room]
+            rows.append(self._wrap(ids))
+        return rows
+
+    def encode_chunks(self, text: str) -> list[list[int]]:
+        """Rows of up to `max_length - 2` consecutive ids of `text`, each wrapped in bos...eos
+        and padded to `max_length`, for long prompts whose chunks are encoded separately and
+        concatenated (the A1111/compel convention). An empty prompt gives one row."""
+        ids = self.tokenize(text)
+        room = self.max_length - 2
+        return [self._wrap(ids[start : start + room]) for start in range(0, max(len(ids), 1), room)]
+
+    def _wrap(self, ids: list[int]) -> list[int]:
+        row = [self.bos_id, *ids, self.eos_id]
+        return row + [self.pad_id] * (self.max_length - len(row))
+
+    def _tokenize_plain(self, text: str) -> list[int]:
+        text = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text))
+        # Per character, like the Rust normaliser: str.lower() on the whole text would turn a
+        # word-final capital sigma into "ς" instead of "σ".
+        text = "".join(map(str.lower, text))
+        ids: list[int] = []
+        for piece in _CLIP_PATTERN.findall(text):
+            for word in _BYTE_LEVEL_PATTERN.findall(piece):
+                ids.extend(self._bpe(word))
+        return ids
+
+    def _bpe(self, word: str) -> list[int]:
+        cached = self._cache.get(word)
+        if cached is not None:
+            return cached
+        # A Python str may hold lone surrogates, which strict UTF-8 refuses; passing them through
+        # as bytes keeps every string tokenizable.
+        symbols = [self._byte_encoder[b] for b in word.encode("utf-8", "surrogatepass")]
+        symbols[-1] += END_OF_WORD
+        while len(symbols) > 1:
+            best = min(pairwise(symbols), key=lambda pair: self.bpe_ranks.get(pair, _NO_MERGE))
+            if best not in self.bpe_ranks:
+                break
+            merged: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        # CLIP's unknown token is <|endoftext|>; only reachable with a vocabulary that lacks
+        # some byte tokens, since every byte has one in real CLIP vocabularies.
+        ids = [self.vocab.get(symbol, self.eos_id) for symbol in symbols]
+        if len(self._cache) >= _BPE_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[word] = ids
+        return ids

@@ -1,0 +1,1 @@
+"""Weight files and key mapping: one pure mapping function per source format."""

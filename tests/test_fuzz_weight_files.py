@@ -1,0 +1,187 @@
+"""Fuzz stable_diffusion.weights.files with damaged copies of the real fixture files.
+
+Whatever the damage, loading must either succeed or raise WeightFileError: no other exception,
+no crash inside MLX (results are evaluated, so lazily read data is read), no hang, and no code
+run. Each test is bounded by max_examples; the whole file takes seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stable_diffusion.weights.files import WeightFileError, load_weights
+from tests.test_weight_files import FILES, nothing_runs, warm_up
+
+FUZZ = settings(
+    max_examples=250,
+    deadline=None,
+    database=None,  # keep the repository free of .hypothesis/
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+SAFETENSORS = (FILES / "weights.safetensors").read_bytes()
+CHECKPOINTS = [
+    (FILES / name).read_bytes() for name in ("sd_like.ckpt", "views.pt", "big_endian.pt")
+]
+
+# Values that sit on the edges of the checks: sizes, offsets and counts read from the files.
+EDGES = [
+    struct.pack(fmt, value)
+    for fmt in ("<Q", "<I", "<i", "<H")
+    for value in (0, 1, 0x7F, 0xFF, 0x7FFF, 0xFFFF)
+] + [struct.pack("<Q", v) for v in (2**31, 2**32 - 1, 2**63, 2**64 - 1)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_up(tmp_path_factory: pytest.TempPathFactory) -> None:
+    warm_up(tmp_path_factory.mktemp("warm_up"))
+
+
+@st.composite
+def mutated(draw: st.DrawFn, data: bytes) -> bytes:
+    """data with one to four byte flips, truncations, insertions, deletions or overwrites."""
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(data)))
+        kind = draw(st.sampled_from(["flip", "truncate", "insert", "delete", "overwrite"]))
+        if kind == "flip" and at < len(data):
+            data[at] ^= draw(st.integers(1, 255))
+        elif kind == "truncate":
+            del data[at:]
+        elif kind == "delete":
+            del data[at : at + draw(st.integers(1, 16))]
+        else:
+            chunk = draw(st.one_of(st.binary(min_size=1, max_size=16), st.sampled_from(EDGES)))
+            data[at : at + (len(chunk) if kind == "overwrite" else 0)] = chunk
+    return bytes(data)
+
+
+def load_or_refuse(path: Path) -> None:
+    with nothing_runs():
+        try:
+            weights = load_weights(path)
+        except WeightFileError:
+            return
+        mx.eval(weights)
+
+
+def safetensors_header(data: bytes) -> tuple[bytes, bytes]:
+    size = int.from_bytes(data[:8], "little")
+    return data[8 : 8 + size], data[8 + size :]
+
+
+def repacked(checkpoint: bytes, record: str, change: bytes | None) -> bytes:
+    """The checkpoint with one zip record replaced (None: dropped), checksums kept valid."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as target:
+        for name, data in records(checkpoint).items():
+            data = data if name != record else change
+            if data is not None:
+                target.writestr(name, data)
+    return buffer.getvalue()
+
+
+def records(checkpoint: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(checkpoint)) as archive:
+        return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def data_pkl(checkpoint: bytes) -> str:
+    return next(name for name in records(checkpoint) if name.endswith("/data.pkl"))
+
+
+ALL_RECORDS = [data for checkpoint in CHECKPOINTS for data in records(checkpoint).values()]
+
+
+def each_checkpoint(then: Callable[[bytes], st.SearchStrategy]) -> st.SearchStrategy:
+    """(checkpoint, what `then` draws for it), for each of the checkpoint fixtures."""
+    return st.sampled_from(CHECKPOINTS).flatmap(lambda c: st.tuples(st.just(c), then(c)))
+
+
+@FUZZ
+@given(data=mutated(SAFETENSORS))
+def test_damaged_safetensors(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    load_or_refuse(path)
+
+
+@FUZZ
+@given(header=mutated(safetensors_header(SAFETENSORS)[0]))
+def test_damaged_safetensors_header(tmp_path: Path, header: bytes) -> None:
+    # The length prefix is kept right, so every damaged header reaches the JSON checks.
+    path = tmp_path / "model.safetensors"
+    data = safetensors_header(SAFETENSORS)[1]
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    load_or_refuse(path)
+
+
+HEADER_VALUES = st.one_of(
+    st.integers(-(2**65), 2**65),
+    st.integers(-2, 64),
+    st.booleans(),
+    st.none(),
+    st.floats(),
+    st.text(max_size=6),
+    st.lists(st.integers(0, 8), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
+
+
+@FUZZ
+@given(
+    dtype=st.one_of(
+        st.sampled_from(["F32", "F16", "BF16", "I64", "BOOL", "F64", "F8_E4M3"]), HEADER_VALUES
+    ),
+    shape=st.one_of(st.lists(st.integers(-1, 9), max_size=4), HEADER_VALUES),
+    offsets=st.one_of(st.lists(st.integers(-1, 80), max_size=3), HEADER_VALUES),
+    data_size=st.integers(0, 80),
+)
+def test_generated_safetensors_headers(
+    tmp_path: Path, dtype: object, shape: object, offsets: object, data_size: int
+) -> None:
+    header = json.dumps({"t": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(range(data_size)))
+    load_or_refuse(path)
+
+
+@FUZZ
+@given(data=st.sampled_from(CHECKPOINTS).flatmap(mutated))
+def test_damaged_checkpoint(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(data)
+    load_or_refuse(path)
+
+
+@FUZZ
+@given(case=each_checkpoint(lambda checkpoint: mutated(records(checkpoint)[data_pkl(checkpoint)])))
+def test_damaged_pickle(tmp_path: Path, case: tuple[bytes, bytes]) -> None:
+    # Repacked with valid checksums, so every damaged pickle reaches the unpickler.
+    checkpoint, pickled = case
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(repacked(checkpoint, data_pkl(checkpoint), pickled))
+    load_or_refuse(path)
+
+
+@FUZZ
+@given(
+    case=each_checkpoint(lambda checkpoint: st.sampled_from(sorted(records(checkpoint)))),
+    change=st.one_of(st.none(), st.binary(max_size=64), st.sampled_from(ALL_RECORDS)),
+)
+def test_damaged_record(tmp_path: Path, case: tuple[bytes, str], change: bytes | None) -> None:
+    # One record dropped, or replaced by other bytes of another size (another record's, say).
+    checkpoint, record = case
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(repacked(checkpoint, record, change))
+    load_or_refuse(path)
