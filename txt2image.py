@@ -11,7 +11,8 @@ def main() -> None:
     output = cli.check_arguments(p, args)
 
     sd = cli.load_model(p, args)
-    width, height = args.width or sd.defaults.width, args.height or sd.defaults.height
+    width = sd.defaults.width if args.width is None else args.width
+    height = sd.defaults.height if args.height is None else args.height
     seed = cli.seed(args)
     try:
         latents = sd.generate_latents(

@@ -12,7 +12,13 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .images import GenerationParameters, check_output_path, save_images, validate_size
+from .images import (
+    GenerationParameters,
+    check_output_path,
+    read_parameters,
+    save_images,
+    validate_size,
+)
 from .pipeline import Denoising, StableDiffusion
 from .samplers import SAMPLERS
 
@@ -24,18 +30,22 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         p.add_argument(
             "--strength",
             type=float,
-            default=0.5,
-            help="how much to change the image: 0 keeps it, 1 replaces it",
+            help="how much to change the image: 0 keeps it, 1 replaces it (default 0.5)",
         )
     else:
         p.add_argument("--width", type=int, help="default: the model's native size")
         p.add_argument("--height", type=int, help="default: the model's native size")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="what to generate (optional with --from-image)")
+    p.add_argument(
+        "--from-image",
+        metavar="PNG",
+        help="re-run with the prompt and settings saved in an image generated before "
+        "(options given here win)",
+    )
     p.add_argument(
         "--model",
-        default="sdxl",
-        help="'sdxl' (stabilityai/sdxl-turbo), 'sd' (stabilityai/stable-diffusion-2-1"
-        "-base), a Hugging Face repo id or a local diffusers folder",
+        help="'sdxl' (default: stabilityai/sdxl-turbo), 'sd' (stabilityai/stable-diffusion-"
+        "2-1-base), a Hugging Face repo id or a local diffusers folder",
     )
     p.add_argument("--n_images", type=int, default=1)
     p.add_argument("--n_rows", type=int, default=1)
@@ -74,8 +84,37 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     return p
 
 
+def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters) -> None:
+    """Fill the options not given on the command line from an image's parameters."""
+    values = {
+        "prompt": saved.prompt,
+        "negative_prompt": saved.negative_prompt or None,
+        "steps": saved.steps,
+        "cfg": saved.cfg_scale,
+        "sampler": saved.sampler if saved.sampler in SAMPLERS else None,
+        "seed": saved.seed,
+        "model": saved.model,
+        "width": saved.width,
+        "height": saved.height,
+        "strength": saved.strength,
+    }
+    for name, value in values.items():
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     """Reject bad arguments before any model is loaded; returns the output path."""
+    if args.from_image:
+        try:
+            apply_saved_parameters(args, read_parameters(args.from_image))
+        except ValueError as e:
+            p.error(str(e))
+    if args.prompt is None:
+        p.error("give a prompt, or --from-image with an image generated before")
+    args.model = args.model or "sdxl"
+    if hasattr(args, "strength") and args.strength is None:
+        args.strength = 0.5
     if args.n_images < 1:
         p.error("--n_images must be at least 1")
     if args.n_rows < 1 or args.n_images % args.n_rows:
@@ -89,7 +128,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Pat
     if not 0 <= getattr(args, "strength", 0) <= 1:
         p.error(f"--strength must be between 0 and 1 (got {args.strength})")
     try:
-        validate_size(getattr(args, "width", None) or 8, getattr(args, "height", None) or 8)
+        sizes = [getattr(args, side, None) for side in ("width", "height")]
+        validate_size(*(8 if size is None else size for size in sizes))
         individual = args.n_images if args.save_individual else 0
         return check_output_path(args.output, overwrite=args.overwrite, individual=individual)
     except ValueError as e:

@@ -5,6 +5,7 @@ folder: one or two text encoders, SDXL's pooled text and size conditioning."""
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ import mlx.core as mx
 import numpy as np
 
 from . import loading
-from .config import read_json
+from .config import UNetConfig, read_json
 from .hub import ALIASES, resolve_model
+from .images import validate_size
 from .samplers import make_sampler
 
 # Per-model defaults for well-known repos; other models get their
@@ -56,6 +58,32 @@ class Denoising:
 
     def __len__(self) -> int:
         return self.steps
+
+
+def memory_size() -> int:
+    """Bytes of memory the computation can use: the GPU's, else the machine's RAM."""
+    info = mx.device_info() if mx.default_device() == mx.gpu else {}
+    if "memory_size" in info:
+        return info["memory_size"]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def attention_bytes(config: UNetConfig, downscale: int, width: int, height: int, batch: int) -> int:
+    """The largest attention score matrix (float32) of the UNet's denoising and of
+    one image's VAE decoding: what limits the image size (it grows with pixels²)."""
+    tokens = (width // downscale) * (height // downscale)
+    unet = max(
+        (
+            batch * heads * (tokens // 4**level) ** 2 * 4
+            for level, (block, heads) in enumerate(
+                zip(config.down_block_types, config.heads_per_block, strict=True)
+            )
+            if block.startswith("CrossAttn")
+        ),
+        default=0,
+    )
+    vae = tokens**2 * 4
+    return max(unet, vae)
 
 
 def default_dtype() -> mx.Dtype:
@@ -136,17 +164,27 @@ class StableDiffusion:
 
     # -- text -------------------------------------------------------------------------
 
-    def _encode_texts(self, texts: list[str]) -> tuple[mx.array, mx.array | None]:
+    def _chunk_count(self, texts: list[str]) -> int:
+        return max(len(t.encode_chunks(text)) for t in self.tokenizers for text in texts)
+
+    def _encode_texts(self, texts: list[str], n_chunks: int) -> tuple[mx.array, mx.array | None]:
+        """Hidden states of `texts`, each split into `n_chunks` chunks of 75 tokens
+        (the shorter padded with empty chunks) encoded separately and concatenated,
+        as other tools do for prompts longer than CLIP's 77 tokens. SDXL's pooled
+        embedding is the first chunk's."""
         if not self.text_encoders:
             raise RuntimeError("the text encoders were released; create a new StableDiffusion")
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-            ids = mx.array(tokenizer.encode(texts))
-            output = encoder(ids)
-            hidden.append(
-                output.penultimate_hidden_state if self.is_xl else output.last_hidden_state
-            )
-            pooled = output.pooled
+            empty = tokenizer.encode_chunks("")
+            rows = []
+            for text in texts:
+                chunks = tokenizer.encode_chunks(text)
+                rows += chunks + empty * (n_chunks - len(chunks))
+            output = encoder(mx.array(rows))
+            states = output.penultimate_hidden_state if self.is_xl else output.last_hidden_state
+            hidden.append(states.reshape(len(texts), -1, states.shape[-1]))
+            pooled = output.pooled.reshape(len(texts), n_chunks, -1)[:, 0]
         return mx.concatenate(hidden, axis=-1), pooled if self.is_xl else None
 
     def _conditioning(
@@ -158,12 +196,15 @@ class StableDiffusion:
         original_size: tuple[int, int] | None,
         crop: tuple[int, int],
     ) -> Conditioning:
-        context, pooled = self._encode_texts(texts)
+        zero_negative = negative_texts is None and self.force_zeros_for_empty_prompt
+        negative_texts = negative_texts or [""] * len(texts)
+        n_chunks = self._chunk_count(texts + (negative_texts if use_cfg else []))
+        context, pooled = self._encode_texts(texts, n_chunks)
         if use_cfg:
-            if negative_texts is None and self.force_zeros_for_empty_prompt:
+            if zero_negative:
                 negative, negative_pooled = mx.zeros_like(context), mx.zeros_like(pooled)
             else:
-                negative, negative_pooled = self._encode_texts(negative_texts or [""] * len(texts))
+                negative, negative_pooled = self._encode_texts(negative_texts, n_chunks)
             context = mx.concatenate([negative, context])
             if self.is_xl:
                 pooled = mx.concatenate([negative_pooled, pooled])
@@ -251,8 +292,9 @@ class StableDiffusion:
             text, n_images, negative_text, num_steps, cfg_weight, sampler, seed
         )
         defaults = self.defaults
-        width, height = width or defaults.width, height or defaults.height
-        self._check_size(width, height)
+        width = defaults.width if width is None else width
+        height = defaults.height if height is None else height
+        self._check_size(width, height, len(texts) * (2 if cfg_weight > 1 else 1))
         shape = (
             len(texts),
             height // self.vae.downscale,
@@ -296,10 +338,10 @@ class StableDiffusion:
         if image.ndim == 3:
             image = image[None]
         height, width = image.shape[1:3]
-        self._check_size(width, height)
         texts, negatives, num_steps, cfg_weight, sampler, key = self._prepare(
             text, n_images, negative_text, num_steps, cfg_weight, sampler, seed
         )
+        self._check_size(width, height, len(texts) * (2 if cfg_weight > 1 else 1))
         if image.shape[0] not in (1, len(texts)):
             raise ValueError(f"give one image or one per generated image ({len(texts)})")
         x0 = self.encode_image(image)
@@ -319,15 +361,19 @@ class StableDiffusion:
 
     # -- VAE --------------------------------------------------------------------------
 
-    def _check_size(self, width: int, height: int) -> None:
-        multiple = self.vae.downscale
-        for name, value in (("width", width), ("height", height)):
-            if value < multiple or value % multiple:
-                lower = max(multiple, value // multiple * multiple)
-                raise ValueError(
-                    f"{name} {value} is not a positive multiple of {multiple}; "
-                    f"use {lower} or {lower + multiple}"
-                )
+    def _check_size(self, width: int, height: int, batch: int) -> None:
+        """Refuse sizes the VAE cannot take, and sizes whose attention alone would
+        not fit in this machine's memory, before anything is computed."""
+        validate_size(width, height, self.vae.downscale)
+        needed = attention_bytes(self.unet.config, self.vae.downscale, width, height, batch)
+        available = memory_size()
+        if needed > available:
+            raise ValueError(
+                f"{width}x{height} with {batch} image(s) needs about {needed / 2**30:.0f} GiB "
+                f"for attention alone; this machine has {available / 2**30:.0f} GiB. "
+                f"Use a smaller size (the model's native size is "
+                f"{self.defaults.width}x{self.defaults.height}) or fewer images."
+            )
 
     def encode_image(self, image: mx.array) -> mx.array:
         """(N, H, W, 3) images in [0, 1] -> scaled latents (posterior mean)."""

@@ -187,3 +187,37 @@ def test_offline_unknown_model_points_at_the_cache(tmp_path, monkeypatch):
     assert result.returncode == 2
     assert "HF_HUB_OFFLINE" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_rerun_from_an_images_parameters_reproduces_it(tmp_path):
+    first = tmp_path / "first.png"
+    result = run(
+        "txt2image.py",
+        "a red sign, at night",
+        "--model",
+        TINY_SD2,
+        "--steps",
+        "3",
+        "--cfg",
+        "3.5",
+        "--seed",
+        "11",
+        "--sampler",
+        "euler_a",
+        "--output",
+        str(first),
+    )
+    assert result.returncode == 0, result.stderr
+    again = tmp_path / "again.png"
+    result = run("txt2image.py", "--from-image", str(first), "--output", str(again))
+    assert result.returncode == 0, result.stderr
+    assert "Seed: 11" in result.stdout
+    assert read_parameters(again) == read_parameters(first)
+    assert np.array_equal(np.array(Image.open(again)), np.array(Image.open(first)))
+
+
+def test_from_image_without_parameters_is_a_clear_error(tmp_path):
+    plain = input_image(tmp_path / "plain.png")
+    result = run("txt2image.py", "--from-image", str(plain), "--output", str(tmp_path / "o.png"))
+    assert result.returncode == 2
+    assert "has no generation parameters" in result.stderr

@@ -15,12 +15,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stable_diffusion.weights.files import WeightFileError, load_weights
-from tests.test_weight_files import FILES, nothing_runs, warm_up
+from tests.test_weight_files import (
+    FILES,
+    Storage,
+    nothing_runs,
+    tensor,
+    torch_pickle,
+    warm_up,
+    write_checkpoint,
+)
 
 FUZZ = settings(
     max_examples=250,
@@ -185,3 +194,55 @@ def test_damaged_record(tmp_path: Path, case: tuple[bytes, str], change: bytes |
     path = tmp_path / "model.ckpt"
     path.write_bytes(repacked(checkpoint, record, change))
     load_or_refuse(path)
+
+
+STORAGE_TYPES = {
+    "FloatStorage": "<f4",
+    "HalfStorage": "<f2",
+    "BFloat16Storage": "<u2",
+    "LongStorage": "<i8",
+    "ByteStorage": "u1",
+    "BoolStorage": "?",
+}
+
+
+@st.composite
+def tensor_records(draw: st.DrawFn) -> tuple[str, int, int, tuple, tuple, int]:
+    ndim = draw(st.integers(0, 3))
+    dims = st.lists(st.integers(0, 5), min_size=ndim, max_size=ndim).map(tuple)
+    strides = st.lists(st.integers(0, 8), min_size=ndim, max_size=ndim).map(tuple)
+    storage_type = draw(st.sampled_from(sorted(STORAGE_TYPES)))
+    numel, offset = draw(st.integers(0, 30)), draw(st.integers(0, 32))
+    size_error = draw(st.sampled_from([0, 0, 0, -1, 1]))  # bytes missing from or added to data
+    return storage_type, numel, size_error, draw(dims), draw(strides), offset
+
+
+@FUZZ
+@given(record=tensor_records())
+def test_generated_tensor_records(tmp_path: Path, record: tuple) -> None:
+    # Any size, stride and offset, within the storage or not: a view inside it loads exactly
+    # what numpy's as_strided sees, anything else is refused.
+    storage_type, numel, size_error, shape, stride, offset = record
+    dtype = np.dtype(STORAGE_TYPES[storage_type])
+    data = bytes(i * 37 % 256 for i in range(max(0, numel * dtype.itemsize + size_error)))
+    if dtype == np.bool_:
+        data = bytes(b & 1 for b in data)
+    w = tensor(Storage("0", storage_type, numel), shape, stride, offset)
+    path = write_checkpoint(tmp_path / "model.pt", torch_pickle({"w": w}), {"0": data})
+    last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    inside = offset <= numel and (0 in shape or last < numel)
+    right_size = len(data) == numel * dtype.itemsize
+    try:
+        with nothing_runs():
+            loaded = load_weights(path)["w"]
+    except WeightFileError:
+        assert not (right_size and inside), "a valid tensor record was refused"
+        return
+    assert right_size and inside
+    if storage_type == "BFloat16Storage":
+        assert loaded.dtype == mx.bfloat16
+        loaded = loaded.view(mx.uint16)
+    expected = np.lib.stride_tricks.as_strided(
+        np.frombuffer(data, dtype)[offset:], shape, [s * dtype.itemsize for s in stride]
+    )
+    np.testing.assert_array_equal(np.array(loaded), expected)

@@ -348,6 +348,11 @@ def test_payloads_really_would_run(tmp_path: Path) -> None:
     assert marker.exists()
 
 
+def test_nothing_runs_notices_code() -> None:
+    with pytest.raises(AssertionError, match="loading ran code"), nothing_runs():
+        eval("1")
+
+
 @pytest.mark.parametrize("payload", sorted(hostile_payloads(Path("m"))))
 def test_hostile_pickle_is_refused(tmp_path: Path, payload: str) -> None:
     marker = tmp_path / "pwned"
@@ -477,63 +482,55 @@ def test_flipped_storage_byte_fails_the_checksum(tmp_path: Path) -> None:
         load_weights(path)
 
 
-def damaged_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
-    storage = Storage("0", "FloatStorage", 2)
-    good = torch_pickle({"w": tensor(storage, (2,), (1,))})
-
-    def checkpoint(name: str, obj: object, storages: object = None, **kwargs: object) -> Path:
-        data = obj if isinstance(obj, bytes) else torch_pickle(obj)
-        storages = {"0": FLOATS} if storages is None else storages
-        return write_checkpoint(tmp_path / f"{name}.pt", data, storages, **kwargs)
-
-    two = tmp_path / "two_pickles.pt"
-    with zipfile.ZipFile(two, "w") as archive:
-        archive.writestr("a/data.pkl", good)
-        archive.writestr("b/data.pkl", good)
-    return {
-        "missing storage": (checkpoint("missing", good, {}), "record archive/data/0 is missing"),
-        "short storage": (checkpoint("short", good, {"0": FLOATS[:4]}), "wrong size"),
-        "view past the end": (
-            checkpoint("past", {"w": tensor(storage, (3,), (1,))}),
-            "past the end",
-        ),
-        "offset past the end": (
-            checkpoint("offset", {"w": tensor(storage, (1,), (1,), 5)}),
-            "offset outside",
-        ),
-        "negative size": (
-            checkpoint("negative", {"w": tensor(storage, (-1,), (1,))}),
-            "non-negative",
-        ),
-        "size and stride differ": (
-            checkpoint("ranks", {"w": tensor(storage, (2,), ())}),
-            "malformed tensor",
-        ),
-        "unknown storage type": (
-            checkpoint("qint", {"w": tensor(Storage("0", "QInt8Storage", 2), (2,), (1,))}),
-            "refusing to load torch.QInt8Storage",
-        ),
-        "bad persistent id": (
-            checkpoint("pid", raw_pickle(fragment(("file", 1)), pickle.BINPERSID)),
-            "unknown persistent id",
-        ),
-        "compressed": (
-            checkpoint("deflated", good, compression=zipfile.ZIP_DEFLATED),
-            "compressed",
-        ),
-        "byte order": (checkpoint("middle", good, byteorder=b"middle"), "unknown byte order"),
-        "two data.pkl": (two, "has 2 <archive>/data.pkl records"),
-        "garbage pickle": (checkpoint("garbage", b"\x80\x02garbage"), "truncated or corrupt"),
-        "empty pickle": (checkpoint("empty", b""), "truncated or corrupt"),
-    }
+def damaged(
+    obj: object, storages: dict[str, bytes] | None = None, **options: object
+) -> tuple[bytes, dict[str, bytes], dict[str, object]]:
+    """write_checkpoint's arguments for a checkpoint holding obj (pickled unless bytes)."""
+    data_pkl = obj if isinstance(obj, bytes) else torch_pickle(obj)
+    return data_pkl, {"0": FLOATS} if storages is None else storages, options
 
 
-@pytest.mark.parametrize("case", sorted(damaged_checkpoints(Path("."))))
-def test_damaged_checkpoint(tmp_path: Path, case: str) -> None:
-    path, message = damaged_checkpoints(tmp_path)[case]
+STORAGE = Storage("0", "FloatStorage", 2)
+GOOD = {"w": tensor(STORAGE, (2,), (1,))}
+DAMAGED_CHECKPOINTS = {
+    "missing storage": (damaged(GOOD, {}), "record archive/data/0 is missing"),
+    "short storage": (damaged(GOOD, {"0": FLOATS[:4]}), "wrong size"),
+    "view past the end": (damaged({"w": tensor(STORAGE, (3,), (1,))}), "past the end"),
+    "offset past the end": (damaged({"w": tensor(STORAGE, (1,), (1,), 5)}), "offset outside"),
+    "negative size": (damaged({"w": tensor(STORAGE, (-1,), (1,))}), "non-negative"),
+    "size and stride differ": (damaged({"w": tensor(STORAGE, (2,), ())}), "malformed tensor"),
+    "unknown storage type": (
+        damaged({"w": tensor(Storage("0", "QInt8Storage", 2), (2,), (1,))}),
+        r"refusing to load torch\.QInt8Storage",
+    ),
+    "bad persistent id": (
+        damaged(raw_pickle(fragment(("file", 1)), pickle.BINPERSID)),
+        "unknown persistent id",
+    ),
+    "compressed": (damaged(GOOD, compression=zipfile.ZIP_DEFLATED), "compressed"),
+    "byte order": (damaged(GOOD, byteorder=b"middle"), "unknown byte order"),
+    "garbage pickle": (damaged(b"\x80\x02garbage"), "truncated or corrupt"),
+    "empty pickle": (damaged(b""), "truncated or corrupt"),
+}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"), DAMAGED_CHECKPOINTS.values(), ids=DAMAGED_CHECKPOINTS.keys()
+)
+def test_damaged_checkpoint(tmp_path: Path, arguments: tuple, message: str) -> None:
+    data_pkl, storages, options = arguments
+    path = write_checkpoint(tmp_path / "model.pt", data_pkl, storages, **options)
     with pytest.raises(WeightFileError, match=message) as error:
         load_weights(path)
-    assert path.name in str(error.value)
+    assert "model.pt" in str(error.value)
+
+
+def test_two_pickles(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "model.pt", "w") as archive:
+        archive.writestr("a/data.pkl", torch_pickle(GOOD))
+        archive.writestr("b/data.pkl", torch_pickle(GOOD))
+    with pytest.raises(WeightFileError, match=r"has 2 <archive>/data\.pkl records"):
+        load_weights(tmp_path / "model.pt")
 
 
 # --- damaged safetensors -----------------------------------------------------------------------
