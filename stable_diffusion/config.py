@@ -168,7 +168,8 @@ class SchedulerConfig:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 1
-    set_alpha_to_one: bool = False
+    # diffusers' DDIM and LCM default; SD configs set it to false explicitly.
+    set_alpha_to_one: bool = True
     rescale_betas_zero_snr: bool = False
     # LCM-distilled models sample on a coarser grid of the training steps.
     original_inference_steps: int = 50

@@ -1,0 +1,93 @@
+"""Reference for whole txt2img/img2img runs with every deterministic sampler:
+the diffusers pipelines on the tiny SD 2.x-like and SDXL-like models with the
+matching diffusers scheduler and given noise.
+
+Run from the repository root (needs requirements-dev.txt):
+
+    python -m tests.reference.sampler_pipelines
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoPipelineForImage2Image,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
+from PIL import Image
+
+from tests.reference.tiny_models import IMAGE_SIZE, MODELS, REFERENCE
+
+# Our sampler name -> the diffusers scheduler and the options it implies. Real SD
+# configs set clip_sample false, which DDIMScheduler does not default to.
+SCHEDULERS = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {"clip_sample": False}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {}),
+    "dpm++2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+PROMPT = "a watercolor of a fox in the snow"
+NEGATIVE_PROMPT = "photo"
+STEPS = 5
+IMG2IMG_STRENGTH = 0.6
+
+
+def main() -> None:
+    rng = np.random.default_rng(7)
+    shape = (1, 4, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
+    out = {
+        "noise": rng.standard_normal(shape).astype(np.float32),
+        "img2img_noise": rng.standard_normal(shape).astype(np.float32),
+        "image": (rng.uniform(0, 1, (IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.uint8),
+    }
+    common = dict(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        output_type="np",
+    )
+    for model in ("tiny-sd2", "tiny-sdxl"):
+        pipe = DiffusionPipeline.from_pretrained(MODELS / model)
+        base_config = pipe.scheduler.config
+        for name, (scheduler_class, options) in SCHEDULERS.items():
+            pipe.scheduler = scheduler_class.from_config(base_config, **options)
+            with torch.no_grad():
+                out[f"{model}.{name}.txt2img"] = pipe(
+                    **common,
+                    latents=torch.from_numpy(out["noise"]),
+                    height=IMAGE_SIZE,
+                    width=IMAGE_SIZE,
+                ).images
+        img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+        img2img.scheduler = DPMSolverMultistepScheduler.from_config(
+            base_config, use_karras_sigmas=True
+        )
+        # Given noise and the posterior mean instead of torch's RNG, as in tiny_models.py.
+        module = sys.modules[type(img2img).__module__]
+        original_randn, original_retrieve = module.randn_tensor, module.retrieve_latents
+        module.randn_tensor = lambda *a, **k: torch.from_numpy(out["img2img_noise"])
+        module.retrieve_latents = lambda output, generator=None, sample_mode="sample": (
+            original_retrieve(output, generator, "argmax")
+        )
+        try:
+            with torch.no_grad():
+                out[f"{model}.dpm++2m_karras.img2img"] = img2img(
+                    **common, image=Image.fromarray(out["image"]), strength=IMG2IMG_STRENGTH
+                ).images
+        finally:
+            module.randn_tensor, module.retrieve_latents = original_randn, original_retrieve
+    np.savez_compressed(REFERENCE / "sampler_pipelines.npz", **out)
+    print(f"wrote {REFERENCE / 'sampler_pipelines.npz'}")
+
+
+if __name__ == "__main__":
+    main()
