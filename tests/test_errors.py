@@ -22,7 +22,7 @@ def test_missing_model_folder():
 
 
 def test_folder_that_is_not_a_diffusers_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+    with pytest.raises(FileNotFoundError, match=r"no model_index\.json"):
         StableDiffusion(str(tmp_path))
 
 

@@ -9,8 +9,6 @@ Run from the repository root (needs requirements-dev.txt):
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 from diffusers import (
@@ -23,7 +21,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from tests.reference.tiny_models import IMAGE_SIZE, MODELS, REFERENCE
+from tests.reference.tiny_models import IMAGE_SIZE, MODELS, REFERENCE, given_img2img_noise
 
 # Our sampler name -> the diffusers scheduler and the options it implies. Real SD
 # configs set clip_sample false, which DDIMScheduler does not default to.
@@ -71,20 +69,10 @@ def main() -> None:
         img2img.scheduler = DPMSolverMultistepScheduler.from_config(
             base_config, use_karras_sigmas=True
         )
-        # Given noise and the posterior mean instead of torch's RNG, as in tiny_models.py.
-        module = sys.modules[type(img2img).__module__]
-        original_randn, original_retrieve = module.randn_tensor, module.retrieve_latents
-        module.randn_tensor = lambda *a, **k: torch.from_numpy(out["img2img_noise"])
-        module.retrieve_latents = lambda output, generator=None, sample_mode="sample": (
-            original_retrieve(output, generator, "argmax")
-        )
-        try:
-            with torch.no_grad():
-                out[f"{model}.dpm++2m_karras.img2img"] = img2img(
-                    **common, image=Image.fromarray(out["image"]), strength=IMG2IMG_STRENGTH
-                ).images
-        finally:
-            module.randn_tensor, module.retrieve_latents = original_randn, original_retrieve
+        with torch.no_grad(), given_img2img_noise(img2img, out["img2img_noise"]):
+            out[f"{model}.dpm++2m_karras.img2img"] = img2img(
+                **common, image=Image.fromarray(out["image"]), strength=IMG2IMG_STRENGTH
+            ).images
     np.savez_compressed(REFERENCE / "sampler_pipelines.npz", **out)
     print(f"wrote {REFERENCE / 'sampler_pipelines.npz'}")
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +32,6 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
-)
-from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as sd_img2img
-from diffusers.pipelines.stable_diffusion_xl import (
-    pipeline_stable_diffusion_xl_img2img as xl_img2img,
 )
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -228,6 +227,23 @@ def component_references(pipe, is_xl: bool, rng: np.random.Generator) -> dict[st
     return out
 
 
+@contextmanager
+def given_img2img_noise(pipe, noise: np.ndarray) -> Iterator[None]:
+    """Make a diffusers img2img pipeline use `noise` and the VAE posterior mean:
+    it would draw from torch's RNG and sample the posterior, which no other
+    implementation can reproduce."""
+    module = sys.modules[type(pipe).__module__]
+    original_randn, original_retrieve = module.randn_tensor, module.retrieve_latents
+    module.randn_tensor = lambda *args, **kwargs: torch.from_numpy(noise)
+    module.retrieve_latents = lambda output, generator=None, sample_mode="sample": (
+        original_retrieve(output, generator, "argmax")
+    )
+    try:
+        yield
+    finally:
+        module.randn_tensor, module.retrieve_latents = original_randn, original_retrieve
+
+
 def pipeline_references(pipe, img2img_class, is_xl, rng) -> dict[str, np.ndarray]:
     """Whole txt2img and img2img runs with the Euler sampler and given noise."""
     out: dict[str, np.ndarray] = {}
@@ -247,15 +263,7 @@ def pipeline_references(pipe, img2img_class, is_xl, rng) -> dict[str, np.ndarray
     init_image = (rng.uniform(0, 1, (IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.uint8)
     img2img_noise = rng.standard_normal(shape).astype(np.float32)
     img2img = img2img_class(**pipe.components)
-    module = xl_img2img if is_xl else sd_img2img
-    original_randn, original_retrieve = module.randn_tensor, module.retrieve_latents
-    # The reference draws its noise from torch's RNG and samples the VAE
-    # posterior; the recorded run uses given noise and the posterior mean.
-    module.randn_tensor = lambda *args, **kwargs: torch.from_numpy(img2img_noise)
-    module.retrieve_latents = lambda output, generator=None, sample_mode="sample": (
-        original_retrieve(output, generator, "argmax")
-    )
-    try:
+    with given_img2img_noise(img2img, img2img_noise):
         for strength in (0.5, 0.75):
             out[f"img2img.strength{strength}"] = img2img(
                 prompt=PROMPTS,
@@ -266,8 +274,6 @@ def pipeline_references(pipe, img2img_class, is_xl, rng) -> dict[str, np.ndarray
                 guidance_scale=7.5,
                 output_type="np",
             ).images
-    finally:
-        module.randn_tensor, module.retrieve_latents = original_randn, original_retrieve
     out["img2img.image"] = init_image
     out["img2img.noise"] = img2img_noise
     return out

@@ -1,0 +1,17 @@
+"""Regenerate every fixture from the reference implementation, in dependency
+order (the tiny models first): python -m tests.reference"""
+
+import importlib
+
+SCRIPTS = [
+    "tiny_models",
+    "tokenizer_ids",
+    "schedulers",
+    "checkpoint_files",
+    "long_prompts",
+    "sampler_pipelines",
+]
+
+for name in SCRIPTS:
+    print(f"== tests.reference.{name}")
+    importlib.import_module(f"tests.reference.{name}").main()
