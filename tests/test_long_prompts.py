@@ -10,7 +10,7 @@ import pytest
 
 from stable_diffusion import StableDiffusion
 from tests.conftest import FIXTURES
-from tests.reference.long_prompts import LONG_PROMPT, NEGATIVE_PROMPT
+from tests.reference.inputs import LONG_NEGATIVE_PROMPT, LONG_PROMPT
 
 REFERENCE = dict(np.load(FIXTURES / "reference" / "long_prompts.npz"))
 
@@ -21,7 +21,7 @@ def test_long_prompt_matches_chunked_reference(model):
     noise = mx.array(REFERENCE["noise"].transpose(0, 2, 3, 1))
     latents = sd.generate_latents(
         LONG_PROMPT,
-        negative_text=NEGATIVE_PROMPT,
+        negative_text=LONG_NEGATIVE_PROMPT,
         num_steps=3,
         cfg_weight=7.5,
         sampler="euler",

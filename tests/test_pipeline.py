@@ -13,7 +13,7 @@ import pytest
 
 from stable_diffusion import StableDiffusion
 from tests.conftest import FIXTURES
-from tests.reference.tiny_models import NEGATIVE_PROMPTS, PROMPTS
+from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
 
 MODELS = ["tiny-sd1", "tiny-sd2", "tiny-sdxl"]
 PIXEL_TOLERANCE = 2e-4

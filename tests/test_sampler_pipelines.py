@@ -11,12 +11,12 @@ import pytest
 
 from stable_diffusion import StableDiffusion
 from tests.conftest import FIXTURES
-from tests.reference.sampler_pipelines import (
-    IMG2IMG_STRENGTH,
-    NEGATIVE_PROMPT,
-    PROMPT,
-    SCHEDULERS,
-    STEPS,
+from tests.reference.inputs import (
+    DETERMINISTIC_SAMPLERS,
+    SAMPLER_IMG2IMG_STRENGTH,
+    SAMPLER_NEGATIVE_PROMPT,
+    SAMPLER_PROMPT,
+    SAMPLER_STEPS,
 )
 
 REFERENCE = dict(np.load(FIXTURES / "reference" / "sampler_pipelines.npz"))
@@ -38,13 +38,13 @@ def images(sd: StableDiffusion, latents) -> np.ndarray:
     return np.array(sd.decode(x))
 
 
-@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+@pytest.mark.parametrize("sampler", DETERMINISTIC_SAMPLERS)
 def test_txt2img_matches_diffusers(model, sampler):
     name, sd = model
     latents = sd.generate_latents(
-        PROMPT,
-        negative_text=NEGATIVE_PROMPT,
-        num_steps=STEPS,
+        SAMPLER_PROMPT,
+        negative_text=SAMPLER_NEGATIVE_PROMPT,
+        num_steps=SAMPLER_STEPS,
         cfg_weight=7.5,
         sampler=sampler,
         latents=nhwc(REFERENCE["noise"]),
@@ -57,10 +57,10 @@ def test_img2img_matches_diffusers(model):
     name, sd = model
     latents = sd.generate_latents_from_image(
         REFERENCE["image"].astype(np.float32) / 255,
-        PROMPT,
-        strength=IMG2IMG_STRENGTH,
-        negative_text=NEGATIVE_PROMPT,
-        num_steps=STEPS,
+        SAMPLER_PROMPT,
+        strength=SAMPLER_IMG2IMG_STRENGTH,
+        negative_text=SAMPLER_NEGATIVE_PROMPT,
+        num_steps=SAMPLER_STEPS,
         cfg_weight=7.5,
         sampler="dpm++2m_karras",
         noise=nhwc(REFERENCE["img2img_noise"]),

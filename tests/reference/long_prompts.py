@@ -19,17 +19,13 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
-from tests.reference.tiny_models import IMAGE_SIZE, MODELS, REFERENCE
-
-LONG_PROMPT = (
-    "a highly detailed oil painting of an old lighthouse on a rocky coast at dusk, "
-    "storm clouds gathering over a dark green sea, waves crashing against the rocks, "
-    "a small fishing boat with a red sail returning to the harbour, seagulls circling "
-    "above the mast, warm light in the keeper's window, wet stones reflecting the sky, "
-    "in the style of the romantic landscape painters of the nineteenth century, "
-    "dramatic lighting, rich textures, visible brush strokes, museum quality, framed"
+from tests.reference.inputs import (
+    IMAGE_SIZE,
+    LONG_NEGATIVE_PROMPT,
+    LONG_PROMPT,
+    MODELS,
+    REFERENCE,
 )
-NEGATIVE_PROMPT = "blurry, low quality"
 
 
 def chunk_ids(tokenizer, text: str) -> list[list[int]]:
@@ -73,15 +69,15 @@ def main() -> None:
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         is_xl = name == "tiny-sdxl"
         with torch.no_grad():
-            hidden, pooled, n_chunks = embeddings(pipe, [LONG_PROMPT, NEGATIVE_PROMPT], is_xl)
+            hidden, pooled, n_chunks = embeddings(pipe, [LONG_PROMPT, LONG_NEGATIVE_PROMPT], is_xl)
             assert n_chunks > 1, "the long prompt must need several chunks"
             kwargs = {
                 "prompt_embeds": hidden[LONG_PROMPT],
-                "negative_prompt_embeds": hidden[NEGATIVE_PROMPT],
+                "negative_prompt_embeds": hidden[LONG_NEGATIVE_PROMPT],
             }
             if is_xl:
                 kwargs["pooled_prompt_embeds"] = pooled[LONG_PROMPT]
-                kwargs["negative_pooled_prompt_embeds"] = pooled[NEGATIVE_PROMPT]
+                kwargs["negative_pooled_prompt_embeds"] = pooled[LONG_NEGATIVE_PROMPT]
             images = pipe(
                 **kwargs,
                 num_inference_steps=3,

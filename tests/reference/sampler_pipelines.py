@@ -21,7 +21,17 @@ from diffusers import (
 )
 from PIL import Image
 
-from tests.reference.tiny_models import IMAGE_SIZE, MODELS, REFERENCE, given_img2img_noise
+from tests.reference.inputs import (
+    DETERMINISTIC_SAMPLERS,
+    IMAGE_SIZE,
+    MODELS,
+    REFERENCE,
+    SAMPLER_IMG2IMG_STRENGTH,
+    SAMPLER_NEGATIVE_PROMPT,
+    SAMPLER_PROMPT,
+    SAMPLER_STEPS,
+)
+from tests.reference.tiny_models import given_img2img_noise
 
 # Our sampler name -> the diffusers scheduler and the options it implies. Real SD
 # configs set clip_sample false, which DDIMScheduler does not default to.
@@ -32,10 +42,6 @@ SCHEDULERS = {
     "dpm++2m": (DPMSolverMultistepScheduler, {}),
     "dpm++2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
 }
-PROMPT = "a watercolor of a fox in the snow"
-NEGATIVE_PROMPT = "photo"
-STEPS = 5
-IMG2IMG_STRENGTH = 0.6
 
 
 def main() -> None:
@@ -47,12 +53,13 @@ def main() -> None:
         "image": (rng.uniform(0, 1, (IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.uint8),
     }
     common = dict(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE_PROMPT,
-        num_inference_steps=STEPS,
+        prompt=SAMPLER_PROMPT,
+        negative_prompt=SAMPLER_NEGATIVE_PROMPT,
+        num_inference_steps=SAMPLER_STEPS,
         guidance_scale=7.5,
         output_type="np",
     )
+    assert list(SCHEDULERS) == DETERMINISTIC_SAMPLERS
     for model in ("tiny-sd2", "tiny-sdxl"):
         pipe = DiffusionPipeline.from_pretrained(MODELS / model)
         base_config = pipe.scheduler.config
@@ -71,7 +78,7 @@ def main() -> None:
         )
         with torch.no_grad(), given_img2img_noise(img2img, out["img2img_noise"]):
             out[f"{model}.dpm++2m_karras.img2img"] = img2img(
-                **common, image=Image.fromarray(out["image"]), strength=IMG2IMG_STRENGTH
+                **common, image=Image.fromarray(out["image"]), strength=SAMPLER_IMG2IMG_STRENGTH
             ).images
     np.savez_compressed(REFERENCE / "sampler_pipelines.npz", **out)
     print(f"wrote {REFERENCE / 'sampler_pipelines.npz'}")

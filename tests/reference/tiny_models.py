@@ -37,15 +37,9 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from stable_diffusion.tokenizer import clip_vocabulary
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-MODELS = FIXTURES / "models"
-REFERENCE = FIXTURES / "reference"
+from tests.reference.inputs import IMAGE_SIZE, MODELS, NEGATIVE_PROMPTS, PROMPTS, REFERENCE
 
 TINY_VOCAB_MERGES = 2000
-IMAGE_SIZE = 64  # pixels; the VAE downsamples by 8 like the real one
-PROMPTS = ["a photo of an astronaut riding a horse on mars", "a red sign saying MLX"]
-NEGATIVE_PROMPTS = ["blurry, low quality", ""]
 
 SD_SCHEDULER = {
     "_class_name": "EulerDiscreteScheduler",
