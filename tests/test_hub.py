@@ -59,5 +59,5 @@ def test_sharded_weights_in_order(tmp_path):
 
 def test_folder_without_safetensors_says_so(tmp_path):
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(ModelNotFoundError, match="found: diffusion_pytorch_model.bin"):
+    with pytest.raises(ModelNotFoundError, match=r"found: diffusion_pytorch_model\.bin"):
         weight_files(tmp_path, False)
