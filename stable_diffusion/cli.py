@@ -4,6 +4,7 @@ the denoising loop with a progress bar, decoding and saving."""
 from __future__ import annotations
 
 import argparse
+import math
 import secrets
 import time
 from pathlib import Path
@@ -45,7 +46,28 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     p.add_argument(
         "--model",
         help="'sdxl' (default: stabilityai/sdxl-turbo), 'sd' (stabilityai/stable-diffusion-"
-        "2-1-base), a Hugging Face repo id or a local diffusers folder",
+        "2-1-base), 'sd-1.5', 'sd-2.1', a Hugging Face repo id, a local diffusers folder, "
+        "or a single-file checkpoint (.safetensors/.ckpt)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        type=lora_spec,
+        metavar="PATH[:STRENGTH]",
+        help="merge a LoRA (kohya/civitai or diffusers format) with a strength (default 1.0); "
+        "repeat for several",
+    )
+    p.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        help="what the model predicts, for files that do not say (single-file SD 2.x: "
+        "v_prediction at 768, epsilon at 512); default: the model's",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="the model's native size in pixels, for single files (default: 512 SD 1.x, "
+        "768 SD 2.x, 1024 SDXL)",
     )
     p.add_argument("--n_images", type=int, default=1)
     p.add_argument("--n_rows", type=int, default=1)
@@ -84,6 +106,19 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     return p
 
 
+def lora_spec(value: str) -> tuple[str, float]:
+    """PATH or PATH:STRENGTH. The strength is what follows the last colon only if that is a
+    number, so Windows paths (C:\\loras\\x.safetensors) work without one."""
+    path, _, strength = value.rpartition(":")
+    try:
+        number = float(strength)
+    except ValueError:
+        return value, 1.0
+    if not path or not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not PATH[:STRENGTH]")
+    return path, number
+
+
 def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters) -> None:
     """Fill the options not given on the command line from an image's parameters."""
     values = {
@@ -101,6 +136,9 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
     for name, value in values.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, value)
+    if saved.loras and not args.lora:
+        used = ", ".join(f"{name}:{strength}" for name, strength in saved.loras)
+        print(f"Note: the image was made with LoRAs ({used}); pass --lora to use them again")
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
@@ -127,6 +165,10 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Pat
         p.error("--decoding_batch_size must be at least 1")
     if not 0 <= getattr(args, "strength", 0) <= 1:
         p.error(f"--strength must be between 0 and 1 (got {args.strength})")
+    args.lora = args.lora or []
+    for path, _ in args.lora:
+        if not Path(path).is_file():
+            p.error(f"--lora {path}: no such file")
     try:
         sizes = [getattr(args, side, None) for side in ("width", "height")]
         validate_size(*(8 if size is None else size for size in sizes))
@@ -146,9 +188,22 @@ def seed(args: argparse.Namespace) -> int:
 def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDiffusion:
     start = time.perf_counter()
     try:
-        sd = StableDiffusion(args.model, float16=args.float16, quantize=args.quantize)
+        sd = StableDiffusion(
+            args.model,
+            float16=args.float16,
+            quantize=args.quantize,
+            loras=args.lora,
+            prediction_type=args.prediction_type,
+            image_size=args.image_size,
+        )
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
+    if sd.architecture == "sd2" and args.prediction_type is None:
+        # The keys of the 512 base model and the 768 v-prediction one are the same.
+        print(
+            "SD 2.x single file: assuming the 768x768 v-prediction model; for a 512x512 "
+            "epsilon model (SD 2.x base) pass --prediction-type epsilon"
+        )
     if args.preload_models:
         sd.preload()
     if args.verbose:
@@ -219,5 +274,7 @@ def generation_parameters(
         width=width,
         height=height,
         model=args.model,
+        # A1111 names LoRAs by their file name without extension.
+        loras=tuple((Path(path).stem, strength) for path, strength in args.lora),
         **extra,
     )

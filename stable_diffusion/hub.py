@@ -9,6 +9,11 @@ from pathlib import Path
 ALIASES = {
     "sdxl": "stabilityai/sdxl-turbo",
     "sd": "stabilityai/stable-diffusion-2-1-base",
+    "sd-1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd-2.1": "stabilityai/stable-diffusion-2-1",
+    "sd-2.1-base": "stabilityai/stable-diffusion-2-1-base",
+    "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sdxl-turbo": "stabilityai/sdxl-turbo",
 }
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")

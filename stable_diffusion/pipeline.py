@@ -1,22 +1,25 @@
 """The `StableDiffusion` pipeline: text (and optionally an image) to latents to images.
 
 One class serves SD 1.x, SD 2.x and SDXL; what differs is read from the model
-folder: one or two text encoders, SDXL's pooled text and size conditioning."""
+folder (or detected in a single-file checkpoint): one or two text encoders, SDXL's
+pooled text and size conditioning."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
-from . import loading
-from .config import UNetConfig, read_json
+from . import loading, single_file
+from .config import PipelineConfig, UNetConfig, read_json
 from .hub import ALIASES, resolve_model
 from .images import validate_size
+from .lora import AppliedLoras
 from .samplers import make_sampler
 
 # Per-model defaults for well-known repos; other models get their
@@ -93,10 +96,15 @@ def default_dtype() -> mx.Dtype:
 
 
 class StableDiffusion:
-    """Stable Diffusion 1.x / 2.x / SDXL from a diffusers-format model.
+    """Stable Diffusion 1.x / 2.x / SDXL from a diffusers-format model or a single file.
 
-    `model` is an alias ("sdxl", "sd"), a Hugging Face repo id, or a local folder.
-    `float16=None` picks float16 on a GPU and float32 on the CPU.
+    `model` is an alias ("sdxl", "sd", "sd-1.5", ...), a Hugging Face repo id, a local
+    folder, or a single-file checkpoint (.safetensors/.ckpt in the original layout).
+    `float16=None` picks float16 on a GPU and float32 on the CPU. `loras` are (path,
+    strength) pairs merged into the weights (before quantizing). `prediction_type`
+    ("epsilon"/"v_prediction") and `image_size` (native size in pixels) override what the
+    model says, or, for single files, what the keys cannot tell. `config` replaces the
+    preset a single file's architecture picks (for models of non-standard sizes).
     """
 
     def __init__(
@@ -104,10 +112,56 @@ class StableDiffusion:
         model: str = "sdxl",
         float16: bool | None = None,
         quantize: bool = False,
+        loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
+        prediction_type: str | None = None,
+        image_size: int | None = None,
+        config: PipelineConfig | None = None,
     ):
         self.dtype = default_dtype() if float16 is None else (mx.float16 if float16 else mx.float32)
         self.model_name = model
         self.repo_id = ALIASES.get(model, model)
+        # What a single file was detected to be ("sd1", "sd2", "sdxl"); None for folders.
+        self.architecture: str | None = None
+        if single_file.is_single_file(model):
+            self._load_single_file(model, config, prediction_type, image_size)
+        else:
+            if config is not None:
+                raise ValueError("config is only for single-file checkpoints")
+            self._load_folder(model, prediction_type)
+        self.vae_dtype = self.vae.decoder.conv_in.weight.dtype
+        self.defaults = self._model_defaults(image_size)
+        self._loras = AppliedLoras()
+        for path, strength in loras:
+            self.load_lora(path, strength)
+        if quantize:
+            for encoder in self.text_encoders:
+                loading.quantize(encoder, bits=4)
+            loading.quantize(self.unet, bits=8)
+            self._loras.quantized(self._lora_models())
+
+    def _load_single_file(
+        self,
+        path: str,
+        config: PipelineConfig | None,
+        prediction_type: str | None,
+        image_size: int | None,
+    ) -> None:
+        loaded = single_file.load_single_file(
+            path, self.dtype, config, prediction_type=prediction_type, image_size=image_size
+        )
+        self.folder = loaded.path
+        self.architecture = loaded.architecture
+        self.is_xl = loaded.config.is_xl
+        self.force_zeros_for_empty_prompt = self.is_xl
+        self.scheduler_config = loaded.config.scheduler
+        # A1111's default; single files name no scheduler.
+        self.default_sampler = "dpm++2m_karras"
+        self.tokenizers = loaded.tokenizers
+        self.text_encoders = loaded.text_encoders
+        self.unet = loaded.unet
+        self.vae = loaded.vae
+
+    def _load_folder(self, model: str, prediction_type: str | None) -> None:
         folder = resolve_model(model, prefer_float16=self.dtype == mx.float16)
         self.folder = folder
         model_index = read_json(folder / "model_index.json")
@@ -121,6 +175,10 @@ class StableDiffusion:
         self.scheduler_config, self.default_sampler = loading.load_scheduler_config(
             folder / "scheduler"
         )
+        if prediction_type is not None:
+            self.scheduler_config = dataclasses.replace(
+                self.scheduler_config, prediction_type=prediction_type
+            )
         encoder_names = ["text_encoder", "text_encoder_2"] if self.is_xl else ["text_encoder"]
         tokenizer_names = ["tokenizer", "tokenizer_2"] if self.is_xl else ["tokenizer"]
         self.tokenizers = [loading.load_tokenizer(folder / name) for name in tokenizer_names]
@@ -129,12 +187,6 @@ class StableDiffusion:
         ]
         self.unet = loading.load_unet(folder / "unet", self.dtype)
         self.vae = loading.load_vae(folder / "vae", self.dtype)
-        self.vae_dtype = self.vae.decoder.conv_in.weight.dtype
-        self.defaults = self._model_defaults()
-        if quantize:
-            for encoder in self.text_encoders:
-                loading.quantize(encoder, bits=4)
-            loading.quantize(self.unet, bits=8)
 
     def preload(self) -> None:
         """Read all weights now instead of at first use (they load lazily)."""
@@ -149,10 +201,37 @@ class StableDiffusion:
         """Free the UNet before decoding; generating again needs a new pipeline."""
         self.unet = None
 
+    # -- LoRA -------------------------------------------------------------------------
+
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        """(path, strength) of the LoRAs merged into the weights, in load order."""
+        return list(self._loras.loaded)
+
+    def _lora_models(self) -> dict:
+        encoders = dict(zip(("text_encoder", "text_encoder_2"), self.text_encoders, strict=False))
+        return {"unet": self.unet, **encoders}
+
+    def load_lora(self, path: str | os.PathLike[str], strength: float = 1.0) -> None:
+        """Merge a LoRA (kohya/civitai or diffusers/PEFT .safetensors, or a pickled file
+        read without running code) into the weights with `strength`; several can be
+        loaded. Quantized layers are dequantized, merged and quantized again. Raises
+        ValueError, changing nothing, for a file that does not fit this model."""
+        if self.unet is None or not self.text_encoders:
+            raise RuntimeError("the UNet or text encoders were released; create a new pipeline")
+        self._loras.merge(path, strength, self._lora_models(), self.unet.config)
+
+    def unload_loras(self) -> None:
+        """Restore the weights from before the first LoRA, exactly."""
+        self._loras.restore(self._lora_models())
+
     # -- defaults ---------------------------------------------------------------------
 
-    def _model_defaults(self) -> Defaults:
+    def _model_defaults(self, image_size: int | None = None) -> Defaults:
         size = self.unet.config.sample_size * self.vae.downscale
+        if image_size is not None:
+            validate_size(image_size, image_size, self.vae.downscale)
+            size = image_size
         known = KNOWN_DEFAULTS.get(self.repo_id, {})
         return Defaults(
             width=size,

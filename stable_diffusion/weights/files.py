@@ -114,6 +114,9 @@ def _check_safetensors_header(path: Path) -> None:
     data_size = size - 8 - header_size
     for name, entry in header.items():
         if name == "__metadata__":
+            # mx.save_safetensors writes null when there is no metadata.
+            if entry is None:
+                continue
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
                 raise _corrupt(path, "__metadata__ is not a string-to-string map")
         else:

@@ -10,6 +10,8 @@ SCRIPTS = [
     "checkpoint_files",
     "long_prompts",
     "sampler_pipelines",
+    "single_file",
+    "lora",
 ]
 
 for name in SCRIPTS:
