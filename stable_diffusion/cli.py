@@ -20,6 +20,7 @@ from .images import (
     save_images,
     validate_size,
 )
+from .layers import eager_cpu_attention
 from .pipeline import Denoising, StableDiffusion
 from .samplers import SAMPLERS
 
@@ -213,11 +214,12 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
 
 def denoise(sd: StableDiffusion, latents: Denoising, args: argparse.Namespace) -> mx.array:
     start = time.perf_counter()
-    for step, x in enumerate(tqdm(latents, desc="Denoising")):
-        mx.eval(x)
-        # The conditioning is computed by now; free the text encoders.
-        if step == 0 and not args.preload_models:
-            sd.release_text_encoders()
+    with eager_cpu_attention():
+        for step, x in enumerate(tqdm(latents, desc="Denoising")):
+            mx.eval(x)
+            # The conditioning is computed by now; free the text encoders.
+            if step == 0 and not args.preload_models:
+                sd.release_text_encoders()
     if args.verbose:
         print(
             f"Denoised in {time.perf_counter() - start:.1f} s, "
@@ -239,10 +241,11 @@ def decode_and_save(
     start = time.perf_counter()
     batch = args.decoding_batch_size
     decoded = []
-    for i in tqdm(range(0, latents.shape[0], batch), desc="Decoding"):
-        images = sd.decode(latents[i : i + batch])
-        mx.eval(images)
-        decoded.append(np.array(images))
+    with eager_cpu_attention():
+        for i in tqdm(range(0, latents.shape[0], batch), desc="Decoding"):
+            images = sd.decode(latents[i : i + batch])
+            mx.eval(images)
+            decoded.append(np.array(images))
     if args.verbose:
         print(
             f"Decoded in {time.perf_counter() - start:.1f} s, "

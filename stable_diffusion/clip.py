@@ -4,18 +4,15 @@ Attribute names mirror transformers' so its state dicts load key for key."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextEncoderConfig
+from .layers import Linear, attention, gelu, quick_gelu
 
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
-    "gelu": nn.gelu,
-}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
 @dataclass
@@ -31,30 +28,21 @@ class CLIPAttention(nn.Module):
     def __init__(self, dims: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.q_proj = nn.Linear(dims, dims)
-        self.k_proj = nn.Linear(dims, dims)
-        self.v_proj = nn.Linear(dims, dims)
-        self.out_proj = nn.Linear(dims, dims)
+        self.q_proj = Linear(dims, dims)
+        self.k_proj = Linear(dims, dims)
+        self.v_proj = Linear(dims, dims)
+        self.out_proj = Linear(dims, dims)
 
     def __call__(self, x: mx.array) -> mx.array:
-        batch, length, dims = x.shape
-        head_dim = dims // self.heads
-        q, k, v = (
-            proj(x).reshape(batch, length, self.heads, head_dim).transpose(0, 2, 1, 3)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        # A "causal" mask instead of an additive -inf matrix: no NaN in float16.
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=1 / math.sqrt(head_dim), mask="causal"
-        )
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dims))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.out_proj(attention(q, k, v, self.heads, causal=True))
 
 
 class CLIPMLP(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.activation = ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -108,7 +96,7 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
         if config.with_projection:
-            self.text_projection = nn.Linear(
+            self.text_projection = Linear(
                 config.hidden_size, config.projection_dim, bias=False
             )
 

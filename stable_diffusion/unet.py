@@ -1,7 +1,7 @@
 """The conditional UNet (diffusers' UNet2DConditionModel) for SD 1.x, 2.x and SDXL.
 
 One config covers all three: conv or linear transformer projections (a 1x1
-convolution in NHWC is a linear layer, so both are `nn.Linear` here), per-block
+convolution in NHWC is a linear layer, so both are `Linear` here), per-block
 head counts and transformer depths, and SDXL's `text_time` added embedding."""
 
 from __future__ import annotations
@@ -12,7 +12,19 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import UNetConfig
-from .layers import Downsample2D, ResnetBlock2D, Upsample2D, attention
+from .layers import (
+    Conv2d,
+    Downsample2D,
+    GroupNorm,
+    Linear,
+    ResnetBlock2D,
+    Upsample2D,
+    attention,
+    geglu_cpu,
+    gelu,
+    on_cpu,
+    silu,
+)
 
 
 def timestep_embedding(
@@ -28,11 +40,11 @@ def timestep_embedding(
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_channels: int, time_embed_dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
-        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+        self.linear_1 = Linear(in_channels, time_embed_dim)
+        self.linear_2 = Linear(time_embed_dim, time_embed_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class Attention(nn.Module):
@@ -40,10 +52,10 @@ class Attention(nn.Module):
         super().__init__()
         context_dims = context_dims or dims
         self.heads = heads
-        self.to_q = nn.Linear(dims, dims, bias=False)
-        self.to_k = nn.Linear(context_dims, dims, bias=False)
-        self.to_v = nn.Linear(context_dims, dims, bias=False)
-        self.to_out = [nn.Linear(dims, dims)]
+        self.to_q = Linear(dims, dims, bias=False)
+        self.to_k = Linear(context_dims, dims, bias=False)
+        self.to_v = Linear(context_dims, dims, bias=False)
+        self.to_out = [Linear(dims, dims)]
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
         context = x if context is None else context
@@ -54,18 +66,24 @@ class Attention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dims: int, hidden_dims: int):
         super().__init__()
-        self.proj = nn.Linear(dims, hidden_dims * 2)
+        self.proj = Linear(dims, hidden_dims * 2)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if on_cpu() and isinstance(self.proj, Linear):
+            # One matmul per half of the weight: contiguous halves, so the biases and the
+            # gating fuse into one pass instead of three over a strided split.
+            weights = mx.split(self.proj.weight, 2)
+            biases = mx.split(self.proj.bias, 2)
+            return geglu_cpu(x @ weights[0].T, x @ weights[1].T, *biases)
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
-        return hidden * nn.gelu(gate)
+        return hidden * gelu(gate)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dims: int):
         super().__init__()
         # diffusers' net is [GEGLU, Dropout, Linear]; the index of the last layer is its key.
-        self.net = [GEGLU(dims, 4 * dims), nn.Dropout(0.0), nn.Linear(4 * dims, dims)]
+        self.net = [GEGLU(dims, 4 * dims), nn.Dropout(0.0), Linear(4 * dims, dims)]
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.net[2](self.net[0](x))
@@ -90,12 +108,12 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     def __init__(self, dims: int, heads: int, depth: int, context_dims: int, groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, dims, eps=1e-6, pytorch_compatible=True)
-        self.proj_in = nn.Linear(dims, dims)
+        self.norm = GroupNorm(groups, dims, eps=1e-6)
+        self.proj_in = Linear(dims, dims)
         self.transformer_blocks = [
             BasicTransformerBlock(dims, heads, context_dims) for _ in range(depth)
         ]
-        self.proj_out = nn.Linear(dims, dims)
+        self.proj_out = Linear(dims, dims)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         batch, height, width, channels = x.shape
@@ -150,7 +168,7 @@ class UNetModel(nn.Module):
         resnets = config.resnets_per_block
         time_dims = channels[0] * 4
 
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], time_dims)
         if config.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(
@@ -187,10 +205,8 @@ class UNetModel(nn.Module):
                 block.upsamplers = [Upsample2D(cout)]
             self.up_blocks.append(block)
 
-        self.conv_norm_out = nn.GroupNorm(
-            config.norm_num_groups, channels[0], eps=config.norm_eps, pytorch_compatible=True
-        )
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], config.norm_eps)
+        self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def time_conditioning(
         self,
@@ -250,4 +266,4 @@ class UNetModel(nn.Module):
             if "upsamplers" in block:
                 x = block.upsamplers[0](x)
 
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu_after=True))

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import AutoencoderConfig
-from .layers import Downsample2D, ResnetBlock2D, Upsample2D, attention
+from .layers import Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, Upsample2D, attention
 
 EPS = 1e-6
 
@@ -16,11 +16,11 @@ class VAEAttention(nn.Module):
 
     def __init__(self, dims: int, groups: int):
         super().__init__()
-        self.group_norm = nn.GroupNorm(groups, dims, eps=EPS, pytorch_compatible=True)
-        self.to_q = nn.Linear(dims, dims)
-        self.to_k = nn.Linear(dims, dims)
-        self.to_v = nn.Linear(dims, dims)
-        self.to_out = [nn.Linear(dims, dims)]
+        self.group_norm = GroupNorm(groups, dims, EPS)
+        self.to_q = Linear(dims, dims)
+        self.to_k = Linear(dims, dims)
+        self.to_v = Linear(dims, dims)
+        self.to_out = [Linear(dims, dims)]
 
     def __call__(self, x: mx.array) -> mx.array:
         batch, height, width, channels = x.shape
@@ -65,7 +65,7 @@ class Encoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         channels, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.down_blocks = []
         for i, cout in enumerate(channels):
             block = ResnetStack(channels[max(i - 1, 0)], cout, config.layers_per_block, groups)
@@ -73,22 +73,22 @@ class Encoder(nn.Module):
                 block.downsamplers = [Downsample2D(cout, padding=0)]
             self.down_blocks.append(block)
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention)
-        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=EPS, pytorch_compatible=True)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(groups, channels[-1], EPS)
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu_after=True))
 
 
 class Decoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         channels, groups = config.block_out_channels[::-1], config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, channels[0], 3, padding=1)
         self.mid_block = MidBlock(channels[0], groups, config.mid_block_add_attention)
         self.up_blocks = []
         for i, cout in enumerate(channels):
@@ -98,14 +98,14 @@ class Decoder(nn.Module):
             if i < len(channels) - 1:
                 block.upsamplers = [Upsample2D(cout)]
             self.up_blocks.append(block)
-        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=EPS, pytorch_compatible=True)
-        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
+        self.conv_norm_out = GroupNorm(groups, channels[-1], EPS)
+        self.conv_out = Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(x))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu_after=True))
 
 
 class Autoencoder(nn.Module):
@@ -116,9 +116,9 @@ class Autoencoder(nn.Module):
         self.decoder = Decoder(config)
         latent = config.latent_channels
         if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+            self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+            self.post_quant_conv = Conv2d(latent, latent, 1)
 
     @property
     def downscale(self) -> int:

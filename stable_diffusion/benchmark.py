@@ -1,0 +1,752 @@
+"""Benchmark the full-size models with random weights, without the hub, and optionally
+diffusers/PyTorch on the very same weights.
+
+    python -m stable_diffusion.benchmark --models sd-1.5,sdxl-turbo --dtypes float32 --reference
+
+For each architecture of `config.PRESETS` it writes a diffusers-format model folder with
+random weights (a fixed seed), loads it through the pipeline as a user would, and measures
+per dtype and batch (2 = classifier-free guidance): load time, text encoding, one UNet step
+(median after a warm-up), the VAE decode, a whole image, peak memory and the UNet's achieved
+GFLOP/s (FLOPs counted from the config) against this machine's single-matmul rate.
+`--reference` then runs diffusers' UNet and VAE on the same files (PyTorch, float32) after
+checking that both UNets agree, and prints the speed-ups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import StableDiffusion
+from .clip import CLIPTextModel
+from .config import (
+    PRESETS,
+    AutoencoderConfig,
+    PipelineConfig,
+    SchedulerConfig,
+    TextEncoderConfig,
+    UNetConfig,
+)
+from .layers import eager_cpu_attention
+from .tokenizer import clip_vocabulary
+from .unet import UNetModel
+from .vae import Autoencoder
+
+CONTEXT_TOKENS = 77
+PROMPT = "a photo of an astronaut riding a horse on mars"
+GIB = 1024**3
+
+# Small architectures with the real structure, for tests and quick runs; not user presets.
+_TINY_TEXT = TextEncoderConfig(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    projection_dim=32,
+)  # fmt: skip
+_TINY_VAE = AutoencoderConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+                              norm_num_groups=4, sample_size=64)
+TINY_PRESETS: dict[str, PipelineConfig] = {
+    "tiny": PipelineConfig(
+        UNetConfig(
+            block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            norm_num_groups=8,
+            sample_size=8,
+        ),
+        _TINY_VAE,
+        (_TINY_TEXT,),
+        SchedulerConfig(),
+    ),
+    "tiny-xl": PipelineConfig(
+        UNetConfig(
+            block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            norm_num_groups=8,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            sample_size=8,
+        ),
+        _TINY_VAE,
+        (_TINY_TEXT, dataclasses.replace(_TINY_TEXT, with_projection=True, hidden_act="gelu")),
+        SchedulerConfig(timestep_spacing="trailing"),
+        ("<|endoftext|>", "!"),
+    ),
+}
+ARCHITECTURES = {**PRESETS, **TINY_PRESETS}
+
+
+# -- FLOPs --------------------------------------------------------------------------------
+#
+# Multiply-adds of the convolutions, linear layers and attention matmuls (QK^T and PV),
+# times two; norms, activations and additions are left out (a few percent at most).
+
+
+def _half(size: int) -> int:
+    return (size + 1) // 2  # a stride-2, padding-1 convolution
+
+
+def unet_flops(config: UNetConfig, batch: int, height: int, width: int,
+               context_tokens: int = CONTEXT_TOKENS) -> int:
+    """FLOPs of one UNet call on (batch, height, width) latents."""
+    channels = config.block_out_channels
+    time_dims = 4 * channels[0]
+
+    def conv(pixels: int, cin: int, cout: int, kernel: int = 3) -> int:
+        return pixels * cin * cout * kernel * kernel
+
+    def resnet(pixels: int, cin: int, cout: int) -> int:
+        shortcut = conv(pixels, cin, cout, 1) if cin != cout else 0
+        return conv(pixels, cin, cout) + conv(pixels, cout, cout) + shortcut + time_dims * cout
+
+    def transformer(pixels: int, dims: int, depth: int) -> int:
+        context = config.cross_attention_dim
+        self_attention = 4 * pixels * dims * dims + 2 * pixels * pixels * dims
+        cross_attention = (2 * pixels * dims * dims + 2 * context_tokens * context * dims
+                           + 2 * pixels * context_tokens * dims)
+        feed_forward = pixels * dims * 8 * dims + pixels * 4 * dims * dims
+        return 2 * pixels * dims * dims + depth * (self_attention + cross_attention + feed_forward)
+
+    macs = channels[0] * time_dims + time_dims * time_dims
+    if config.addition_embed_type == "text_time":
+        macs += config.projection_class_embeddings_input_dim * time_dims + time_dims * time_dims
+    heads_depth = config.transformer_depth_per_block
+    resnets = config.resnets_per_block
+    h, w = height, width
+    macs += conv(h * w, config.in_channels, channels[0])
+    for i, block_type in enumerate(config.down_block_types):
+        for j in range(resnets[i]):
+            cin = channels[max(i - 1, 0)] if j == 0 else channels[i]
+            macs += resnet(h * w, cin, channels[i])
+            if block_type.startswith("Cross"):
+                macs += transformer(h * w, channels[i], heads_depth[i])
+        if i < len(channels) - 1:
+            h, w = _half(h), _half(w)
+            macs += conv(h * w, channels[i], channels[i])
+    mid = channels[-1]
+    macs += 2 * resnet(h * w, mid, mid) + transformer(h * w, mid, heads_depth[-1])
+    n = len(channels)
+    for i, block_type in enumerate(config.up_block_types):
+        level = n - 1 - i
+        cout, prev = channels[level], channels[min(level + 1, n - 1)]
+        count = resnets[level] + 1
+        for j in range(count):
+            skip = channels[max(level - 1, 0)] if j == count - 1 else cout
+            macs += resnet(h * w, (prev if j == 0 else cout) + skip, cout)
+            if block_type.startswith("Cross"):
+                macs += transformer(h * w, cout, heads_depth[level])
+        if level > 0:
+            h, w = 2 * h, 2 * w
+            macs += conv(h * w, cout, cout)
+    macs += conv(h * w, channels[0], config.out_channels)
+    return 2 * batch * macs
+
+
+def vae_decode_flops(config: AutoencoderConfig, batch: int, height: int, width: int) -> int:
+    """FLOPs of decoding (batch, height, width) latents."""
+    channels = config.block_out_channels[::-1]
+    pixels = height * width
+    latent = config.latent_channels
+
+    def resnet(cin: int, cout: int) -> int:
+        return pixels * 9 * (cin * cout + cout * cout) + (pixels * cin * cout if cin != cout else 0)
+
+    macs = pixels * latent * latent if config.use_post_quant_conv else 0
+    macs += pixels * latent * channels[0] * 9 + 2 * resnet(channels[0], channels[0])
+    if config.mid_block_add_attention:
+        macs += 4 * pixels * channels[0] ** 2 + 2 * pixels * pixels * channels[0]
+    for i, cout in enumerate(channels):
+        for j in range(config.layers_per_block + 1):
+            macs += resnet(channels[max(i - 1, 0)] if j == 0 else cout, cout)
+        if i < len(channels) - 1:
+            pixels *= 4
+            macs += pixels * cout * cout * 9
+    macs += pixels * channels[-1] * config.out_channels * 9
+    return 2 * batch * macs
+
+
+def text_encoder_flops(config: TextEncoderConfig, batch: int,
+                       tokens: int = CONTEXT_TOKENS) -> int:
+    """FLOPs of encoding `batch` prompts of `tokens` tokens."""
+    dims = config.hidden_size
+    layer = 4 * tokens * dims * dims + 2 * tokens * tokens * dims
+    layer += 2 * tokens * dims * config.intermediate_size
+    projection = dims * config.projection_dim if config.with_projection else 0
+    return 2 * batch * (config.num_hidden_layers * layer + projection)
+
+
+# -- random-weight model folders ----------------------------------------------------------
+
+
+def _is_conv_projection(key: str, conv_projections: bool) -> bool:
+    return conv_projections and key.endswith(("proj_in.weight", "proj_out.weight"))
+
+
+def _diffusers_shape(key: str, shape: tuple[int, ...], conv_projections: bool) -> tuple[int, ...]:
+    if len(shape) == 4:
+        return (shape[0], shape[3], shape[1], shape[2])  # OHWI -> OIHW
+    if _is_conv_projection(key, conv_projections):
+        return (*shape, 1, 1)  # SD 1.x transformer projections are 1x1 convolutions
+    return shape
+
+
+def _random_parameters(
+    model: nn.Module, seed: int, conv_projections: bool
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Deterministic random parameters in diffusers' layout: norms at weight 1 / bias 0,
+    everything else normal * 0.02 (keeps activations finite through the deep networks,
+    float16 included)."""
+    norms = {name for name, m in model.named_modules()
+             if isinstance(m, nn.GroupNorm | nn.LayerNorm)}
+    for index, (key, value) in enumerate(nn.utils.tree_flatten(model.parameters())):
+        module, _, kind = key.rpartition(".")
+        if module in norms:
+            array = np.full(value.shape, 1.0 if kind == "weight" else 0.0, np.float32)
+        else:
+            array = np.random.default_rng([seed, index]).standard_normal(value.shape, np.float32)
+            array *= 0.02
+        if array.ndim == 4:
+            array = array.transpose(0, 3, 1, 2)
+        yield key, array.reshape(_diffusers_shape(key, value.shape, conv_projections))
+
+
+def _write_safetensors(paths: dict[str, Path], tensors: list[tuple[str, tuple[int, ...]]],
+                       arrays: Iterator[tuple[str, np.ndarray]]) -> None:
+    """Stream tensors into one safetensors file per dtype ("F32", "F16") without holding
+    them all in memory (the SDXL UNet is 10 GB in float32)."""
+    sizes = {"F32": 4, "F16": 2}
+    files = {}
+    for dtype, path in paths.items():
+        header, offset = {}, 0
+        for name, shape in tensors:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * sizes[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        files[dtype] = path.open("wb")
+        files[dtype].write(struct.pack("<Q", len(encoded)) + encoded)
+    try:
+        for _, array in arrays:
+            for dtype, file in files.items():
+                file.write(np.ascontiguousarray(
+                    array, np.float16 if dtype == "F16" else np.float32).tobytes())
+    finally:
+        for file in files.values():
+            file.close()
+
+
+def _write_component(folder: Path, stem: str, model: nn.Module, config: dict[str, Any],
+                     seed: int, float16: bool, conv_projections: bool = False) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    shapes = [(key, _diffusers_shape(key, value.shape, conv_projections))
+              for key, value in nn.utils.tree_flatten(model.parameters())]
+    paths = {"F32": folder / f"{stem}.safetensors"}
+    if float16:
+        paths["F16"] = folder / f"{stem}.fp16.safetensors"
+    _write_safetensors(paths, shapes, _random_parameters(model, seed, conv_projections))
+
+
+def _config_dict(config: Any, class_name: str, **extra: Any) -> dict[str, Any]:
+    values = {k: list(v) if isinstance(v, tuple) else v
+              for k, v in dataclasses.asdict(config).items()}
+    return {"_class_name": class_name, **values, **extra}
+
+
+def _write_tokenizer(folder: Path, pad_token: str) -> None:
+    vocab, merges = clip_vocabulary()
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"pad_token": pad_token, "model_max_length": CONTEXT_TOKENS}))
+
+
+def write_random_pipeline(config: PipelineConfig, folder: Path, seed: int = 0,
+                          float16: bool = False) -> Path:
+    """A diffusers-format pipeline folder for `config` with random weights (`float16` adds
+    the .fp16 weight variants, as hub repos have)."""
+    xl = config.is_xl
+    encoders = ["text_encoder", "text_encoder_2"][: len(config.text_encoders)]
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    for i, (name, text) in enumerate(zip(encoders, config.text_encoders, strict=True)):
+        architecture = "CLIPTextModelWithProjection" if text.with_projection else "CLIPTextModel"
+        index[name] = ["transformers", architecture]
+        index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+        values = {k: v for k, v in dataclasses.asdict(text).items() if k != "with_projection"}
+        _write_component(folder / name, "model", CLIPTextModel(text),
+                         {**values, "architectures": [architecture]}, seed + 1 + i, float16)
+        _write_tokenizer(folder / name.replace("text_encoder", "tokenizer"),
+                         config.pad_tokens[i])
+    blocks = len(config.vae.block_out_channels)
+    vae_config = _config_dict(config.vae, "AutoencoderKL",
+                              down_block_types=["DownEncoderBlock2D"] * blocks,
+                              up_block_types=["UpDecoderBlock2D"] * blocks)
+    _write_component(folder / "vae", "diffusion_pytorch_model", Autoencoder(config.vae),
+                     vae_config, seed + 3, float16)
+    _write_component(folder / "unet", "diffusion_pytorch_model", UNetModel(config.unet),
+                     _config_dict(config.unet, "UNet2DConditionModel"), seed, float16,
+                     conv_projections=not config.unet.use_linear_projection)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(_config_dict(config.scheduler, "EulerDiscreteScheduler")))
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return folder
+
+
+# -- measurements -------------------------------------------------------------------------
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn` over `repeats` runs after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(repeats: int = 10) -> float:
+    """This machine's float32 rate on one large matmul (4096x1280 @ 1280x1280), the
+    ceiling the UNet's sustained rate is compared with."""
+    a = mx.random.normal((4096, 1280))
+    b = mx.random.normal((1280, 1280))
+    mx.eval(a, b)
+    seconds = median_time(lambda: mx.eval(a @ b), repeats, warmup=2)
+    return 2 * 4096 * 1280 * 1280 / seconds / 1e9
+
+
+@dataclasses.dataclass
+class UNetInputs:
+    latents: np.ndarray  # NHWC
+    timestep: float
+    context: np.ndarray
+    text_embeds: np.ndarray | None
+    time_ids: np.ndarray | None
+
+    @classmethod
+    def random(cls, config: UNetConfig, batch: int, height: int, width: int,
+               seed: int = 1) -> UNetInputs:
+        rng = np.random.default_rng(seed)
+
+        def normal(*shape: int) -> np.ndarray:
+            return rng.standard_normal(shape, dtype=np.float32)
+
+        text_embeds = time_ids = None
+        if config.addition_embed_type == "text_time":
+            time_dims = 6 * config.addition_time_embed_dim
+            text_embeds = normal(batch, config.projection_class_embeddings_input_dim - time_dims)
+            size = [8 * height, 8 * width]
+            time_ids = np.array([[*size, 0, 0, *size]] * batch, np.float32)
+        return cls(normal(batch, height, width, config.in_channels), 500.0,
+                   normal(batch, CONTEXT_TOKENS, config.cross_attention_dim), text_embeds, time_ids)
+
+    def mlx(self, dtype: mx.Dtype) -> dict[str, Any]:
+        def cast(a: np.ndarray | None) -> mx.array | None:
+            return None if a is None else mx.array(a).astype(dtype)
+
+        return {"x": cast(self.latents), "timesteps": mx.array([self.timestep]),
+                "encoder_hidden_states": cast(self.context), "text_embeds": cast(self.text_embeds),
+                "time_ids": None if self.time_ids is None else mx.array(self.time_ids)}
+
+
+def _weights_bytes(sd: StableDiffusion) -> int:
+    modules = [*sd.text_encoders, sd.unet, sd.vae]
+    return sum(v.nbytes for m in modules for _, v in nn.utils.tree_flatten(m.parameters()))
+
+
+def _encode(sd: StableDiffusion, texts: list[str]) -> None:
+    outputs = []
+    for tokenizer, encoder in zip(sd.tokenizers, sd.text_encoders, strict=True):
+        output = encoder(mx.array(tokenizer.encode(texts)))
+        outputs += [output.last_hidden_state, output.penultimate_hidden_state, output.pooled]
+    mx.eval(outputs)
+
+
+def _image(sd: StableDiffusion, steps: int, batch: int, size: int) -> None:
+    latents = sd.generate_latents(PROMPT, num_steps=steps, cfg_weight=7.5 if batch == 2 else 0.0,
+                                  seed=0, width=size, height=size, sampler="euler")
+    for x in latents:
+        mx.eval(x)
+    mx.eval(sd.decode(x))
+
+
+def _dtype_options(name: str) -> tuple[bool, bool]:
+    """--dtypes entry -> (float16, quantize). q8: 4-bit text encoders, 8-bit UNet linears,
+    over float16; q8-float32 over float32 (the fast kind on a CPU)."""
+    options = {"float32": (False, False), "float16": (True, False), "q8": (True, True),
+               "q8-float32": (False, True)}
+    if name not in options:
+        raise SystemExit(f"unknown dtype {name!r}; choose from {', '.join(options)}")
+    return options[name]
+
+
+def _cpu_limit(dtype: str) -> str | None:
+    """Why a dtype can only be partly measured on a CPU, or None."""
+    if mx.default_device() != mx.cpu:
+        return None
+    if dtype.startswith("q8"):
+        return ("load and weights only: MLX's quantized matmul on a CPU runs at about "
+                "2.6 GFLOP/s in float32 and 0.06 in float16, hours per image")
+    if dtype == "float16":
+        return ("one image of one step at batch 1 (memory): float16 matmuls on a CPU miss the "
+                "optimized BLAS, about 50x slower than float32")
+    return None
+
+
+@dataclasses.dataclass
+class Parity:
+    """What the float32 MLX models computed on fixed inputs, for the reference to match."""
+
+    unet_inputs: UNetInputs
+    unet_output: np.ndarray  # NHWC
+    latents: np.ndarray  # NHWC, unscaled
+    decoded: np.ndarray  # NHWC
+
+
+def _measure(sd: StableDiffusion, config: PipelineConfig, dtype: str, batch: int,
+             args: argparse.Namespace, matmul_rate: float) -> dict[str, Any]:
+    """One row: the timings of one dtype and batch, and the peak memory they reach."""
+    latent = args.size // sd.vae.downscale
+    limit = _cpu_limit(dtype)
+    row: dict[str, Any] = {"note": limit}
+    mx.reset_peak_memory()
+    if limit and _dtype_options(dtype)[1]:
+        return row  # quantized on a CPU: nothing that finishes in reasonable time
+    if limit:
+        start = time.perf_counter()
+        _image(sd, 1, batch, args.size)
+        row["image_1_step_s"] = time.perf_counter() - start
+    else:
+        row["text_s"] = median_time(lambda: _encode(sd, [PROMPT] * batch), args.repeats)
+        unet_inputs = UNetInputs.random(config.unet, batch, latent, latent).mlx(sd.dtype)
+        row["unet_step_s"] = median_time(lambda: mx.eval(sd.unet(**unet_inputs)), args.repeats)
+        flops = unet_flops(config.unet, batch, latent, latent)
+        row["unet_gflops"] = flops / row["unet_step_s"] / 1e9
+        row["unet_matmul_pct"] = 100 * row["unet_gflops"] / matmul_rate
+        start = time.perf_counter()
+        _image(sd, args.steps, batch, args.size)
+        row["image_s"] = time.perf_counter() - start
+    row["peak_gb"] = mx.get_peak_memory() / GIB
+    return row
+
+
+def _parity(sd: StableDiffusion, config: PipelineConfig, latent: int) -> Parity:
+    inputs = UNetInputs.random(config.unet, 1, latent, latent)
+    latents = np.random.default_rng(2).standard_normal(
+        (1, latent, latent, config.vae.latent_channels), np.float32)
+    return Parity(inputs, np.array(sd.unet(**inputs.mlx(mx.float32))), latents,
+                  np.array(sd.vae.decode(mx.array(latents))))
+
+
+def run_mlx(
+    name: str, config: PipelineConfig, folder: Path, dtype: str, args: argparse.Namespace,
+    matmul_rate: float,
+) -> tuple[list[dict[str, Any]], Parity | None]:
+    """Load the pipeline from `folder` in `dtype` and measure it at batch 1 and 2; with
+    --reference, also what float32 computes on the parity inputs."""
+    float16, quantize = _dtype_options(dtype)
+    start = time.perf_counter()
+    sd = StableDiffusion(str(folder), float16=float16, quantize=quantize)
+    sd.preload()
+    common = {"model": name, "dtype": dtype, "load_s": time.perf_counter() - start,
+              "weights_gb": _weights_bytes(sd) / GIB}
+    if not _cpu_limit(dtype):
+        # One image per decode whatever the UNet's batch: measured once.
+        latent = args.size // sd.vae.downscale
+        noise = mx.random.normal((1, latent, latent, config.unet.in_channels))
+        common["vae_decode_s"] = median_time(lambda: mx.eval(sd.decode(noise)), args.repeats)
+        flops = vae_decode_flops(config.vae, 1, latent, latent)
+        common["vae_gflops"] = flops / common["vae_decode_s"] / 1e9
+    rows = []
+    for batch in [1] if _cpu_limit(dtype) else [1, 2]:
+        rows.append({**common, "batch": batch,
+                     **_measure(sd, config, dtype, batch, args, matmul_rate)})
+        print(_progress(rows[-1]), flush=True)
+    parity = None
+    if dtype == "float32" and args.reference:
+        parity = _parity(sd, config, args.size // sd.vae.downscale)
+    return rows, parity
+
+
+def _progress(row: dict[str, Any]) -> str:
+    values = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in row.items() if v is not None and k not in ("model", "dtype"))
+    return f"  {row['model']} {row['dtype']}: {values}"
+
+
+# -- the PyTorch reference ----------------------------------------------------------------
+
+
+def _torch_model(cls: Any, folder: Path) -> Any:
+    """A diffusers model from `from_config` + `load_state_dict` of the same safetensors
+    file (built on the meta device: no random init to pay for or hold)."""
+    import torch
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(folder))
+    model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), assign=True)
+    return model.eval()
+
+
+def _relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def _reference_unet(config: PipelineConfig, folder: Path, args: argparse.Namespace,
+                    parity: Parity, latent: int) -> dict[str, Any]:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = _torch_model(UNet2DConditionModel, folder)
+
+    def call(inputs: UNetInputs) -> Callable[[], Any]:
+        sample = torch.from_numpy(inputs.latents.transpose(0, 3, 1, 2).copy())
+        context = torch.from_numpy(inputs.context)
+        added = None
+        if inputs.text_embeds is not None:
+            added = {"text_embeds": torch.from_numpy(inputs.text_embeds),
+                     "time_ids": torch.from_numpy(inputs.time_ids)}
+        return lambda: unet(sample, inputs.timestep, context, added_cond_kwargs=added).sample
+
+    theirs = call(parity.unet_inputs)().numpy().transpose(0, 2, 3, 1)
+    result = {"unet_max_rel_error": _relative_error(parity.unet_output, theirs)}
+    for batch in (1, 2):
+        inputs = UNetInputs.random(config.unet, batch, latent, latent)
+        result[f"unet_step_s_batch{batch}"] = median_time(call(inputs), args.repeats)
+    return result
+
+
+def _reference_vae(folder: Path, args: argparse.Namespace, parity: Parity) -> dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = _torch_model(AutoencoderKL, folder)
+    latents = torch.from_numpy(parity.latents.transpose(0, 3, 1, 2).copy())
+    theirs = vae.decode(latents).sample.numpy().transpose(0, 2, 3, 1)
+    return {"vae_max_rel_error": _relative_error(parity.decoded, theirs),
+            "vae_decode_s": median_time(lambda: vae.decode(latents).sample, args.repeats)}
+
+
+def run_reference(name: str, config: PipelineConfig, folder: Path, args: argparse.Namespace,
+                  parity: Parity) -> dict[str, Any]:
+    """diffusers (PyTorch, CPU, float32) on the same weight files: first that its UNet and
+    VAE compute what ours did, then their timings. One model in memory at a time."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    latent = parity.latents.shape[1]
+    with torch.inference_mode():
+        result = {"model": name,
+                  **_reference_unet(config, folder / "unet", args, parity, latent)}
+        print(f"  {name}: MLX vs diffusers on the same weights and inputs: max |difference| / "
+              f"max |diffusers| = {result['unet_max_rel_error']:.1e} (UNet)", flush=True)
+        gc.collect()
+        result.update(_reference_vae(folder / "vae", args, parity))
+        print(f"  {name}: ... {result['vae_max_rel_error']:.1e} (VAE decode)", flush=True)
+        gc.collect()
+    print(_progress({"model": name, "dtype": "pytorch", **result}), flush=True)
+    return result
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(memory / GIB, 1),
+            "device": str(mx.default_device()), "platform": platform.platform(),
+            "python": platform.python_version(), "mlx": mx.__version__,
+            "mlx_cache_limit_gb": mx.set_cache_limit(0) / GIB}
+    mx.set_cache_limit(int(info["mlx_cache_limit_gb"] * GIB))  # reading it means setting it
+    for package in ("torch", "diffusers"):
+        module = sys.modules.get(package)
+        if module is not None:
+            info[package] = module.__version__
+    return info
+
+
+def _cell(value: Any, digits: int | None = None) -> str:
+    """A table cell: `digits` decimals, or by default 3 significant digits (no exponent)."""
+    if value is None:
+        return "-"
+    if not isinstance(value, float):
+        return str(value)
+    if digits is None:
+        digits = max(0, 2 - int(np.floor(np.log10(abs(value))))) if value else 0
+    return f"{value:.{digits}f}"
+
+
+def markdown_tables(results: dict[str, Any]) -> str:
+    steps = results["settings"]["steps"]
+    lines = [
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"{results['machine']['ram_gb']} GiB; MLX {results['machine']['mlx']} on "
+        f"{results['machine']['device']}; {results['settings']['size']}px; single matmul "
+        f"{results['matmul_gflops']:.0f} GFLOP/s; MLX cache limit "
+        f"{results['machine']['mlx_cache_limit_gb']:.2f} GiB",
+        "",
+        f"| model | dtype | batch | load s | text s | UNet step s | UNet GFLOP/s | % of matmul "
+        f"| VAE decode s | image s ({steps} steps) | peak GiB | weights GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        image = r.get("image_s")
+        if image is None and r.get("image_1_step_s") is not None:
+            image = f"{_cell(r['image_1_step_s'])} (1 step)"
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['batch']} | {_cell(r['load_s'])} "
+            f"| {_cell(r.get('text_s'))} | {_cell(r.get('unet_step_s'))} "
+            f"| {_cell(r.get('unet_gflops'), 0)} | {_cell(r.get('unet_matmul_pct'), 0)} "
+            f"| {_cell(r.get('vae_decode_s'))} | {_cell(image)} | {_cell(r.get('peak_gb'), 2)} "
+            f"| {_cell(r['weights_gb'], 2)} |")
+    notes = sorted({f"{r['dtype']}: {r['note']}" for r in results["rows"] if r.get("note")})
+    lines += [f"\n{note}" for note in notes]
+    if results["reference"]:
+        lines += [
+            "",
+            f"vs diffusers {results['machine'].get('diffusers')} / PyTorch "
+            f"{results['machine'].get('torch')} (CPU, float32, same weights; speed-up = "
+            "PyTorch time / MLX time):",
+            "",
+            "| model | batch | MLX UNet step s | PyTorch UNet step s | speed-up "
+            "| MLX VAE decode s | PyTorch VAE decode s | speed-up | max rel. difference "
+            "UNet / VAE |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for ref in results["reference"]:
+            for r in results["rows"]:
+                if r["model"] != ref["model"] or r["dtype"] != "float32":
+                    continue
+                theirs = ref[f"unet_step_s_batch{r['batch']}"]
+                lines.append(
+                    f"| {r['model']} | {r['batch']} | {_cell(r['unet_step_s'])} "
+                    f"| {_cell(theirs)} | {theirs / r['unet_step_s']:.2f}x "
+                    f"| {_cell(r['vae_decode_s'])} | {_cell(ref['vae_decode_s'])} "
+                    f"| {ref['vae_decode_s'] / r['vae_decode_s']:.2f}x "
+                    f"| {ref['unet_max_rel_error']:.1e} / {ref['vae_max_rel_error']:.1e} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m stable_diffusion.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="sd-1.5,sd-2.1-base,sdxl-turbo",
+                        help=f"comma-separated, from: {', '.join(PRESETS)}")
+    parser.add_argument("--dtypes", default="float32,float16,q8",
+                        help="comma-separated, from: float32, float16, q8 (4-bit text encoders, "
+                             "8-bit UNet over float16), q8-float32")
+    parser.add_argument("--size", type=int, default=512, help="image width and height")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps of the image timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--reference", action="store_true",
+                        help="also run diffusers/PyTorch (float32, CPU) on the same weights")
+    parser.add_argument("--output", default="results.json", help="JSON results file")
+    parser.add_argument("--workdir", help="where to write the random-weight models "
+                        "(default: a temporary folder, removed afterwards)")
+    parser.add_argument("--cache-limit-gb", type=float,
+                        help="MLX buffer cache limit (mx.set_cache_limit); default: MLX's")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for model in args.models:
+        if model not in ARCHITECTURES:
+            parser.error(f"unknown model {model!r}; choose from {', '.join(PRESETS)}")
+    for dtype in args.dtypes:
+        _dtype_options(dtype)
+    if args.reference and "float32" not in args.dtypes:
+        parser.error("--reference compares float32 runs: include float32 in --dtypes")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.cache_limit_gb is not None:
+        mx.set_cache_limit(int(args.cache_limit_gb * GIB))
+    matmul_rate = matmul_gflops()
+    print(f"single matmul (4096x1280 @ 1280x1280, float32): {matmul_rate:.0f} GFLOP/s", flush=True)
+    rows, references = [], []
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sd-benchmark-"))
+    try:
+        for name in args.models:
+            config = ARCHITECTURES[name]
+            folder = workdir / name
+            shutil.rmtree(folder, ignore_errors=True)
+            start = time.perf_counter()
+            write_random_pipeline(config, folder, args.seed,
+                                  float16=any(_dtype_options(d)[0] for d in args.dtypes))
+            print(f"{name}: random weights written in {time.perf_counter() - start:.1f} s",
+                  flush=True)
+            parity = None
+            for dtype in args.dtypes:
+                # As the scripts run: each step is evaluated anyway.
+                with eager_cpu_attention():
+                    dtype_rows, dtype_parity = run_mlx(
+                        name, config, folder, dtype, args, matmul_rate
+                    )
+                rows += dtype_rows
+                parity = parity or dtype_parity
+                gc.collect()
+                mx.clear_cache()
+            if parity is not None:
+                references.append(run_reference(name, config, folder, args, parity))
+            shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    results = {"machine": machine_info(), "matmul_gflops": matmul_rate,
+               "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
+               "rows": rows, "reference": references}
+    Path(args.output).write_text(json.dumps(results, indent=1))
+    print()
+    print(markdown_tables(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

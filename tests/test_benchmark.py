@@ -1,0 +1,100 @@
+"""The benchmark's entry point on the tiny architectures (timings are never asserted), and
+its FLOP counter against a count by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stable_diffusion import benchmark
+from stable_diffusion.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
+
+TABLE_COLUMNS = ["load s", "text s", "UNet step s", "UNet GFLOP/s", "% of matmul",
+                 "VAE decode s", "image s (1 steps)", "peak GiB", "weights GiB"]
+ROW_FIELDS = ["load_s", "weights_gb", "text_s", "unet_step_s", "unet_gflops", "unet_matmul_pct",
+              "vae_decode_s", "vae_gflops", "image_s", "peak_gb"]
+
+
+def run(tmp_path, capsys, *extra: str) -> tuple[dict, str]:
+    output = tmp_path / "results.json"
+    benchmark.main(["--models", "tiny", "--dtypes", "float32", "--size", "64", "--steps", "1",
+                    "--repeats", "1", "--output", str(output), *extra])
+    return json.loads(output.read_text()), capsys.readouterr().out
+
+
+def test_tiny_run_writes_the_results_and_prints_the_table(tmp_path, capsys):
+    results, printed = run(tmp_path, capsys, "--workdir", str(tmp_path / "models"))
+
+    assert results["matmul_gflops"] > 0
+    assert {"cpu", "cores", "ram_gb", "mlx", "device"} <= results["machine"].keys()
+    assert [(r["model"], r["dtype"], r["batch"]) for r in results["rows"]] == [
+        ("tiny", "float32", 1), ("tiny", "float32", 2)]
+    for row in results["rows"]:
+        assert all(row[field] > 0 for field in ROW_FIELDS), row
+    header = next(line for line in printed.splitlines() if line.startswith("| model"))
+    assert all(f"| {column} |" in header for column in TABLE_COLUMNS)
+    assert sum(line.startswith("| tiny | float32 |") for line in printed.splitlines()) == 2
+    assert not (tmp_path / "models" / "tiny").exists()  # the random weights are cleaned up
+
+
+def test_reference_run_checks_the_same_weights_and_prints_the_speed_ups(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    results, printed = run(tmp_path, capsys, "--reference")
+
+    (reference,) = results["reference"]
+    assert reference["unet_max_rel_error"] < 1e-4
+    assert reference["vae_max_rel_error"] < 1e-4
+    assert reference["unet_step_s_batch1"] > 0 and reference["vae_decode_s"] > 0
+    assert "PyTorch UNet step s" in printed
+    assert sum(line.startswith("| tiny | ") and line.endswith("|")
+               for line in printed.split("PyTorch UNet step s")[1].splitlines()) == 2
+
+
+def test_unet_flops_match_a_count_by_hand():
+    # One level of 8 channels, one resnet per block, on 2x2 latents with 3 context tokens
+    # of width 4: every multiply-add below is counted by hand.
+    config = UNetConfig(block_out_channels=(8,), down_block_types=("DownBlock2D",),
+                        up_block_types=("UpBlock2D",), layers_per_block=1,
+                        cross_attention_dim=4, attention_head_dim=1, norm_num_groups=4)
+    pixels, time_dims = 4, 32
+    time_embedding = 8 * time_dims + time_dims * time_dims
+    conv_in = pixels * 4 * 8 * 9
+    resnet_8_8 = 2 * pixels * 8 * 8 * 9 + time_dims * 8
+    transformer = (
+        2 * pixels * 8 * 8  # proj_in, proj_out
+        + 4 * pixels * 8 * 8 + 2 * pixels * pixels * 8  # self-attention: q k v out, QK^T and PV
+        + 2 * pixels * 8 * 8 + 2 * 3 * 4 * 8 + 2 * pixels * 3 * 8  # cross-attention
+        + pixels * 8 * 64 + pixels * 32 * 8  # GEGLU (8 -> 2 x 32) and 32 -> 8
+    )
+    # Up block: two resnets of 16 (8 + skip) -> 8 channels, with a 1x1 shortcut.
+    resnet_16_8 = pixels * 16 * 8 * 9 + pixels * 8 * 8 * 9 + pixels * 16 * 8 + time_dims * 8
+    conv_out = pixels * 8 * 4 * 9
+    macs = (time_embedding + conv_in + resnet_8_8  # down block
+            + 2 * resnet_8_8 + transformer  # mid block
+            + 2 * resnet_16_8 + conv_out)
+    assert benchmark.unet_flops(config, 1, 2, 2, context_tokens=3) == 2 * macs
+    assert benchmark.unet_flops(config, 2, 2, 2, context_tokens=3) == 4 * macs
+
+
+def test_vae_and_text_encoder_flops_match_a_count_by_hand():
+    vae = AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                            norm_num_groups=4)
+    small, large = 4, 16  # pixels before and after the one upsampling
+    decoder = (
+        small * 4 * 4  # post_quant_conv
+        + small * 4 * 16 * 9  # conv_in
+        + 2 * 2 * small * 16 * 16 * 9  # mid resnets
+        + 4 * small * 16 * 16 + 2 * small * small * 16  # mid attention
+        + 2 * 2 * small * 16 * 16 * 9  # up block 0: two resnets 16 -> 16
+        + large * 16 * 16 * 9  # its upsampler's convolution
+        + large * 9 * (16 * 8 + 8 * 8) + large * 16 * 8  # up block 1: resnet 16 -> 8 ...
+        + large * 9 * (8 * 8 + 8 * 8)  # ... and resnet 8 -> 8
+        + large * 8 * 3 * 9  # conv_out
+    )
+    assert benchmark.vae_decode_flops(vae, 1, 2, 2) == 2 * decoder
+
+    text = TextEncoderConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                             projection_dim=4, with_projection=True)
+    layer = 4 * 5 * 8 * 8 + 2 * 5 * 5 * 8 + 2 * 5 * 8 * 16
+    assert benchmark.text_encoder_flops(text, 3, tokens=5) == 2 * 3 * (2 * layer + 8 * 4)
