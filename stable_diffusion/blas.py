@@ -4,6 +4,10 @@ The Linux `mlx[cpu]` wheel links a reference BLAS that runs matmul at about
 6 GFLOP/s. Loading OpenBLAS (from the `cmeel-openblas` wheel) with global
 symbols before `mlx.core` is imported makes MLX's BLAS calls bind to it: about
 30x faster matmuls and convolutions. Set MLX_SD_NO_OPENBLAS=1 to turn it off.
+
+OpenBLAS's idle threads spin for about 0.1 s after each call by default, stealing a core
+from the numpy softmax that runs between the attention matmuls (`layers._attention_cpu`);
+unless OPENBLAS_THREAD_TIMEOUT is set already, they go to sleep after 2^4 cycles instead.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def load_optimized_blas() -> Path | None:
             "BLAS: import stable_diffusion first",
             stacklevel=2,
         )
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # read when the library loads
     try:
         ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
     except OSError as e:

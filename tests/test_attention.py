@@ -51,3 +51,32 @@ def test_default_attention_stays_lazy(monkeypatch):
         pass
     assert np.isfinite(np.array(layers.attention(q, q, q, heads=2))).all()
     assert out.shape == (1, 16, 8)
+
+
+def softmax_attention_float64(q, k, v, heads, causal):
+    """Textbook multi-head attention in float64 numpy."""
+    batch, q_len, width = q.shape
+    dim = width // heads
+
+    def split(x):
+        return np.asarray(x, np.float64).reshape(batch, -1, heads, dim).transpose(0, 2, 1, 3)
+
+    scores = split(q) @ split(k).transpose(0, 1, 3, 2) / np.sqrt(dim)
+    if causal:
+        scores[..., np.triu(np.ones(scores.shape[-2:], bool), 1)] = -np.inf
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return (weights @ split(v)).transpose(0, 2, 1, 3).reshape(batch, q_len, width)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_rows", [1, 5, 64])  # one row, uneven blocks, one block
+def test_blocked_cpu_attention_matches_float64(monkeypatch, causal, block_rows):
+    q_len = k_len = 23
+    monkeypatch.setattr(layers, "_SCORE_BLOCK_ELEMENTS", block_rows * k_len)
+    rng = np.random.default_rng(0)
+    q, k, v = (3 * rng.standard_normal((2, n, 12), np.float32) for n in (q_len, k_len, k_len))
+    with mx.stream(mx.cpu):
+        out = layers._attention_cpu(mx.array(q), mx.array(k), mx.array(v), 3, causal)
+    expected = softmax_attention_float64(q, k, v, 3, causal)
+    np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
