@@ -44,7 +44,7 @@ from .config import (
     TextEncoderConfig,
     UNetConfig,
 )
-from .layers import eager_cpu_attention
+from .cpu_kernels import fast_cpu
 from .tokenizer import clip_vocabulary
 from .unet import UNetModel
 from .vae import Autoencoder
@@ -724,7 +724,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parity = None
             for dtype in args.dtypes:
                 # As the scripts run: each step is evaluated anyway.
-                with eager_cpu_attention():
+                with fast_cpu():
                     dtype_rows, dtype_parity = run_mlx(
                         name, config, folder, dtype, args, matmul_rate
                     )

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from .cpu_kernels import fast_cpu
 from .images import (
     GenerationParameters,
     check_output_path,
@@ -20,7 +21,6 @@ from .images import (
     save_images,
     validate_size,
 )
-from .layers import eager_cpu_attention
 from .pipeline import Denoising, StableDiffusion
 from .samplers import SAMPLERS
 
@@ -214,7 +214,7 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
 
 def denoise(sd: StableDiffusion, latents: Denoising, args: argparse.Namespace) -> mx.array:
     start = time.perf_counter()
-    with eager_cpu_attention():
+    with fast_cpu():
         for step, x in enumerate(tqdm(latents, desc="Denoising")):
             mx.eval(x)
             # The conditioning is computed by now; free the text encoders.
@@ -241,7 +241,7 @@ def decode_and_save(
     start = time.perf_counter()
     batch = args.decoding_batch_size
     decoded = []
-    with eager_cpu_attention():
+    with fast_cpu():
         for i in tqdm(range(0, latents.shape[0], batch), desc="Decoding"):
             images = sd.decode(latents[i : i + batch])
             mx.eval(images)

@@ -7,24 +7,21 @@ key for key (see `weights/diffusers.py`).
 On the CPU, MLX evaluates exp, erf and sigmoid one element at a time (about
 50 million per second here, 20x slower than a vectorized loop), which made
 softmax, GELU and SiLU cost more than all the matmuls of a UNet step. The CPU
-paths below avoid them: activations are rational approximations built from
-multiply-adds (fused by `mx.compile` into one loop), and attention runs its
-softmax in numpy on cache-sized blocks. GPUs keep MLX's own kernels.
+paths below avoid them: activations are rational approximations fused by
+`mx.compile` into one loop (GELU 2-6x faster than MLX's), and within `fast_cpu()`
+attention and the SiLU after group norms run in numpy (`cpu_kernels.py`). GPUs
+keep MLX's own kernels.
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
-import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from functools import cache, partial
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
+
+from . import cpu_kernels
 
 
 def on_cpu() -> bool:
@@ -148,97 +145,22 @@ class GroupNorm(nn.GroupNorm):
         mean = per_channel(group_sums(pixels) / count)
         variance = per_channel(group_sums(mx.square(pixels - mean)) / count)
         scale = mx.rsqrt(variance + self.eps) * self.weight
-        normalize = _normalize_silu if silu_after else _normalize
         dtype = x.dtype
-        return normalize(pixels, mean.astype(dtype), scale.astype(dtype), self.bias).reshape(shape)
+        mean, scale = mean.astype(dtype), scale.astype(dtype)
+        if silu_after and cpu_kernels.enabled():
+            return cpu_kernels.silu_(_normalize(pixels, mean, scale, self.bias)).reshape(shape)
+        normalize = _normalize_silu if silu_after else _normalize
+        return normalize(pixels, mean, scale, self.bias).reshape(shape)
 
 
 # -- attention ------------------------------------------------------------------------------
 
-# Scores per block in the CPU attention (8 MB of float32): big enough for efficient matmuls,
-# small enough to bound memory (SD 2.x at 768px has 9216 tokens).
-_SCORE_BLOCK_ELEMENTS = 1 << 21
-
-
-_CORES = os.cpu_count() or 1
-
-
-@cache
-def _softmax_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_CORES, thread_name_prefix="softmax")
-
-
-def _unnormalized_softmax(scores: np.ndarray) -> np.ndarray:
-    """exp(scores - row max), in place; returns the row sums."""
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    return scores.sum(axis=-1, keepdims=True)
-
-
-def _attention_cpu(q: mx.array, k: mx.array, v: mx.array, heads: int,
-                   causal: bool) -> mx.array:
-    """Softmax attention with MLX matmuls and a numpy softmax, head by head over blocks of
-    queries.
-
-    numpy's exp is vectorized; MLX's, on the CPU, is not. Each block is one plain matmul
-    (queries x keys of one head; batched matmuls of 40-wide heads run at half the rate), its
-    softmax runs in numpy on all cores (ufuncs release the GIL), and its scores are freed
-    before the next block. This evaluates its inputs: on the CPU the models run eagerly,
-    not traceable by mx.compile or mx.vmap."""
-    batch, q_len, width = q.shape
-    k_len, dim = k.shape[1], width // heads
-
-    def split_heads(x: mx.array, transpose_to: tuple[int, ...]) -> mx.array:
-        x = x.astype(mx.float32).reshape(batch, -1, heads, dim).transpose(transpose_to)
-        return mx.contiguous(x.reshape(batch * heads, *x.shape[2:]))
-
-    queries = split_heads(q * (1 / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
-    keys = split_heads(k, (0, 2, 3, 1))  # (B*H, D, S)
-    values = split_heads(v, (0, 2, 1, 3))  # (B*H, S, D)
-    mx.eval(queries, keys, values)
-    block = max(1, _SCORE_BLOCK_ELEMENTS // k_len)
-    threads = _softmax_threads()
-    outputs = []
-    for head in range(batch * heads):
-        for start in range(0, q_len, block):
-            scores = queries[head, start:start + block] @ keys[head]
-            mx.eval(scores)
-            # A fresh array that nothing else reads: numpy overwrites it in place with the
-            # unnormalized probabilities (normalizing the block's output is cheaper).
-            probabilities = np.asarray(scores)
-            if causal:
-                rows = np.arange(start, start + probabilities.shape[0])
-                probabilities[np.arange(k_len)[None] > rows[:, None]] = -np.inf
-            row_groups = np.array_split(probabilities, min(_CORES, probabilities.shape[0]))
-            totals = np.concatenate(list(threads.map(_unnormalized_softmax, row_groups)))
-            outputs.append((scores @ values[head]) / mx.array(totals))
-            mx.eval(outputs[-1])  # frees this block's scores before the next
-    out = mx.concatenate(outputs).reshape(batch, heads, q_len, dim)
-    return out.transpose(0, 2, 1, 3).reshape(batch, q_len, width).astype(v.dtype)
-
-
-_EAGER_CPU_ATTENTION = contextvars.ContextVar("eager_cpu_attention", default=False)
-
-
-@contextmanager
-def eager_cpu_attention() -> Iterator[None]:
-    """Within this block, attention on the CPU runs its softmax in numpy, about 10x faster
-    than MLX's there (whole UNet steps 2-4x faster), at the price of laziness: each step
-    computes as the generator advances instead of at `mx.eval`. For loops that evaluate
-    every step anyway, as the scripts do. No effect on a GPU."""
-    token = _EAGER_CPU_ATTENTION.set(True)
-    try:
-        yield
-    finally:
-        _EAGER_CPU_ATTENTION.reset(token)
-
-
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int,
               causal: bool = False) -> mx.array:
     """Multi-head attention over (B, L, heads * dim) inputs; lazy unless inside
-    `eager_cpu_attention()` on a CPU."""
-    if _EAGER_CPU_ATTENTION.get() and on_cpu():
-        return _attention_cpu(q, k, v, heads, causal)
+    `fast_cpu()` on a CPU."""
+    if cpu_kernels.enabled():
+        return cpu_kernels.attention(q, k, v, heads, causal)
     batch, q_len, width = q.shape
     dim = width // heads
     q, k, v = (x.reshape(batch, -1, heads, dim).transpose(0, 2, 1, 3) for x in (q, k, v))
@@ -262,10 +184,10 @@ class Linear(nn.Linear):
         return super().__call__(x)
 
 
-# Pixels (over the batch) from which a 3x3 convolution on the CPU runs as shifted matmuls:
-# 1.5x faster than MLX's own on 64x64 latents, 10x on the UNet's 320-to-4 output convolution;
-# on smaller images MLX's is as fast or faster.
-_SHIFTED_CONV_MIN_PIXELS = 2048
+# Pixels from which a 3x3 convolution on the CPU runs as shifted matmuls: 1.5x faster than
+# MLX's own on 64x64 latents, 10x on the UNet's 320-to-4 output convolution, up to 2x on the
+# VAE's images; on smaller images MLX's is as fast or faster.
+_SHIFTED_CONV_MIN_PIXELS = 64 * 64
 
 
 def _conv3x3_shifted(x: mx.array, weight: mx.array) -> mx.array:
@@ -293,7 +215,7 @@ class Conv2d(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
         if (on_cpu() and x.dtype == mx.float32 and self.weight.shape[1:3] == (3, 3)
                 and self.stride == (1, 1) and self.padding == (1, 1)
-                and x.shape[0] * x.shape[1] * x.shape[2] >= _SHIFTED_CONV_MIN_PIXELS):
+                and x.shape[1] * x.shape[2] >= _SHIFTED_CONV_MIN_PIXELS):
             y = _conv3x3_shifted(x, self.weight)
             return y + self.bias if "bias" in self else y
         return super().__call__(x)

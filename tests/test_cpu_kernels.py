@@ -1,6 +1,7 @@
-"""The CPU's eager attention (numpy softmax, opt-in) computes what the lazy
-default computes: parity with diffusers/transformers on the tiny models, same
-tolerance as tests/test_models.py. The default never takes the eager path."""
+"""The CPU's eager numpy kernels (attention, SiLU; opt-in with `fast_cpu()`)
+compute what the lazy default computes: parity with diffusers/transformers on
+the tiny models, same tolerance as tests/test_models.py, and with float64 on
+their own. The default never takes the eager path."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from stable_diffusion import eager_cpu_attention, layers, loading
+from stable_diffusion import cpu_kernels, fast_cpu, layers, loading
 from tests.conftest import FIXTURES
 from tests.test_models import assert_close, nchw, nhwc, reference
 
@@ -26,7 +27,7 @@ def test_eager_attention_matches_reference(model):
             "text_embeds": mx.array(ref["unet.text_embeds"]),
             "time_ids": mx.array(ref["unet.time_ids"]),
         }
-    with mx.stream(mx.cpu), eager_cpu_attention():
+    with mx.stream(mx.cpu), fast_cpu():
         hidden = encoder(mx.array(ref["text_encoder.input_ids"])).last_hidden_state
         noise = unet(
             nhwc(ref["unet.latents"]),
@@ -42,12 +43,12 @@ def test_eager_attention_matches_reference(model):
 
 def test_default_attention_stays_lazy(monkeypatch):
     def refuse(*args, **kwargs):
-        raise AssertionError("the eager attention ran outside eager_cpu_attention()")
+        raise AssertionError("the eager attention ran outside fast_cpu()")
 
-    monkeypatch.setattr(layers, "_attention_cpu", refuse)
+    monkeypatch.setattr(cpu_kernels, "attention", refuse)
     q = mx.random.normal((1, 16, 8))
     out = layers.attention(q, q, q, heads=2)
-    with eager_cpu_attention():
+    with fast_cpu():
         pass
     assert np.isfinite(np.array(layers.attention(q, q, q, heads=2))).all()
     assert out.shape == (1, 16, 8)
@@ -73,10 +74,35 @@ def softmax_attention_float64(q, k, v, heads, causal):
 @pytest.mark.parametrize("block_rows", [1, 5, 64])  # one row, uneven blocks, one block
 def test_blocked_cpu_attention_matches_float64(monkeypatch, causal, block_rows):
     q_len = k_len = 23
-    monkeypatch.setattr(layers, "_SCORE_BLOCK_ELEMENTS", block_rows * k_len)
+    monkeypatch.setattr(cpu_kernels, "_SCORE_BLOCK_ELEMENTS", block_rows * k_len)
     rng = np.random.default_rng(0)
     q, k, v = (3 * rng.standard_normal((2, n, 12), np.float32) for n in (q_len, k_len, k_len))
     with mx.stream(mx.cpu):
-        out = layers._attention_cpu(mx.array(q), mx.array(k), mx.array(v), 3, causal)
+        out = cpu_kernels.attention(mx.array(q), mx.array(k), mx.array(v), 3, causal)
     expected = softmax_attention_float64(q, k, v, 3, causal)
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_silu_matches_float64():
+    # Over several chunks and threads, with the tails where exp(-x) overflows.
+    rng = np.random.default_rng(1)
+    x = np.concatenate([[-1000.0, -89.0, -20.0, 0.0, 20.0, 1000.0],
+                        10 * rng.standard_normal(3 * cpu_kernels._SILU_CHUNK + 7)])
+    x = x.astype(np.float32)
+    with mx.stream(mx.cpu):
+        out = np.array(cpu_kernels.silu_(mx.array(x) + 0))
+    with np.errstate(over="ignore"):
+        expected = x / (1 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-30)
+
+
+def test_fast_cpu_restores_the_cache_limit():
+    before = mx.set_cache_limit(12345)
+    try:
+        with fast_cpu():
+            inside = mx.set_cache_limit(0)
+            mx.set_cache_limit(inside)
+        assert inside > 12345  # raised within the block
+        assert mx.set_cache_limit(before) == 12345  # restored after it
+    finally:
+        mx.set_cache_limit(before)

@@ -1,0 +1,132 @@
+"""Eager numpy kernels for the CPU, used inside `fast_cpu()`.
+
+On the CPU, MLX computes exp and division one element at a time (about 50-100 million per
+second here), which made softmax and SiLU cost more than the matmuls around them; numpy's
+are vectorized (1-2 billion per second per core) and release the GIL, so they run on all
+cores. They need their inputs computed, which breaks MLX's laziness: so they run only within
+`fast_cpu()`, for loops that evaluate every step anyway, as the scripts do.
+
+Both kernels overwrite, through numpy, the buffer of an MLX array that they have just
+computed and that nothing else references.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import cache
+
+import mlx.core as mx
+import numpy as np
+
+_ENABLED = contextvars.ContextVar("fast_cpu", default=False)
+_CORES = os.cpu_count() or 1
+
+# Scores per attention block (8 MB of float32): big enough for efficient matmuls, small
+# enough to bound memory (SD 2.x at 768px has 9216 tokens).
+_SCORE_BLOCK_ELEMENTS = 1 << 21
+# Elements per SiLU chunk: the chunk and its scratch stay in a core's L2 cache.
+_SILU_CHUNK = 1 << 15
+
+
+@contextmanager
+def fast_cpu() -> Iterator[None]:
+    """Within this block, on the CPU: attention softmax and SiLU run in numpy on all cores,
+    and MLX keeps freed buffers up to an eighth of the RAM for reuse (its default, 32 MB,
+    makes every large image buffer a fresh allocation, page faults included). The price is
+    laziness: each step computes as the generator advances, not at `mx.eval`. No effect on
+    a GPU."""
+    token = _ENABLED.set(True)
+    previous_limit = None
+    if mx.default_device() == mx.cpu:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        previous_limit = mx.set_cache_limit(0)  # the only way to read it
+        mx.set_cache_limit(max(ram // 8, previous_limit))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+        if previous_limit is not None:
+            mx.set_cache_limit(previous_limit)
+
+
+def enabled() -> bool:
+    """Inside `fast_cpu()`, computing on the CPU."""
+    return _ENABLED.get() and mx.default_device() == mx.cpu
+
+
+@cache
+def _threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_CORES, thread_name_prefix="fast_cpu")
+
+
+def _on_all_cores(kernel: Callable[[np.ndarray], object], parts: list[np.ndarray]) -> list:
+    return list(_threads().map(kernel, parts))
+
+
+def _unnormalized_softmax(scores: np.ndarray) -> np.ndarray:
+    """exp(scores - row max), in place; returns the row sums."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    return scores.sum(axis=-1, keepdims=True)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -> mx.array:
+    """Softmax attention over (B, L, heads * dim) inputs, head by head over blocks of
+    queries: each block is one plain matmul (batched matmuls of 40-wide heads run at half
+    the rate), its softmax runs in numpy, and its scores are freed before the next block."""
+    batch, q_len, width = q.shape
+    k_len, dim = k.shape[1], width // heads
+
+    def split_heads(x: mx.array, transpose_to: tuple[int, ...]) -> mx.array:
+        x = x.astype(mx.float32).reshape(batch, -1, heads, dim).transpose(transpose_to)
+        return mx.contiguous(x.reshape(batch * heads, *x.shape[2:]))
+
+    queries = split_heads(q * (1 / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
+    keys = split_heads(k, (0, 2, 3, 1))  # (B*H, D, S)
+    values = split_heads(v, (0, 2, 1, 3))  # (B*H, S, D)
+    mx.eval(queries, keys, values)
+    block = max(1, _SCORE_BLOCK_ELEMENTS // k_len)
+    outputs = []
+    for head in range(batch * heads):
+        for start in range(0, q_len, block):
+            scores = queries[head, start:start + block] @ keys[head]
+            mx.eval(scores)
+            # Overwritten with the unnormalized probabilities (normalizing the block's
+            # output is cheaper).
+            probabilities = np.asarray(scores)
+            if causal:
+                rows = np.arange(start, start + probabilities.shape[0])
+                probabilities[np.arange(k_len)[None] > rows[:, None]] = -np.inf
+            row_groups = np.array_split(probabilities, min(_CORES, probabilities.shape[0]))
+            totals = np.concatenate(_on_all_cores(_unnormalized_softmax, row_groups))
+            outputs.append((scores @ values[head]) / mx.array(totals))
+            mx.eval(outputs[-1])  # frees this block's scores before the next
+    out = mx.concatenate(outputs).reshape(batch, heads, q_len, dim)
+    return out.transpose(0, 2, 1, 3).reshape(batch, q_len, width).astype(v.dtype)
+
+
+def _silu_in_place(values: np.ndarray) -> None:
+    scratch = np.empty(min(_SILU_CHUNK, values.size), values.dtype)
+    # exp(-x) overflows to inf for x < -88: x / inf = -0, SiLU's limit.
+    with np.errstate(over="ignore"):
+        for start in range(0, values.size, _SILU_CHUNK):
+            chunk = values[start:start + _SILU_CHUNK]
+            denominator = scratch[:chunk.size]
+            np.negative(chunk, out=denominator)
+            np.exp(denominator, out=denominator)
+            denominator += 1
+            chunk /= denominator
+
+
+def silu_(x: mx.array) -> mx.array:
+    """x * sigmoid(x), computed into x's own buffer: x must be a fresh, unshared result."""
+    x = mx.contiguous(x)
+    mx.eval(x)
+    values = np.asarray(x).reshape(-1)
+    _on_all_cores(_silu_in_place, np.array_split(values, min(_CORES, values.size)))
+    return x
