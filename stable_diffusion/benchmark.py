@@ -8,21 +8,25 @@ random weights (a fixed seed), loads it through the pipeline as a user would, an
 per dtype and batch (2 = classifier-free guidance): load time, text encoding, one UNet step
 (median after a warm-up), the VAE decode, a whole image, peak memory and the UNet's achieved
 GFLOP/s (FLOPs counted from the config) against this machine's single-matmul rate.
-`--reference` then runs diffusers' UNet and VAE on the same files (PyTorch, float32) after
-checking that both UNets agree, and prints the speed-ups.
+`--reference` then runs diffusers' UNet and VAE on the same files (PyTorch, float32, in a
+process of its own: see benchmark_reference.py), checks that they compute what ours did,
+and prints the speed-ups.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
+import importlib.metadata
 import json
 import os
 import platform
 import shutil
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -512,75 +516,31 @@ def _progress(row: dict[str, Any]) -> str:
 # -- the PyTorch reference ----------------------------------------------------------------
 
 
-def _torch_model(cls: Any, folder: Path) -> Any:
-    """A diffusers model from `from_config` + `load_state_dict` of the same safetensors
-    file (built on the meta device: no random init to pay for or hold)."""
-    import torch
-    from safetensors.torch import load_file
-
-    with torch.device("meta"):
-        model = cls.from_config(cls.load_config(folder))
-    model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), assign=True)
-    return model.eval()
-
-
 def _relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def _reference_unet(config: PipelineConfig, folder: Path, args: argparse.Namespace,
-                    parity: Parity, latent: int) -> dict[str, Any]:
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    unet = _torch_model(UNet2DConditionModel, folder)
-
-    def call(inputs: UNetInputs) -> Callable[[], Any]:
-        sample = torch.from_numpy(inputs.latents.transpose(0, 3, 1, 2).copy())
-        context = torch.from_numpy(inputs.context)
-        added = None
-        if inputs.text_embeds is not None:
-            added = {"text_embeds": torch.from_numpy(inputs.text_embeds),
-                     "time_ids": torch.from_numpy(inputs.time_ids)}
-        return lambda: unet(sample, inputs.timestep, context, added_cond_kwargs=added).sample
-
-    theirs = call(parity.unet_inputs)().numpy().transpose(0, 2, 3, 1)
-    result = {"unet_max_rel_error": _relative_error(parity.unet_output, theirs)}
-    for batch in (1, 2):
-        inputs = UNetInputs.random(config.unet, batch, latent, latent)
-        result[f"unet_step_s_batch{batch}"] = median_time(call(inputs), args.repeats)
-    return result
-
-
-def _reference_vae(folder: Path, args: argparse.Namespace, parity: Parity) -> dict[str, Any]:
-    import torch
-    from diffusers import AutoencoderKL
-
-    vae = _torch_model(AutoencoderKL, folder)
-    latents = torch.from_numpy(parity.latents.transpose(0, 3, 1, 2).copy())
-    theirs = vae.decode(latents).sample.numpy().transpose(0, 2, 3, 1)
-    return {"vae_max_rel_error": _relative_error(parity.decoded, theirs),
-            "vae_decode_s": median_time(lambda: vae.decode(latents).sample, args.repeats)}
-
-
-def run_reference(name: str, config: PipelineConfig, folder: Path, args: argparse.Namespace,
+def run_reference(name: str, folder: Path, args: argparse.Namespace,
                   parity: Parity) -> dict[str, Any]:
-    """diffusers (PyTorch, CPU, float32) on the same weight files: first that its UNet and
-    VAE compute what ours did, then their timings. One model in memory at a time."""
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    latent = parity.latents.shape[1]
-    with torch.inference_mode():
-        result = {"model": name,
-                  **_reference_unet(config, folder / "unet", args, parity, latent)}
-        print(f"  {name}: MLX vs diffusers on the same weights and inputs: max |difference| / "
-              f"max |diffusers| = {result['unet_max_rel_error']:.1e} (UNet)", flush=True)
-        gc.collect()
-        result.update(_reference_vae(folder / "vae", args, parity))
-        print(f"  {name}: ... {result['vae_max_rel_error']:.1e} (VAE decode)", flush=True)
-        gc.collect()
-    print(_progress({"model": name, "dtype": "pytorch", **result}), flush=True)
+    """diffusers (PyTorch, CPU, float32) on the same weight files, in a process of its own
+    (see benchmark_reference.py): first that its UNet and VAE compute what ours did, then
+    their timings."""
+    inputs, outputs = folder / "reference_inputs.npz", folder / "reference_outputs.npz"
+    unet_inputs = {k: v for k, v in dataclasses.asdict(parity.unet_inputs).items()
+                   if v is not None}
+    np.savez(inputs, **unet_inputs, vae_latents=parity.latents)
+    script = Path(__file__).with_name("benchmark_reference.py")
+    subprocess.run([sys.executable, str(script), str(folder), str(inputs), str(outputs),
+                    str(args.repeats)], check=True)
+    theirs = dict(np.load(outputs))
+    result = {"model": name,
+              "unet_max_rel_error": _relative_error(parity.unet_output, theirs.pop("unet_output")),
+              "vae_max_rel_error": _relative_error(parity.decoded, theirs.pop("vae_decoded")),
+              **{key: float(value) for key, value in theirs.items()}}
+    print(f"  {name}: MLX vs diffusers on the same weights and inputs: max |difference| / "
+          f"max |diffusers| = {result['unet_max_rel_error']:.1e} (UNet), "
+          f"{result['vae_max_rel_error']:.1e} (VAE decode)", flush=True)
+    print(_progress({"dtype": "pytorch", **result}), flush=True)
     return result
 
 
@@ -599,13 +559,10 @@ def machine_info() -> dict[str, Any]:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(memory / GIB, 1),
             "device": str(mx.default_device()), "platform": platform.platform(),
-            "python": platform.python_version(), "mlx": mx.__version__,
-            "mlx_cache_limit_gb": mx.set_cache_limit(0) / GIB}
-    mx.set_cache_limit(int(info["mlx_cache_limit_gb"] * GIB))  # reading it means setting it
+            "python": platform.python_version(), "mlx": mx.__version__}
     for package in ("torch", "diffusers"):
-        module = sys.modules.get(package)
-        if module is not None:
-            info[package] = module.__version__
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info[package] = importlib.metadata.version(package)
     return info
 
 
@@ -626,8 +583,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
         f"{results['machine']['ram_gb']} GiB; MLX {results['machine']['mlx']} on "
         f"{results['machine']['device']}; {results['settings']['size']}px; single matmul "
-        f"{results['matmul_gflops']:.0f} GFLOP/s; MLX cache limit "
-        f"{results['machine']['mlx_cache_limit_gb']:.2f} GiB",
+        f"{results['matmul_gflops']:.0f} GFLOP/s; "
+        + ("lazy, without fast_cpu()" if results["settings"]["lazy"] else "within fast_cpu()"),
         "",
         f"| model | dtype | batch | load s | text s | UNet step s | UNet GFLOP/s | % of matmul "
         f"| VAE decode s | image s ({steps} steps) | peak GiB | weights GiB |",
@@ -688,8 +645,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", default="results.json", help="JSON results file")
     parser.add_argument("--workdir", help="where to write the random-weight models "
                         "(default: a temporary folder, removed afterwards)")
-    parser.add_argument("--cache-limit-gb", type=float,
-                        help="MLX buffer cache limit (mx.set_cache_limit); default: MLX's")
+    parser.add_argument("--lazy", action="store_true",
+                        help="run MLX fully lazy, not within fast_cpu() (on a CPU: MLX's own "
+                             "softmax and SiLU, its default buffer cache)")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -705,8 +663,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.cache_limit_gb is not None:
-        mx.set_cache_limit(int(args.cache_limit_gb * GIB))
     matmul_rate = matmul_gflops()
     print(f"single matmul (4096x1280 @ 1280x1280, float32): {matmul_rate:.0f} GFLOP/s", flush=True)
     rows, references = [], []
@@ -723,8 +679,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   flush=True)
             parity = None
             for dtype in args.dtypes:
-                # As the scripts run: each step is evaluated anyway.
-                with fast_cpu():
+                # As the scripts run, unless --lazy: each step is evaluated anyway.
+                with contextlib.nullcontext() if args.lazy else fast_cpu():
                     dtype_rows, dtype_parity = run_mlx(
                         name, config, folder, dtype, args, matmul_rate
                     )
@@ -733,7 +689,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 gc.collect()
                 mx.clear_cache()
             if parity is not None:
-                references.append(run_reference(name, config, folder, args, parity))
+                references.append(run_reference(name, folder, args, parity))
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         if args.workdir is None:

@@ -38,6 +38,17 @@ def test_tiny_run_writes_the_results_and_prints_the_table(tmp_path, capsys):
     assert not (tmp_path / "models" / "tiny").exists()  # the random weights are cleaned up
 
 
+def test_lazy_run_measures_without_fast_cpu(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("fast_cpu() entered despite --lazy")
+
+    monkeypatch.setattr(benchmark, "fast_cpu", refuse)
+    results, printed = run(tmp_path, capsys, "--lazy")
+    assert results["settings"]["lazy"] is True
+    assert len(results["rows"]) == 2 and all(row["unet_step_s"] > 0 for row in results["rows"])
+    assert "lazy, without fast_cpu()" in printed
+
+
 def test_reference_run_checks_the_same_weights_and_prints_the_speed_ups(tmp_path, capsys):
     pytest.importorskip("diffusers")
     results, printed = run(tmp_path, capsys, "--reference")
