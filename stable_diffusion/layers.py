@@ -155,6 +155,7 @@ class GroupNorm(nn.GroupNorm):
 
 # -- attention ------------------------------------------------------------------------------
 
+
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int,
               causal: bool = False) -> mx.array:
     """Multi-head attention over (B, L, heads * dim) inputs; lazy unless inside
