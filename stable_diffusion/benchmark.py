@@ -394,11 +394,9 @@ def _weights_bytes(sd: StableDiffusion) -> int:
 
 
 def _encode(sd: StableDiffusion, texts: list[str]) -> None:
-    outputs = []
-    for tokenizer, encoder in zip(sd.tokenizers, sd.text_encoders, strict=True):
-        output = encoder(mx.array(tokenizer.encode(texts)))
-        outputs += [output.last_hidden_state, output.penultimate_hidden_state, output.pooled]
-    mx.eval(outputs)
+    """The pipeline's own text conditioning, one 77-token chunk per prompt."""
+    hidden, pooled = sd._encode_texts(texts, n_chunks=1)
+    mx.eval(hidden if pooled is None else (hidden, pooled))
 
 
 def _image(sd: StableDiffusion, steps: int, batch: int, size: int) -> None:

@@ -6,7 +6,7 @@ symbols before `mlx.core` is imported makes MLX's BLAS calls bind to it: about
 30x faster matmuls and convolutions. Set MLX_SD_NO_OPENBLAS=1 to turn it off.
 
 OpenBLAS's idle threads spin for about 0.1 s after each call by default, stealing a core
-from the numpy softmax that runs between the attention matmuls (`layers._attention_cpu`);
+from the numpy softmax that runs between the attention matmuls (`cpu_kernels.attention`);
 unless OPENBLAS_THREAD_TIMEOUT is set already, they go to sleep after 2^4 cycles instead.
 """
 
