@@ -29,6 +29,13 @@ _CORES = os.cpu_count() or 1
 # Scores per attention block (8 MB of float32): big enough for efficient matmuls, small
 # enough to bound memory (SD 2.x at 768px has 9216 tokens).
 _SCORE_BLOCK_ELEMENTS = 1 << 21
+# Rows per softmax chunk: 64 rows of 4096 scores (1 MB) stay in a core's L2 cache.
+_SOFTMAX_ROWS = 64
+# Shifted scores are at most this (exp(40) * 1e5 keys is far from float32's overflow) ...
+_EXP_HEADROOM = 40.0
+# ... and a row whose exps sum to less than exp(-60) underflowed: its largest scores
+# were more than 100 below their bound.
+_MIN_ROW_SUM = math.exp(-60)
 # Elements per SiLU chunk: the chunk and its scratch stay in a core's L2 cache.
 _SILU_CHUNK = 1 << 15
 
@@ -68,11 +75,34 @@ def _on_all_cores(kernel: Callable[[np.ndarray], object], parts: list[np.ndarray
     return list(_threads().map(kernel, parts))
 
 
-def _unnormalized_softmax(scores: np.ndarray) -> np.ndarray:
-    """exp(scores - row max), in place; returns the row sums."""
+def _exponentiate_rows(scores: np.ndarray) -> np.ndarray:
+    """exp(scores) in place, a few rows at a time so that each chunk stays in the core's
+    cache between the exp and the sum; returns the row sums."""
+    sums = np.empty((scores.shape[0], 1), scores.dtype)
+    for start in range(0, scores.shape[0], _SOFTMAX_ROWS):
+        chunk = scores[start:start + _SOFTMAX_ROWS]
+        np.exp(chunk, out=chunk)
+        chunk.sum(axis=-1, keepdims=True, out=sums[start:start + _SOFTMAX_ROWS])
+    return sums
+
+
+def _exponentiate_exactly(scores: np.ndarray) -> np.ndarray:
+    """exp(scores - row max) in place; returns the row sums."""
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     return scores.sum(axis=-1, keepdims=True)
+
+
+def _score_shifts(queries: mx.array, keys: mx.array) -> mx.array:
+    """(B*H, L, 1): how much to subtract from each query's scores so that exp cannot overflow.
+
+    By Cauchy-Schwarz a row's scores lie within +-|q| max|k|; shifted to at most
+    `_EXP_HEADROOM`, their exps and sums stay finite. Subtracting this bound instead of each
+    row's max saves two passes over the scores, and riding along in the matmul (one more
+    column), the shift costs nothing."""
+    key_norm = mx.sqrt(mx.square(keys).sum(axis=1)).max(axis=-1)  # keys: (B*H, D, S)
+    bounds = mx.sqrt(mx.square(queries).sum(axis=-1)) * key_norm[:, None]
+    return mx.maximum(bounds - _EXP_HEADROOM, 0)[..., None]
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -> mx.array:
@@ -84,11 +114,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
 
     def split_heads(x: mx.array, transpose_to: tuple[int, ...]) -> mx.array:
         x = x.astype(mx.float32).reshape(batch, -1, heads, dim).transpose(transpose_to)
-        return mx.contiguous(x.reshape(batch * heads, *x.shape[2:]))
+        return x.reshape(batch * heads, *x.shape[2:])
 
     queries = split_heads(q * (1 / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
     keys = split_heads(k, (0, 2, 3, 1))  # (B*H, D, S)
-    values = split_heads(v, (0, 2, 1, 3))  # (B*H, S, D)
+    # Queries get the negated shift as one more column, keys a row of ones to meet it.
+    queries = mx.contiguous(mx.concatenate([queries, -_score_shifts(queries, keys)], axis=-1))
+    keys = mx.contiguous(mx.concatenate([keys, mx.ones_like(keys[:, :1])], axis=1))
+    values = mx.contiguous(split_heads(v, (0, 2, 1, 3)))  # (B*H, S, D)
     mx.eval(queries, keys, values)
     block = max(1, _SCORE_BLOCK_ELEMENTS // k_len)
     outputs = []
@@ -103,7 +136,15 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
                 rows = np.arange(start, start + probabilities.shape[0])
                 probabilities[np.arange(k_len)[None] > rows[:, None]] = -np.inf
             row_groups = np.array_split(probabilities, min(_CORES, probabilities.shape[0]))
-            totals = np.concatenate(_on_all_cores(_unnormalized_softmax, row_groups))
+            totals = np.concatenate(_on_all_cores(_exponentiate_rows, row_groups))
+            # A row whose true max lies far below its bound lost its precision to underflow.
+            underflowed = np.flatnonzero(totals[:, 0] < _MIN_ROW_SUM)
+            if underflowed.size:
+                redo = np.array(queries[head][mx.array(start + underflowed)] @ keys[head])
+                if causal:
+                    redo[np.arange(k_len)[None] > (start + underflowed)[:, None]] = -np.inf
+                totals[underflowed] = _exponentiate_exactly(redo)
+                probabilities[underflowed] = redo
             outputs.append((scores @ values[head]) / mx.array(totals))
             mx.eval(outputs[-1])  # frees this block's scores before the next
     out = mx.concatenate(outputs).reshape(batch, heads, q_len, dim)

@@ -83,6 +83,31 @@ def test_blocked_cpu_attention_matches_float64(monkeypatch, causal, block_rows):
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_with_extreme_scores_matches_float64(monkeypatch, causal):
+    # Keys alternate between a long one along axis 0 and short random ones. Queries along
+    # axis 0 score up to 450 (exp overflows without a shift); queries along axis 1 have the
+    # same bound but score near 0, which the bound's shift underflows: recomputed exactly.
+    rng = np.random.default_rng(2)
+    length, dim = 16, 4
+    k = rng.standard_normal((1, length, dim)).astype(np.float32)
+    k[0, ::2] = 0
+    k[0, ::2, 0] = 30
+    q = np.zeros((1, length, dim), np.float32)
+    q[0, ::2, 0] = 30
+    q[0, 1::2, 1] = 30
+    v = rng.standard_normal((1, length, dim)).astype(np.float32)
+    recomputed = []
+    exactly = cpu_kernels._exponentiate_exactly
+    monkeypatch.setattr(cpu_kernels, "_exponentiate_exactly",
+                        lambda s: recomputed.append(len(s)) or exactly(s))
+    with mx.stream(mx.cpu):
+        out = cpu_kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, causal)
+    expected = softmax_attention_float64(q, k, v, 1, causal)
+    np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
+    assert sum(recomputed) == length // 2
+
+
 def test_numpy_silu_matches_float64():
     # Over several chunks and threads, with the tails where exp(-x) overflows.
     rng = np.random.default_rng(1)
