@@ -49,6 +49,7 @@ from .config import (
     UNetConfig,
 )
 from .cpu_kernels import fast_cpu
+from .layers import compute_dtype
 from .tokenizer import clip_vocabulary
 from .unet import UNetModel
 from .vae import Autoencoder
@@ -399,35 +400,34 @@ def _encode(sd: StableDiffusion, texts: list[str]) -> None:
     mx.eval(hidden if pooled is None else (hidden, pooled))
 
 
-def _image(sd: StableDiffusion, steps: int, batch: int, size: int) -> None:
+def _image_as_the_scripts_run(folder: Path, dtype: str, steps: int, batch: int,
+                              size: int) -> tuple[float, float]:
+    """Seconds and peak GiB of one image from a fresh pipeline, made as txt2image.py makes
+    it: weights loaded lazily, text encoders released before the first step and the UNet
+    before decoding."""
+    float16, quantize = _dtype_options(dtype)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    sd = StableDiffusion(str(folder), float16=float16, quantize=quantize)
     latents = sd.generate_latents(PROMPT, num_steps=steps, cfg_weight=7.5 if batch == 2 else 0.0,
                                   seed=0, width=size, height=size, sampler="euler")
+    latents.compute_conditioning()
+    sd.release_text_encoders()
     for x in latents:
         mx.eval(x)
+    sd.release_unet()
     mx.eval(sd.decode(x))
+    return time.perf_counter() - start, mx.get_peak_memory() / GIB
 
 
 def _dtype_options(name: str) -> tuple[bool, bool]:
-    """--dtypes entry -> (float16, quantize). q8: 4-bit text encoders, 8-bit UNet linears,
-    over float16; q8-float32 over float32 (the fast kind on a CPU)."""
-    options = {"float32": (False, False), "float16": (True, False), "q8": (True, True),
-               "q8-float32": (False, True)}
+    """--dtypes entry -> (float16, quantize). q8: 4-bit text encoders and 8-bit UNet linear
+    layers over float16 weights. On a CPU everything computes in float32 (float16 matmuls
+    miss the BLAS there): float16 and q8 weights only save memory."""
+    options = {"float32": (False, False), "float16": (True, False), "q8": (True, True)}
     if name not in options:
         raise SystemExit(f"unknown dtype {name!r}; choose from {', '.join(options)}")
     return options[name]
-
-
-def _cpu_limit(dtype: str) -> str | None:
-    """Why a dtype can only be partly measured on a CPU, or None."""
-    if mx.default_device() != mx.cpu:
-        return None
-    if dtype.startswith("q8"):
-        return ("load and weights only: MLX's quantized matmul on a CPU runs at about "
-                "2.6 GFLOP/s in float32 and 0.06 in float16, hours per image")
-    if dtype == "float16":
-        return ("one image of one step at batch 1 (memory): float16 matmuls on a CPU miss the "
-                "optimized BLAS, about 50x slower than float32")
-    return None
 
 
 @dataclasses.dataclass
@@ -440,30 +440,24 @@ class Parity:
     decoded: np.ndarray  # NHWC
 
 
-def _measure(sd: StableDiffusion, config: PipelineConfig, dtype: str, batch: int,
+def _decode_seconds(sd: StableDiffusion, config: PipelineConfig, latent: int,
+                    repeats: int) -> float:
+    noise = mx.random.normal((1, latent, latent, config.unet.in_channels))
+    return median_time(lambda: mx.eval(sd.decode(noise)), repeats)
+
+
+def _measure(sd: StableDiffusion, config: PipelineConfig, batch: int,
              args: argparse.Namespace, matmul_rate: float) -> dict[str, Any]:
-    """One row: the timings of one dtype and batch, and the peak memory they reach."""
+    """Text encoding and UNet timings of one batch size, all models loaded."""
     latent = args.size // sd.vae.downscale
-    limit = _cpu_limit(dtype)
-    row: dict[str, Any] = {"note": limit}
-    mx.reset_peak_memory()
-    if limit and _dtype_options(dtype)[1]:
-        return row  # quantized on a CPU: nothing that finishes in reasonable time
-    if limit:
-        start = time.perf_counter()
-        _image(sd, 1, batch, args.size)
-        row["image_1_step_s"] = time.perf_counter() - start
-    else:
-        row["text_s"] = median_time(lambda: _encode(sd, [PROMPT] * batch), args.repeats)
-        unet_inputs = UNetInputs.random(config.unet, batch, latent, latent).mlx(sd.dtype)
-        row["unet_step_s"] = median_time(lambda: mx.eval(sd.unet(**unet_inputs)), args.repeats)
-        flops = unet_flops(config.unet, batch, latent, latent)
-        row["unet_gflops"] = flops / row["unet_step_s"] / 1e9
-        row["unet_matmul_pct"] = 100 * row["unet_gflops"] / matmul_rate
-        start = time.perf_counter()
-        _image(sd, args.steps, batch, args.size)
-        row["image_s"] = time.perf_counter() - start
-    row["peak_gb"] = mx.get_peak_memory() / GIB
+    row: dict[str, Any] = {"batch": batch}
+    row["text_s"] = median_time(lambda: _encode(sd, [PROMPT] * batch), args.repeats)
+    unet_inputs = UNetInputs.random(config.unet, batch, latent, latent).mlx(
+        compute_dtype(sd.dtype))
+    row["unet_step_s"] = median_time(lambda: mx.eval(sd.unet(**unet_inputs)), args.repeats)
+    flops = unet_flops(config.unet, batch, latent, latent)
+    row["unet_gflops"] = flops / row["unet_step_s"] / 1e9
+    row["unet_matmul_pct"] = 100 * row["unet_gflops"] / matmul_rate
     return row
 
 
@@ -480,28 +474,32 @@ def run_mlx(
     matmul_rate: float,
 ) -> tuple[list[dict[str, Any]], Parity | None]:
     """Load the pipeline from `folder` in `dtype` and measure it at batch 1 and 2; with
-    --reference, also what float32 computes on the parity inputs."""
+    --reference, also what float32 computes on the parity inputs. Then one image per batch
+    size as the scripts make it, from a fresh pipeline: its time and peak memory."""
     float16, quantize = _dtype_options(dtype)
     start = time.perf_counter()
     sd = StableDiffusion(str(folder), float16=float16, quantize=quantize)
     sd.preload()
     common = {"model": name, "dtype": dtype, "load_s": time.perf_counter() - start,
               "weights_gb": _weights_bytes(sd) / GIB}
-    if not _cpu_limit(dtype):
-        # One image per decode whatever the UNet's batch: measured once.
-        latent = args.size // sd.vae.downscale
-        noise = mx.random.normal((1, latent, latent, config.unet.in_channels))
-        common["vae_decode_s"] = median_time(lambda: mx.eval(sd.decode(noise)), args.repeats)
-        flops = vae_decode_flops(config.vae, 1, latent, latent)
-        common["vae_gflops"] = flops / common["vae_decode_s"] / 1e9
-    rows = []
-    for batch in [1] if _cpu_limit(dtype) else [1, 2]:
-        rows.append({**common, "batch": batch,
-                     **_measure(sd, config, dtype, batch, args, matmul_rate)})
-        print(_progress(rows[-1]), flush=True)
+    # One image per decode whatever the UNet's batch: measured once.
+    latent = args.size // sd.vae.downscale
+    common["vae_decode_s"] = _decode_seconds(sd, config, latent, args.repeats)
+    common["vae_gflops"] = vae_decode_flops(config.vae, 1, latent, latent) / common[
+        "vae_decode_s"] / 1e9
+    rows = [{**common, **_measure(sd, config, batch, args, matmul_rate)} for batch in (1, 2)]
     parity = None
     if dtype == "float32" and args.reference:
-        parity = _parity(sd, config, args.size // sd.vae.downscale)
+        parity = _parity(sd, config, latent)
+    del sd
+    gc.collect()
+    mx.clear_cache()
+    for row in rows:
+        row["image_s"], row["peak_gb"] = _image_as_the_scripts_run(
+            folder, dtype, args.steps, row["batch"], args.size)
+        gc.collect()
+        mx.clear_cache()
+        print(_progress(row), flush=True)
     return rows, parity
 
 
@@ -585,21 +583,17 @@ def markdown_tables(results: dict[str, Any]) -> str:
         + ("lazy, without fast_cpu()" if results["settings"]["lazy"] else "within fast_cpu()"),
         "",
         f"| model | dtype | batch | load s | text s | UNet step s | UNet GFLOP/s | % of matmul "
-        f"| VAE decode s | image s ({steps} steps) | peak GiB | weights GiB |",
+        f"| VAE decode s | image s ({steps} steps, load included) | peak GiB | weights GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
-        image = r.get("image_s")
-        if image is None and r.get("image_1_step_s") is not None:
-            image = f"{_cell(r['image_1_step_s'])} (1 step)"
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['batch']} | {_cell(r['load_s'])} "
             f"| {_cell(r.get('text_s'))} | {_cell(r.get('unet_step_s'))} "
             f"| {_cell(r.get('unet_gflops'), 0)} | {_cell(r.get('unet_matmul_pct'), 0)} "
-            f"| {_cell(r.get('vae_decode_s'))} | {_cell(image)} | {_cell(r.get('peak_gb'), 2)} "
+            f"| {_cell(r.get('vae_decode_s'))} | {_cell(r.get('image_s'))} "
+            f"| {_cell(r.get('peak_gb'), 2)} "
             f"| {_cell(r['weights_gb'], 2)} |")
-    notes = sorted({f"{r['dtype']}: {r['note']}" for r in results["rows"] if r.get("note")})
-    lines += [f"\n{note}" for note in notes]
     if results["reference"]:
         lines += [
             "",
@@ -633,7 +627,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated, from: {', '.join(PRESETS)}")
     parser.add_argument("--dtypes", default="float32,float16,q8",
                         help="comma-separated, from: float32, float16, q8 (4-bit text encoders, "
-                             "8-bit UNet over float16), q8-float32")
+                             "8-bit UNet over float16)")
     parser.add_argument("--size", type=int, default=512, help="image width and height")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps of the image timing")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextEncoderConfig
-from .layers import Linear, attention, gelu, quick_gelu
+from .layers import Linear, attention, compute_dtype, gelu, quick_gelu
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
@@ -102,6 +102,7 @@ class CLIPTextModel(nn.Module):
 
     def __call__(self, input_ids: mx.array) -> TextEncoderOutput:
         x = self.text_model.embeddings(input_ids)
+        x = x.astype(compute_dtype(x.dtype))
         layers = self.text_model.encoder.layers
         for layer in layers[:-1]:
             x = layer(x)

@@ -28,6 +28,14 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def compute_dtype(weight_dtype: mx.Dtype) -> mx.Dtype:
+    """The activations' dtype for weights stored in `weight_dtype`. On the CPU it is
+    float32 whatever the weights: float16 matmuls miss the optimized BLAS there (about 50x
+    slower), so float16 and quantized weights only save memory and are converted as each
+    layer runs (the matmuls promote them)."""
+    return mx.float32 if on_cpu() else weight_dtype
+
+
 # -- activations ----------------------------------------------------------------------------
 #
 # Rational approximations (the coefficients of Eigen's float tanh and erf): max abs error
@@ -183,6 +191,25 @@ class Linear(nn.Linear):
         if "bias" in self and on_cpu():
             return x @ self.weight.T + self.bias
         return super().__call__(x)
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None,
+                     mode: str = "affine") -> QuantizedLinear:
+        """What `nn.quantize` turns this layer into."""
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear; on the CPU, where MLX's quantized matmul runs at about 2 GFLOP/s,
+    the weight is dequantized as the layer runs (a float copy freed after the matmul) and
+    multiplied by the optimized BLAS: about 90x faster, with the same memory at rest."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not on_cpu():
+            return super().__call__(x)
+        weight = mx.dequantize(self.weight, self.scales, self.get("biases"),
+                               group_size=self.group_size, bits=self.bits, mode=self.mode)
+        y = x @ weight.T
+        return y + self.bias if "bias" in self else y
 
 
 # Pixels from which a 3x3 convolution on the CPU runs as shifted matmuls: 1.5x faster than

@@ -19,6 +19,7 @@ from . import loading, single_file
 from .config import PipelineConfig, UNetConfig, read_json
 from .hub import ALIASES, resolve_model
 from .images import validate_size
+from .layers import compute_dtype
 from .lora import AppliedLoras
 from .samplers import make_sampler
 
@@ -52,9 +53,18 @@ class Conditioning:
 class Denoising:
     """The lazy latents of one generation, one per step; `len()` is the step count."""
 
-    def __init__(self, latents: Iterator[mx.array], steps: int):
+    def __init__(self, latents: Iterator[mx.array], steps: int,
+                 conditioning: Conditioning | None = None):
         self._latents = latents
         self.steps = steps
+        self._conditioning = conditioning
+
+    def compute_conditioning(self) -> None:
+        """Compute the text conditioning now rather than with the first step, so that the
+        text encoders can be released before the UNet's weights load."""
+        if self._conditioning is not None:
+            c = self._conditioning
+            mx.eval([a for a in (c.context, c.text_embeds, c.time_ids) if a is not None])
 
     def __iter__(self) -> Iterator[mx.array]:
         return self._latents
@@ -287,12 +297,13 @@ class StableDiffusion:
             context = mx.concatenate([negative, context])
             if self.is_xl:
                 pooled = mx.concatenate([negative_pooled, pooled])
+        dtype = compute_dtype(self.dtype)
         if not self.is_xl:
-            return Conditioning(context.astype(self.dtype))
+            return Conditioning(context.astype(dtype))
         # SDXL is conditioned on the training image's original size, crop and target size.
         time_ids = [*(original_size or image_size), *crop, *image_size]
         time_ids = mx.broadcast_to(mx.array(time_ids, dtype=mx.float32), (context.shape[0], 6))
-        return Conditioning(context.astype(self.dtype), pooled.astype(self.dtype), time_ids)
+        return Conditioning(context.astype(dtype), pooled.astype(dtype), time_ids)
 
     # -- sampling ---------------------------------------------------------------------
 
@@ -306,7 +317,7 @@ class StableDiffusion:
         key: mx.array,
     ) -> Iterator[mx.array]:
         for i, t in enumerate(run.timesteps):
-            x_in = run.scale_model_input(x, i).astype(self.dtype)
+            x_in = run.scale_model_input(x, i).astype(compute_dtype(self.dtype))
             if use_cfg:
                 x_in = mx.concatenate([x_in, x_in])
             prediction = self.unet(
@@ -391,7 +402,7 @@ class StableDiffusion:
         run = sampler.start(num_steps)
         x = run.initial_latents(noise.astype(mx.float32))
         steps = self._denoise(x, run, conditioning, cfg_weight, use_cfg, key)
-        return Denoising(steps, len(run.timesteps))
+        return Denoising(steps, len(run.timesteps), conditioning)
 
     def generate_latents_from_image(
         self,
@@ -436,7 +447,7 @@ class StableDiffusion:
         run = sampler.start(num_steps, strength=strength)
         x = run.noised_latents(x0, noise.astype(mx.float32))
         steps = self._denoise(x, run, conditioning, cfg_weight, use_cfg, key)
-        return Denoising(steps, len(run.timesteps))
+        return Denoising(steps, len(run.timesteps), conditioning)
 
     # -- VAE --------------------------------------------------------------------------
 
@@ -457,7 +468,7 @@ class StableDiffusion:
     def encode_image(self, image: mx.array) -> mx.array:
         """(N, H, W, 3) images in [0, 1] -> scaled latents (posterior mean)."""
         vae_config = self.vae.config
-        mean, _ = self.vae.encode((2 * image - 1).astype(self.vae_dtype))
+        mean, _ = self.vae.encode((2 * image - 1).astype(compute_dtype(self.vae_dtype)))
         shift = vae_config.shift_factor or 0.0
         return (mean.astype(mx.float32) - shift) * vae_config.scaling_factor
 
@@ -465,5 +476,5 @@ class StableDiffusion:
         """Latents -> (N, H, W, 3) images in [0, 1]."""
         vae_config = self.vae.config
         latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
-        images = self.vae.decode(latents.astype(self.vae_dtype))
+        images = self.vae.decode(latents.astype(compute_dtype(self.vae_dtype)))
         return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)

@@ -20,6 +20,7 @@ from .layers import (
     ResnetBlock2D,
     Upsample2D,
     attention,
+    compute_dtype,
     geglu_cpu,
     gelu,
     on_cpu,
@@ -220,7 +221,7 @@ class UNetModel(nn.Module):
         t = timestep_embedding(
             timesteps, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift
         )
-        temb = self.time_embedding(t.astype(self.conv_in.weight.dtype))
+        temb = self.time_embedding(t.astype(compute_dtype(self.conv_in.weight.dtype)))
         if "add_embedding" in self:
             if text_embeds is None or time_ids is None:
                 raise ValueError("This UNet (SDXL) needs text_embeds and time_ids conditioning")

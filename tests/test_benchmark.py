@@ -11,14 +11,14 @@ from stable_diffusion import benchmark
 from stable_diffusion.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
 
 TABLE_COLUMNS = ["load s", "text s", "UNet step s", "UNet GFLOP/s", "% of matmul",
-                 "VAE decode s", "image s (1 steps)", "peak GiB", "weights GiB"]
+                 "VAE decode s", "image s (1 steps, load included)", "peak GiB", "weights GiB"]
 ROW_FIELDS = ["load_s", "weights_gb", "text_s", "unet_step_s", "unet_gflops", "unet_matmul_pct",
               "vae_decode_s", "vae_gflops", "image_s", "peak_gb"]
 
 
-def run(tmp_path, capsys, *extra: str) -> tuple[dict, str]:
+def run(tmp_path, capsys, *extra: str, dtypes: str = "float32") -> tuple[dict, str]:
     output = tmp_path / "results.json"
-    benchmark.main(["--models", "tiny", "--dtypes", "float32", "--size", "64", "--steps", "1",
+    benchmark.main(["--models", "tiny", "--dtypes", dtypes, "--size", "64", "--steps", "1",
                     "--repeats", "1", "--output", str(output), *extra])
     return json.loads(output.read_text()), capsys.readouterr().out
 
@@ -36,6 +36,17 @@ def test_tiny_run_writes_the_results_and_prints_the_table(tmp_path, capsys):
     assert all(f"| {column} |" in header for column in TABLE_COLUMNS)
     assert sum(line.startswith("| tiny | float32 |") for line in printed.splitlines()) == 2
     assert not (tmp_path / "models" / "tiny").exists()  # the random weights are cleaned up
+
+
+def test_float16_and_quantized_are_measured_in_full(tmp_path, capsys):
+    # On a CPU they compute in float32, their weights converted as each layer runs.
+    results, _ = run(tmp_path, capsys, dtypes="float32,float16,q8")
+    assert [(r["dtype"], r["batch"]) for r in results["rows"]] == [
+        (dtype, batch) for dtype in ("float32", "float16", "q8") for batch in (1, 2)]
+    for row in results["rows"]:
+        assert all(row[field] > 0 for field in ROW_FIELDS), row
+    weights = {r["dtype"]: r["weights_gb"] for r in results["rows"]}
+    assert weights["q8"] < weights["float16"] < weights["float32"]
 
 
 def test_lazy_run_measures_without_fast_cpu(tmp_path, capsys, monkeypatch):

@@ -82,8 +82,10 @@ def test_vae_matches_diffusers(model):
     assert_close(mx.array(nchw(decoded)), ref["vae.decoded"])
 
 
-def test_unet_float16_is_finite_and_close_to_float32():
-    """float16 tolerance: 2e-2 relative to the output's largest magnitude."""
+def test_unet_float16_weights_compute_in_float32_on_the_cpu():
+    """float16 weights on the CPU only save memory: the activations stay float32 (float16
+    matmuls miss the BLAS there), so only the weights' rounding remains: 1.7e-3 measured,
+    3e-3 allowed, relative to the output's largest magnitude."""
     ref = reference("tiny-sd2")
     folder = FIXTURES / "models" / "tiny-sd2" / "unet"
     args = (
@@ -92,7 +94,8 @@ def test_unet_float16_is_finite_and_close_to_float32():
         mx.array(ref["unet.context"]),
     )
     full = loading.load_unet(folder, mx.float32)(*args)
-    half = loading.load_unet(folder, mx.float16)(*(a.astype(mx.float16) for a in args))
-    assert half.dtype == mx.float16
-    assert np.isfinite(np.array(half.astype(mx.float32))).all()
-    assert_close(half, np.array(full), rtol=2e-2)
+    half = loading.load_unet(folder, mx.float16)
+    assert half.conv_in.weight.dtype == mx.float16
+    out = half(*args)
+    assert out.dtype == mx.float32
+    assert_close(out, np.array(full), rtol=3e-3)

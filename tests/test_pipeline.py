@@ -7,9 +7,12 @@ one 8-bit level is 3.9e-3)."""
 
 from __future__ import annotations
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from stable_diffusion import StableDiffusion
 from tests.conftest import FIXTURES
@@ -92,3 +95,24 @@ def test_low_strength_still_runs_a_step(model):
         sd.generate_latents_from_image(image, "a cat", strength=0.05, num_steps=10, seed=0)
     )
     assert len(latents) == 1
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_text_encoders_can_go_before_the_first_step(name):
+    """As the scripts run: conditioning computed, text encoders released (their memory
+    with them), then the steps; the same latents as computing everything with the first
+    step."""
+    folder = str(FIXTURES / "models" / name)
+    kept = StableDiffusion(folder, float16=False)
+    expected = np.array(final(kept.generate_latents("a cat", num_steps=2, cfg_weight=5.0, seed=3)))
+    sd = StableDiffusion(folder, float16=False)
+    sd.preload()
+    encoder_bytes = sum(v.nbytes for e in sd.text_encoders
+                        for _, v in tree_flatten(e.parameters()))
+    latents = sd.generate_latents("a cat", num_steps=2, cfg_weight=5.0, seed=3)
+    before = mx.get_active_memory()
+    latents.compute_conditioning()
+    sd.release_text_encoders()
+    gc.collect()
+    assert mx.get_active_memory() < before - 0.9 * encoder_bytes
+    np.testing.assert_array_equal(np.array(final(latents)), expected)
