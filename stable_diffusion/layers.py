@@ -198,17 +198,36 @@ class Linear(nn.Linear):
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
+@mx.compile
+def _affine(quantized: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+    return quantized.astype(mx.float32) * scales + biases
+
+
+def _dequantize_cpu(layer: nn.QuantizedLinear) -> mx.array:
+    """The float32 weight of a 4- or 8-bit affine-quantized layer, in one fused pass over
+    its bytes: on the CPU 3-15x faster than mx.dequantize (which computes in the scales'
+    float16 there), and exact."""
+    if layer.mode != "affine" or layer.bits not in (4, 8):
+        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"),
+                             group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    rows = layer.weight.shape[0]
+    packed = mx.view(layer.weight, mx.uint8)  # little-endian: the first element lowest
+    if layer.bits == 4:
+        packed = mx.stack([packed & 15, packed >> 4], axis=-1)
+    quantized = packed.reshape(rows, -1, layer.group_size)
+    scales, biases = (a.astype(mx.float32)[..., None] for a in (layer.scales, layer.biases))
+    return _affine(quantized, scales, biases).reshape(rows, -1)
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear; on the CPU, where MLX's quantized matmul runs at about 2 GFLOP/s,
-    the weight is dequantized as the layer runs (a float copy freed after the matmul) and
+    the weight is dequantized as the layer runs (a float32 copy freed after the matmul) and
     multiplied by the optimized BLAS: about 90x faster, with the same memory at rest."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if not on_cpu():
             return super().__call__(x)
-        weight = mx.dequantize(self.weight, self.scales, self.get("biases"),
-                               group_size=self.group_size, bits=self.bits, mode=self.mode)
-        y = x @ weight.T
+        y = x @ _dequantize_cpu(self).T
         return y + self.bias if "bias" in self else y
 
 

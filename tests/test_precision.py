@@ -50,7 +50,7 @@ def test_quantized_model_generates_finite_close_output(float32_image):
     assert np.abs(result - reference).mean() < 0.02
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 8])  # 3: mx.dequantize, not the fused pass
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_quantized_linear_matches_mlx_quantized_matmul(bits, bias):
     """On the CPU the weight is dequantized and multiplied in float32 (MLX's quantized
@@ -87,3 +87,18 @@ def test_float16_and_quantized_weights_compute_in_float32_on_the_cpu(monkeypatch
         mx.eval(x)
     assert unet_inputs == [[mx.float32] * 5]
     assert sd.decode(x).dtype == mx.float32
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_cpu_dequantization_is_exact(bits, dtype):
+    layer = layers.Linear(256, 48)
+    layer.set_dtype(dtype)
+    quantized = layer.to_quantized(group_size=64, bits=bits)
+    # The exact values: mx.dequantize with the scales and biases in float32.
+    expected = mx.dequantize(quantized.weight, quantized.scales.astype(mx.float32),
+                             quantized.biases.astype(mx.float32), group_size=64, bits=bits)
+    with mx.stream(mx.cpu):
+        ours = layers._dequantize_cpu(quantized)
+    assert ours.dtype == mx.float32
+    np.testing.assert_array_equal(np.array(ours), np.array(expected))
