@@ -83,13 +83,17 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     p.add_argument("--seed", type=int, default=None, help="-1 or none: random (printed)")
     p.add_argument("--decoding_batch_size", type=int, default=1)
     p.add_argument(
-        "-q", "--quantize", action="store_true", help="4-bit text encoders and 8-bit UNet"
+        "-q",
+        "--quantize",
+        action="store_true",
+        help="4-bit text encoders and 8-bit UNet, the rest in float16 (least memory)",
     )
     p.add_argument(
         "--float16",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="default: float16 on a GPU, float32 on the CPU (where float16 is slow)",
+        help="default: float16 on a GPU or with -q, else float32 on the CPU (where float16 "
+        "weights only save memory: each layer converts them to float32 as it runs)",
     )
     p.add_argument(
         "--preload-models",

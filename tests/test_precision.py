@@ -102,3 +102,11 @@ def test_cpu_dequantization_is_exact(bits, dtype):
         ours = layers._dequantize_cpu(quantized)
     assert ours.dtype == mx.float32
     np.testing.assert_array_equal(np.array(ours), np.array(expected))
+
+
+def test_cpu_defaults_float32_and_float16_weights_when_quantizing():
+    folder = str(FIXTURES / "models" / "tiny-sd2")
+    assert StableDiffusion(folder).unet.conv_in.weight.dtype == mx.float32
+    quantized = StableDiffusion(folder, quantize=True)
+    assert quantized.unet.conv_in.weight.dtype == mx.float16
+    assert StableDiffusion(folder, float16=False, quantize=True).dtype == mx.float32
