@@ -4,6 +4,7 @@ diffusers-format folder, downloading only the files the pipeline needs."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 ALIASES = {
@@ -20,8 +21,16 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
 
+# The hub's rule for "owner/name": letters, digits, "-", "_", "." (not leading, no "..").
+_REPO_ID = re.compile(r"(?!.*\.\.)[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
 class ModelNotFoundError(FileNotFoundError):
     pass
+
+
+def _looks_like_a_path(model: str) -> bool:
+    return model.startswith((os.sep, ".", "~")) or model.count("/") > 1 or "\\" in model
 
 
 def _download_patterns(variant: str) -> list[str]:
@@ -70,8 +79,18 @@ def resolve_model(model: str, prefer_float16: bool = False) -> Path:
                 f"{path} is not a diffusers model folder (no model_index.json in it)."
             )
         return path
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{path} is a file, not a diffusers model folder: pass a folder with "
+            "model_index.json, or a single-file checkpoint (.safetensors or .ckpt)."
+        )
+    if _looks_like_a_path(model):
+        raise ModelNotFoundError(
+            f"no such model folder: {path} does not exist. Check the path, or pass a hub repo "
+            f"id (owner/name) or an alias ({', '.join(ALIASES)})."
+        )
     repo_id = ALIASES.get(model, model)
-    if path.suffix or repo_id.count("/") != 1:
+    if path.suffix or not _REPO_ID.fullmatch(repo_id):
         raise ModelNotFoundError(
             f"model {model!r} is neither a local folder nor a Hugging Face repo id "
             f"(owner/name); known aliases: {', '.join(ALIASES)}."

@@ -122,7 +122,7 @@ def test_image2image_resizes_input_and_records_strength(tmp_path):
         (["--n_images", "3", "--n_rows", "2"], "not divisible by --n_rows"),
         (["--width", "500"], "use 496 or 504"),
         (["--sampler", "nope"], "invalid choice"),
-        (["--model", "/no/such/folder"], "neither a local folder nor a Hugging Face repo id"),
+        (["--model", "/no/such/folder"], "no such model folder: /no/such/folder does not exist"),
         (["--output", "/no/such/dir/out.png"], "/no/such/dir"),
     ],
 )

@@ -16,9 +16,17 @@ def sd():
     return StableDiffusion(str(FIXTURES / "models" / "tiny-sd2"), float16=False)
 
 
-def test_missing_model_folder():
+@pytest.mark.parametrize("model", ["./no/such/model", "/nonexistent", "~/nonexistent", "a/b/c"])
+def test_missing_model_folder_is_named(model):
+    # "/nonexistent" has the one slash of "owner/name": it must not reach the hub client.
+    with pytest.raises(FileNotFoundError, match=r"no such model folder: .* does not exist"):
+        StableDiffusion(model)
+
+
+@pytest.mark.parametrize("model", ["not a repo", "owner/na me", "-owner/name", "owner/..name"])
+def test_malformed_repo_id(model):
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a Hugging Face"):
-        StableDiffusion("./no/such/model")
+        StableDiffusion(model)
 
 
 def test_folder_that_is_not_a_diffusers_model(tmp_path):
