@@ -400,8 +400,15 @@ def _encode(sd: StableDiffusion, texts: list[str]) -> None:
     mx.eval(hidden if pooled is None else (hidden, pooled))
 
 
-def _image_as_the_scripts_run(folder: Path, dtype: str, steps: int, batch: int,
-                              size: int) -> tuple[float, float]:
+def _phase(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """One `fast_cpu()` block per phase (unless --lazy), as the scripts run: leaving it
+    empties MLX's buffer cache, so that the buffers of one phase do not crowd out the next's
+    (a UNet step after a 512px decode in the same block took 20% longer)."""
+    return contextlib.nullcontext() if args.lazy else fast_cpu()
+
+
+def _image_as_the_scripts_run(folder: Path, dtype: str, batch: int,
+                              args: argparse.Namespace) -> tuple[float, float]:
     """Seconds and peak GiB of one image from a fresh pipeline, made as txt2image.py makes
     it: weights loaded lazily, text encoders released before the first step and the UNet
     before decoding."""
@@ -409,14 +416,17 @@ def _image_as_the_scripts_run(folder: Path, dtype: str, steps: int, batch: int,
     mx.reset_peak_memory()
     start = time.perf_counter()
     sd = StableDiffusion(str(folder), float16=float16, quantize=quantize)
-    latents = sd.generate_latents(PROMPT, num_steps=steps, cfg_weight=7.5 if batch == 2 else 0.0,
-                                  seed=0, width=size, height=size, sampler="euler")
-    latents.compute_conditioning()
-    sd.release_text_encoders()
-    for x in latents:
-        mx.eval(x)
+    latents = sd.generate_latents(PROMPT, num_steps=args.steps, seed=0, width=args.size,
+                                  height=args.size, cfg_weight=7.5 if batch == 2 else 0.0,
+                                  sampler="euler")
+    with _phase(args):
+        latents.compute_conditioning()
+        sd.release_text_encoders()
+        for x in latents:
+            mx.eval(x)
     sd.release_unet()
-    mx.eval(sd.decode(x))
+    with _phase(args):
+        mx.eval(sd.decode(x))
     return time.perf_counter() - start, mx.get_peak_memory() / GIB
 
 
@@ -484,19 +494,24 @@ def run_mlx(
               "weights_gb": _weights_bytes(sd) / GIB}
     # One image per decode whatever the UNet's batch: measured once.
     latent = args.size // sd.vae.downscale
-    common["vae_decode_s"] = _decode_seconds(sd, config, latent, args.repeats)
+    with _phase(args):
+        common["vae_decode_s"] = _decode_seconds(sd, config, latent, args.repeats)
     common["vae_gflops"] = vae_decode_flops(config.vae, 1, latent, latent) / common[
         "vae_decode_s"] / 1e9
-    rows = [{**common, **_measure(sd, config, batch, args, matmul_rate)} for batch in (1, 2)]
+    rows = []
+    for batch in (1, 2):
+        with _phase(args):
+            rows.append({**common, **_measure(sd, config, batch, args, matmul_rate)})
     parity = None
     if dtype == "float32" and args.reference:
-        parity = _parity(sd, config, latent)
+        with _phase(args):
+            parity = _parity(sd, config, latent)
     del sd
     gc.collect()
     mx.clear_cache()
     for row in rows:
-        row["image_s"], row["peak_gb"] = _image_as_the_scripts_run(
-            folder, dtype, args.steps, row["batch"], args.size)
+        row["image_s"], row["peak_gb"] = _image_as_the_scripts_run(folder, dtype, row["batch"],
+                                                                  args)
         gc.collect()
         mx.clear_cache()
         print(_progress(row), flush=True)
@@ -671,11 +686,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   flush=True)
             parity = None
             for dtype in args.dtypes:
-                # As the scripts run, unless --lazy: each step is evaluated anyway.
-                with contextlib.nullcontext() if args.lazy else fast_cpu():
-                    dtype_rows, dtype_parity = run_mlx(
-                        name, config, folder, dtype, args, matmul_rate
-                    )
+                dtype_rows, dtype_parity = run_mlx(name, config, folder, dtype, args, matmul_rate)
                 rows += dtype_rows
                 parity = parity or dtype_parity
                 gc.collect()

@@ -6,8 +6,11 @@ symbols before `mlx.core` is imported makes MLX's BLAS calls bind to it: about
 30x faster matmuls and convolutions. Set MLX_SD_NO_OPENBLAS=1 to turn it off.
 
 OpenBLAS's idle threads spin for about 0.1 s after each call by default, stealing a core
-from the numpy softmax that runs between the attention matmuls (`cpu_kernels.attention`);
-unless OPENBLAS_THREAD_TIMEOUT is set already, they go to sleep after 2^4 cycles instead.
+from the numpy work that runs between MLX's matmuls (`cpu_kernels`); unless
+OPENBLAS_THREAD_TIMEOUT is set already, they go to sleep after 2^4 cycles instead.
+
+`matmul_into` and `one_thread_per_call` let `cpu_kernels.attention` call the same OpenBLAS
+from several threads, one small single-threaded matmul each.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ import os
 import sys
 import sysconfig
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 DISABLE_VARIABLE = "MLX_SD_NO_OPENBLAS"
+
+_ROW_MAJOR, _NO_TRANSPOSE = 101, 111  # CBLAS's enum values
+_openblas: ctypes.CDLL | None = None
 
 
 def _candidates() -> list[Path]:
@@ -49,8 +59,9 @@ def load_optimized_blas() -> Path | None:
             stacklevel=2,
         )
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # read when the library loads
+    global _openblas
     try:
-        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+        _openblas = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         warnings.warn(
             f"could not load OpenBLAS ({e}); MLX will use its slow reference BLAS. "
@@ -59,4 +70,53 @@ def load_optimized_blas() -> Path | None:
             stacklevel=2,
         )
         return None
+    _bind(_openblas)
     return library
+
+
+def _bind(library: ctypes.CDLL) -> None:
+    matrix, size = ctypes.c_void_p, ctypes.c_int
+    library.cblas_sgemm.argtypes = [size] * 6 + [ctypes.c_float, matrix, size, matrix, size,
+                                                  ctypes.c_float, matrix, size]
+    library.cblas_sgemm.restype = None
+    library.openblas_get_num_threads.restype = size
+    library.openblas_set_num_threads.argtypes = [size]
+
+
+def _row_stride(matrix: np.ndarray) -> int:
+    if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.strides[1] != 4:
+        raise ValueError(f"need a float32 matrix with contiguous rows, got {matrix.dtype} "
+                         f"{matrix.shape} with strides {matrix.strides}")
+    return matrix.strides[0] // 4
+
+
+def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = a @ b, for float32 matrices whose rows are contiguous (views of larger arrays
+    included). Through the loaded OpenBLAS, without numpy's overhead; with numpy where
+    OpenBLAS is not loaded. Releases the GIL."""
+    if _openblas is None:
+        np.matmul(a, b, out=out)
+        return
+    if a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]):
+        raise ValueError(f"cannot multiply {a.shape} by {b.shape} into {out.shape}")
+    strides = _row_stride(a), _row_stride(b), _row_stride(out)
+    _openblas.cblas_sgemm(_ROW_MAJOR, _NO_TRANSPOSE, _NO_TRANSPOSE, a.shape[0], b.shape[1],
+                          a.shape[1], 1.0, a.ctypes.data, strides[0], b.ctypes.data,
+                          strides[1], 0.0, out.ctypes.data, strides[2])
+
+
+@contextmanager
+def one_thread_per_call() -> Iterator[None]:
+    """Within this block, OpenBLAS runs each call on its caller's thread alone, for callers
+    that spread many small matmuls over the cores themselves (OpenBLAS splitting each of
+    them again costs more than it gains). The setting is process-wide: MLX's own matmuls
+    running meanwhile in another thread would use one core."""
+    if _openblas is None:
+        yield
+        return
+    threads = _openblas.openblas_get_num_threads()
+    _openblas.openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        _openblas.openblas_set_num_threads(threads)

@@ -6,8 +6,9 @@ are vectorized (1-2 billion per second per core) and release the GIL, so they ru
 cores. They need their inputs computed, which breaks MLX's laziness: so they run only within
 `fast_cpu()`, for loops that evaluate every step anyway, as the scripts do.
 
-Both kernels overwrite, through numpy, the buffer of an MLX array that they have just
-computed and that nothing else references.
+The attention reads numpy views of MLX arrays it has just computed; the SiLU overwrites,
+through numpy, the buffer of an MLX array that it has just computed and that nothing else
+references.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,12 +25,16 @@ from functools import cache
 import mlx.core as mx
 import numpy as np
 
+from . import blas
+
 _ENABLED = contextvars.ContextVar("fast_cpu", default=False)
 _CORES = os.cpu_count() or 1
+_thread_scratch = threading.local()
 
-# Scores per attention block (8 MB of float32): big enough for efficient matmuls, small
-# enough to bound memory (SD 2.x at 768px has 9216 tokens).
-_SCORE_BLOCK_ELEMENTS = 1 << 21
+# Scores per attention block, one per core (4 MB of float32): big enough for efficient
+# matmuls, small enough to stay near the cache and bound memory (SD 2.x at 768px has 9216
+# tokens; 256 rows of SD 1.5's 4096 ran fastest).
+_SCORE_BLOCK_ELEMENTS = 1 << 20
 # Rows per softmax chunk: 64 rows of 4096 scores (1 MB) stay in a core's L2 cache.
 _SOFTMAX_ROWS = 64
 # Shifted scores are at most this (exp(40) * 1e5 keys is far from float32's overflow) ...
@@ -105,10 +111,42 @@ def _score_shifts(queries: mx.array, keys: mx.array) -> mx.array:
     return mx.maximum(bounds - _EXP_HEADROOM, 0)[..., None]
 
 
+def _attend(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray,
+            first_row: int, causal: bool) -> None:
+    """out = softmax(queries @ keys) @ values for one block of one head's queries, the
+    queries carrying their shift column (see `_score_shifts`)."""
+    rows, k_len = len(queries), keys.shape[1]
+    scores = _scratch(rows * k_len).reshape(rows, k_len)
+    blas.matmul_into(queries, keys, scores)
+    if causal:
+        scores[np.arange(k_len)[None] > np.arange(first_row, first_row + rows)[:, None]] = -np.inf
+    totals = _exponentiate_rows(scores)  # scores now hold the unnormalized probabilities
+    # A row whose true max lies far below its bound lost its precision to underflow.
+    underflowed = np.flatnonzero(totals[:, 0] < _MIN_ROW_SUM)
+    if underflowed.size:
+        redo = queries[underflowed] @ keys
+        if causal:
+            redo[np.arange(k_len)[None] > (first_row + underflowed)[:, None]] = -np.inf
+        totals[underflowed] = _exponentiate_exactly(redo)
+        scores[underflowed] = redo
+    blas.matmul_into(scores, values, out)
+    out /= totals  # normalizing the block's output is cheaper than its probabilities
+
+
+def _scratch(size: int) -> np.ndarray:
+    """This thread's buffer for a block of scores, reused from block to block."""
+    buffer = getattr(_thread_scratch, "buffer", None)
+    if buffer is None or buffer.size < size:
+        buffer = _thread_scratch.buffer = np.empty(size, np.float32)
+    return buffer[:size]
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -> mx.array:
-    """Softmax attention over (B, L, heads * dim) inputs, head by head over blocks of
-    queries: each block is one plain matmul (batched matmuls of 40-wide heads run at half
-    the rate), its softmax runs in numpy, and its scores are freed before the next block."""
+    """Softmax attention over (B, L, heads * dim) inputs, in blocks of one head's queries
+    spread over the cores: each block is two single-threaded matmuls around its softmax, its
+    scores kept in the core's own buffer. 20-40% faster on the UNets' shapes than MLX's
+    multi-threaded matmuls with the softmax between them, one block at a time: no core
+    waits for the other between the stages."""
     batch, q_len, width = q.shape
     k_len, dim = k.shape[1], width // heads
 
@@ -123,32 +161,20 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     keys = mx.contiguous(mx.concatenate([keys, mx.ones_like(keys[:, :1])], axis=1))
     values = mx.contiguous(split_heads(v, (0, 2, 1, 3)))  # (B*H, S, D)
     mx.eval(queries, keys, values)
+    queries, keys, values = np.asarray(queries), np.asarray(keys), np.asarray(values)
+    out = np.empty((batch * heads, q_len, dim), np.float32)
     block = max(1, _SCORE_BLOCK_ELEMENTS // k_len)
-    outputs = []
-    for head in range(batch * heads):
-        for start in range(0, q_len, block):
-            scores = queries[head, start:start + block] @ keys[head]
-            mx.eval(scores)
-            # Overwritten with the unnormalized probabilities (normalizing the block's
-            # output is cheaper).
-            probabilities = np.asarray(scores)
-            if causal:
-                rows = np.arange(start, start + probabilities.shape[0])
-                probabilities[np.arange(k_len)[None] > rows[:, None]] = -np.inf
-            row_groups = np.array_split(probabilities, min(_CORES, probabilities.shape[0]))
-            totals = np.concatenate(_on_all_cores(_exponentiate_rows, row_groups))
-            # A row whose true max lies far below its bound lost its precision to underflow.
-            underflowed = np.flatnonzero(totals[:, 0] < _MIN_ROW_SUM)
-            if underflowed.size:
-                redo = np.array(queries[head][mx.array(start + underflowed)] @ keys[head])
-                if causal:
-                    redo[np.arange(k_len)[None] > (start + underflowed)[:, None]] = -np.inf
-                totals[underflowed] = _exponentiate_exactly(redo)
-                probabilities[underflowed] = redo
-            outputs.append((scores @ values[head]) / mx.array(totals))
-            mx.eval(outputs[-1])  # frees this block's scores before the next
-    out = mx.concatenate(outputs).reshape(batch, heads, q_len, dim)
-    return out.transpose(0, 2, 1, 3).reshape(batch, q_len, width).astype(v.dtype)
+
+    def attend(job: tuple[int, int]) -> None:
+        head, start = job
+        rows = slice(start, start + block)
+        _attend(queries[head, rows], keys[head], values[head], out[head, rows], start, causal)
+
+    jobs = [(head, start) for head in range(batch * heads) for start in range(0, q_len, block)]
+    with blas.one_thread_per_call():
+        _on_all_cores(attend, jobs)
+    result = mx.array(out).reshape(batch, heads, q_len, dim)
+    return result.transpose(0, 2, 1, 3).reshape(batch, q_len, width).astype(v.dtype)
 
 
 def _silu_in_place(values: np.ndarray) -> None:

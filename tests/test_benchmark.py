@@ -3,11 +3,12 @@ its FLOP counter against a count by hand."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 
-from stable_diffusion import benchmark
+from stable_diffusion import benchmark, cpu_kernels, fast_cpu
 from stable_diffusion.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
 
 TABLE_COLUMNS = ["load s", "text s", "UNet step s", "UNet GFLOP/s", "% of matmul",
@@ -58,6 +59,32 @@ def test_lazy_run_measures_without_fast_cpu(tmp_path, capsys, monkeypatch):
     assert results["settings"]["lazy"] is True
     assert len(results["rows"]) == 2 and all(row["unet_step_s"] > 0 for row in results["rows"])
     assert "lazy, without fast_cpu()" in printed
+
+
+def test_each_phase_runs_in_a_fast_cpu_block_of_its_own(tmp_path, capsys, monkeypatch):
+    # As the scripts run: leaving the block empties MLX's buffer cache, so that a decode's
+    # buffers do not slow the UNet steps measured after it.
+    blocks, phases = [], []
+
+    @contextlib.contextmanager
+    def counted():
+        blocks.append(len(blocks))
+        with fast_cpu():
+            yield
+
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            phases.append((name, blocks[-1], cpu_kernels.enabled()))
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(benchmark, "fast_cpu", counted)
+    for name in ("_decode_seconds", "_measure"):
+        monkeypatch.setattr(benchmark, name, recorded(name, getattr(benchmark, name)))
+    run(tmp_path, capsys)
+    assert [name for name, _, _ in phases] == ["_decode_seconds", "_measure", "_measure"]
+    assert all(inside for _, _, inside in phases)
+    assert len({block for _, block, _ in phases}) == 3
 
 
 def test_reference_run_checks_the_same_weights_and_prints_the_speed_ups(tmp_path, capsys):

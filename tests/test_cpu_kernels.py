@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from stable_diffusion import cpu_kernels, fast_cpu, layers, loading
+from stable_diffusion import blas, cpu_kernels, fast_cpu, layers, loading
 from tests.conftest import FIXTURES
 from tests.test_models import assert_close, nchw, nhwc, reference
 
@@ -72,9 +72,12 @@ def softmax_attention_float64(q, k, v, heads, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("block_rows", [1, 5, 64])  # one row, uneven blocks, one block
-def test_blocked_cpu_attention_matches_float64(monkeypatch, causal, block_rows):
+@pytest.mark.parametrize("openblas", [True, False])  # False: numpy's matmul, as on macOS
+def test_blocked_cpu_attention_matches_float64(monkeypatch, causal, block_rows, openblas):
     q_len = k_len = 23
     monkeypatch.setattr(cpu_kernels, "_SCORE_BLOCK_ELEMENTS", block_rows * k_len)
+    if not openblas:
+        monkeypatch.setattr(blas, "_openblas", None)
     rng = np.random.default_rng(0)
     q, k, v = (3 * rng.standard_normal((2, n, 12), np.float32) for n in (q_len, k_len, k_len))
     with mx.stream(mx.cpu):
@@ -106,6 +109,43 @@ def test_cpu_attention_with_extreme_scores_matches_float64(monkeypatch, causal):
     expected = softmax_attention_float64(q, k, v, 1, causal)
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
     assert sum(recomputed) == length // 2
+
+
+needs_openblas = pytest.mark.skipif(blas._openblas is None, reason="OpenBLAS is Linux-only")
+
+
+@needs_openblas
+def test_blas_matmul_into_row_strided_views():
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal(shape, np.float32) for shape in ((9, 12), (7, 20)))
+    out = np.full((12, 30), 7.0, np.float32)
+    blas.matmul_into(a[2:7, 1:8], b[:, 3:11], out[4:9, 2:10])
+    np.testing.assert_allclose(out[4:9, 2:10], a[2:7, 1:8] @ b[:, 3:11], rtol=1e-6)
+    out[4:9, 2:10] = 7.0
+    assert (out == 7.0).all()  # nothing written outside the view
+
+
+@needs_openblas
+@pytest.mark.parametrize(
+    ("a", "b", "message"),
+    [
+        (np.ones((2, 3)), np.ones((3, 2)), "float32"),  # float64
+        (np.ones((3, 2), np.float32).T, np.ones((3, 2), np.float32), "contiguous rows"),
+        (np.ones((2, 3), np.float32), np.ones((2, 2), np.float32), "cannot multiply"),
+    ],
+)
+def test_blas_matmul_into_refuses_what_it_cannot_read(a, b, message):
+    out = np.empty((a.shape[0], b.shape[1]), np.float32)
+    with pytest.raises(ValueError, match=message):
+        blas.matmul_into(a, b, out)
+
+
+@needs_openblas
+def test_one_thread_per_call_restores_the_thread_count():
+    before = blas._openblas.openblas_get_num_threads()
+    with blas.one_thread_per_call():
+        assert blas._openblas.openblas_get_num_threads() == 1
+    assert blas._openblas.openblas_get_num_threads() == before
 
 
 def test_numpy_silu_matches_float64():
