@@ -312,12 +312,53 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
+# Input pixels from which the upsampling convolution runs on the small image: below, summing
+# the kernel's taps (16 weight-sized sums per call) costs more than the work it saves (at
+# 8x8x1280: 58 ms against MLX's 43; from 16x16, 1.35-2.1x faster).
+_UPSAMPLED_CONV_MIN_PIXELS = 16 * 16
+# For each output row (column) parity, the padded input rows (columns) that a 3x3 kernel
+# after nearest 2x upsampling reads, with the kernel rows (columns) that land on each.
+_UPSAMPLED_TAPS = (((0, (0,)), (1, (1, 2))), ((1, (0, 1)), (2, (2,))))
+
+
+def _upsample2x_conv3x3(x: mx.array, weight: mx.array) -> mx.array:
+    """conv3x3(nearest 2x upsampling of x), padding 1, computed on x itself.
+
+    Each output pixel of parity (row, column) = (a, b) reads 3x3 upsampled pixels that are
+    copies of only 2x2 input pixels; so each parity is a 2x2 convolution of x whose taps sum
+    the kernel entries landing on the same input pixel, run as shifted matmuls (see
+    `_conv3x3_shifted`): 16 instead of 36 multiply-adds per input pixel and channel pair,
+    and no upsampled copy of the image."""
+    batch, height, width, channels = x.shape
+    row = width + 2
+    padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(batch, -1, channels)
+    weight = weight.astype(x.dtype)  # sums of float16 entries would round twice
+    parities = []
+    for row_taps in _UPSAMPLED_TAPS:
+        for column_taps in _UPSAMPLED_TAPS:
+            out = None
+            for dy, kernel_rows in row_taps:
+                for dx, kernel_columns in column_taps:
+                    tap_weight = sum(weight[:, ky, kx] for ky in kernel_rows
+                                     for kx in kernel_columns).T
+                    taps = padded[:, dy * row + dx:dy * row + dx + height * row]
+                    out = taps @ tap_weight if out is None else mx.addmm(out, taps, tap_weight)
+            parities.append(out.reshape(batch, height, row, -1)[:, :, :width])
+    # (a, b, batch, y, x, c) -> (batch, 2y + a, 2x + b, c)
+    out = mx.stack(parities).reshape(2, 2, batch, height, width, -1)
+    return out.transpose(2, 3, 0, 4, 1, 5).reshape(batch, 2 * height, 2 * width, -1)
+
+
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if (on_cpu() and x.dtype == mx.float32
+                and x.shape[1] * x.shape[2] >= _UPSAMPLED_CONV_MIN_PIXELS):
+            y = _upsample2x_conv3x3(x, self.conv.weight)
+            return y + self.conv.bias
         batch, height, width, channels = x.shape
         x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
         return self.conv(x.reshape(batch, height * 2, width * 2, channels))
