@@ -21,6 +21,12 @@ from stable_diffusion.images import (
 from stable_diffusion.parameters import GenerationParameters
 
 
+def read_back(path) -> Image.Image:
+    """The image in a file, read whole and the file closed."""
+    with Image.open(path) as image:
+        return image.copy()
+
+
 def params(**overrides) -> GenerationParameters:
     values = dict(
         prompt="a photo of a cat",
@@ -260,7 +266,7 @@ def test_overwrite_replaces(tmp_path):
     [path] = save_images(solid(value=1.0), target, params(seed=2), overwrite=True)
     assert path == target
     assert read_parameters(target).seed == 2
-    assert np.all(np.asarray(Image.open(target)) == 255)
+    assert np.all(np.asarray(read_back(target)) == 255)
 
 
 def test_individual_images_with_per_image_parameters(tmp_path):
@@ -276,8 +282,8 @@ def test_individual_images_with_per_image_parameters(tmp_path):
     ]
     assert read_parameters(paths[0]).seed == 10
     assert [read_parameters(p).seed for p in paths[1:]] == [10, 11, 12, 13]
-    assert np.asarray(Image.open(paths[0])).shape == (16, 16, 3)
-    assert np.all(np.asarray(Image.open(paths[3])) == 255)
+    assert np.asarray(read_back(paths[0])).shape == (16, 16, 3)
+    assert np.all(np.asarray(read_back(paths[3])) == 255)
 
     again = save_images(batch, tmp_path / "out.png", per_image, n_rows=2, save_individual=True)
     assert [p.name for p in again] == [
@@ -313,14 +319,14 @@ def test_name_taken_after_the_check_is_not_overwritten(tmp_path, monkeypatch):
 def test_accepts_mlx_arrays_and_single_images(tmp_path):
     [a] = save_images(mx.ones((1, 8, 8, 3), dtype=mx.bfloat16), tmp_path / "a.png", params())
     [b] = save_images(np.zeros((8, 8, 3), np.float32), tmp_path / "b.png", params())
-    assert np.all(np.asarray(Image.open(a)) == 255)
-    assert np.all(np.asarray(Image.open(b)) == 0)
+    assert np.all(np.asarray(read_back(a)) == 255)
+    assert np.all(np.asarray(read_back(b)) == 0)
 
 
 def test_out_of_range_and_nan_values_are_clipped(tmp_path):
     pixels = np.array([[[[-1.0, 2.0, np.nan]]]], np.float32)
     [path] = save_images(pixels, tmp_path / "out.png", params())
-    assert np.asarray(Image.open(path)).tolist() == [[[0, 255, 0]]]
+    assert np.asarray(read_back(path)).tolist() == [[[0, 255, 0]]]
 
 
 @pytest.mark.parametrize(
@@ -445,7 +451,7 @@ def test_palette_with_transparency(tmp_path):
     image.putpalette([0, 0, 0, 0, 0, 255])
     image.putpixel((0, 0), 0)
     path = save(image, tmp_path / "in.png", transparency=0)
-    assert Image.open(path).mode == "P"
+    assert read_back(path).mode == "P"
     pixels, _ = load_image(path)
     np.testing.assert_allclose(pixels[0, 0], [1, 1, 1])
     np.testing.assert_allclose(pixels[1, 1], [0, 0, 1])
@@ -484,7 +490,7 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     values = np.zeros((64, 64), np.uint16)
     values[0, :] = [65535, 32896, 1000, 0] * 16
     path = save(Image.fromarray(values), tmp_path / "in.png")
-    assert Image.open(path).mode.startswith("I")
+    assert read_back(path).mode.startswith("I")
     pixels, _ = load_image(path)
     np.testing.assert_allclose(pixels[0, :4, 0], [1.0, 128 / 255, 4 / 255, 0.0], atol=1e-6)
 
