@@ -21,12 +21,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
+from typing import TypeVar
 
 import mlx.core as mx
 import numpy as np
 
 from . import blas
 
+T = TypeVar("T")
 _ENABLED = contextvars.ContextVar("fast_cpu", default=False)
 _CORES = os.cpu_count() or 1
 _thread_scratch = threading.local()
@@ -78,7 +80,7 @@ def _threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_CORES, thread_name_prefix="fast_cpu")
 
 
-def _on_all_cores(kernel: Callable[[np.ndarray], object], parts: list[np.ndarray]) -> list:
+def _on_all_cores(kernel: Callable[[T], object], parts: list[T]) -> list:
     return list(_threads().map(kernel, parts))
 
 

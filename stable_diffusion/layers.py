@@ -16,6 +16,7 @@ keep MLX's own kernels.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import partial
 
 import mlx.core as mx
@@ -237,25 +238,33 @@ class QuantizedLinear(nn.QuantizedLinear):
 _SHIFTED_CONV_MIN_PIXELS = 64 * 64
 
 
-def _conv3x3_shifted(x: mx.array, weight: mx.array) -> mx.array:
-    """A 3x3, stride-1, padding-1 convolution as nine matmuls accumulated with addmm.
+def _padded_rows(x: mx.array) -> mx.array:
+    """x zero-padded by one pixel (two at the bottom: the extra row keeps the last taps'
+    slices in bounds), flattened to (batch, pixels, channels) with rows of `width + 2`."""
+    return mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(x.shape[0], -1, x.shape[-1])
 
-    With the padded image flattened to rows of `width + 2` pixels, the pixels under one
-    kernel tap for all outputs form one contiguous slice, so each tap is a matmul over a
-    view, with no im2col copy (nine times the image) as MLX's CPU convolution makes. The
-    outputs of the two padding columns are computed too and dropped at the end."""
-    batch, height, width, channels = x.shape
+
+def _shifted_matmuls(padded: mx.array, height: int, width: int,
+                     taps: Iterable[tuple[int, int, mx.array]]) -> mx.array:
+    """The sum over `taps` (dy, dx, (out, in) weight) of the image shifted by (dy - 1,
+    dx - 1) times the weight, from `_padded_rows` of a (batch, height, width, in) image.
+
+    In the flattened padded image the pixels under one tap for all outputs form one
+    contiguous slice, so each tap is a matmul over a view (accumulated with addmm), with no
+    im2col copy (nine times the image) as MLX's CPU convolution makes. The outputs of the
+    two padding columns are computed too and dropped at the end."""
     row = width + 2
-    # One extra bottom row keeps the last taps' slices in bounds.
-    padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(batch, -1, channels)
     out = None
-    for dy in range(3):
-        for dx in range(3):
-            start = dy * row + dx
-            taps = padded[:, start:start + height * row]
-            tap_weight = weight[:, dy, dx].T
-            out = taps @ tap_weight if out is None else mx.addmm(out, taps, tap_weight)
-    return out.reshape(batch, height, row, -1)[:, :, :width]
+    for dy, dx, weight in taps:
+        view = padded[:, dy * row + dx:dy * row + dx + height * row]
+        out = view @ weight.T if out is None else mx.addmm(out, view, weight.T)
+    return out.reshape(padded.shape[0], height, row, -1)[:, :, :width]
+
+
+def _conv3x3_shifted(x: mx.array, weight: mx.array) -> mx.array:
+    """A 3x3, stride-1, padding-1 convolution as nine shifted matmuls."""
+    taps = [(dy, dx, weight[:, dy, dx]) for dy in range(3) for dx in range(3)]
+    return _shifted_matmuls(_padded_rows(x), x.shape[1], x.shape[2], taps)
 
 
 class Conv2d(nn.Conv2d):
@@ -327,23 +336,16 @@ def _upsample2x_conv3x3(x: mx.array, weight: mx.array) -> mx.array:
     Each output pixel of parity (row, column) = (a, b) reads 3x3 upsampled pixels that are
     copies of only 2x2 input pixels; so each parity is a 2x2 convolution of x whose taps sum
     the kernel entries landing on the same input pixel, run as shifted matmuls (see
-    `_conv3x3_shifted`): 16 instead of 36 multiply-adds per input pixel and channel pair,
+    `_shifted_matmuls`): 16 instead of 36 multiply-adds per input pixel and channel pair,
     and no upsampled copy of the image."""
-    batch, height, width, channels = x.shape
-    row = width + 2
-    padded = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(batch, -1, channels)
+    batch, height, width, _ = x.shape
+    padded = _padded_rows(x)
     weight = weight.astype(x.dtype)  # sums of float16 entries would round twice
-    parities = []
-    for row_taps in _UPSAMPLED_TAPS:
-        for column_taps in _UPSAMPLED_TAPS:
-            out = None
-            for dy, kernel_rows in row_taps:
-                for dx, kernel_columns in column_taps:
-                    tap_weight = sum(weight[:, ky, kx] for ky in kernel_rows
-                                     for kx in kernel_columns).T
-                    taps = padded[:, dy * row + dx:dy * row + dx + height * row]
-                    out = taps @ tap_weight if out is None else mx.addmm(out, taps, tap_weight)
-            parities.append(out.reshape(batch, height, row, -1)[:, :, :width])
+    parities = [
+        _shifted_matmuls(padded, height, width, [
+            (dy, dx, sum(weight[:, ky, kx] for ky in kernel_rows for kx in kernel_columns))
+            for dy, kernel_rows in row_taps for dx, kernel_columns in column_taps])
+        for row_taps in _UPSAMPLED_TAPS for column_taps in _UPSAMPLED_TAPS]
     # (a, b, batch, y, x, c) -> (batch, 2y + a, 2x + b, c)
     out = mx.stack(parities).reshape(2, 2, batch, height, width, -1)
     return out.transpose(2, 3, 0, 4, 1, 5).reshape(batch, 2 * height, 2 * width, -1)
