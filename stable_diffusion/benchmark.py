@@ -8,14 +8,16 @@ random weights (a fixed seed), loads it through the pipeline as a user would, an
 per dtype and batch (2 = classifier-free guidance): load time, text encoding, one UNet step
 (median after a warm-up), the VAE decode, a whole image, peak memory and the UNet's achieved
 GFLOP/s (FLOPs counted from the config) against this machine's single-matmul rate.
-`--reference` then runs diffusers' UNet and VAE on the same files (PyTorch, float32, in a
-process of its own: see benchmark_reference.py), checks that they compute what ours did,
-and prints the speed-ups.
+`--reference` then runs diffusers' UNet and VAE on the same files and the same device (in a
+process of its own: see benchmark_reference.py), checks that they compute what ours did in
+float32, and prints the speed-ups: float32 on a CPU (where PyTorch's float16 is no contender),
+float32 and float16 on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -30,7 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -218,15 +221,32 @@ def _diffusers_shape(key: str, shape: tuple[int, ...], conv_projections: bool) -
     return shape
 
 
+def _in_order(function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+    """`function` of each item, computed on all cores in threads (numpy's random generators
+    and arithmetic release the GIL), yielded in order, a few per core computed ahead."""
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque[Future] = collections.deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _random_parameters(
     model: nn.Module, seed: int, conv_projections: bool
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Deterministic random parameters in diffusers' layout: norms at weight 1 / bias 0,
     everything else normal * 0.02 (keeps activations finite through the deep networks,
-    float16 included)."""
+    float16 included). Each tensor has a generator of its own, so they can be made in
+    parallel."""
     norms = {name for name, m in model.named_modules()
              if isinstance(m, nn.GroupNorm | nn.LayerNorm)}
-    for index, (key, value) in enumerate(nn.utils.tree_flatten(model.parameters())):
+
+    def parameter(indexed: tuple[int, tuple[str, mx.array]]) -> tuple[str, np.ndarray]:
+        index, (key, value) = indexed
         module, _, kind = key.rpartition(".")
         if module in norms:
             array = np.full(value.shape, 1.0 if kind == "weight" else 0.0, np.float32)
@@ -234,8 +254,10 @@ def _random_parameters(
             array = np.random.default_rng([seed, index]).standard_normal(value.shape, np.float32)
             array *= 0.02
         if array.ndim == 4:
-            array = array.transpose(0, 3, 1, 2)
-        yield key, array.reshape(_diffusers_shape(key, value.shape, conv_projections))
+            array = np.ascontiguousarray(array.transpose(0, 3, 1, 2))
+        return key, array.reshape(_diffusers_shape(key, value.shape, conv_projections))
+
+    yield from _in_order(parameter, enumerate(nn.utils.tree_flatten(model.parameters())))
 
 
 def _write_safetensors(paths: dict[str, Path], tensors: list[tuple[str, tuple[int, ...]]],
@@ -258,8 +280,7 @@ def _write_safetensors(paths: dict[str, Path], tensors: list[tuple[str, tuple[in
     try:
         for _, array in arrays:
             for dtype, file in files.items():
-                file.write(np.ascontiguousarray(
-                    array, np.float16 if dtype == "F16" else np.float32).tobytes())
+                file.write((array.astype(np.float16) if dtype == "F16" else array).data)
     finally:
         for file in files.values():
             file.close()
@@ -345,14 +366,28 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def matmul_gflops(repeats: int = 10) -> float:
-    """This machine's float32 rate on one large matmul (4096x1280 @ 1280x1280), the
-    ceiling the UNet's sustained rate is compared with."""
-    a = mx.random.normal((4096, 1280))
-    b = mx.random.normal((1280, 1280))
+def matmul_gflops(dtype: mx.Dtype = mx.float32, repeats: int = 10) -> float:
+    """This machine's rate on one large matmul (4096x1280 @ 1280x1280) in `dtype`, the
+    ceiling the UNet's sustained rate in that dtype is compared with. On a GPU the matmul
+    runs 100 times per timing, to be well clear of the launch overhead."""
+    a = mx.random.normal((4096, 1280)).astype(dtype)
+    b = mx.random.normal((1280, 1280)).astype(dtype)
     mx.eval(a, b)
-    seconds = median_time(lambda: mx.eval(a @ b), repeats, warmup=2)
-    return 2 * 4096 * 1280 * 1280 / seconds / 1e9
+    calls = 1 if mx.default_device() == mx.cpu else 100
+    seconds = median_time(lambda: mx.eval([a @ b for _ in range(calls)]), repeats, warmup=2)
+    return calls * 2 * 4096 * 1280 * 1280 / seconds / 1e9
+
+
+def matmul_rates(dtypes: list[str]) -> dict[str, float]:
+    """The single-matmul GFLOP/s of each compute dtype that `dtypes` run in."""
+    computed = {compute_dtype(mx.float16 if _dtype_options(d)[0] else mx.float32)
+                for d in dtypes}
+    return {_dtype_name(dtype): matmul_gflops(dtype)
+            for dtype in sorted(computed, key=_dtype_name, reverse=True)}
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 @dataclasses.dataclass
@@ -457,17 +492,18 @@ def _decode_seconds(sd: StableDiffusion, config: PipelineConfig, latent: int,
 
 
 def _measure(sd: StableDiffusion, config: PipelineConfig, batch: int,
-             args: argparse.Namespace, matmul_rate: float) -> dict[str, Any]:
-    """Text encoding and UNet timings of one batch size, all models loaded."""
+             args: argparse.Namespace, matmul_rates: dict[str, float]) -> dict[str, Any]:
+    """Text encoding and UNet timings of one batch size, all models loaded; the UNet's rate
+    against the single matmul's in the dtype it computes in."""
     latent = args.size // sd.vae.downscale
     row: dict[str, Any] = {"batch": batch}
     row["text_s"] = median_time(lambda: _encode(sd, [PROMPT] * batch), args.repeats)
-    unet_inputs = UNetInputs.random(config.unet, batch, latent, latent).mlx(
-        compute_dtype(sd.dtype))
+    activations = compute_dtype(sd.dtype)
+    unet_inputs = UNetInputs.random(config.unet, batch, latent, latent).mlx(activations)
     row["unet_step_s"] = median_time(lambda: mx.eval(sd.unet(**unet_inputs)), args.repeats)
     flops = unet_flops(config.unet, batch, latent, latent)
     row["unet_gflops"] = flops / row["unet_step_s"] / 1e9
-    row["unet_matmul_pct"] = 100 * row["unet_gflops"] / matmul_rate
+    row["unet_matmul_pct"] = 100 * row["unet_gflops"] / matmul_rates[_dtype_name(activations)]
     return row
 
 
@@ -481,7 +517,7 @@ def _parity(sd: StableDiffusion, config: PipelineConfig, latent: int) -> Parity:
 
 def run_mlx(
     name: str, config: PipelineConfig, folder: Path, dtype: str, args: argparse.Namespace,
-    matmul_rate: float,
+    matmul_rates: dict[str, float],
 ) -> tuple[list[dict[str, Any]], Parity | None]:
     """Load the pipeline from `folder` in `dtype` and measure it at batch 1 and 2; with
     --reference, also what float32 computes on the parity inputs. Then one image per batch
@@ -501,7 +537,7 @@ def run_mlx(
     rows = []
     for batch in (1, 2):
         with _phase(args):
-            rows.append({**common, **_measure(sd, config, batch, args, matmul_rate)})
+            rows.append({**common, **_measure(sd, config, batch, args, matmul_rates)})
     parity = None
     if dtype == "float32" and args.reference:
         with _phase(args):
@@ -531,18 +567,26 @@ def _relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
+def reference_dtypes(dtypes: list[str]) -> list[str]:
+    """What diffusers runs in, of what MLX ran in: float32, and float16 on a GPU."""
+    on_gpu = mx.default_device() == mx.gpu
+    return [d for d in ("float32", "float16") if d in dtypes and (on_gpu or d == "float32")]
+
+
 def run_reference(name: str, folder: Path, args: argparse.Namespace,
                   parity: Parity) -> dict[str, Any]:
-    """diffusers (PyTorch, CPU, float32) on the same weight files, in a process of its own
-    (see benchmark_reference.py): first that its UNet and VAE compute what ours did, then
-    their timings."""
+    """diffusers (PyTorch) on the same weight files and device, in a process of its own (see
+    benchmark_reference.py): first that its float32 UNet and VAE compute what ours did, then
+    their timings in each of `reference_dtypes`."""
     inputs, outputs = folder / "reference_inputs.npz", folder / "reference_outputs.npz"
     unet_inputs = {k: v for k, v in dataclasses.asdict(parity.unet_inputs).items()
                    if v is not None}
     np.savez(inputs, **unet_inputs, vae_latents=parity.latents)
     script = Path(__file__).with_name("benchmark_reference.py")
+    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
     subprocess.run([sys.executable, str(script), str(folder), str(inputs), str(outputs),
-                    str(args.repeats)], check=True)
+                    str(args.repeats), device, ",".join(reference_dtypes(args.dtypes))],
+                   check=True)
     theirs = dict(np.load(outputs))
     result = {"model": name,
               "unet_max_rel_error": _relative_error(parity.unet_output, theirs.pop("unet_output")),
@@ -571,6 +615,8 @@ def machine_info() -> dict[str, Any]:
     info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(memory / GIB, 1),
             "device": str(mx.default_device()), "platform": platform.platform(),
             "python": platform.python_version(), "mlx": mx.__version__}
+    if mx.default_device() == mx.gpu:
+        info["gpu"] = mx.device_info().get("device_name", "GPU")
     for package in ("torch", "diffusers"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             info[package] = importlib.metadata.version(package)
@@ -589,12 +635,14 @@ def _cell(value: Any, digits: int | None = None) -> str:
 
 
 def markdown_tables(results: dict[str, Any]) -> str:
-    steps = results["settings"]["steps"]
+    steps, machine = results["settings"]["steps"], results["machine"]
+    rates = ", ".join(f"{rate:.0f} GFLOP/s in {dtype}"
+                      for dtype, rate in results["matmul_gflops"].items())
+    gpu = f" ({machine['gpu']})" if "gpu" in machine else ""
     lines = [
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
-        f"{results['machine']['ram_gb']} GiB; MLX {results['machine']['mlx']} on "
-        f"{results['machine']['device']}; {results['settings']['size']}px; single matmul "
-        f"{results['matmul_gflops']:.0f} GFLOP/s; "
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GiB; "
+        f"MLX {machine['mlx']} on {machine['device']}{gpu}; {results['settings']['size']}px; "
+        f"single matmul {rates}; "
         + ("lazy, without fast_cpu()" if results["settings"]["lazy"] else "within fast_cpu()"),
         "",
         f"| model | dtype | batch | load s | text s | UNet step s | UNet GFLOP/s | % of matmul "
@@ -612,25 +660,26 @@ def markdown_tables(results: dict[str, Any]) -> str:
     if results["reference"]:
         lines += [
             "",
-            f"vs diffusers {results['machine'].get('diffusers')} / PyTorch "
-            f"{results['machine'].get('torch')} (CPU, float32, same weights; speed-up = "
-            "PyTorch time / MLX time):",
+            f"vs diffusers {machine.get('diffusers')} / PyTorch {machine.get('torch')} (same "
+            "weights, same device; speed-up = PyTorch time / MLX time; the difference is "
+            "float32's):",
             "",
-            "| model | batch | MLX UNet step s | PyTorch UNet step s | speed-up "
+            "| model | dtype | batch | MLX UNet step s | PyTorch UNet step s | speed-up "
             "| MLX VAE decode s | PyTorch VAE decode s | speed-up | max rel. difference "
             "UNet / VAE |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for ref in results["reference"]:
             for r in results["rows"]:
-                if r["model"] != ref["model"] or r["dtype"] != "float32":
+                unet_key = f"{r['dtype']}_unet_step_s_batch{r['batch']}"
+                if r["model"] != ref["model"] or unet_key not in ref:
                     continue
-                theirs = ref[f"unet_step_s_batch{r['batch']}"]
+                theirs, their_vae = ref[unet_key], ref[f"{r['dtype']}_vae_decode_s"]
                 lines.append(
-                    f"| {r['model']} | {r['batch']} | {_cell(r['unet_step_s'])} "
+                    f"| {r['model']} | {r['dtype']} | {r['batch']} | {_cell(r['unet_step_s'])} "
                     f"| {_cell(theirs)} | {theirs / r['unet_step_s']:.2f}x "
-                    f"| {_cell(r['vae_decode_s'])} | {_cell(ref['vae_decode_s'])} "
-                    f"| {ref['vae_decode_s'] / r['vae_decode_s']:.2f}x "
+                    f"| {_cell(r['vae_decode_s'])} | {_cell(their_vae)} "
+                    f"| {their_vae / r['vae_decode_s']:.2f}x "
                     f"| {ref['unet_max_rel_error']:.1e} / {ref['vae_max_rel_error']:.1e} |")
     return "\n".join(lines)
 
@@ -648,7 +697,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--reference", action="store_true",
-                        help="also run diffusers/PyTorch (float32, CPU) on the same weights")
+                        help="also run diffusers/PyTorch on the same weights and device: float32 "
+                             "(and float16 on a GPU)")
     parser.add_argument("--output", default="results.json", help="JSON results file")
     parser.add_argument("--workdir", help="where to write the random-weight models "
                         "(default: a temporary folder, removed afterwards)")
@@ -670,8 +720,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    matmul_rate = matmul_gflops()
-    print(f"single matmul (4096x1280 @ 1280x1280, float32): {matmul_rate:.0f} GFLOP/s", flush=True)
+    rates = matmul_rates(args.dtypes)
+    for dtype, rate in rates.items():
+        print(f"single matmul (4096x1280 @ 1280x1280, {dtype}): {rate:.0f} GFLOP/s", flush=True)
     rows, references = [], []
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sd-benchmark-"))
     try:
@@ -686,7 +737,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   flush=True)
             parity = None
             for dtype in args.dtypes:
-                dtype_rows, dtype_parity = run_mlx(name, config, folder, dtype, args, matmul_rate)
+                dtype_rows, dtype_parity = run_mlx(name, config, folder, dtype, args, rates)
                 rows += dtype_rows
                 parity = parity or dtype_parity
                 gc.collect()
@@ -698,7 +749,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    results = {"machine": machine_info(), "matmul_gflops": matmul_rate,
+    results = {"machine": machine_info(), "matmul_gflops": rates,
                "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
                "rows": rows, "reference": references}
     Path(args.output).write_text(json.dumps(results, indent=1))

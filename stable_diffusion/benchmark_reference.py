@@ -1,15 +1,20 @@
-"""diffusers (PyTorch, float32) on a benchmark's random-weight model folder, in a process of
-its own: run by path, never imported, from `benchmark.py`.
+"""diffusers (PyTorch) on a benchmark's random-weight model folder, in a process of its own:
+run by path, never imported, from `benchmark.py`.
 
-    python stable_diffusion/benchmark_reference.py MODEL_FOLDER INPUTS.npz OUTPUTS.npz REPEATS
+    python stable_diffusion/benchmark_reference.py MODEL_FOLDER INPUTS.npz OUTPUTS.npz REPEATS \
+        DEVICE DTYPES
+
+DEVICE is `cpu` or `gpu` (CUDA, else Apple's MPS), DTYPES a comma-separated list of float32
+and float16: the same work as the MLX side measured.
 
 Why a process of its own: in a process where `stable_diffusion` has loaded OpenBLAS with
 global symbols, PyTorch's CPU matmuls bind to it and share its threads, and run 3-5x slower
 (SD 1.5 UNet step: 5.3 s alone, 17 s after `import stable_diffusion`, 27 s after MLX work).
 
 INPUTS.npz holds the UNet inputs (NHWC latents, timestep, context, SDXL's text_embeds and
-time_ids) and the VAE's latents; OUTPUTS.npz gets diffusers' outputs on them (NHWC) and its
-median timings: the UNet at batch 1 and 2 (the inputs repeated), the VAE decode at batch 1.
+time_ids) and the VAE's latents; OUTPUTS.npz gets diffusers' float32 outputs on them (NHWC)
+and, per dtype, its median timings ("float16_unet_step_s_batch2"): the UNet at batch 1 and 2
+(the inputs repeated), the VAE decode at batch 1.
 """
 
 from __future__ import annotations
@@ -40,57 +45,108 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def load(cls: Any, folder: Path) -> Any:
+def torch_device(name: str) -> torch.device:
+    if name == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        # The same float32 arithmetic as MLX's on CUDA, which uses TF32 unless
+        # MLX_ENABLE_TF32=0.
+        tf32 = os.environ.get("MLX_ENABLE_TF32", "1") != "0"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    raise SystemExit("MLX ran on a GPU but this PyTorch sees none (neither CUDA nor MPS): "
+                     "install a PyTorch build for the GPU, or run the benchmark on the CPU")
+
+
+def synchronized(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], Any]:
+    """`fn` finished on the device when it returns, as `mx.eval` is on the MLX side."""
+    if device.type == "cuda":
+        return lambda: (fn(), torch.cuda.synchronize())
+    if device.type == "mps":
+        return lambda: (fn(), torch.mps.synchronize())
+    return fn
+
+
+def load(cls: Any, folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
     """`from_config` + `load_state_dict` of the same safetensors file the MLX side loaded
     (built on the meta device: no random init to pay for or hold)."""
     with torch.device("meta"):
         model = cls.from_config(cls.load_config(folder))
-    model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), assign=True)
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors", device=str(device))
+    model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
     return model.eval()
 
 
-def nchw(array: np.ndarray, batch: int = 1) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([array.transpose(0, 3, 1, 2)] * batch))
+def as_tensor(array: np.ndarray, batch: int, device: torch.device, dtype: torch.dtype,
+              nhwc: bool = False) -> torch.Tensor:
+    """`array` repeated `batch` times (NHWC -> NCHW if `nhwc`) on `device`."""
+    if nhwc:
+        array = array.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.concatenate([array] * batch)).to(device, dtype)
 
 
-def repeated(array: np.ndarray, batch: int) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([array] * batch))
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().cpu().numpy().transpose(0, 2, 3, 1)
 
 
-def run_unet(folder: Path, inputs: Any, repeats: int) -> dict[str, Any]:
-    unet = load(UNet2DConditionModel, folder)
+def run_unet(folder: Path, inputs: Any, repeats: int, device: torch.device,
+             dtype: torch.dtype) -> dict[str, Any]:
+    unet = load(UNet2DConditionModel, folder, device, dtype)
 
     def call(batch: int) -> Callable[[], torch.Tensor]:
+        def tensor(name: str, nhwc: bool = False) -> torch.Tensor:
+            return as_tensor(inputs[name], batch, device, dtype, nhwc)
+
         added = None
         if "text_embeds" in inputs:
-            added = {"text_embeds": repeated(inputs["text_embeds"], batch),
-                     "time_ids": repeated(inputs["time_ids"], batch)}
-        sample, context = nchw(inputs["latents"], batch), repeated(inputs["context"], batch)
+            added = {"text_embeds": tensor("text_embeds"), "time_ids": tensor("time_ids")}
+        sample, context = tensor("latents", nhwc=True), tensor("context")
         timestep = float(inputs["timestep"])
         return lambda: unet(sample, timestep, context, added_cond_kwargs=added).sample
 
-    return {"unet_output": call(1)().numpy().transpose(0, 2, 3, 1),
-            "unet_step_s_batch1": median_time(call(1), repeats),
-            "unet_step_s_batch2": median_time(call(2), repeats)}
+    results = {f"unet_step_s_batch{batch}": median_time(synchronized(call(batch), device),
+                                                        repeats) for batch in (1, 2)}
+    if dtype == torch.float32:
+        results["unet_output"] = as_numpy(call(1)())
+    return results
 
 
-def run_vae(folder: Path, latents: np.ndarray, repeats: int) -> dict[str, Any]:
-    vae = load(AutoencoderKL, folder)
-    sample = nchw(latents)
-    return {"vae_decoded": vae.decode(sample).sample.numpy().transpose(0, 2, 3, 1),
-            "vae_decode_s": median_time(lambda: vae.decode(sample).sample, repeats)}
+def run_vae(folder: Path, latents: np.ndarray, repeats: int, device: torch.device,
+            dtype: torch.dtype) -> dict[str, Any]:
+    vae = load(AutoencoderKL, folder, device, dtype)
+    sample = as_tensor(latents, 1, device, dtype, nhwc=True)
+    results = {"vae_decode_s": median_time(synchronized(lambda: vae.decode(sample).sample,
+                                                        device), repeats)}
+    if dtype == torch.float32:
+        results["vae_decoded"] = as_numpy(vae.decode(sample).sample)
+    return results
 
 
-def main(model: Path, inputs_file: Path, outputs_file: Path, repeats: int) -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
+def main(model: Path, inputs_file: Path, outputs_file: Path, repeats: int, device_name: str,
+         dtypes: list[str]) -> None:
+    device = torch_device(device_name)
     inputs = dict(np.load(inputs_file))
+    latents = inputs.pop("vae_latents")
+    results: dict[str, Any] = {}
     with torch.inference_mode():
-        results = run_unet(model / "unet", inputs, repeats)
-        gc.collect()  # one model in memory at a time
-        results.update(run_vae(model / "vae", inputs.pop("vae_latents"), repeats))
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            # One model in memory at a time.
+            measured = run_unet(model / "unet", inputs, repeats, device, dtype)
+            gc.collect()
+            measured.update(run_vae(model / "vae", latents, repeats, device, dtype))
+            gc.collect()
+            for key, value in measured.items():
+                results[key if isinstance(value, np.ndarray) else f"{name}_{key}"] = value
     np.savez(outputs_file, **results)
 
 
 if __name__ == "__main__":
-    model, inputs_file, outputs_file, repeats = sys.argv[1:]
-    main(Path(model), Path(inputs_file), Path(outputs_file), int(repeats))
+    model, inputs_file, outputs_file, repeats, device_name, dtypes = sys.argv[1:]
+    main(Path(model), Path(inputs_file), Path(outputs_file), int(repeats), device_name,
+         dtypes.split(","))

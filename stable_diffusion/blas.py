@@ -16,12 +16,13 @@ from several threads, one small single-threaded matmul each.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import os
 import sys
 import sysconfig
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,8 @@ def load_optimized_blas() -> Path | None:
         return None
     library = next((p for p in _candidates() if p.is_file()), None)
     if library is None:
+        if _mlx_runs_on_cuda():
+            return None  # its work runs on the GPU
         warnings.warn(
             "cmeel-openblas is not installed: MLX will use its slow reference BLAS on this CPU "
             "(pip install -r requirements.txt)",
@@ -72,6 +75,15 @@ def load_optimized_blas() -> Path | None:
         return None
     _bind(_openblas)
     return library
+
+
+def _mlx_runs_on_cuda() -> bool:
+    """Whether MLX is the CUDA build (`mlx[cuda]`), asked before `mlx.core` is imported."""
+    for name in ("mlx-cuda-12", "mlx-cuda-13", "mlx-cuda"):
+        with suppress(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.distribution(name)
+            return True
+    return False
 
 
 def _bind(library: ctypes.CDLL) -> None:

@@ -27,7 +27,9 @@ def run(tmp_path, capsys, *extra: str, dtypes: str = "float32") -> tuple[dict, s
 def test_tiny_run_writes_the_results_and_prints_the_table(tmp_path, capsys):
     results, printed = run(tmp_path, capsys, "--workdir", str(tmp_path / "models"))
 
-    assert results["matmul_gflops"] > 0
+    # On a CPU every dtype computes in float32: one rate.
+    assert list(results["matmul_gflops"]) == ["float32"]
+    assert results["matmul_gflops"]["float32"] > 0
     assert {"cpu", "cores", "ram_gb", "mlx", "device"} <= results["machine"].keys()
     assert [(r["model"], r["dtype"], r["batch"]) for r in results["rows"]] == [
         ("tiny", "float32", 1), ("tiny", "float32", 2)]
@@ -94,7 +96,11 @@ def test_reference_run_checks_the_same_weights_and_prints_the_speed_ups(tmp_path
     (reference,) = results["reference"]
     assert reference["unet_max_rel_error"] < 1e-4
     assert reference["vae_max_rel_error"] < 1e-4
-    assert reference["unet_step_s_batch1"] > 0 and reference["vae_decode_s"] > 0
+    # On a CPU PyTorch runs in float32 only.
+    timings = {key for key in reference if key.startswith("float")}
+    assert timings == {"float32_unet_step_s_batch1", "float32_unet_step_s_batch2",
+                       "float32_vae_decode_s"}
+    assert all(reference[key] > 0 for key in timings)
     assert "PyTorch UNet step s" in printed
     assert sum(line.startswith("| tiny | ") and line.endswith("|")
                for line in printed.split("PyTorch UNet step s")[1].splitlines()) == 2
@@ -147,3 +153,36 @@ def test_vae_and_text_encoder_flops_match_a_count_by_hand():
                              projection_dim=4, with_projection=True)
     layer = 4 * 5 * 8 * 8 + 2 * 5 * 5 * 8 + 2 * 5 * 8 * 16
     assert benchmark.text_encoder_flops(text, 3, tokens=5) == 2 * 3 * (2 * layer + 8 * 4)
+
+
+def test_on_a_gpu_pytorch_also_runs_float16(monkeypatch):
+    import mlx.core as mx
+
+    assert benchmark.reference_dtypes(["float32", "float16", "q8"]) == ["float32"]
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert benchmark.reference_dtypes(["float32", "float16", "q8"]) == ["float32", "float16"]
+    assert benchmark.reference_dtypes(["q8", "float32"]) == ["float32"]
+
+
+def test_the_comparison_table_has_a_row_per_dtype_pytorch_ran():
+    row = {"model": "tiny", "load_s": 1.0, "weights_gb": 0.1, "vae_decode_s": 2.0}
+    rows = [{**row, "dtype": dtype, "batch": batch, "unet_step_s": step}
+            for dtype, step in (("float32", 1.0), ("float16", 0.5), ("q8", 0.6))
+            for batch in (1, 2)]
+    reference = {"model": "tiny", "unet_max_rel_error": 1e-6, "vae_max_rel_error": 2e-6}
+    for dtype, seconds in (("float32", 2.0), ("float16", 1.5)):
+        reference |= {f"{dtype}_unet_step_s_batch1": seconds,
+                      f"{dtype}_unet_step_s_batch2": 2 * seconds,
+                      f"{dtype}_vae_decode_s": 3.0}
+    results = {"settings": {"steps": 1, "size": 512, "lazy": False},
+               "machine": {"cpu": "x", "cores": 16, "ram_gb": 128, "mlx": "0", "device": "gpu",
+                           "gpu": "H200"},
+               "matmul_gflops": {"float32": 1000.0, "float16": 5000.0},
+               "rows": rows, "reference": [reference]}
+    table = benchmark.markdown_tables(results)
+    assert "on gpu (H200)" in table and "5000 GFLOP/s in float16" in table
+    comparison = table.split("PyTorch UNet step s")[1].splitlines()
+    assert [line.split(" | ")[1:4] for line in comparison if line.startswith("| tiny")] == [
+        ["float32", "1", "1.00"], ["float32", "2", "1.00"],
+        ["float16", "1", "0.500"], ["float16", "2", "0.500"]]
+    assert "| 1.00 | 2.00 | 2.00x |" in table and "| 0.500 | 3.00 | 6.00x |" in table

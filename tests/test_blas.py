@@ -35,3 +35,18 @@ def test_mlx_matmul_binds_to_openblas():
 
 def test_environment_variable_turns_it_off():
     assert "libopenblas" not in sgemm_binding({"MLX_SD_NO_OPENBLAS": "1"})
+
+
+def test_without_openblas_a_cpu_build_warns_and_a_cuda_build_does_not(monkeypatch, recwarn):
+    from stable_diffusion import blas
+
+    monkeypatch.setattr(blas, "_candidates", lambda: [])
+    monkeypatch.delenv("MLX_SD_NO_OPENBLAS", raising=False)
+    with pytest.warns(UserWarning, match="cmeel-openblas is not installed"):
+        assert blas.load_optimized_blas() is None
+    assert not blas._mlx_runs_on_cuda()  # this environment has mlx[cpu]
+
+    monkeypatch.setattr(blas, "_mlx_runs_on_cuda", lambda: True)
+    recwarn.clear()
+    assert blas.load_optimized_blas() is None
+    assert not recwarn.list
