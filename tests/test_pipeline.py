@@ -116,3 +116,12 @@ def test_text_encoders_can_go_before_the_first_step(name):
     gc.collect()
     assert mx.get_active_memory() < before - 0.9 * encoder_bytes
     np.testing.assert_array_equal(np.array(final(latents)), expected)
+
+
+def test_loaded_weights_are_contiguous(model):
+    # Convolution weights are mapped from OIHW by a transpose; left as a strided view, every
+    # convolution would copy its weight again.
+    sd, _ = model
+    modules = [*sd.text_encoders, sd.unet, sd.vae]
+    for name, value in (item for m in modules for item in tree_flatten(m.parameters())):
+        assert memoryview(value).c_contiguous, name
