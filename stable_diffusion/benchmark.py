@@ -642,8 +642,9 @@ def markdown_tables(results: dict[str, Any]) -> str:
     lines = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GiB; "
         f"MLX {machine['mlx']} on {machine['device']}{gpu}; {results['settings']['size']}px; "
-        f"single matmul {rates}; "
-        + ("lazy, without fast_cpu()" if results["settings"]["lazy"] else "within fast_cpu()"),
+        f"single matmul {rates}"
+        + (("; lazy, without fast_cpu()" if results["settings"]["lazy"] else
+            "; within fast_cpu()") if machine["device"].startswith("Device(cpu") else ""),
         "",
         f"| model | dtype | batch | load s | text s | UNet step s | UNet GFLOP/s | % of matmul "
         f"| VAE decode s | image s ({steps} steps, load included) | peak GiB | weights GiB |",

@@ -38,6 +38,7 @@ def test_tiny_run_writes_the_results_and_prints_the_table(tmp_path, capsys):
     header = next(line for line in printed.splitlines() if line.startswith("| model"))
     assert all(f"| {column} |" in header for column in TABLE_COLUMNS)
     assert sum(line.startswith("| tiny | float32 |") for line in printed.splitlines()) == 2
+    assert "within fast_cpu()" in printed
     assert not (tmp_path / "models" / "tiny").exists()  # the random weights are cleaned up
 
 
@@ -175,12 +176,14 @@ def test_the_comparison_table_has_a_row_per_dtype_pytorch_ran():
                       f"{dtype}_unet_step_s_batch2": 2 * seconds,
                       f"{dtype}_vae_decode_s": 3.0}
     results = {"settings": {"steps": 1, "size": 512, "lazy": False},
-               "machine": {"cpu": "x", "cores": 16, "ram_gb": 128, "mlx": "0", "device": "gpu",
+               "machine": {"cpu": "x", "cores": 16, "ram_gb": 128, "mlx": "0",
+                           "device": "Device(gpu, 0)",
                            "gpu": "H200"},
                "matmul_gflops": {"float32": 1000.0, "float16": 5000.0},
                "rows": rows, "reference": [reference]}
     table = benchmark.markdown_tables(results)
-    assert "on gpu (H200)" in table and "5000 GFLOP/s in float16" in table
+    assert "on Device(gpu, 0) (H200)" in table and "5000 GFLOP/s in float16" in table
+    assert "fast_cpu" not in table  # it changes nothing on a GPU
     comparison = table.split("PyTorch UNet step s")[1].splitlines()
     assert [line.split(" | ")[1:4] for line in comparison if line.startswith("| tiny")] == [
         ["float32", "1", "1.00"], ["float32", "2", "1.00"],
