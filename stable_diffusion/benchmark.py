@@ -52,7 +52,7 @@ from .config import (
     UNetConfig,
 )
 from .cpu_kernels import fast_cpu
-from .layers import compute_dtype
+from .layers import compute_dtype, on_cpu
 from .tokenizer import clip_vocabulary
 from .unet import UNetModel
 from .vae import Autoencoder
@@ -373,7 +373,7 @@ def matmul_gflops(dtype: mx.Dtype = mx.float32, repeats: int = 10) -> float:
     a = mx.random.normal((4096, 1280)).astype(dtype)
     b = mx.random.normal((1280, 1280)).astype(dtype)
     mx.eval(a, b)
-    calls = 1 if mx.default_device() == mx.cpu else 100
+    calls = 1 if on_cpu() else 100
     seconds = median_time(lambda: mx.eval([a @ b for _ in range(calls)]), repeats, warmup=2)
     return calls * 2 * 4096 * 1280 * 1280 / seconds / 1e9
 
@@ -569,8 +569,7 @@ def _relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 def reference_dtypes(dtypes: list[str]) -> list[str]:
     """What diffusers runs in, of what MLX ran in: float32, and float16 on a GPU."""
-    on_gpu = mx.default_device() == mx.gpu
-    return [d for d in ("float32", "float16") if d in dtypes and (on_gpu or d == "float32")]
+    return [d for d in ("float32", "float16") if d in dtypes and (d == "float32" or not on_cpu())]
 
 
 def run_reference(name: str, folder: Path, args: argparse.Namespace,
@@ -583,7 +582,7 @@ def run_reference(name: str, folder: Path, args: argparse.Namespace,
                    if v is not None}
     np.savez(inputs, **unet_inputs, vae_latents=parity.latents)
     script = Path(__file__).with_name("benchmark_reference.py")
-    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    device = "cpu" if on_cpu() else "gpu"
     subprocess.run([sys.executable, str(script), str(folder), str(inputs), str(outputs),
                     str(args.repeats), device, ",".join(reference_dtypes(args.dtypes))],
                    check=True)
@@ -615,7 +614,7 @@ def machine_info() -> dict[str, Any]:
     info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(memory / GIB, 1),
             "device": str(mx.default_device()), "platform": platform.platform(),
             "python": platform.python_version(), "mlx": mx.__version__}
-    if mx.default_device() == mx.gpu:
+    if not on_cpu():
         info["gpu"] = mx.device_info().get("device_name", "GPU")
     for package in ("torch", "diffusers"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -644,7 +643,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         f"MLX {machine['mlx']} on {machine['device']}{gpu}; {results['settings']['size']}px; "
         f"single matmul {rates}"
         + (("; lazy, without fast_cpu()" if results["settings"]["lazy"] else
-            "; within fast_cpu()") if machine["device"].startswith("Device(cpu") else ""),
+            "; within fast_cpu()") if "gpu" not in machine else ""),
         "",
         f"| model | dtype | batch | load s | text s | UNet step s | UNet GFLOP/s | % of matmul "
         f"| VAE decode s | image s ({steps} steps, load included) | peak GiB | weights GiB |",
