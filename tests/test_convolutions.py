@@ -65,3 +65,54 @@ def test_shifted_convolution_on_large_images_matches_float64():
         out = np.array(conv(mx.array(x)))
     expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2, 3), (2, 6, 10, 4), (1, 16, 18, 5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_winograd_convolution_matches_float64(winograd_everywhere, shape, with_bias):
+    rng = np.random.default_rng(2)
+    conv = layers.Conv2d(shape[-1], 7, 3, padding=1, bias=with_bias)
+    conv.weight, bias = random_conv(rng, shape[-1], 7)
+    if with_bias:
+        conv.bias = bias
+    x = rng.standard_normal(shape).astype(np.float32)
+    out = np.array(conv(mx.array(x)))
+    expected = conv3x3_float64(x, np.array(conv.weight), np.array(bias) if with_bias else 0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert winograd_everywhere == [shape]
+
+
+def test_winograd_kernel_follows_a_replaced_weight(winograd_everywhere, monkeypatch):
+    """The transformed kernel is kept between calls, and made again when the weight is
+    replaced, as merging a LoRA does."""
+    transforms = []
+    transform = layers.winograd.transform_kernel
+    monkeypatch.setattr(layers.winograd, "transform_kernel",
+                        lambda w: transforms.append(1) or transform(w))
+    rng = np.random.default_rng(3)
+    conv = layers.Conv2d(4, 5, 3, padding=1)
+    x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    for _ in range(2):
+        conv.weight, conv.bias = random_conv(rng, 4, 5)
+        for _ in range(2):
+            out = np.array(conv(mx.array(x)))
+            expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert len(transforms) == 2
+    assert len(winograd_everywhere) == 4
+
+
+@pytest.mark.parametrize("reason", [None, "odd height", "float16 weight", "few channels",
+                                    "small image"])
+def test_winograd_only_where_it_pays(reason):
+    """Odd sizes and float16 weights (a float32 kernel would double their memory) take the
+    other paths; so do the convolutions the thresholds leave out."""
+    channels = layers._WINOGRAD_MIN_CHANNELS
+    side = 8 if reason == "small image" else 32
+    assert (side * side >= layers._WINOGRAD_MIN_PIXELS) == (reason != "small image")
+    shape = (1, side - (reason == "odd height"), side,
+             channels - (reason == "few channels"))
+    conv = layers.Conv2d(shape[-1], channels, 3, padding=1)
+    if reason == "float16 weight":
+        conv.weight = conv.weight.astype(mx.float16)
+    assert conv._runs_winograd(mx.zeros(shape)) == (reason is None)

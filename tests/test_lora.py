@@ -377,3 +377,14 @@ def test_read_lora_formats():
     peft = read_lora(lora("sd1_peft"))
     assert {layer.component for layer in peft} == {"unet", "text_encoder"}
     assert {layer.alpha for layer in peft} == {5.0, 7.0}  # from the file's metadata
+
+
+def test_lora_merged_after_a_winograd_run_changes_its_convolutions(winograd_everywhere, reference):
+    """The convolutions' transformed kernels, kept from a first run, follow the weights a
+    LoRA merges afterwards."""
+    sd = StableDiffusion(str(FIXTURES / "models" / "tiny-sdxl"), float16=False)
+    outputs(sd, "tiny-sdxl")
+    sd.load_lora(lora("sdxl_kohya"), 0.75)
+    for key, value in outputs(sd, "tiny-sdxl").items():
+        assert_close(value, reference[f"sdxl_kohya_0.75.{key}"])
+    assert winograd_everywhere

@@ -54,7 +54,16 @@ def test_text_encoders_match_transformers(model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_unet_matches_diffusers(model):
-    ref = reference(model)
+    assert_unet_matches(model, reference(model))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_unet_by_winograd_matches_diffusers(model, winograd_everywhere):
+    assert_unet_matches(model, reference(model))
+    assert winograd_everywhere
+
+
+def assert_unet_matches(model: str, ref: dict[str, np.ndarray]) -> None:
     unet = loading.load_unet(FIXTURES / "models" / model / "unet", mx.float32)
     extra = {}
     if model == "tiny-sdxl":
@@ -73,7 +82,16 @@ def test_unet_matches_diffusers(model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_vae_matches_diffusers(model):
-    ref = reference(model)
+    assert_vae_matches(model, reference(model))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_vae_by_winograd_matches_diffusers(model, winograd_everywhere):
+    assert_vae_matches(model, reference(model))
+    assert winograd_everywhere
+
+
+def assert_vae_matches(model: str, ref: dict[str, np.ndarray]) -> None:
     vae = loading.load_vae(FIXTURES / "models" / model / "vae", mx.float32)
     mean, std = vae.encode(nhwc(ref["vae.images"]))
     assert_close(mx.array(nchw(mean)), ref["vae.encoded_mean"])
