@@ -37,8 +37,6 @@ _thread_scratch = threading.local()
 # matmuls, small enough to stay near the cache and bound memory (SD 2.x at 768px has 9216
 # tokens; 256 rows of SD 1.5's 4096 ran fastest).
 _SCORE_BLOCK_ELEMENTS = 1 << 20
-# Rows per softmax chunk: 64 rows of 4096 scores (1 MB) stay in a core's L2 cache.
-_SOFTMAX_ROWS = 64
 # Shifted scores are at most this (exp(40) * 1e5 keys is far from float32's overflow) ...
 _EXP_HEADROOM = 40.0
 # ... and a row whose exps sum to less than exp(-60) underflowed: its largest scores
@@ -84,22 +82,10 @@ def _on_all_cores(kernel: Callable[[T], object], parts: list[T]) -> list:
     return list(_threads().map(kernel, parts))
 
 
-def _exponentiate_rows(scores: np.ndarray) -> np.ndarray:
-    """exp(scores) in place, a few rows at a time so that each chunk stays in the core's
-    cache between the exp and the sum; returns the row sums."""
-    sums = np.empty((scores.shape[0], 1), scores.dtype)
-    for start in range(0, scores.shape[0], _SOFTMAX_ROWS):
-        chunk = scores[start:start + _SOFTMAX_ROWS]
-        np.exp(chunk, out=chunk)
-        chunk.sum(axis=-1, keepdims=True, out=sums[start:start + _SOFTMAX_ROWS])
-    return sums
-
-
-def _exponentiate_exactly(scores: np.ndarray) -> np.ndarray:
-    """exp(scores - row max) in place; returns the row sums."""
+def _exponentiate_exactly(scores: np.ndarray) -> None:
+    """exp(scores - row max) in place."""
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
-    return scores.sum(axis=-1, keepdims=True)
 
 
 def _score_shifts(queries: mx.array, keys: mx.array) -> mx.array:
@@ -117,22 +103,24 @@ def _score_shifts(queries: mx.array, keys: mx.array) -> mx.array:
 def _attend(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray,
             first_row: int, causal: bool) -> None:
     """out = softmax(queries @ keys) @ values for one block of one head's queries, the
-    queries carrying their shift column (see `_score_shifts`)."""
+    queries carrying their shift column (see `_score_shifts`) and the values a column of
+    ones, whose output is the row sums of the exps: no separate pass over the scores."""
     rows, k_len = len(queries), keys.shape[1]
     scores = _scratch(rows * k_len).reshape(rows, k_len)
     blas.matmul_into(queries, keys, scores)
     if causal:
         scores[np.arange(k_len)[None] > np.arange(first_row, first_row + rows)[:, None]] = -np.inf
-    totals = _exponentiate_rows(scores)  # scores now hold the unnormalized probabilities
+    np.exp(scores, out=scores)
+    blas.matmul_into(scores, values, out)
+    totals = out[:, -1:]
     # A row whose true max lies far below its bound lost its precision to underflow.
     underflowed = np.flatnonzero(totals[:, 0] < _MIN_ROW_SUM)
     if underflowed.size:
         redo = queries[underflowed] @ keys
         if causal:
             redo[np.arange(k_len)[None] > (first_row + underflowed)[:, None]] = -np.inf
-        totals[underflowed] = _exponentiate_exactly(redo)
-        scores[underflowed] = redo
-    blas.matmul_into(scores, values, out)
+        _exponentiate_exactly(redo)
+        out[underflowed] = redo @ values
     out /= totals  # normalizing the block's output is cheaper than its probabilities
 
 
@@ -162,10 +150,11 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     # Queries get the negated shift as one more column, keys a row of ones to meet it.
     queries = mx.contiguous(mx.concatenate([queries, -_score_shifts(queries, keys)], axis=-1))
     keys = mx.contiguous(mx.concatenate([keys, mx.ones_like(keys[:, :1])], axis=1))
-    values = mx.contiguous(split_heads(v, (0, 2, 1, 3)))  # (B*H, S, D)
+    values = split_heads(v, (0, 2, 1, 3))  # (B*H, S, D)
+    values = mx.contiguous(mx.concatenate([values, mx.ones_like(values[..., :1])], axis=-1))
     mx.eval(queries, keys, values)
     queries, keys, values = np.asarray(queries), np.asarray(keys), np.asarray(values)
-    out = np.empty((batch * heads, q_len, dim), np.float32)
+    out = np.empty((batch * heads, q_len, dim + 1), np.float32)
     block = max(1, _SCORE_BLOCK_ELEMENTS // k_len)
 
     def attend(job: tuple[int, int]) -> None:
@@ -176,7 +165,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     jobs = [(head, start) for head in range(batch * heads) for start in range(0, q_len, block)]
     with blas.one_thread_per_call():
         _on_all_cores(attend, jobs)
-    result = mx.array(out).reshape(batch, heads, q_len, dim)
+    result = mx.array(out[..., :dim]).reshape(batch, heads, q_len, dim)
     return result.transpose(0, 2, 1, 3).reshape(batch, q_len, width).astype(v.dtype)
 
 
