@@ -65,8 +65,8 @@ def test_lazy_run_measures_without_fast_cpu(tmp_path, capsys, monkeypatch):
 
 
 def test_each_phase_runs_in_a_fast_cpu_block_of_its_own(tmp_path, capsys, monkeypatch):
-    # As the scripts run: leaving the block empties MLX's buffer cache, so that a decode's
-    # buffers do not slow the UNet steps measured after it.
+    # As the scripts run, the UNet before the decode, each phase in a block of its own:
+    # leaving one empties MLX's buffer cache.
     blocks, phases = [], []
 
     @contextlib.contextmanager
@@ -85,7 +85,7 @@ def test_each_phase_runs_in_a_fast_cpu_block_of_its_own(tmp_path, capsys, monkey
     for name in ("_decode_seconds", "_measure"):
         monkeypatch.setattr(benchmark, name, recorded(name, getattr(benchmark, name)))
     run(tmp_path, capsys)
-    assert [name for name, _, _ in phases] == ["_decode_seconds", "_measure", "_measure"]
+    assert [name for name, _, _ in phases] == ["_measure", "_measure", "_decode_seconds"]
     assert all(inside for _, _, inside in phases)
     assert len({block for _, block, _ in phases}) == 3
 
