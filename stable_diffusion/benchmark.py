@@ -528,8 +528,7 @@ def run_mlx(
     sd.preload()
     common = {"model": name, "dtype": dtype, "load_s": time.perf_counter() - start,
               "weights_gb": _weights_bytes(sd) / GIB}
-    # The UNet before the decode, as the scripts (and the reference) run them: after a
-    # 512px decode, this VM ran the UNet steps up to 10% slower.
+    # The UNet before the decode, as the scripts (and the reference) run them.
     measured = []
     for batch in (1, 2):
         with _phase(args):
