@@ -299,8 +299,9 @@ class Conv2d(nn.Conv2d):
         return cached.kernel
 
     def _runs_winograd(self, x: mx.array) -> bool:
+        """For a float32 image (checked by the caller) that `__call__` convolves 3x3."""
         out_channels, _, _, in_channels = self.weight.shape
-        return (x.dtype == self.weight.dtype == mx.float32
+        return (self.weight.dtype == mx.float32
                 and min(in_channels, out_channels) >= _WINOGRAD_MIN_CHANNELS
                 and x.shape[1] * x.shape[2] >= _WINOGRAD_MIN_PIXELS
                 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0)
