@@ -29,7 +29,9 @@ import numpy as np
 from . import blas
 
 T = TypeVar("T")
-_ENABLED = contextvars.ContextVar("fast_cpu", default=False)
+# The current `fast_cpu()` block's store of values kept from call to call; None outside one.
+_BLOCK_STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fast_cpu",
+                                                                         default=None)
 _CORES = os.cpu_count() or 1
 _thread_scratch = threading.local()
 
@@ -48,13 +50,15 @@ _SILU_CHUNK = 1 << 15
 
 @contextmanager
 def fast_cpu() -> Iterator[None]:
-    """Within this block, on the CPU: attention softmax and SiLU run in numpy on all cores,
-    and MLX keeps freed buffers up to an eighth of the RAM for reuse (its default, 32 MB,
-    makes every large image buffer a fresh allocation, page faults included). The price is
-    laziness: each step computes as the generator advances, not at `mx.eval`. No effect on
-    a GPU. Use one block per phase (denoising, decoding): leaving it empties the buffer
-    cache, whose buffers from a 512px decode slowed the UNet steps after it by ~20%."""
-    token = _ENABLED.set(True)
+    """Within this block, on the CPU: attention softmax and SiLU run in numpy on all cores;
+    wide 3x3 convolutions run by Winograd, their transformed kernels kept until the block
+    ends; and MLX keeps freed buffers up to an eighth of the RAM for reuse (its default,
+    32 MB, makes every large image buffer a fresh allocation, page faults included). The
+    price is laziness: each step computes as the generator advances, not at `mx.eval`. No
+    effect on a GPU. Use one block per phase (denoising, decoding): leaving it frees the
+    kernels and empties the buffer cache, whose buffers from a 512px decode slowed the
+    UNet steps after it by ~20%."""
+    token = _BLOCK_STORE.set({})
     previous_limit = None
     if mx.default_device() == mx.cpu:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -63,14 +67,20 @@ def fast_cpu() -> Iterator[None]:
     try:
         yield
     finally:
-        _ENABLED.reset(token)
+        _BLOCK_STORE.reset(token)
         if previous_limit is not None:
             mx.set_cache_limit(previous_limit)
 
 
 def enabled() -> bool:
     """Inside `fast_cpu()`, computing on the CPU."""
-    return _ENABLED.get() and mx.default_device() == mx.cpu
+    return block_store() is not None
+
+
+def block_store() -> dict | None:
+    """Inside `fast_cpu()`, computing on the CPU: the block's store for values worth
+    keeping from call to call (the Winograd kernels), emptied when the block ends."""
+    return _BLOCK_STORE.get() if mx.default_device() == mx.cpu else None
 
 
 @cache

@@ -268,16 +268,15 @@ def _conv3x3_shifted(x: mx.array, weight: mx.array) -> mx.array:
     return _shifted_matmuls(_padded_rows(x), x.shape[1], x.shape[2], taps)
 
 
-# Where a 3x3 convolution on the CPU runs by Winograd's F(2x2, 3x3) (`winograd.py`): both
-# channel counts at least this, the image at least `_WINOGRAD_MIN_PIXELS`, of even height
-# and width. 1.4-1.7x faster than the shifted matmuls on the UNet's 64x64 and 32x32 latents
-# (320 and 640 channels) and the VAE's 64x64 and 128x128 images (512 channels). Left out:
-# the VAE's 256 and 128 channels, where the transforms cost more than the matmuls they
-# save; and the UNets' 16x16 and 8x8 latents, whose 1280-channel kernels are the largest:
-# on 16x16 it is as much faster per layer, but their transformed kernels would add 1.4 GB
-# to SD 1.5's float32 UNet (those of the larger latents add 0.4 GB) for 3% of a step
-# (4.59 -> 4.43 s); on 8x8 only 15% faster per layer: reading the kernel dominates.
-_WINOGRAD_MIN_CHANNELS = 320
+# Where a 3x3 convolution on the CPU runs by Winograd's F(4x4, 3x3) (`winograd.py`), within
+# `fast_cpu()`: both channel counts at least this, the image at least `_WINOGRAD_MIN_PIXELS`.
+# Per layer, against the shifted matmuls: 1.9-2.7x faster on the UNets' 64x64 and 32x32
+# latents (320 and 640 channels) and the VAE's 64x64 and 128x128 images (512 channels),
+# 1.2-1.5x on the VAE's 256x256 ones (256 channels). Left out: the VAE's 128 channels
+# (no faster), and the UNets' 16x16 and 8x8 latents, whose 1280-channel kernels are the
+# largest: on 16x16 it is 2.6x faster per layer, but their transformed kernels (4x the
+# weights) would add 2.8 GB to SD 1.5's float32 UNet (those of the larger latents add 1 GB).
+_WINOGRAD_MIN_CHANNELS = 256
 _WINOGRAD_MIN_PIXELS = 32 * 32
 
 
@@ -288,14 +287,15 @@ class _TransformedKernel:
 
 
 class Conv2d(nn.Conv2d):
-    def _winograd_kernel(self) -> mx.array:
-        """The weight's Winograd transform, computed at the first call and kept (float32
-        only: it is 16/9 the weight's size): recomputing it would cost as much as the
-        convolution. Recomputed when the weight is replaced (a LoRA merge)."""
-        cached = getattr(self, "_transformed", None)
+    def _winograd_kernel(self, store: dict) -> mx.array:
+        """The weight's Winograd transform, made at the layer's first call in a `fast_cpu()`
+        block and kept in the block's `store` until it ends: four times the weight's size,
+        too much to keep for good; making it at every call would cost most of what the
+        convolution saves. Made again when the weight is replaced (a LoRA merge)."""
+        cached = store.get(id(self))
         if cached is None or cached.source is not self.weight:
             cached = _TransformedKernel(self.weight, winograd.transform_kernel(self.weight))
-            self._transformed = cached
+            store[id(self)] = cached
         return cached.kernel
 
     def _runs_winograd(self, x: mx.array) -> bool:
@@ -303,14 +303,14 @@ class Conv2d(nn.Conv2d):
         out_channels, _, _, in_channels = self.weight.shape
         return (self.weight.dtype == mx.float32
                 and min(in_channels, out_channels) >= _WINOGRAD_MIN_CHANNELS
-                and x.shape[1] * x.shape[2] >= _WINOGRAD_MIN_PIXELS
-                and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0)
+                and x.shape[1] * x.shape[2] >= _WINOGRAD_MIN_PIXELS)
 
     def __call__(self, x: mx.array) -> mx.array:
         if (on_cpu() and x.dtype == mx.float32 and self.weight.shape[1:3] == (3, 3)
                 and self.stride == (1, 1) and self.padding == (1, 1)):
-            if self._runs_winograd(x):
-                return winograd.conv3x3(x, self._winograd_kernel(), self.get("bias"))
+            store = cpu_kernels.block_store()
+            if store is not None and self._runs_winograd(x):
+                return winograd.conv3x3(x, self._winograd_kernel(store), self.get("bias"))
             if x.shape[1] * x.shape[2] >= _SHIFTED_CONV_MIN_PIXELS:
                 y = _conv3x3_shifted(x, self.weight)
                 return y + self.bias if "bias" in self else y

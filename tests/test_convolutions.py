@@ -1,14 +1,16 @@
-"""The CPU's convolution paths (shifted matmuls for 3x3 convolutions on large images, the
-2x upsampling convolution computed on the small image) against a float64 convolution in
-numpy."""
+"""The CPU's convolution paths (shifted matmuls for 3x3 convolutions on large images,
+Winograd for wide ones, the 2x upsampling convolution computed on the small image) against a
+float64 convolution in numpy."""
 
 from __future__ import annotations
+
+import math
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from stable_diffusion import layers
+from stable_diffusion import cpu_kernels, fast_cpu, layers
 
 
 def conv3x3_float64(image: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -67,7 +69,14 @@ def test_shifted_convolution_on_large_images_matches_float64():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 2, 3), (2, 6, 10, 4), (1, 16, 18, 5)])
+def assert_winograd_close(out: np.ndarray, expected: np.ndarray) -> None:
+    """F(4x4, 3x3) rounds to ~5e-6 of the output's scale (`winograd.py`)."""
+    assert out.shape == expected.shape
+    assert np.abs(out - expected).max() <= 2e-5 * np.abs(expected).max()
+
+
+# Sides that are multiples of the 4x4 output tiles and sides that are not (padded).
+@pytest.mark.parametrize("shape", [(1, 2, 2, 3), (2, 8, 12, 4), (1, 16, 18, 5), (1, 5, 7, 3)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_winograd_convolution_matches_float64(winograd_everywhere, shape, with_bias):
     rng = np.random.default_rng(2)
@@ -78,8 +87,22 @@ def test_winograd_convolution_matches_float64(winograd_everywhere, shape, with_b
     x = rng.standard_normal(shape).astype(np.float32)
     out = np.array(conv(mx.array(x)))
     expected = conv3x3_float64(x, np.array(conv.weight), np.array(bias) if with_bias else 0)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert_winograd_close(out, expected)
     assert winograd_everywhere == [shape]
+
+
+def test_winograd_on_wide_channels_matches_float64():
+    """At the real thresholds, on as many channels as the UNets' and VAEs' layers sum."""
+    rng = np.random.default_rng(4)
+    channels = layers._WINOGRAD_MIN_CHANNELS
+    conv = layers.Conv2d(channels, channels, 3, padding=1)
+    conv.weight, conv.bias = random_conv(rng, channels, channels)
+    conv.weight = conv.weight / math.sqrt(9 * channels)
+    x = rng.standard_normal((1, 32, 36, channels)).astype(np.float32)
+    with mx.stream(mx.cpu), fast_cpu():
+        assert conv._runs_winograd(mx.array(x))
+        out = np.array(conv(mx.array(x)))
+    assert_winograd_close(out, conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias)))
 
 
 def test_winograd_kernel_follows_a_replaced_weight(winograd_everywhere, monkeypatch):
@@ -97,21 +120,43 @@ def test_winograd_kernel_follows_a_replaced_weight(winograd_everywhere, monkeypa
         for _ in range(2):
             out = np.array(conv(mx.array(x)))
             expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
-            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+            assert_winograd_close(out, expected)
     assert len(transforms) == 2
     assert len(winograd_everywhere) == 4
 
 
-@pytest.mark.parametrize("reason", [None, "odd height", "float16 weight", "few channels",
-                                    "small image"])
+def test_winograd_kernels_live_as_long_as_the_fast_cpu_block(monkeypatch):
+    """Each `fast_cpu()` block makes a layer's kernel once and frees it at its end; outside
+    a block the convolution takes the shifted matmuls and keeps nothing."""
+    monkeypatch.setattr(layers, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(layers, "_WINOGRAD_MIN_PIXELS", 1)
+    transforms = []
+    transform = layers.winograd.transform_kernel
+    monkeypatch.setattr(layers.winograd, "transform_kernel",
+                        lambda w: transforms.append(1) or transform(w))
+    rng = np.random.default_rng(5)
+    conv = layers.Conv2d(4, 5, 3, padding=1)
+    conv.weight, conv.bias = random_conv(rng, 4, 5)
+    x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
+    with mx.stream(mx.cpu):
+        for _ in range(2):
+            with fast_cpu():
+                for _ in range(2):
+                    assert_winograd_close(np.array(conv(mx.array(x))), expected)
+        np.testing.assert_allclose(np.array(conv(mx.array(x))), expected, rtol=1e-5, atol=1e-5)
+    assert len(transforms) == 2
+    assert cpu_kernels.block_store() is None
+
+
+@pytest.mark.parametrize("reason", [None, "float16 weight", "few channels", "small image"])
 def test_winograd_only_where_it_pays(reason):
-    """Odd sizes and float16 weights (a float32 kernel would double their memory) take the
-    other paths; so do the convolutions the thresholds leave out."""
+    """float16 weights (a float32 kernel would double their memory) take the other paths;
+    so do the convolutions the thresholds leave out."""
     channels = layers._WINOGRAD_MIN_CHANNELS
     side = 8 if reason == "small image" else 32
     assert (side * side >= layers._WINOGRAD_MIN_PIXELS) == (reason != "small image")
-    shape = (1, side - (reason == "odd height"), side,
-             channels - (reason == "few channels"))
+    shape = (1, side, side, channels - (reason == "few channels"))
     conv = layers.Conv2d(shape[-1], channels, 3, padding=1)
     if reason == "float16 weight":
         conv.weight = conv.weight.astype(mx.float16)
