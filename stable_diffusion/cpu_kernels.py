@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from typing import TypeVar
 
@@ -74,13 +75,28 @@ def fast_cpu() -> Iterator[None]:
 
 def enabled() -> bool:
     """Inside `fast_cpu()`, computing on the CPU."""
-    return block_store() is not None
+    return _BLOCK_STORE.get() is not None and mx.default_device() == mx.cpu
 
 
-def block_store() -> dict | None:
-    """Inside `fast_cpu()`, computing on the CPU: the block's store for values worth
-    keeping from call to call (the Winograd kernels), emptied when the block ends."""
-    return _BLOCK_STORE.get() if mx.default_device() == mx.cpu else None
+@dataclass(frozen=True)
+class _Kept:
+    sources: tuple[mx.array, ...]
+    value: object
+
+
+def kept(owner: object, sources: tuple[mx.array, ...], make: Callable[[], T]) -> T:
+    """`make()`, kept for `owner` until the `fast_cpu()` block ends, as long as the arrays
+    it is made from (`sources`) stay the same objects: made again when one is replaced (a
+    LoRA merge, a new text context). Outside a block, or off the CPU, made at every call."""
+    store = _BLOCK_STORE.get() if mx.default_device() == mx.cpu else None
+    if store is None:
+        return make()
+    entry = store.get(id(owner))
+    if (entry is None or len(entry.sources) != len(sources)
+            or any(old is not new for old, new in zip(entry.sources, sources, strict=True))):
+        # The entry holds its sources, so no new array can take their ids meanwhile.
+        entry = store[id(owner)] = _Kept(sources, make())
+    return entry.value
 
 
 @cache

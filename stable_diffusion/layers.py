@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
@@ -280,23 +279,13 @@ _WINOGRAD_MIN_CHANNELS = 256
 _WINOGRAD_MIN_PIXELS = 32 * 32
 
 
-@dataclass(frozen=True)
-class _TransformedKernel:
-    source: mx.array
-    kernel: mx.array
-
-
 class Conv2d(nn.Conv2d):
-    def _winograd_kernel(self, store: dict) -> mx.array:
+    def _winograd_kernel(self) -> mx.array:
         """The weight's Winograd transform, made at the layer's first call in a `fast_cpu()`
-        block and kept in the block's `store` until it ends: four times the weight's size,
-        too much to keep for good; making it at every call would cost most of what the
-        convolution saves. Made again when the weight is replaced (a LoRA merge)."""
-        cached = store.get(id(self))
-        if cached is None or cached.source is not self.weight:
-            cached = _TransformedKernel(self.weight, winograd.transform_kernel(self.weight))
-            store[id(self)] = cached
-        return cached.kernel
+        block and kept until the block ends: four times the weight's size, too much to keep
+        for good; making it at every call would cost most of what the convolution saves."""
+        return cpu_kernels.kept(self, (self.weight,),
+                                lambda: winograd.transform_kernel(self.weight))
 
     def _runs_winograd(self, x: mx.array) -> bool:
         """For a float32 image (checked by the caller) that `__call__` convolves 3x3."""
@@ -308,9 +297,8 @@ class Conv2d(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
         if (on_cpu() and x.dtype == mx.float32 and self.weight.shape[1:3] == (3, 3)
                 and self.stride == (1, 1) and self.padding == (1, 1)):
-            store = cpu_kernels.block_store()
-            if store is not None and self._runs_winograd(x):
-                return winograd.conv3x3(x, self._winograd_kernel(store), self.get("bias"))
+            if cpu_kernels.enabled() and self._runs_winograd(x):
+                return winograd.conv3x3(x, self._winograd_kernel(), self.get("bias"))
             if x.shape[1] * x.shape[2] >= _SHIFTED_CONV_MIN_PIXELS:
                 y = _conv3x3_shifted(x, self.weight)
                 return y + self.bias if "bias" in self else y

@@ -11,6 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_kernels
 from .config import UNetConfig
 from .layers import (
     Conv2d,
@@ -59,9 +60,15 @@ class Attention(nn.Module):
         self.to_out = [Linear(dims, dims)]
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
-        return self.to_out[0](out)
+        if context is None:
+            keys, values = self.to_k(x), self.to_v(x)
+        else:
+            # The text context is the same at every step: within a `fast_cpu()` block its
+            # keys and values are computed once (SDXL: 4% of a step).
+            keys, values = cpu_kernels.kept(
+                self, (context, self.to_k.weight, self.to_v.weight),
+                lambda: (self.to_k(context), self.to_v(context)))
+        return self.to_out[0](attention(self.to_q(x), keys, values, self.heads))
 
 
 class GEGLU(nn.Module):

@@ -54,6 +54,45 @@ def test_default_attention_stays_lazy(monkeypatch):
     assert out.shape == (1, 16, 8)
 
 
+def test_text_context_projected_once_per_block(monkeypatch):
+    """Within a `fast_cpu()` block a cross-attention projects a text context once, and
+    again for another context array or after its key or value weights are replaced (a LoRA
+    merge); outside a block, at every call. Each output matches the lazy default's."""
+    from stable_diffusion.unet import Attention
+
+    attention = Attention(8, heads=2, context_dims=6)
+    projections = []
+    linear_call = layers.Linear.__call__
+
+    def counted(self, x):
+        if self is attention.to_k or self is attention.to_v:
+            projections.append(self)
+        return linear_call(self, x)
+
+    monkeypatch.setattr(layers.Linear, "__call__", counted)
+    x, context = mx.random.normal((1, 5, 8)), mx.random.normal((1, 7, 6))
+
+    def assert_same(out: mx.array, expected: mx.array) -> None:
+        np.testing.assert_allclose(np.array(out), np.array(expected), rtol=1e-5, atol=1e-6)
+
+    expected = attention(x, context)
+    assert len(projections) == 2
+    with mx.stream(mx.cpu), fast_cpu():
+        for _ in range(3):
+            assert_same(attention(x, context), expected)
+        assert len(projections) == 4
+        assert_same(attention(x, mx.array(context)), expected)  # equal values, new array
+        assert len(projections) == 6
+        attention.to_v.weight = attention.to_v.weight * 2
+        merged = attention(x, context)
+        assert len(projections) == 8
+    assert_same(merged, attention(x, context))
+    assert len(projections) == 10
+    with mx.stream(mx.cpu), fast_cpu():
+        attention(x, context)
+    assert len(projections) == 12
+
+
 def softmax_attention_float64(q, k, v, heads, causal):
     """Textbook multi-head attention in float64 numpy."""
     batch, q_len, width = q.shape
