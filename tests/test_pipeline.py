@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from stable_diffusion import StableDiffusion
+from stable_diffusion import StableDiffusion, fast_cpu, layers
 from tests.conftest import FIXTURES
 from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
 
@@ -69,6 +69,35 @@ def test_img2img_matches_diffusers(model, strength):
     images = np.array(sd.decode(final(latents)))
     expected = ref[f"img2img.strength{strength}"]
     np.testing.assert_allclose(images, expected, atol=PIXEL_TOLERANCE, rtol=0)
+
+
+def test_steps_in_fast_cpu_project_the_text_context_once(model, monkeypatch):
+    """As the scripts run (within `fast_cpu()`), only the first step projects the text
+    context (77 tokens) to keys and values; the image still matches diffusers."""
+    sd, ref = model
+    context_projections = []
+    linear_call = layers.Linear.__call__
+
+    def counted(self, x):
+        if x.shape[-2] == ref["unet.context"].shape[-2]:
+            context_projections.append(self)
+        return linear_call(self, x)
+
+    monkeypatch.setattr(layers.Linear, "__call__", counted)
+    latents = sd.generate_latents(PROMPTS, negative_text=NEGATIVE_PROMPTS, num_steps=4,
+                                  cfg_weight=7.5, sampler="euler",
+                                  latents=nhwc(ref["txt2img.noise"]))
+    latents.compute_conditioning()
+    per_step = []
+    with mx.stream(mx.cpu), fast_cpu():
+        for x in latents:
+            mx.eval(x)
+            per_step.append(len(context_projections))
+            context_projections.clear()
+        images = np.array(sd.decode(x))
+    assert per_step[0] > 0
+    assert per_step[1:] == [0, 0, 0]
+    np.testing.assert_allclose(images, ref["txt2img.cfg7.5"], atol=PIXEL_TOLERANCE, rtol=0)
 
 
 def test_generate_latents_is_lazy_and_yields_each_step(model):
