@@ -105,13 +105,19 @@ def test_winograd_on_wide_channels_matches_float64():
     assert_winograd_close(out, conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias)))
 
 
-def test_winograd_kernel_follows_a_replaced_weight(winograd_everywhere, monkeypatch):
-    """The transformed kernel is kept between calls, and made again when the weight is
-    replaced, as merging a LoRA does."""
-    transforms = []
+@pytest.fixture
+def transforms(monkeypatch) -> list[int]:
+    """One entry per Winograd kernel made."""
+    made = []
     transform = layers.winograd.transform_kernel
     monkeypatch.setattr(layers.winograd, "transform_kernel",
-                        lambda w: transforms.append(1) or transform(w))
+                        lambda w: made.append(1) or transform(w))
+    return made
+
+
+def test_winograd_kernel_follows_a_replaced_weight(winograd_everywhere, transforms):
+    """The transformed kernel is kept between calls, and made again when the weight is
+    replaced, as merging a LoRA does."""
     rng = np.random.default_rng(3)
     conv = layers.Conv2d(4, 5, 3, padding=1)
     x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
@@ -125,15 +131,11 @@ def test_winograd_kernel_follows_a_replaced_weight(winograd_everywhere, monkeypa
     assert len(winograd_everywhere) == 4
 
 
-def test_winograd_kernels_live_as_long_as_the_fast_cpu_block(monkeypatch):
+def test_winograd_kernels_live_as_long_as_the_fast_cpu_block(monkeypatch, transforms):
     """Each `fast_cpu()` block makes a layer's kernel once and frees it at its end; outside
     a block the convolution takes the shifted matmuls and keeps nothing."""
     monkeypatch.setattr(layers, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(layers, "_WINOGRAD_MIN_PIXELS", 1)
-    transforms = []
-    transform = layers.winograd.transform_kernel
-    monkeypatch.setattr(layers.winograd, "transform_kernel",
-                        lambda w: transforms.append(1) or transform(w))
     rng = np.random.default_rng(5)
     conv = layers.Conv2d(4, 5, 3, padding=1)
     conv.weight, conv.bias = random_conv(rng, 4, 5)
