@@ -69,6 +69,20 @@ def test_shifted_convolution_on_large_images_matches_float64():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_winograd_matrices_are_exact():
+    """In exact arithmetic, A^T [(G g) * (B^T d)] is the 1-D correlation of any tile d with
+    any kernel g: for each output i, kernel tap k and input position s, the transforms
+    combine d[s] g[k] exactly when s = i + k."""
+    from stable_diffusion.winograd import _INPUT, _KERNEL, _OUTPUT, INPUT_TILE, OUTPUT_TILE
+
+    for i in range(OUTPUT_TILE):
+        for k in range(3):
+            for s in range(INPUT_TILE):
+                weight = sum(_OUTPUT[i][j] * _KERNEL[j][k] * _INPUT[j][s]
+                             for j in range(INPUT_TILE))
+                assert weight == (1 if s == i + k else 0), (i, k, s)
+
+
 def assert_winograd_close(out: np.ndarray, expected: np.ndarray) -> None:
     """F(4x4, 3x3) rounds to ~5e-6 of the output's scale (`winograd.py`)."""
     assert out.shape == expected.shape
