@@ -73,9 +73,14 @@ def fast_cpu() -> Iterator[None]:
             mx.set_cache_limit(previous_limit)
 
 
+def _block_store() -> dict | None:
+    """The current `fast_cpu()` block's store, while computing on the CPU."""
+    return _BLOCK_STORE.get() if mx.default_device() == mx.cpu else None
+
+
 def enabled() -> bool:
     """Inside `fast_cpu()`, computing on the CPU."""
-    return _BLOCK_STORE.get() is not None and mx.default_device() == mx.cpu
+    return _block_store() is not None
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ def kept(owner: object, sources: tuple[mx.array, ...], make: Callable[[], T]) ->
     """`make()`, kept for `owner` until the `fast_cpu()` block ends, as long as the arrays
     it is made from (`sources`) stay the same objects: made again when one is replaced (a
     LoRA merge, a new text context). Outside a block, or off the CPU, made at every call."""
-    store = _BLOCK_STORE.get() if mx.default_device() == mx.cpu else None
+    store = _block_store()
     if store is None:
         return make()
     entry = store.get(id(owner))
