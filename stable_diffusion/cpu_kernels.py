@@ -91,14 +91,15 @@ def enabled() -> bool:
 
 @dataclass(frozen=True)
 class _Kept:
-    sources: tuple[mx.array, ...]
+    sources: tuple[object, ...]
     value: object
 
 
-def kept(owner: object, sources: tuple[mx.array, ...], make: Callable[[], T]) -> T:
+def kept(owner: object, sources: tuple[object, ...], make: Callable[[], T]) -> T:
     """`make()`, kept for `owner` until the `fast_cpu()` block ends, as long as the arrays
-    it is made from (`sources`) stay the same objects: made again when one is replaced (a
-    LoRA merge, a new text context). Outside a block, or off the CPU, made at every call."""
+    (or other objects) it is made from (`sources`) stay the same objects: made again when one
+    is replaced (a LoRA merge, a new text context). Outside a block, or off the CPU, made at
+    every call."""
     store = _block_store()
     if store is None:
         return make()

@@ -267,38 +267,47 @@ def _conv3x3_shifted(x: mx.array, weight: mx.array) -> mx.array:
     return _shifted_matmuls(_padded_rows(x), x.shape[1], x.shape[2], taps)
 
 
-# Where a 3x3 convolution on the CPU runs by Winograd's F(4x4, 3x3) (`winograd.py`), within
-# `fast_cpu()`: both channel counts at least this, the image at least `_WINOGRAD_MIN_PIXELS`.
-# Per layer, against the shifted matmuls: 1.9-2.7x faster on the UNets' 64x64 and 32x32
-# latents (320 and 640 channels) and the VAE's 64x64 and 128x128 images (512 channels),
-# 1.2-1.5x on the VAE's 256x256 ones (256 channels). Left out: the VAE's 128 channels
-# (no faster), and the UNets' 16x16 and 8x8 latents, whose 1280-channel kernels are the
-# largest: on 16x16 it is 2.6x faster per layer, but their transformed kernels (4x the
-# weights) would add 2.8 GB to SD 1.5's float32 UNet (those of the larger latents add 1 GB).
+# Where a 3x3 convolution on the CPU runs by Winograd (`winograd.py`), within `fast_cpu()`:
+# both channel counts at least `_WINOGRAD_MIN_CHANNELS`; F(4x4, 3x3) on images of at least
+# `_WINOGRAD_F4_MIN_PIXELS`, F(2x2, 3x3) on smaller ones of at least `_WINOGRAD_MIN_PIXELS`.
+# Per layer, against the shifted matmuls: F(4x4) 1.9-2.7x faster on the UNets' 64x64 and
+# 32x32 latents (320 and 640 channels) and the VAE's 64x64 and 128x128 images (512
+# channels), 1.2-1.5x on the VAE's 256x256 ones (256 channels); F(2x2) 1.7-1.9x on the
+# 16x16 latents' 1280 channels, where it is as fast as F(4x4) (which is faster at batch 2,
+# slower at batch 1) for less than half of its kernels' memory: 1.3 GB for SD 1.5's UNet
+# in float32, on top of F(4x4)'s 0.9 GB. Left out: the VAE's 128 channels (no faster), and
+# the 8x8 latents (1.1-1.4x, for another 1.8 GB of kernels).
 _WINOGRAD_MIN_CHANNELS = 256
-_WINOGRAD_MIN_PIXELS = 32 * 32
+_WINOGRAD_MIN_PIXELS = 16 * 16
+_WINOGRAD_F4_MIN_PIXELS = 32 * 32
 
 
 class Conv2d(nn.Conv2d):
-    def _winograd_kernel(self) -> mx.array:
+    def _winograd_kernel(self, algorithm: winograd.Algorithm) -> mx.array:
         """The weight's Winograd transform, made at the layer's first call in a `fast_cpu()`
-        block and kept until the block ends: four times the weight's size, too much to keep
-        for good; making it at every call would cost most of what the convolution saves."""
-        return cpu_kernels.kept(self, (self.weight,),
-                                lambda: winograd.transform_kernel(self.weight))
+        block and kept until the block ends: 16/9 or 4 times the weight's size, too much to
+        keep for good; making it at every call would cost more than the convolution saves."""
+        return cpu_kernels.kept(self, (self.weight, algorithm),
+                                lambda: winograd.transform_kernel(self.weight, algorithm))
 
-    def _runs_winograd(self, x: mx.array) -> bool:
-        """For a float32 image (checked by the caller) that `__call__` convolves 3x3."""
+    def _winograd_algorithm(self, x: mx.array) -> winograd.Algorithm | None:
+        """For a float32 image (checked by the caller) that `__call__` convolves 3x3: the
+        Winograd algorithm to run, if any."""
         out_channels, _, _, in_channels = self.weight.shape
-        return (self.weight.dtype == mx.float32
-                and min(in_channels, out_channels) >= _WINOGRAD_MIN_CHANNELS
-                and x.shape[1] * x.shape[2] >= _WINOGRAD_MIN_PIXELS)
+        pixels = x.shape[1] * x.shape[2]
+        if (self.weight.dtype != mx.float32
+                or min(in_channels, out_channels) < _WINOGRAD_MIN_CHANNELS
+                or pixels < _WINOGRAD_MIN_PIXELS):
+            return None
+        return winograd.F4 if pixels >= _WINOGRAD_F4_MIN_PIXELS else winograd.F2
 
     def __call__(self, x: mx.array) -> mx.array:
         if (on_cpu() and x.dtype == mx.float32 and self.weight.shape[1:3] == (3, 3)
                 and self.stride == (1, 1) and self.padding == (1, 1)):
-            if cpu_kernels.enabled() and self._runs_winograd(x):
-                return winograd.conv3x3(x, self._winograd_kernel(), self.get("bias"))
+            algorithm = self._winograd_algorithm(x) if cpu_kernels.enabled() else None
+            if algorithm is not None:
+                return winograd.conv3x3(x, self._winograd_kernel(algorithm), self.get("bias"),
+                                        algorithm)
             if x.shape[1] * x.shape[2] >= _SHIFTED_CONV_MIN_PIXELS:
                 y = _conv3x3_shifted(x, self.weight)
                 return y + self.bias if "bias" in self else y

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from stable_diffusion import fast_cpu, layers
+from stable_diffusion import fast_cpu, layers, winograd
 
 
 def conv3x3_float64(image: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -69,27 +69,31 @@ def test_shifted_convolution_on_large_images_matches_float64():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_winograd_matrices_are_exact():
+@pytest.mark.parametrize("algorithm", [winograd.F2, winograd.F4], ids=lambda a: a.name)
+def test_winograd_matrices_are_exact(algorithm):
     """In exact arithmetic, A^T [(G g) * (B^T d)] is the 1-D correlation of any tile d with
     any kernel g: for each output i, kernel tap k and input position s, the transforms
     combine d[s] g[k] exactly when s = i + k."""
-    from stable_diffusion.winograd import _INPUT, _KERNEL, _OUTPUT, INPUT_TILE, OUTPUT_TILE
-
-    for i in range(OUTPUT_TILE):
+    output, kernel, input_ = algorithm.output, algorithm.kernel, algorithm.input
+    assert (len(output), len(kernel), len(input_)) == (algorithm.output_tile,
+                                                       algorithm.input_tile,
+                                                       algorithm.input_tile)
+    for i in range(algorithm.output_tile):
         for k in range(3):
-            for s in range(INPUT_TILE):
-                weight = sum(_OUTPUT[i][j] * _KERNEL[j][k] * _INPUT[j][s]
-                             for j in range(INPUT_TILE))
+            for s in range(algorithm.input_tile):
+                weight = sum(output[i][j] * kernel[j][k] * input_[j][s]
+                             for j in range(algorithm.input_tile))
                 assert weight == (1 if s == i + k else 0), (i, k, s)
 
 
 def assert_winograd_close(out: np.ndarray, expected: np.ndarray) -> None:
-    """F(4x4, 3x3) rounds to ~5e-6 of the output's scale (`winograd.py`)."""
+    """F(4x4, 3x3) rounds to ~5e-6 of the output's scale, F(2x2, 3x3) to ~8e-7
+    (`winograd.py`)."""
     assert out.shape == expected.shape
     assert np.abs(out - expected).max() <= 2e-5 * np.abs(expected).max()
 
 
-# Sides that are multiples of the 4x4 output tiles and sides that are not (padded).
+# Sides that are multiples of the output tiles (2x2, 4x4) and sides that are not (padded).
 @pytest.mark.parametrize("shape", [(1, 2, 2, 3), (2, 8, 12, 4), (1, 16, 18, 5), (1, 5, 7, 3)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_winograd_convolution_matches_float64(winograd_everywhere, shape, with_bias):
@@ -105,16 +109,17 @@ def test_winograd_convolution_matches_float64(winograd_everywhere, shape, with_b
     assert winograd_everywhere == [shape]
 
 
-def test_winograd_on_wide_channels_matches_float64():
+@pytest.mark.parametrize(("side", "algorithm"), [(32, winograd.F4), (16, winograd.F2)])
+def test_winograd_on_wide_channels_matches_float64(side, algorithm):
     """At the real thresholds, on as many channels as the UNets' and VAEs' layers sum."""
     rng = np.random.default_rng(4)
     channels = layers._WINOGRAD_MIN_CHANNELS
     conv = layers.Conv2d(channels, channels, 3, padding=1)
     conv.weight, conv.bias = random_conv(rng, channels, channels)
     conv.weight = conv.weight / math.sqrt(9 * channels)
-    x = rng.standard_normal((1, 32, 36, channels)).astype(np.float32)
+    x = rng.standard_normal((1, side, side + 4, channels)).astype(np.float32)
     with mx.stream(mx.cpu), fast_cpu():
-        assert conv._runs_winograd(mx.array(x))
+        assert conv._winograd_algorithm(mx.array(x)) is algorithm
         out = np.array(conv(mx.array(x)))
     assert_winograd_close(out, conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias)))
 
@@ -123,9 +128,9 @@ def test_winograd_on_wide_channels_matches_float64():
 def transforms(monkeypatch) -> list[int]:
     """One entry per Winograd kernel made."""
     made = []
-    transform = layers.winograd.transform_kernel
-    monkeypatch.setattr(layers.winograd, "transform_kernel",
-                        lambda w: made.append(1) or transform(w))
+    transform = winograd.transform_kernel
+    monkeypatch.setattr(winograd, "transform_kernel",
+                        lambda w, algorithm: made.append(1) or transform(w, algorithm))
     return made
 
 
@@ -164,15 +169,36 @@ def test_winograd_kernels_live_as_long_as_the_fast_cpu_block(monkeypatch, transf
     assert len(transforms) == 2
 
 
-@pytest.mark.parametrize("reason", [None, "float16 weight", "few channels", "small image"])
-def test_winograd_only_where_it_pays(reason):
+def test_winograd_kernel_follows_the_image_size(monkeypatch, transforms):
+    """A layer that convolves images on both sides of the F(4x4) threshold in one block
+    keeps the kernel of the algorithm its image takes."""
+    monkeypatch.setattr(layers, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(layers, "_WINOGRAD_MIN_PIXELS", 1)
+    monkeypatch.setattr(layers, "_WINOGRAD_F4_MIN_PIXELS", 8 * 8)
+    rng = np.random.default_rng(6)
+    conv = layers.Conv2d(4, 5, 3, padding=1)
+    conv.weight, conv.bias = random_conv(rng, 4, 5)
+    with mx.stream(mx.cpu), fast_cpu():
+        for side in (4, 8, 8, 4):
+            x = rng.standard_normal((1, side, side, 4)).astype(np.float32)
+            expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
+            assert_winograd_close(np.array(conv(mx.array(x))), expected)
+    assert len(transforms) == 3
+
+
+@pytest.mark.parametrize(("case", "side", "channels_short", "algorithm"), [
+    ("large image", 32, 0, winograd.F4),
+    ("16x16 latents", 16, 0, winograd.F2),
+    ("float16 weight", 32, 0, None),
+    ("few channels", 32, 1, None),
+    ("8x8 latents", 8, 0, None),
+])
+def test_winograd_only_where_it_pays(case, side, channels_short, algorithm):
     """float16 weights (a float32 kernel would double their memory) take the other paths;
     so do the convolutions the thresholds leave out."""
     channels = layers._WINOGRAD_MIN_CHANNELS
-    side = 8 if reason == "small image" else 32
-    assert (side * side >= layers._WINOGRAD_MIN_PIXELS) == (reason != "small image")
-    shape = (1, side, side, channels - (reason == "few channels"))
+    shape = (1, side, side, channels - channels_short)
     conv = layers.Conv2d(shape[-1], channels, 3, padding=1)
-    if reason == "float16 weight":
+    if case == "float16 weight":
         conv.weight = conv.weight.astype(mx.float16)
-    assert conv._runs_winograd(mx.zeros(shape)) == (reason is None)
+    assert conv._winograd_algorithm(mx.zeros(shape)) is algorithm

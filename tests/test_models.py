@@ -6,9 +6,6 @@ absolute for values near zero)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -55,23 +52,15 @@ def test_text_encoders_match_transformers(model):
         assert_close(output.pooled, ref[f"{name}.pooled"])
 
 
-PATHS = ["default", "winograd everywhere"]
-
-
-@contextmanager
-def convolution_paths(paths: str, request: pytest.FixtureRequest) -> Iterator[None]:
-    """The default paths, or Winograd for every convolution it can run
-    (`winograd_everywhere`), checked to have run."""
-    convolved = request.getfixturevalue("winograd_everywhere") if paths != "default" else None
-    yield
-    assert convolved is None or convolved, "no convolution ran by Winograd"
+@pytest.mark.parametrize("model", MODELS)
+def test_unet_matches_diffusers(model):
+    assert_unet_matches(model, reference(model))
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("paths", PATHS)
-def test_unet_matches_diffusers(model, paths, request):
-    with convolution_paths(paths, request):
-        assert_unet_matches(model, reference(model))
+def test_unet_by_winograd_matches_diffusers(model, winograd_everywhere):
+    assert_unet_matches(model, reference(model))
+    assert winograd_everywhere, "no convolution ran by Winograd"
 
 
 def assert_unet_matches(model: str, ref: dict[str, np.ndarray]) -> None:
@@ -92,10 +81,14 @@ def assert_unet_matches(model: str, ref: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("paths", PATHS)
-def test_vae_matches_diffusers(model, paths, request):
-    with convolution_paths(paths, request):
-        assert_vae_matches(model, reference(model))
+def test_vae_matches_diffusers(model):
+    assert_vae_matches(model, reference(model))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_vae_by_winograd_matches_diffusers(model, winograd_everywhere):
+    assert_vae_matches(model, reference(model))
+    assert winograd_everywhere, "no convolution ran by Winograd"
 
 
 def assert_vae_matches(model: str, ref: dict[str, np.ndarray]) -> None:
