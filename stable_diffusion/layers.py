@@ -274,9 +274,9 @@ def _conv3x3_shifted(x: mx.array, weight: mx.array) -> mx.array:
 # 32x32 latents (320 and 640 channels) and the VAE's 64x64 and 128x128 images (512
 # channels), 1.2-1.5x on the VAE's 256x256 ones (256 channels); F(2x2) 1.7-1.9x on the
 # 16x16 latents' 1280 channels, where it is as fast as F(4x4) (which is faster at batch 2,
-# slower at batch 1) for less than half of its kernels' memory: 1.3 GB for SD 1.5's UNet
-# in float32, on top of F(4x4)'s 0.9 GB. Left out: the VAE's 128 channels (no faster), and
-# the 8x8 latents (1.1-1.4x, for another 1.8 GB of kernels).
+# slower at batch 1) for less than half of its kernels' memory: 1.2 GiB for SD 1.5's UNet
+# in float32, on top of F(4x4)'s 0.9 GiB. Left out: the VAE's 128 channels (no faster), and
+# the 8x8 latents (1.1-1.4x, for another 1.7 GiB of kernels).
 _WINOGRAD_MIN_CHANNELS = 256
 _WINOGRAD_MIN_PIXELS = 16 * 16
 _WINOGRAD_F4_MIN_PIXELS = 32 * 32
