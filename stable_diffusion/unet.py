@@ -82,7 +82,10 @@ class GEGLU(nn.Module):
             # gating fuse into one pass instead of three over a strided split.
             weights = mx.split(self.proj.weight, 2)
             biases = mx.split(self.proj.bias, 2)
-            return geglu_cpu(x @ weights[0].T, x @ weights[1].T, *biases)
+            hidden, gate = x @ weights[0].T, x @ weights[1].T
+            if cpu_kernels.enabled() and hidden.dtype == mx.float32:
+                return cpu_kernels.geglu_(hidden, gate, *biases)
+            return geglu_cpu(hidden, gate, *biases)
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
         return hidden * gelu(gate)
 

@@ -1,9 +1,11 @@
-"""The CPU's eager numpy kernels (attention, SiLU; opt-in with `fast_cpu()`)
+"""The CPU's eager numpy kernels (attention, SiLU, GEGLU; opt-in with `fast_cpu()`)
 compute what the lazy default computes: parity with diffusers/transformers on
 the tiny models, same tolerance as tests/test_models.py, and with float64 on
 their own. The default never takes the eager path."""
 
 from __future__ import annotations
+
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -198,6 +200,26 @@ def test_numpy_silu_matches_float64():
     with np.errstate(over="ignore"):
         expected = x / (1 + np.exp(-x.astype(np.float64)))
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 3 * cpu_kernels._GEGLU_CHUNK // 96 + 5])
+def test_numpy_geglu_matches_float64(rows):
+    # Rows over several chunks and threads (or fewer rows than cores); gates from far in
+    # both tails through 0.
+    rng = np.random.default_rng(4)
+    width = 48
+    hidden, gate = (rng.standard_normal((rows, width)).astype(np.float32) for _ in range(2))
+    gate *= np.linspace(0.1, 12, width, dtype=np.float32)
+    hidden_bias, gate_bias = (rng.standard_normal(width).astype(np.float32) for _ in range(2))
+    with mx.stream(mx.cpu):
+        out = np.array(cpu_kernels.geglu_(mx.array(hidden) + 0, mx.array(gate),
+                                          mx.array(hidden_bias), mx.array(gate_bias)))
+    gate64 = gate.astype(np.float64) + gate_bias
+    erf = np.frompyfunc(math.erf, 1, 1)
+    gelu = 0.5 * gate64 * (1 + erf(gate64 / math.sqrt(2)).astype(np.float64))
+    expected = (hidden.astype(np.float64) + hidden_bias) * gelu
+    # The erf approximation's 1.5e-7 and float32 rounding, of the output's scale.
+    assert np.abs(out - expected).max() <= 5e-7 * np.abs(expected).max()
 
 
 def test_fast_cpu_restores_the_cache_limit():
