@@ -285,8 +285,8 @@ def geglu_(hidden: mx.array, gate: mx.array, hidden_bias: mx.array,
     hidden_rows = np.asarray(hidden).reshape(-1, width)
     gate_rows = np.asarray(gate).reshape(-1, width)
     biases = np.asarray(hidden_bias, np.float32), np.asarray(gate_bias, np.float32)
-    parts = np.array_split(np.arange(len(hidden_rows)), min(_CORES, len(hidden_rows)))
-    _on_all_cores(lambda rows: _geglu_rows(hidden_rows[rows[0]:rows[-1] + 1],
-                                           gate_rows[rows[0]:rows[-1] + 1], *biases),
-                  [part for part in parts if len(part)])
+    parts = min(_CORES, len(hidden_rows))
+    _on_all_cores(lambda rows: _geglu_rows(*rows, *biases),
+                  list(zip(np.array_split(hidden_rows, parts),
+                           np.array_split(gate_rows, parts), strict=True)))
     return hidden
