@@ -362,6 +362,12 @@ class Downsample2D(nn.Module):
 # the kernel's taps (16 weight-sized sums per call) costs more than the work it saves (at
 # 8x8x1280: 58 ms against MLX's 43; from 16x16, 1.35-2.1x faster).
 _UPSAMPLED_CONV_MIN_PIXELS = 16 * 16
+# Upsampled pixels up to which a convolution that runs by Winograd runs on the upsampled
+# image: F(4x4, 3x3) takes 9 multiply-adds per small-image pixel and channel pair, not 16
+# (the UNets' upsamplers, batch 2: 16x16 -> 32x32 x 1280 in 104 ms, not 197; 64x64 ->
+# 128x128 x 640 in 443 ms, not 588). The VAE's larger ones gained 0-19% per layer, too
+# little to see in a decode, and raised a 512px decode's peak by 0.5-2.5 GiB.
+_UPSAMPLED_WINOGRAD_MAX_PIXELS = 128 * 128
 # For each output row (column) parity, the padded input rows (columns) that a 3x3 kernel
 # after nearest 2x upsampling reads, with the kernel rows (columns) that land on each.
 _UPSAMPLED_TAPS = (((0, (0,)), (1, (1, 2))), ((1, (0, 1)), (2, (2,))))
@@ -394,10 +400,18 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if (on_cpu() and x.dtype == mx.float32
-                and x.shape[1] * x.shape[2] >= _UPSAMPLED_CONV_MIN_PIXELS):
-            y = _upsample2x_conv3x3(x, self.conv.weight)
-            return y + self.conv.bias
         batch, height, width, channels = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
-        return self.conv(x.reshape(batch, height * 2, width * 2, channels))
+        upsampled = mx.broadcast_to(x[:, :, None, :, None, :],
+                                    (batch, height, 2, width, 2, channels))
+        upsampled = upsampled.reshape(batch, height * 2, width * 2, channels)
+        if (on_cpu() and x.dtype == mx.float32 and height * width >= _UPSAMPLED_CONV_MIN_PIXELS
+                and not self._by_winograd(upsampled)):
+            return _upsample2x_conv3x3(x, self.conv.weight) + self.conv.bias
+        return self.conv(upsampled)
+
+    def _by_winograd(self, upsampled: mx.array) -> bool:
+        """For a float32 image: whether the convolution runs by Winograd on the upsampled
+        image (see `_UPSAMPLED_WINOGRAD_MAX_PIXELS`)."""
+        return (cpu_kernels.enabled()
+                and upsampled.shape[1] * upsampled.shape[2] <= _UPSAMPLED_WINOGRAD_MAX_PIXELS
+                and self.conv._winograd_algorithm(upsampled) is not None)

@@ -32,12 +32,10 @@ def random_conv(rng: np.random.Generator, channels: int, out_channels: int, dtyp
     return mx.array(weight).astype(dtype), mx.array(bias).astype(dtype)
 
 
-@pytest.mark.parametrize("weight_dtype", [mx.float32, mx.float16])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 5, 7, 6), (1, 16, 9, 8)])
-@pytest.mark.parametrize("on_small_image", [True, False])  # False: MLX's convolution
-def test_upsampling_convolution_matches_float64(monkeypatch, shape, weight_dtype,
-                                                on_small_image):
-    monkeypatch.setattr(layers, "_UPSAMPLED_CONV_MIN_PIXELS", 1 if on_small_image else 10**9)
+def upsample(monkeypatch, shape: tuple[int, ...], weight_dtype: mx.Dtype,
+             ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """An upsampler's output on a random image, the float64 convolution of the image
+    upsampled, and whether the convolution ran on the small image."""
     computed_on_small_image = []
     small_image_path = layers._upsample2x_conv3x3
     monkeypatch.setattr(layers, "_upsample2x_conv3x3",
@@ -53,8 +51,40 @@ def test_upsampling_convolution_matches_float64(monkeypatch, shape, weight_dtype
     expected = conv3x3_float64(upsampled, np.array(upsample.conv.weight.astype(mx.float32)),
                                np.array(upsample.conv.bias.astype(mx.float32)))
     assert out.shape == expected.shape
+    return out, expected, bool(computed_on_small_image)
+
+
+@pytest.mark.parametrize("weight_dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 5, 7, 6), (1, 16, 9, 8)])
+@pytest.mark.parametrize("on_small_image", [True, False])  # False: MLX's convolution
+def test_upsampling_convolution_matches_float64(monkeypatch, shape, weight_dtype,
+                                                on_small_image):
+    monkeypatch.setattr(layers, "_UPSAMPLED_CONV_MIN_PIXELS", 1 if on_small_image else 10**9)
+    out, expected, computed_on_small_image = upsample(monkeypatch, shape, weight_dtype)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    assert bool(computed_on_small_image) == on_small_image
+    assert computed_on_small_image == on_small_image
+
+
+@pytest.mark.parametrize(("weight_dtype", "max_pixels", "by_winograd"), [
+    (mx.float32, 10 * 14, True),
+    (mx.float16, 10 * 14, False),  # float16 weights: no Winograd
+    (mx.float32, 10 * 14 - 1, False),  # an upsampled image above the limit
+])
+def test_upsampling_convolution_by_winograd_where_it_applies(
+        winograd_everywhere, monkeypatch, weight_dtype, max_pixels, by_winograd):
+    """Where the upsampler's convolution runs by Winograd, on upsampled images up to the
+    limit, it runs on the upsampled image (fewer multiply-adds than on the small one);
+    otherwise on the small image."""
+    monkeypatch.setattr(layers, "_UPSAMPLED_CONV_MIN_PIXELS", 1)
+    monkeypatch.setattr(layers, "_UPSAMPLED_WINOGRAD_MAX_PIXELS", max_pixels)
+    shape = (2, 5, 7, 6)
+    out, expected, computed_on_small_image = upsample(monkeypatch, shape, weight_dtype)
+    if by_winograd:
+        assert_winograd_close(out, expected)
+    else:
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert computed_on_small_image != by_winograd
+    assert winograd_everywhere == ([(2, 10, 14, 6)] if by_winograd else [])
 
 
 def test_shifted_convolution_on_large_images_matches_float64():
