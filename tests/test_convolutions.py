@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -85,6 +86,28 @@ def test_upsampling_convolution_by_winograd_where_it_applies(
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     assert computed_on_small_image != by_winograd
     assert winograd_everywhere == ([(2, 10, 14, 6)] if by_winograd else [])
+
+
+@pytest.mark.parametrize("weight_dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_pointwise_convolution_matches_float64(monkeypatch, weight_dtype, with_bias):
+    """1x1 convolutions on the CPU run as one matmul, not by MLX's convolution."""
+    monkeypatch.setattr(nn.Conv2d, "__call__", lambda *_: pytest.fail("MLX's convolution ran"))
+    rng = np.random.default_rng(7)
+    conv = layers.Conv2d(6, 5, 1, bias=with_bias)
+    weight = rng.standard_normal((5, 1, 1, 6)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32) if with_bias else np.zeros(5, np.float32)
+    conv.weight = mx.array(weight).astype(weight_dtype)
+    if with_bias:
+        conv.bias = mx.array(bias).astype(weight_dtype)
+    x = rng.standard_normal((2, 3, 4, 6)).astype(np.float32)
+    with mx.stream(mx.cpu):
+        out = np.array(conv(mx.array(x)))
+    stored = np.array(conv.weight.astype(mx.float32))[:, 0, 0]
+    stored_bias = np.array(conv.bias.astype(mx.float32)) if with_bias else 0
+    expected = x.astype(np.float64) @ stored.T.astype(np.float64) + stored_bias
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_shifted_convolution_on_large_images_matches_float64():
