@@ -29,7 +29,7 @@ import numpy as np
 
 DISABLE_VARIABLE = "MLX_SD_NO_OPENBLAS"
 
-_ROW_MAJOR, _NO_TRANSPOSE = 101, 111  # CBLAS's enum values
+_ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE = 101, 111, 112  # CBLAS's enum values
 _openblas: ctypes.CDLL | None = None
 
 
@@ -102,19 +102,23 @@ def _row_stride(matrix: np.ndarray) -> int:
     return matrix.strides[0] // 4
 
 
-def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    """out = a @ b, for float32 matrices whose rows are contiguous (views of larger arrays
-    included). Through the loaded OpenBLAS, without numpy's overhead; with numpy where
-    OpenBLAS is not loaded. Releases the GIL."""
+def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray, scale: float = 1.0) -> None:
+    """out = scale * a @ b, for float32 matrices whose rows are contiguous (views of larger
+    arrays included); `b` may instead have contiguous columns (the transpose of such a
+    view). Through the loaded OpenBLAS, without numpy's overhead; with numpy where OpenBLAS
+    is not loaded. Releases the GIL."""
     if _openblas is None:
         np.matmul(a, b, out=out)
+        if scale != 1:
+            out *= scale
         return
     if a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]):
         raise ValueError(f"cannot multiply {a.shape} by {b.shape} into {out.shape}")
-    strides = _row_stride(a), _row_stride(b), _row_stride(out)
-    _openblas.cblas_sgemm(_ROW_MAJOR, _NO_TRANSPOSE, _NO_TRANSPOSE, a.shape[0], b.shape[1],
-                          a.shape[1], 1.0, a.ctypes.data, strides[0], b.ctypes.data,
-                          strides[1], 0.0, out.ctypes.data, strides[2])
+    b_transposed = b.ndim == 2 and b.strides[0] == 4 and b.strides[1] != 4
+    strides = _row_stride(a), _row_stride(b.T if b_transposed else b), _row_stride(out)
+    _openblas.cblas_sgemm(_ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE if b_transposed else _NO_TRANSPOSE,
+                          a.shape[0], b.shape[1], a.shape[1], scale, a.ctypes.data, strides[0],
+                          b.ctypes.data, strides[1], 0.0, out.ctypes.data, strides[2])
 
 
 @contextmanager

@@ -111,10 +111,26 @@ def softmax_attention_float64(q, k, v, heads, causal):
     return (weights @ split(v)).transpose(0, 2, 1, 3).reshape(batch, q_len, width)
 
 
+@pytest.fixture(params=["shifted", "exact"])
+def shifted(request, monkeypatch) -> bool:
+    """Each test once with the scores shifted by a bound (as on long key sequences), once by
+    each row's max (as on short ones)."""
+    shifted = request.param == "shifted"
+    monkeypatch.setattr(cpu_kernels, "_SHIFTED_MIN_KEYS", 1 if shifted else 10**9)
+    ran = []
+    for name in ("_attend", "_attend_exactly"):
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name,
+                            lambda *a, name=name, kernel=kernel: ran.append(name) or kernel(*a))
+    yield shifted
+    assert set(ran) == {"_attend" if shifted else "_attend_exactly"}
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("block_rows", [1, 5, 64])  # one row, uneven blocks, one block
 @pytest.mark.parametrize("openblas", [True, False])  # False: numpy's matmul, as on macOS
-def test_blocked_cpu_attention_matches_float64(monkeypatch, causal, block_rows, openblas):
+def test_blocked_cpu_attention_matches_float64(monkeypatch, shifted, causal, block_rows,
+                                               openblas):
     q_len = k_len = 23
     monkeypatch.setattr(cpu_kernels, "_SCORE_BLOCK_ELEMENTS", block_rows * k_len)
     if not openblas:
@@ -128,10 +144,11 @@ def test_blocked_cpu_attention_matches_float64(monkeypatch, causal, block_rows, 
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_attention_with_extreme_scores_matches_float64(monkeypatch, causal):
+def test_cpu_attention_with_extreme_scores_matches_float64(monkeypatch, shifted, causal):
     # Keys alternate between a long one along axis 0 and short random ones. Queries along
     # axis 0 score up to 450 (exp overflows without a shift); queries along axis 1 have the
-    # same bound but score near 0, which the bound's shift underflows: recomputed exactly.
+    # same bound but score near 0, which the bound's shift underflows: recomputed exactly
+    # (shifted by each row's max, as the exact path does for all rows).
     rng = np.random.default_rng(2)
     length, dim = 16, 4
     k = rng.standard_normal((1, length, dim)).astype(np.float32)
@@ -149,7 +166,7 @@ def test_cpu_attention_with_extreme_scores_matches_float64(monkeypatch, causal):
         out = cpu_kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, causal)
     expected = softmax_attention_float64(q, k, v, 1, causal)
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
-    assert sum(recomputed) == length // 2
+    assert sum(recomputed) == (length // 2 if shifted else length)
 
 
 needs_openblas = pytest.mark.skipif(blas._openblas is None, reason="OpenBLAS is Linux-only")
@@ -164,6 +181,11 @@ def test_blas_matmul_into_row_strided_views():
     np.testing.assert_allclose(out[4:9, 2:10], a[2:7, 1:8] @ b[:, 3:11], rtol=1e-6)
     out[4:9, 2:10] = 7.0
     assert (out == 7.0).all()  # nothing written outside the view
+    transposed = b[:5, 3:10].T  # contiguous columns
+    blas.matmul_into(a[2:7, 1:8], transposed, out[4:9, 2:7], scale=0.5)
+    np.testing.assert_allclose(out[4:9, 2:7], 0.5 * a[2:7, 1:8] @ transposed, rtol=1e-6)
+    out[4:9, 2:7] = 7.0
+    assert (out == 7.0).all()
 
 
 @needs_openblas
