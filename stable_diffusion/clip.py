@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextEncoderConfig
-from .layers import Linear, attention, compute_dtype, gelu, quick_gelu
+from .layers import LayerNorm, Linear, attention, compute_dtype, gelu, quick_gelu
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
@@ -53,9 +53,9 @@ class CLIPEncoderLayer(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         dims, eps = config.hidden_size, config.layer_norm_eps
-        self.layer_norm1 = nn.LayerNorm(dims, eps=eps)
+        self.layer_norm1 = LayerNorm(dims, eps=eps)
         self.self_attn = CLIPAttention(dims, config.num_attention_heads)
-        self.layer_norm2 = nn.LayerNorm(dims, eps=eps)
+        self.layer_norm2 = LayerNorm(dims, eps=eps)
         self.mlp = CLIPMLP(config)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -85,7 +85,7 @@ class CLIPTextTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPEmbeddings(config)
         self.encoder = CLIPEncoder(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 class CLIPTextModel(nn.Module):

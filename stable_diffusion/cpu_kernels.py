@@ -7,12 +7,12 @@ run on all cores. The attention raises 2, not e, to its scores' powers: numpy's 
 exp2 is twice as fast as its exp and at least as accurate, and the factor log2(e) rides
 along with the queries' scale. These kernels need their inputs computed, which breaks
 MLX's laziness: so they run only within `fast_cpu()`, for loops that evaluate every step
-anyway, as the scripts do. The GEGLU's gating (an erf GELU) runs here too: MLX computes it
-in a compiled kernel on one core at ~6 ns per element; numpy on all cores is 2x faster.
+anyway, as the scripts do. The GEGLU's gating (an erf GELU) and the layer norm run here
+too: MLX computes them on one core; numpy on all cores is 2-2.5x faster.
 
-The attention reads numpy views of MLX arrays it has just computed; the SiLU and the GEGLU
-overwrite, through numpy, the buffer of an MLX array that they have just computed and that
-nothing else references.
+The attention reads numpy views of MLX arrays it has just computed; the SiLU, the GEGLU and
+the layer norm overwrite, through numpy, the buffer of an MLX array that they have just
+computed and that nothing else references.
 """
 
 from __future__ import annotations
@@ -351,3 +351,45 @@ def geglu_(hidden: mx.array, gate: mx.array, hidden_bias: mx.array,
                   list(zip(np.array_split(hidden_rows, parts),
                            np.array_split(gate_rows, parts), strict=True)))
     return hidden
+
+
+# Elements per layer norm chunk: numpy's ~12 calls per chunk cost little against its work
+# (2^16 ran 1.3x slower, 2^14 3x), and its rows stay in the L2 cache.
+_LAYER_NORM_CHUNK = 1 << 18
+
+
+def _layer_norm_rows(rows: np.ndarray, out: np.ndarray, weight: np.ndarray,
+                     bias: np.ndarray, eps: float) -> None:
+    """out = (rows - mean) / sqrt(variance + eps) * weight + bias, row by row."""
+    width = rows.shape[1]
+    step = max(1, _LAYER_NORM_CHUNK // width)
+    for start in range(0, len(rows), step):
+        x, y = rows[start:start + step], out[start:start + step]
+        mean = np.add.reduce(x, axis=1, keepdims=True)
+        mean *= 1 / width
+        np.subtract(x, mean, out=y)
+        # Two passes (mean, then centred squares): E[x^2] - E[x]^2 cancels badly.
+        scale = np.einsum("ij,ij->i", y, y)[:, None]
+        scale *= 1 / width
+        scale += eps
+        np.sqrt(scale, out=scale)
+        np.reciprocal(scale, out=scale)
+        y *= scale
+        y *= weight
+        y += bias
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """Layer norm over x's last axis, into a fresh buffer: 2-2.5x faster than MLX's
+    `fast.layer_norm` on the UNets' shapes, which runs on one core."""
+    out = mx.contiguous(mx.zeros_like(x))
+    x = mx.contiguous(x)
+    mx.eval(x, out, weight, bias)
+    width = x.shape[-1]
+    rows, out_rows = np.asarray(x).reshape(-1, width), np.asarray(out).reshape(-1, width)
+    weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
+    parts = min(_CORES, len(rows))
+    _on_all_cores(lambda part: _layer_norm_rows(*part, weight, bias, eps),
+                  list(zip(np.array_split(rows, parts), np.array_split(out_rows, parts),
+                           strict=True)))
+    return out

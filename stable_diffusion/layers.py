@@ -124,6 +124,15 @@ def _normalize_silu(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array
     return _silu_cpu((x - mean) * scale + bias)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm; in numpy on all cores within `fast_cpu()` (float32 activations)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if cpu_kernels.enabled() and x.dtype == mx.float32:
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().__call__(x)
+
+
 class GroupNorm(nn.GroupNorm):
     """PyTorch-compatible group norm over NHWC images, optionally followed by SiLU.
 

@@ -17,6 +17,7 @@ from .layers import (
     Conv2d,
     Downsample2D,
     GroupNorm,
+    LayerNorm,
     Linear,
     ResnetBlock2D,
     Upsample2D,
@@ -103,11 +104,11 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dims: int, heads: int, context_dims: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dims)
+        self.norm1 = LayerNorm(dims)
         self.attn1 = Attention(dims, heads)
-        self.norm2 = nn.LayerNorm(dims)
+        self.norm2 = LayerNorm(dims)
         self.attn2 = Attention(dims, heads, context_dims)
-        self.norm3 = nn.LayerNorm(dims)
+        self.norm3 = LayerNorm(dims)
         self.ff = FeedForward(dims)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:

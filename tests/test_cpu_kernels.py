@@ -244,6 +244,37 @@ def test_numpy_geglu_matches_float64(rows):
     assert np.abs(out - expected).max() <= 5e-7 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("rows", [1, 7, 3 * cpu_kernels._LAYER_NORM_CHUNK // 40 + 5])
+@pytest.mark.parametrize("offset", [0, 10])
+def test_numpy_layer_norm_matches_float64(monkeypatch, rows, offset):
+    """Rows over several chunks and threads (or fewer rows than cores), of scales from 0.01
+    to 100; offset from 0, where the variance as E[x^2] - E[x]^2 would cancel: at least as
+    accurate as MLX's own layer norm on the same float32 input."""
+    rng = np.random.default_rng(5)
+    width = 40
+    x = rng.standard_normal((2, rows, width)).astype(np.float32)
+    x = x * np.geomspace(0.01, 100, rows, dtype=np.float32)[:, None] + offset
+    weight, bias = (rng.standard_normal(width).astype(np.float32) for _ in range(2))
+    layer = layers.LayerNorm(width, eps=1e-5)
+    layer.weight, layer.bias = mx.array(weight), mx.array(bias)
+    ran = []
+    kernel = cpu_kernels.layer_norm
+    monkeypatch.setattr(cpu_kernels, "layer_norm", lambda *a: ran.append(1) or kernel(*a))
+    with mx.stream(mx.cpu):
+        mlx_own = np.array(layer(mx.array(x)))
+        with fast_cpu():
+            out = np.array(layer(mx.array(x)))
+    assert len(ran) == 1
+    x64 = x.astype(np.float64)
+    centred = x64 - x64.mean(-1, keepdims=True)
+    expected = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5) * weight + bias
+
+    def error(y: np.ndarray) -> float:
+        return float(np.abs(y - expected).max() / np.abs(expected).max())
+
+    assert error(out) <= max(error(mlx_own), 2e-7)
+
+
 def test_fast_cpu_restores_the_cache_limit():
     before = mx.set_cache_limit(12345)
     try:
