@@ -351,6 +351,32 @@ def write_random_pipeline(config: PipelineConfig, folder: Path, seed: int = 0,
     return folder
 
 
+def weights_on_disk(config: PipelineConfig, float16: bool) -> int:
+    """The bytes of weights `write_random_pipeline` writes for `config`, counted from the
+    models' shapes before any weight is made."""
+    models = [*map(CLIPTextModel, config.text_encoders), Autoencoder(config.vae),
+              UNetModel(config.unet)]
+    values = sum(value.size for model in models
+                 for _, value in nn.utils.tree_flatten(model.parameters()))
+    return values * (4 + 2 * float16)
+
+
+def check_disk_space(args: argparse.Namespace) -> None:
+    """Stop, before anything is measured, where the largest model's random weights (written
+    and removed one model at a time) do not fit in the working folder's disk."""
+    float16 = any(_dtype_options(d)[0] for d in args.dtypes)
+    needed = {name: weights_on_disk(ARCHITECTURES[name], float16) for name in args.models}
+    largest = max(needed, key=needed.__getitem__)
+    workdir = Path(args.workdir or tempfile.gettempdir()).absolute()
+    existing = next(folder for folder in (workdir, *workdir.parents) if folder.exists())
+    free = shutil.disk_usage(existing).free
+    if needed[largest] > free:
+        raise SystemExit(
+            f"{largest}'s random weights need {needed[largest] / GIB:.1f} GiB on disk, but "
+            f"{existing} has {free / GIB:.1f} GiB free: free some space there, or pass "
+            "--workdir on a disk with more")
+
+
 # -- measurements -------------------------------------------------------------------------
 
 
@@ -723,6 +749,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    check_disk_space(args)
     rates = matmul_rates(args.dtypes)
     for dtype, rate in rates.items():
         print(f"single matmul (4096x1280 @ 1280x1280, {dtype}): {rate:.0f} GFLOP/s", flush=True)

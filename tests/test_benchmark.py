@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 
 import pytest
 
@@ -51,6 +52,19 @@ def test_float16_and_quantized_are_measured_in_full(tmp_path, capsys):
         assert all(row[field] > 0 for field in ROW_FIELDS), row
     weights = {r["dtype"]: r["weights_gb"] for r in results["rows"]}
     assert weights["q8"] < weights["float16"] < weights["float32"]
+
+
+def test_too_little_disk_stops_before_measuring(tmp_path, monkeypatch):
+    needed = benchmark.weights_on_disk(benchmark.ARCHITECTURES["tiny"], float16=True)
+    assert needed == 6 * benchmark.weights_on_disk(benchmark.ARCHITECTURES["tiny"], False) // 4
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(benchmark.shutil, "disk_usage",
+                        lambda _: usage._replace(free=needed - 1))
+    monkeypatch.setattr(benchmark, "matmul_rates", lambda _: pytest.fail("measured"))
+    with pytest.raises(SystemExit, match=r"tiny.s random weights need .* --workdir"):
+        benchmark.main(["--models", "tiny", "--dtypes", "float32,float16",
+                        "--workdir", str(tmp_path / "new" / "folder")])
+    assert not (tmp_path / "new").exists()
 
 
 def test_lazy_run_measures_without_fast_cpu(tmp_path, capsys, monkeypatch):
