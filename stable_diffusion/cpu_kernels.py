@@ -63,7 +63,7 @@ _SILU_CHUNK = 1 << 15
 
 @contextmanager
 def fast_cpu() -> Iterator[None]:
-    """Within this block, on the CPU: attention softmax, SiLU and GEGLU run in numpy on all
+    """Within this block, on the CPU: attention, SiLU, GEGLU and layer norm run in numpy on all
     cores; wide 3x3 convolutions run by Winograd, their transformed kernels kept until the
     block ends, as are the text context's keys and values (`kept`); and MLX keeps freed
     buffers up to an eighth of the RAM for reuse (its default, 32 MB, makes every large image

@@ -1,4 +1,4 @@
-"""The CPU's eager numpy kernels (attention, SiLU, GEGLU; opt-in with `fast_cpu()`)
+"""The CPU's eager numpy kernels (attention, SiLU, GEGLU, layer norm; opt-in with `fast_cpu()`)
 compute what the lazy default computes: parity with diffusers/transformers on
 the tiny models, same tolerance as tests/test_models.py, and with float64 on
 their own. The default never takes the eager path."""
