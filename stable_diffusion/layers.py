@@ -313,9 +313,9 @@ class Conv2d(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
         if (on_cpu() and x.dtype == mx.float32 and self.weight.shape[1:3] == (1, 1)
                 and self.stride == (1, 1) and self.padding == (0, 0)):
-            # MLX's CPU convolution runs a 1x1 kernel 1.1-2x slower than the same matmul
-            # (batch 2 of 64x64 latents, 960 -> 320 channels: 58 ms against 29; the VAE's
-            # 256x256 shortcut, 512 -> 256 channels: 203 ms against 97).
+            # MLX's CPU convolution runs a 1x1 kernel 1.1-2.7x slower than the same matmul,
+            # with more memory (batch 2 of 64x64 latents, 960 -> 320 channels: 58 ms
+            # against 29; the VAE's 512x512 shortcut in a decode: 297 ms against 114).
             y = x @ self.weight.reshape(self.weight.shape[0], -1).T
             return y + self.bias if "bias" in self else y
         if (on_cpu() and x.dtype == mx.float32 and self.weight.shape[1:3] == (3, 3)
