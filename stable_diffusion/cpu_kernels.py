@@ -126,6 +126,14 @@ def _on_all_cores(kernel: Callable[[T], object], parts: list[T]) -> list:
     return list(_threads().map(kernel, parts))
 
 
+def _split_over_cores(kernel: Callable[..., object], *arrays: np.ndarray) -> None:
+    """kernel(*parts) on all cores, the arrays split alike along their first axis, into as
+    many parts as there are cores (or rows)."""
+    parts = min(_CORES, len(arrays[0]))
+    _on_all_cores(lambda part: kernel(*part),
+                  list(zip(*(np.array_split(array, parts) for array in arrays), strict=True)))
+
+
 def _exponentiate_exactly(scores: np.ndarray) -> None:
     """2^(scores - row max) in place."""
     scores -= scores.max(axis=-1, keepdims=True)
@@ -289,8 +297,7 @@ def silu_(x: mx.array) -> mx.array:
     """x * sigmoid(x), computed into x's own buffer: x must be a fresh, unshared result."""
     x = mx.contiguous(x)
     mx.eval(x)
-    values = np.asarray(x).reshape(-1)
-    _on_all_cores(_silu_in_place, np.array_split(values, min(_CORES, values.size)))
+    _split_over_cores(_silu_in_place, np.asarray(x).reshape(-1))
     return x
 
 
@@ -346,10 +353,9 @@ def geglu_(hidden: mx.array, gate: mx.array, hidden_bias: mx.array,
     hidden_rows = np.asarray(hidden).reshape(-1, width)
     gate_rows = np.asarray(gate).reshape(-1, width)
     biases = np.asarray(hidden_bias, np.float32), np.asarray(gate_bias, np.float32)
-    parts = min(_CORES, len(hidden_rows))
-    _on_all_cores(lambda rows: _geglu_rows(*rows, *biases),
-                  list(zip(np.array_split(hidden_rows, parts),
-                           np.array_split(gate_rows, parts), strict=True)))
+    _split_over_cores(lambda hidden_part, gate_part: _geglu_rows(hidden_part, gate_part,
+                                                                 *biases),
+                      hidden_rows, gate_rows)
     return hidden
 
 
@@ -388,8 +394,6 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
     width = x.shape[-1]
     rows, out_rows = np.asarray(x).reshape(-1, width), np.asarray(out).reshape(-1, width)
     weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
-    parts = min(_CORES, len(rows))
-    _on_all_cores(lambda part: _layer_norm_rows(*part, weight, bias, eps),
-                  list(zip(np.array_split(rows, parts), np.array_split(out_rows, parts),
-                           strict=True)))
+    _split_over_cores(lambda part, out_part: _layer_norm_rows(part, out_part, weight, bias, eps),
+                      rows, out_rows)
     return out
