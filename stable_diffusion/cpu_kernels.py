@@ -164,6 +164,7 @@ def _attend_exactly(queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
     _exponentiate_exactly(scores)
     for head_scores, head in zip(scores, columns, strict=True):
         blas.matmul_into(head_scores, values[:, head], out[:, head])
+    # out with its heads as an axis of their own: a view, so the division lands in place.
     by_head = np.lib.stride_tricks.as_strided(out, (rows, len(columns), dim),
                                               (out.strides[0], dim * out.itemsize, out.itemsize))
     by_head /= scores.sum(axis=-1).T[..., None]
@@ -216,12 +217,13 @@ def _scratch(size: int) -> np.ndarray:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -> mx.array:
-    """Softmax attention over (B, L, heads * dim) inputs, in blocks of one head's queries
-    spread over the cores: each block is two single-threaded matmuls around its softmax, its
-    scores kept in the core's own buffer. 20-40% faster on the UNets' shapes than MLX's
-    multi-threaded matmuls with the softmax between them, one block at a time: no core
-    waits for the other between the stages. Scores are in powers of two: softmax(s) =
-    2^(s log2 e) / sum 2^(s log2 e), the factor log2(e) riding along with the scale."""
+    """Softmax attention over (B, L, heads * dim) inputs, in blocks of queries (of one head,
+    or of a few on short sequences) spread over the cores: each block is single-threaded
+    matmuls around its softmax, its scores kept in the core's own buffer. 20-40% faster on
+    the UNets' shapes than MLX's multi-threaded matmuls with the softmax between them, one
+    block at a time: no core waits for the other between the stages. Scores are in powers
+    of two: softmax(s) = 2^(s log2 e) / sum 2^(s log2 e), the factor log2(e) riding along
+    with the scale."""
     attend = _shifted_attention if k.shape[1] >= _SHIFTED_MIN_KEYS else _exact_attention
     return attend(q, k, v, heads, causal)
 
