@@ -11,7 +11,10 @@ GFLOP/s (FLOPs counted from the config) against this machine's single-matmul rat
 `--reference` then runs diffusers' UNet and VAE on the same files and the same device (in a
 process of its own: see benchmark_reference.py), checks that they compute what ours did in
 float32, and prints the speed-ups: float32 on a CPU (where PyTorch's float16 is no contender),
-float32 and float16 on a GPU.
+float32 and float16 on a GPU. `--rounds N` then times both sides' float32 UNet steps and
+decodes N - 1 more times, alternately, and reports each side's median over the rounds and the
+median of the rounds' speed-ups: on a shared machine, whose speed drifts by 10-25% from one
+minute to the next, one side measured minutes after the other inherits that drift.
 """
 
 from __future__ import annotations
@@ -525,13 +528,20 @@ def _measure(sd: StableDiffusion, config: PipelineConfig, batch: int,
     latent = args.size // sd.vae.downscale
     row: dict[str, Any] = {"batch": batch}
     row["text_s"] = median_time(lambda: _encode(sd, [PROMPT] * batch), args.repeats)
-    activations = compute_dtype(sd.dtype)
-    unet_inputs = UNetInputs.random(config.unet, batch, latent, latent).mlx(activations)
-    row["unet_step_s"] = median_time(lambda: mx.eval(sd.unet(**unet_inputs)), args.repeats)
+    row["unet_step_s"] = _unet_step_seconds(sd, config, batch, args)
     flops = unet_flops(config.unet, batch, latent, latent)
     row["unet_gflops"] = flops / row["unet_step_s"] / 1e9
-    row["unet_matmul_pct"] = 100 * row["unet_gflops"] / matmul_rates[_dtype_name(activations)]
+    activations = _dtype_name(compute_dtype(sd.dtype))
+    row["unet_matmul_pct"] = 100 * row["unet_gflops"] / matmul_rates[activations]
     return row
+
+
+def _unet_step_seconds(sd: StableDiffusion, config: PipelineConfig, batch: int,
+                       args: argparse.Namespace) -> float:
+    latent = args.size // sd.vae.downscale
+    unet_inputs = UNetInputs.random(config.unet, batch, latent, latent)
+    unet_inputs = unet_inputs.mlx(compute_dtype(sd.dtype))
+    return median_time(lambda: mx.eval(sd.unet(**unet_inputs)), args.repeats)
 
 
 def _parity(sd: StableDiffusion, config: PipelineConfig, latent: int) -> Parity:
@@ -583,6 +593,35 @@ def run_mlx(
     return rows, parity
 
 
+def float32_timings(config: PipelineConfig, folder: Path,
+                    args: argparse.Namespace) -> dict[str, float]:
+    """One more round of the float32 UNet steps (batch 1 and 2) and decode, from a fresh
+    pipeline: the timings `--rounds` alternates with the reference's."""
+    sd = StableDiffusion(str(folder), float16=False)
+    sd.preload()
+    timings = {}
+    for batch in (1, 2):
+        with _phase(args):
+            timings[f"unet_step_s_batch{batch}"] = _unet_step_seconds(sd, config, batch, args)
+    with _phase(args):
+        timings["vae_decode_s"] = _decode_seconds(sd, config, args.size // sd.vae.downscale,
+                                                  args.repeats)
+    del sd
+    gc.collect()
+    mx.clear_cache()
+    return timings
+
+
+def _first_round(name: str, rows: list[dict[str, Any]],
+                 reference: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The float32 timings of the full measurement, as a round of `--rounds`."""
+    ours = {f"unet_step_s_batch{r['batch']}": r["unet_step_s"] for r in rows
+            if r["model"] == name and r["dtype"] == "float32"}
+    ours["vae_decode_s"] = next(r["vae_decode_s"] for r in rows
+                                if r["model"] == name and r["dtype"] == "float32")
+    return {"mlx": ours, "pytorch": {key: reference[f"float32_{key}"] for key in ours}}
+
+
 def _progress(row: dict[str, Any]) -> str:
     values = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in row.items() if v is not None and k not in ("model", "dtype"))
@@ -601,11 +640,12 @@ def reference_dtypes(dtypes: list[str]) -> list[str]:
     return [d for d in ("float32", "float16") if d in dtypes and (d == "float32" or not on_cpu())]
 
 
-def run_reference(name: str, folder: Path, args: argparse.Namespace,
-                  parity: Parity) -> dict[str, Any]:
+def run_reference(name: str, folder: Path, args: argparse.Namespace, parity: Parity,
+                  dtypes: list[str] | None = None) -> dict[str, Any]:
     """diffusers (PyTorch) on the same weight files and device, in a process of its own (see
     benchmark_reference.py): first that its float32 UNet and VAE compute what ours did, then
-    their timings in each of `reference_dtypes`."""
+    their timings in each of `dtypes` (by default `reference_dtypes`)."""
+    dtypes = dtypes or reference_dtypes(args.dtypes)
     inputs, outputs = folder / "reference_inputs.npz", folder / "reference_outputs.npz"
     unet_inputs = {k: v for k, v in dataclasses.asdict(parity.unet_inputs).items()
                    if v is not None}
@@ -613,7 +653,7 @@ def run_reference(name: str, folder: Path, args: argparse.Namespace,
     script = Path(__file__).with_name("benchmark_reference.py")
     device = "cpu" if on_cpu() else "gpu"
     subprocess.run([sys.executable, str(script), str(folder), str(inputs), str(outputs),
-                    str(args.repeats), device, ",".join(reference_dtypes(args.dtypes))],
+                    str(args.repeats), device, ",".join(dtypes)],
                    check=True)
     theirs = dict(np.load(outputs))
     result = {"model": name,
@@ -703,14 +743,44 @@ def markdown_tables(results: dict[str, Any]) -> str:
                 unet_key = f"{r['dtype']}_unet_step_s_batch{r['batch']}"
                 if r["model"] != ref["model"] or unet_key not in ref:
                     continue
-                theirs, their_vae = ref[unet_key], ref[f"{r['dtype']}_vae_decode_s"]
+                if r["dtype"] == "float32" and "rounds" in ref:
+                    unet = _over_rounds(ref["rounds"], f"unet_step_s_batch{r['batch']}")
+                    vae = _over_rounds(ref["rounds"], "vae_decode_s")
+                else:
+                    unet = _Compared(r["unet_step_s"], ref[unet_key])
+                    vae = _Compared(r["vae_decode_s"], ref[f"{r['dtype']}_vae_decode_s"])
                 lines.append(
-                    f"| {r['model']} | {r['dtype']} | {r['batch']} | {_cell(r['unet_step_s'])} "
-                    f"| {_cell(theirs)} | {theirs / r['unet_step_s']:.2f}x "
-                    f"| {_cell(r['vae_decode_s'])} | {_cell(their_vae)} "
-                    f"| {their_vae / r['vae_decode_s']:.2f}x "
+                    f"| {r['model']} | {r['dtype']} | {r['batch']} | {unet} | {vae} "
                     f"| {ref['unet_max_rel_error']:.1e} / {ref['vae_max_rel_error']:.1e} |")
+        rounds = max((len(ref.get("rounds", ())) for ref in results["reference"]), default=0)
+        if rounds:
+            lines += ["", f"float32 over {rounds} rounds, MLX and PyTorch alternately: each "
+                          "side's median time, and the median of the rounds' speed-ups (each "
+                          "round's in brackets)."]
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Compared:
+    """One timing on both sides, as the comparison table's three cells."""
+
+    ours: float
+    theirs: float
+    speed_ups: tuple[float, ...] = ()
+
+    def __str__(self) -> str:
+        speed_up = (statistics.median(self.speed_ups) if self.speed_ups
+                    else self.theirs / self.ours)
+        each = (" (" + " / ".join(f"{x:.2f}" for x in self.speed_ups) + ")"
+                if self.speed_ups else "")
+        return f"{_cell(self.ours)} | {_cell(self.theirs)} | {speed_up:.2f}x{each}"
+
+
+def _over_rounds(rounds: list[dict[str, dict[str, float]]], key: str) -> _Compared:
+    ours = [r["mlx"][key] for r in rounds]
+    theirs = [r["pytorch"][key] for r in rounds]
+    return _Compared(statistics.median(ours), statistics.median(theirs),
+                     tuple(b / a for a, b in zip(ours, theirs, strict=True)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -728,6 +798,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference", action="store_true",
                         help="also run diffusers/PyTorch on the same weights and device: float32 "
                              "(and float16 on a GPU)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --reference: time both sides' float32 steps and decodes this "
+                             "many times, alternately (medians, and the median speed-up)")
     parser.add_argument("--output", default="results.json", help="JSON results file")
     parser.add_argument("--workdir", help="where to write the random-weight models "
                         "(default: a temporary folder, removed afterwards)")
@@ -744,6 +817,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         _dtype_options(dtype)
     if args.reference and "float32" not in args.dtypes:
         parser.error("--reference compares float32 runs: include float32 in --dtypes")
+    if args.rounds < 1 or (args.rounds > 1 and not args.reference):
+        parser.error("--rounds alternates MLX's float32 timings with diffusers': give a "
+                     "number of at least 1, and --reference")
     return args
 
 
@@ -773,7 +849,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 gc.collect()
                 mx.clear_cache()
             if parity is not None:
-                references.append(run_reference(name, folder, args, parity))
+                reference = run_reference(name, folder, args, parity)
+                if args.rounds > 1:
+                    reference["rounds"] = [_first_round(name, rows, reference)]
+                for number in range(2, args.rounds + 1):
+                    print(f"{name}: round {number} of {args.rounds}, float32", flush=True)
+                    ours = float32_timings(config, folder, args)
+                    theirs = run_reference(name, folder, args, parity, ["float32"])
+                    reference["rounds"].append(
+                        {"mlx": ours, "pytorch": {key: theirs[f"float32_{key}"] for key in ours}})
+                references.append(reference)
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         if args.workdir is None:

@@ -203,3 +203,52 @@ def test_the_comparison_table_has_a_row_per_dtype_pytorch_ran():
         ["float32", "1", "1.00"], ["float32", "2", "1.00"],
         ["float16", "1", "0.500"], ["float16", "2", "0.500"]]
     assert "| 1.00 | 2.00 | 2.00x |" in table and "| 0.500 | 3.00 | 6.00x |" in table
+
+
+def test_rounds_alternate_both_sides_float32_timings(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    results, printed = run(tmp_path, capsys, "--reference", "--rounds", "2")
+
+    (reference,) = results["reference"]
+    assert len(reference["rounds"]) == 2
+    first = reference["rounds"][0]
+    # The first round is the full measurement's float32 timings, on both sides.
+    assert first["mlx"]["unet_step_s_batch2"] == results["rows"][1]["unet_step_s"]
+    assert first["pytorch"]["vae_decode_s"] == reference["float32_vae_decode_s"]
+    for each in reference["rounds"]:
+        for side in ("mlx", "pytorch"):
+            assert sorted(each[side]) == ["unet_step_s_batch1", "unet_step_s_batch2",
+                                          "vae_decode_s"]
+            assert all(seconds > 0 for seconds in each[side].values())
+    assert "round 2 of 2" in printed and "over 2 rounds" in printed
+
+
+def test_the_comparison_table_takes_medians_over_rounds():
+    row = {"model": "tiny", "dtype": "float32", "load_s": 1.0, "weights_gb": 0.1,
+           "vae_decode_s": 9.0, "unet_step_s": 9.0}
+    rows = [{**row, "batch": batch} for batch in (1, 2)]
+    seconds = {"unet_step_s_batch1": [(1.0, 2.0), (2.0, 2.2), (1.5, 3.3)],  # MLX, PyTorch
+               "unet_step_s_batch2": [(2.0, 3.0), (2.0, 3.0), (2.0, 3.0)],
+               "vae_decode_s": [(4.0, 4.0), (4.0, 5.0), (5.0, 4.0)]}
+    rounds = [{side: {key: pairs[i][j] for key, pairs in seconds.items()}
+               for j, side in enumerate(("mlx", "pytorch"))} for i in range(3)]
+    reference = {"model": "tiny", "unet_max_rel_error": 1e-6, "vae_max_rel_error": 2e-6,
+                 "float32_unet_step_s_batch1": 9.0, "float32_unet_step_s_batch2": 9.0,
+                 "float32_vae_decode_s": 9.0, "rounds": rounds}
+    results = {"settings": {"steps": 1, "size": 512, "lazy": False},
+               "machine": {"cpu": "x", "cores": 2, "ram_gb": 24, "mlx": "0",
+                           "device": "Device(cpu, 0)"},
+               "matmul_gflops": {"float32": 200.0}, "rows": rows, "reference": [reference]}
+    table = benchmark.markdown_tables(results)
+    # Medians of each side (1.5 and 2.2 s), and of the rounds' ratios (2.0, 1.1, 2.2).
+    assert ("| tiny | float32 | 1 | 1.50 | 2.20 | 2.00x (2.00 / 1.10 / 2.20) "
+            "| 4.00 | 4.00 | 1.00x (1.00 / 1.25 / 0.80) |") in table
+    assert "| tiny | float32 | 2 | 2.00 | 3.00 | 1.50x (1.50 / 1.50 / 1.50) |" in table
+    assert "over 3 rounds" in table
+
+
+@pytest.mark.parametrize("extra", [["--rounds", "2"], ["--reference", "--rounds", "0"]])
+def test_rounds_need_the_reference_and_at_least_one(extra, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--models", "tiny", *extra])
+    assert "--rounds" in capsys.readouterr().err
