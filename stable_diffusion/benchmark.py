@@ -855,6 +855,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for number in range(2, args.rounds + 1):
                     print(f"{name}: round {number} of {args.rounds}, float32", flush=True)
                     ours = float32_timings(config, folder, args)
+                    print(_progress({"model": name, "dtype": "float32", **ours}), flush=True)
                     theirs = run_reference(name, folder, args, parity, ["float32"])
                     reference["rounds"].append(
                         {"mlx": ours, "pytorch": {key: theirs[f"float32_{key}"] for key in ours}})
