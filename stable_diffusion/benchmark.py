@@ -612,6 +612,22 @@ def float32_timings(config: PipelineConfig, folder: Path,
     return timings
 
 
+def run_rounds(name: str, config: PipelineConfig, folder: Path, args: argparse.Namespace,
+               parity: Parity, first: dict[str, dict[str, float]],
+               ) -> list[dict[str, dict[str, float]]]:
+    """The `first` round and the rest of `--rounds`: MLX's float32 timings, then the
+    reference's, in turn."""
+    rounds = [first]
+    for number in range(2, args.rounds + 1):
+        print(f"{name}: round {number} of {args.rounds}, float32", flush=True)
+        ours = float32_timings(config, folder, args)
+        print(_progress({"model": name, "dtype": "float32", **ours}), flush=True)
+        theirs = run_reference(name, folder, args, parity, ["float32"])
+        rounds.append({"mlx": ours,
+                       "pytorch": {key: theirs[f"float32_{key}"] for key in ours}})
+    return rounds
+
+
 def _first_round(name: str, rows: list[dict[str, Any]],
                  reference: dict[str, Any]) -> dict[str, dict[str, float]]:
     """The float32 timings of the full measurement, as a round of `--rounds`."""
@@ -851,14 +867,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if parity is not None:
                 reference = run_reference(name, folder, args, parity)
                 if args.rounds > 1:
-                    reference["rounds"] = [_first_round(name, rows, reference)]
-                for number in range(2, args.rounds + 1):
-                    print(f"{name}: round {number} of {args.rounds}, float32", flush=True)
-                    ours = float32_timings(config, folder, args)
-                    print(_progress({"model": name, "dtype": "float32", **ours}), flush=True)
-                    theirs = run_reference(name, folder, args, parity, ["float32"])
-                    reference["rounds"].append(
-                        {"mlx": ours, "pytorch": {key: theirs[f"float32_{key}"] for key in ours}})
+                    reference["rounds"] = run_rounds(name, config, folder, args, parity,
+                                                     _first_round(name, rows, reference))
                 references.append(reference)
             shutil.rmtree(folder, ignore_errors=True)
     finally:
