@@ -622,20 +622,22 @@ def run_rounds(name: str, config: PipelineConfig, folder: Path, args: argparse.N
         print(f"{name}: round {number} of {args.rounds}, float32", flush=True)
         ours = float32_timings(config, folder, args)
         print(_progress({"model": name, "dtype": "float32", **ours}), flush=True)
-        theirs = run_reference(name, folder, args, parity, ["float32"])
-        rounds.append({"mlx": ours,
-                       "pytorch": {key: theirs[f"float32_{key}"] for key in ours}})
+        rounds.append(_round(ours, run_reference(name, folder, args, parity, ["float32"])))
     return rounds
+
+
+def _round(ours: dict[str, float], reference: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """A round of `--rounds`: our float32 timings and the reference's of the same names."""
+    return {"mlx": ours, "pytorch": {key: reference[f"float32_{key}"] for key in ours}}
 
 
 def _first_round(name: str, rows: list[dict[str, Any]],
                  reference: dict[str, Any]) -> dict[str, dict[str, float]]:
     """The float32 timings of the full measurement, as a round of `--rounds`."""
-    ours = {f"unet_step_s_batch{r['batch']}": r["unet_step_s"] for r in rows
-            if r["model"] == name and r["dtype"] == "float32"}
-    ours["vae_decode_s"] = next(r["vae_decode_s"] for r in rows
-                                if r["model"] == name and r["dtype"] == "float32")
-    return {"mlx": ours, "pytorch": {key: reference[f"float32_{key}"] for key in ours}}
+    float32_rows = [r for r in rows if r["model"] == name and r["dtype"] == "float32"]
+    ours = {f"unet_step_s_batch{r['batch']}": r["unet_step_s"] for r in float32_rows}
+    ours["vae_decode_s"] = float32_rows[0]["vae_decode_s"]
+    return _round(ours, reference)
 
 
 def _progress(row: dict[str, Any]) -> str:
