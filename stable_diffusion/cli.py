@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .cpu_kernels import fast_cpu
+from .cpu import fast_cpu
 from .images import (
     GenerationParameters,
     check_output_path,

@@ -8,13 +8,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .clip import CLIPTextModel
+from . import cpu
 from .config import AutoencoderConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, read_json
 from .hub import weight_files
+from .models.clip import CLIPTextModel
+from .models.unet import UNetModel
+from .models.vae import Autoencoder
 from .samplers import default_sampler
 from .tokenizer import Tokenizer
-from .unet import UNetModel
-from .vae import Autoencoder
 from .weights import diffusers as diffusers_keys
 from .weights.files import load_weights
 
@@ -57,6 +58,7 @@ def load_into(
     # convolution would otherwise copy again (CPU UNet steps were 3-13% slower).
     model.load_weights([(k, mx.contiguous(v.astype(dtype))) for k, v in weights.items()])
     model.eval()
+    cpu.track(model)  # fast_cpu() gives it the CPU paths
     return model
 
 

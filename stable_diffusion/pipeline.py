@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from . import loading, single_file
+from . import cpu, loading, single_file
 from .config import PipelineConfig, UNetConfig, read_json
 from .hub import ALIASES, resolve_model
 from .images import validate_size
-from .layers import compute_dtype
 from .lora import AppliedLoras
 from .samplers import make_sampler
 
@@ -275,7 +274,7 @@ class StableDiffusion:
             for text in texts:
                 chunks = tokenizer.encode_chunks(text)
                 rows += chunks + empty * (n_chunks - len(chunks))
-            output = encoder(mx.array(rows))
+            output = encoder(mx.array(rows), cpu.compute_dtype(self.dtype))
             states = output.penultimate_hidden_state if self.is_xl else output.last_hidden_state
             hidden.append(states.reshape(len(texts), -1, states.shape[-1]))
             pooled = output.pooled.reshape(len(texts), n_chunks, -1)[:, 0]
@@ -302,7 +301,7 @@ class StableDiffusion:
             context = mx.concatenate([negative, context])
             if self.is_xl:
                 pooled = mx.concatenate([negative_pooled, pooled])
-        dtype = compute_dtype(self.dtype)
+        dtype = cpu.compute_dtype(self.dtype)
         if not self.is_xl:
             return Conditioning(context.astype(dtype))
         # SDXL is conditioned on the training image's original size, crop and target size.
@@ -322,7 +321,7 @@ class StableDiffusion:
         key: mx.array,
     ) -> Iterator[mx.array]:
         for i, t in enumerate(run.timesteps):
-            x_in = run.scale_model_input(x, i).astype(compute_dtype(self.dtype))
+            x_in = run.scale_model_input(x, i).astype(cpu.compute_dtype(self.dtype))
             if use_cfg:
                 x_in = mx.concatenate([x_in, x_in])
             prediction = self.unet(
@@ -473,7 +472,7 @@ class StableDiffusion:
     def encode_image(self, image: mx.array) -> mx.array:
         """(N, H, W, 3) images in [0, 1] -> scaled latents (posterior mean)."""
         vae_config = self.vae.config
-        mean, _ = self.vae.encode((2 * image - 1).astype(compute_dtype(self.vae_dtype)))
+        mean, _ = self.vae.encode((2 * image - 1).astype(cpu.compute_dtype(self.vae_dtype)))
         shift = vae_config.shift_factor or 0.0
         return (mean.astype(mx.float32) - shift) * vae_config.scaling_factor
 
@@ -481,5 +480,5 @@ class StableDiffusion:
         """Latents -> (N, H, W, 3) images in [0, 1]."""
         vae_config = self.vae.config
         latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
-        images = self.vae.decode(latents.astype(compute_dtype(self.vae_dtype)))
+        images = self.vae.decode(latents.astype(cpu.compute_dtype(self.vae_dtype)))
         return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)

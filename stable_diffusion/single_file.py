@@ -16,12 +16,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .clip import CLIPTextModel
 from .config import PRESETS, PipelineConfig, TextEncoderConfig
 from .loading import load_into
+from .models.clip import CLIPTextModel
+from .models.unet import UNetModel
+from .models.vae import Autoencoder
 from .tokenizer import Tokenizer, clip_vocabulary
-from .unet import UNetModel
-from .vae import Autoencoder
 from .weights import diffusers as diffusers_keys
 from .weights import original
 from .weights.files import SUPPORTED_SUFFIXES, load_weights

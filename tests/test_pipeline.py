@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from stable_diffusion import StableDiffusion, fast_cpu, layers
+from stable_diffusion import StableDiffusion, fast_cpu
+from stable_diffusion.models import layers
 from tests.conftest import FIXTURES
 from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
 

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 
 from stable_diffusion import StableDiffusion, single_file
-from stable_diffusion.clip import CLIPTextModel
 from stable_diffusion.config import (
     PRESETS,
     AutoencoderConfig,
@@ -33,10 +32,11 @@ from stable_diffusion.config import (
     UNetConfig,
     read_json,
 )
+from stable_diffusion.models.clip import CLIPTextModel
+from stable_diffusion.models.unet import UNetModel
+from stable_diffusion.models.vae import Autoencoder
 from stable_diffusion.single_file import SingleFileError, detect_architecture
 from stable_diffusion.tokenizer import Tokenizer
-from stable_diffusion.unet import UNetModel
-from stable_diffusion.vae import Autoencoder
 from stable_diffusion.weights import diffusers as diffusers_keys
 from stable_diffusion.weights import original
 from tests.conftest import FIXTURES

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import TextEncoderConfig
-from .layers import LayerNorm, Linear, attention, compute_dtype, gelu, quick_gelu
+from ..config import TextEncoderConfig
+from .layers import GELU, LayerNorm, Linear, QuickGELU, attention
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": GELU}
 
 
 @dataclass
@@ -43,7 +43,7 @@ class CLIPMLP(nn.Module):
         super().__init__()
         self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
-        self.activation = ACTIVATIONS[config.hidden_act]
+        self.activation = ACTIVATIONS[config.hidden_act]()
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.fc2(self.activation(self.fc1(x)))
@@ -100,9 +100,10 @@ class CLIPTextModel(nn.Module):
                 config.hidden_size, config.projection_dim, bias=False
             )
 
-    def __call__(self, input_ids: mx.array) -> TextEncoderOutput:
+    def __call__(self, input_ids: mx.array, dtype: mx.Dtype | None = None) -> TextEncoderOutput:
+        """The hidden states of `input_ids`, computed in `dtype` (default: the weights')."""
         x = self.text_model.embeddings(input_ids)
-        x = x.astype(compute_dtype(x.dtype))
+        x = x.astype(dtype or x.dtype)
         layers = self.text_model.encoder.layers
         for layer in layers[:-1]:
             x = layer(x)
