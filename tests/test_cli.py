@@ -209,7 +209,9 @@ def test_rerun_from_an_images_parameters_reproduces_it(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     again = tmp_path / "again.png"
-    result = run("txt2image.py", "--from-image", str(first), "--output", str(again))
+    result = run(
+        "txt2image.py", "--from-image", str(first), "--use-saved-model", "--output", str(again)
+    )
     assert result.returncode == 0, result.stderr
     assert "Seed: 11" in result.stdout
     assert read_parameters(again) == read_parameters(first)

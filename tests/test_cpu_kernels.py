@@ -11,7 +11,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from stable_diffusion import blas, cpu_kernels, fast_cpu, layers, loading
+from stable_diffusion import blas, cpu_kernels, fast_cpu, layers
+from stable_diffusion.loading.folder import load_text_encoder, load_unet, load_vae
 from tests.conftest import FIXTURES
 from tests.test_models import assert_close, nchw, nhwc, reference
 
@@ -20,9 +21,9 @@ from tests.test_models import assert_close, nchw, nhwc, reference
 def test_eager_attention_matches_reference(model):
     ref = reference(model)
     folder = FIXTURES / "models" / model
-    encoder = loading.load_text_encoder(folder / "text_encoder", mx.float32)
-    unet = loading.load_unet(folder / "unet", mx.float32)
-    vae = loading.load_vae(folder / "vae", mx.float32)
+    encoder = load_text_encoder(folder / "text_encoder", mx.float32)
+    unet = load_unet(folder / "unet", mx.float32)
+    vae = load_vae(folder / "vae", mx.float32)
     extra = {}
     if model == "tiny-sdxl":
         extra = {

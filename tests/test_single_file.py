@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from stable_diffusion import StableDiffusion, single_file
+from stable_diffusion import StableDiffusion
 from stable_diffusion.clip import CLIPTextModel
 from stable_diffusion.config import (
     PRESETS,
@@ -33,7 +33,8 @@ from stable_diffusion.config import (
     UNetConfig,
     read_json,
 )
-from stable_diffusion.single_file import SingleFileError, detect_architecture
+from stable_diffusion.loading import single_file
+from stable_diffusion.loading.single_file import SingleFileError, detect_architecture
 from stable_diffusion.tokenizer import Tokenizer
 from stable_diffusion.unet import UNetModel
 from stable_diffusion.vae import Autoencoder
@@ -108,7 +109,7 @@ def loaded(request, checkpoints, reference):
 def test_architecture_is_detected(loaded):
     sd, _ = loaded
     expected = MODELS[Path(sd.model_name).name.split(".")[0]]
-    assert sd.architecture == expected
+    assert sd.components.architecture == expected
     assert sd.is_xl == (expected == "sdxl")
 
 
@@ -214,10 +215,10 @@ def test_prediction_type_and_image_size_are_honored(checkpoints):
         prediction_type="v_prediction",
         image_size=128,
     )
-    assert sd.scheduler_config.prediction_type == "v_prediction"
+    assert sd.components.scheduler_config.prediction_type == "v_prediction"
     assert (sd.defaults.width, sd.defaults.height) == (128, 128)
     default = StableDiffusion(str(checkpoints["tiny-sd1"]), float16=False, config=config)
-    assert default.scheduler_config.prediction_type == "epsilon"
+    assert default.components.scheduler_config.prediction_type == "epsilon"
     assert default.defaults.width == 64
     with pytest.raises(ValueError, match="prediction type"):
         StableDiffusion(str(checkpoints["tiny-sd1"]), config=config, prediction_type="sample")

@@ -1,0 +1,39 @@
+"""What a loaded model is made of, however it was stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..clip import CLIPTextModel
+from ..config import SchedulerConfig
+from ..tokenizer import Tokenizer
+from ..unet import UNetModel
+from ..vae import Autoencoder
+
+
+@dataclass
+class Components:
+    """A model's parts and what the pipeline needs to know about it. Mutable so that the
+    pipeline can drop the text encoders and the UNet once they are done (lower peak
+    memory): it holds the only references."""
+
+    path: Path  # the diffusers folder, or the single-file checkpoint
+    # What a single file was detected to be ("sd1", "sd2", "sdxl"); None for folders,
+    # whose configs say it.
+    architecture: str | None
+    is_xl: bool
+    # SDXL encodes "no negative prompt" as zeros rather than as the empty prompt's text.
+    force_zeros_for_empty_prompt: bool
+    scheduler_config: SchedulerConfig
+    default_sampler: str
+    native_size: int  # pixels per side the model was trained at
+    tokenizers: list[Tokenizer]
+    text_encoders: list[CLIPTextModel]
+    unet: UNetModel | None
+    vae: Autoencoder
+
+
+def check_native_size(image_size: int, downscale: int) -> None:
+    if image_size <= 0 or image_size % downscale:
+        raise ValueError(f"image size must be a positive multiple of {downscale}")
