@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import PipelineConfig
-from .components import Components
+from .components import Components, check_native_size
 from .folder import load_folder
 from .hub import resolve_model
 from .single_file import PREDICTION_TYPES, is_single_file, load_single_file
@@ -34,6 +34,8 @@ def load_components(
         raise ValueError(
             f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
         )
+    if image_size is not None:
+        check_native_size(image_size)  # and its multiple once the VAE's config is read
     model = os.fspath(model)
     if is_single_file(model):
         return load_single_file(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..clip import CLIPTextModel
 from ..config import SchedulerConfig
+from ..settings import MAX_SIDE
 from ..tokenizer import Tokenizer
 from ..unet import UNetModel
 from ..vae import Autoencoder
@@ -34,6 +35,9 @@ class Components:
     vae: Autoencoder
 
 
-def check_native_size(image_size: int, downscale: int) -> None:
-    if image_size <= 0 or image_size % downscale:
-        raise ValueError(f"image size must be a positive multiple of {downscale}")
+def check_native_size(image_size: int, downscale: int | None = None) -> None:
+    """Refuse a native size out of range or, given the VAE's `downscale`, not a multiple of
+    it."""
+    if not 0 < image_size <= MAX_SIDE or image_size % (downscale or 1):
+        kind = f"a positive multiple of {downscale}" if downscale else "positive"
+        raise ValueError(f"image size must be {kind}, at most {MAX_SIDE} (got {image_size})")
