@@ -27,7 +27,7 @@ from .images import (
 )
 from .pipeline import Denoising, NonFiniteError, StableDiffusion
 from .samplers import SAMPLERS
-from .settings import GenerationSettings, check_arguments
+from .settings import MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings, check_arguments
 from .text import printable
 
 DEFAULT_MODEL = "sdxl"
@@ -56,8 +56,8 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
             help="how much to change the image: 0 keeps it, 1 replaces it (default 0.5)",
         )
     else:
-        p.add_argument("--width", type=int, help="default: the model's native size")
-        p.add_argument("--height", type=int, help="default: the model's native size")
+        for side in ("--width", "--height"):
+            p.add_argument(side, type=int, help=f"at most {MAX_SIDE}; default: the model's")
     p.add_argument("prompt", nargs="?", help="what to generate (optional with --from-image)")
     p.add_argument(
         "--from-image",
@@ -97,10 +97,10 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         help="the model's native size in pixels, for single files (default: 512 SD 1.x, "
         "768 SD 2.x, 1024 SDXL)",
     )
-    p.add_argument("--n_images", type=int, default=1, help="at most 64")
+    p.add_argument("--n_images", type=int, default=1, help=f"at most {MAX_IMAGES}")
     p.add_argument("--n_rows", type=int, default=1)
     p.add_argument(
-        "--steps", type=int, help="denoising steps, at most 1000 (default: the model's)"
+        "--steps", type=int, help=f"denoising steps, at most {MAX_STEPS} (default: the model's)"
     )
     p.add_argument(
         "--cfg",
@@ -109,8 +109,10 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     )
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--sampler", choices=list(SAMPLERS), help="default: the model's")
-    p.add_argument("--seed", type=int, default=None, help="-1 or none: random (printed)")
-    p.add_argument("--decoding_batch_size", type=int, default=1)
+    p.add_argument(
+        "--seed", type=int, default=None, help="0 to 2**64-1; -1 or none: random (printed)"
+    )
+    p.add_argument("--decoding_batch_size", type=int, default=1, help=f"at most {MAX_IMAGES}")
     p.add_argument(
         "-q",
         "--quantize",
