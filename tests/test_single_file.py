@@ -33,7 +33,7 @@ from stable_diffusion.config import (
     UNetConfig,
     read_json,
 )
-from stable_diffusion.loading import single_file
+from stable_diffusion.loading import load_components, single_file
 from stable_diffusion.loading.single_file import SingleFileError, detect_architecture
 from stable_diffusion.tokenizer import Tokenizer
 from stable_diffusion.unet import UNetModel
@@ -450,3 +450,39 @@ def test_cli_names_what_does_not_fit_in_a_single_file(checkpoints, tmp_path):
     # The tiny model is not a full-size SD 1.5, which is what the script assumes.
     assert result.returncode == 2
     assert "detected an SD 1.x checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_one_door_gives_folders_and_single_files_the_same_components(checkpoints, name):
+    """`load_components` on a model folder and on the same weights as one file: the same
+    architecture facts and the same weights; only what a single file cannot say differs
+    (the sampler, A1111's default there; the architecture, detected from its keys)."""
+    from_folder = load_components(FIXTURES / "models" / name, mx.float32)
+    from_file = load_components(checkpoints[name], mx.float32, config=tiny_config(name))
+    assert (from_folder.architecture, from_file.architecture) == (None, MODELS[name])
+    assert from_folder.is_xl == from_file.is_xl == (MODELS[name] == "sdxl")
+    assert from_folder.force_zeros_for_empty_prompt == from_file.force_zeros_for_empty_prompt
+    assert from_folder.scheduler_config == from_file.scheduler_config
+    assert from_file.default_sampler == "dpm++2m_karras"
+    assert from_folder.native_size == from_file.native_size == 64
+    assert (from_folder.path, from_file.path) == (FIXTURES / "models" / name, checkpoints[name])
+    for a, b in zip(
+        [*from_folder.text_encoders, from_folder.unet, from_folder.vae],
+        [*from_file.text_encoders, from_file.unet, from_file.vae],
+        strict=True,
+    ):
+        for (key, x), (_, y) in zip(
+            sorted(nn.utils.tree_flatten(a.parameters())),
+            sorted(nn.utils.tree_flatten(b.parameters())),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=key)
+
+
+def test_native_size_of_a_folder_can_be_overridden():
+    folder = FIXTURES / "models" / "tiny-sd2"
+    assert load_components(folder, mx.float32, image_size=128).native_size == 128
+    with pytest.raises(ValueError, match=r"image size must be a positive multiple of 8, at most"):
+        load_components(folder, mx.float32, image_size=100)
+    with pytest.raises(ValueError, match="config is only for single-file checkpoints"):
+        load_components(folder, mx.float32, config=tiny_config("tiny-sd2"))

@@ -106,7 +106,6 @@ def load_scheduler_config(folder: Path) -> tuple[SchedulerConfig, str]:
     return SchedulerConfig.from_dict(values), default_sampler(values)
 
 
-
 def load_folder(
     folder: Path,
     dtype: mx.Dtype,
