@@ -117,6 +117,7 @@ def check_arguments(
         if not 0 <= strength <= 1:
             raise ValueError(f"{names['strength']} must be between 0 and 1 (got {strength})")
     if decoding_batch_size is not None:
+        # A decoding batch is some of the call's images: more than MAX_IMAGES decodes no more.
         _integer(names["decoding_batch_size"], decoding_batch_size, 1, MAX_IMAGES)
     if width is not None or height is not None:
         sides = {"width": width, "height": height}
@@ -138,7 +139,7 @@ def _integer(name: str, value: object, low: int | None, high: int, hint: str = "
             raise TypeError
         number = operator.index(value)  # ints and NumPy integers, not floats
     except TypeError:
-        raise ValueError(f"{name} must be an integer (got {value!r})") from None
+        raise ValueError(f"{name} must be an integer (got {value!r:.40})") from None
     if low is not None and number < low:
         raise ValueError(f"{name} must be at least {low} (got {number}){hint}")
     if number > high:
@@ -148,7 +149,7 @@ def _integer(name: str, value: object, low: int | None, high: int, hint: str = "
 
 def _real(name: str, value: object) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a number (got {value!r})")
+        raise ValueError(f"{name} must be a number (got {value!r:.40})")
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number (got {number})")
