@@ -1,13 +1,17 @@
-"""What `txt2image.py` and `image2image.py` share: arguments, their checks,
-the denoising loop with a progress bar, decoding and saving."""
+"""The scripts `sd-txt2image` and `sd-image2image` (also run as `python txt2image.py` and
+`python image2image.py`): arguments, their checks, the denoising loop with a progress bar,
+decoding and saving."""
 
 from __future__ import annotations
 
 import argparse
 import math
-import secrets
+import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import mlx.core as mx
 import numpy as np
@@ -17,12 +21,29 @@ from .cpu import fast_cpu
 from .images import (
     GenerationParameters,
     check_output_path,
+    load_image,
     read_parameters,
     save_images,
-    validate_size,
 )
-from .pipeline import Denoising, StableDiffusion
+from .pipeline import Denoising, NonFiniteError, StableDiffusion
 from .samplers import SAMPLERS
+from .settings import MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings, check_arguments
+from .text import printable
+
+DEFAULT_MODEL = "sdxl"
+# How the scripts spell the arguments that `settings.check_arguments` checks.
+OPTION_NAMES = {
+    "n_images": "--n_images",
+    "steps": "--steps",
+    "cfg": "--cfg",
+    "seed": "--seed",
+    "width": "--width",
+    "height": "--height",
+    "strength": "--strength",
+    "decoding_batch_size": "--decoding_batch_size",
+}
+# The exit status of a program ended by SIGINT, as shells report it (128 + 2).
+INTERRUPTED = 130
 
 
 def parser(description: str, image_input: bool = False) -> argparse.ArgumentParser:
@@ -35,14 +56,20 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
             help="how much to change the image: 0 keeps it, 1 replaces it (default 0.5)",
         )
     else:
-        p.add_argument("--width", type=int, help="default: the model's native size")
-        p.add_argument("--height", type=int, help="default: the model's native size")
+        for side in ("--width", "--height"):
+            p.add_argument(side, type=int, help=f"at most {MAX_SIDE}; default: the model's")
     p.add_argument("prompt", nargs="?", help="what to generate (optional with --from-image)")
     p.add_argument(
         "--from-image",
         metavar="PNG",
         help="re-run with the prompt and settings saved in an image generated before "
-        "(options given here win)",
+        "(options given here win; the model it names only with --use-saved-model)",
+    )
+    p.add_argument(
+        "--use-saved-model",
+        action="store_true",
+        help="with --from-image: load the model the image names (a file can name any "
+        "path or hub repo: check it first)",
     )
     p.add_argument(
         "--model",
@@ -70,9 +97,11 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         help="the model's native size in pixels, for single files (default: 512 SD 1.x, "
         "768 SD 2.x, 1024 SDXL)",
     )
-    p.add_argument("--n_images", type=int, default=1)
+    p.add_argument("--n_images", type=int, default=1, help=f"at most {MAX_IMAGES}")
     p.add_argument("--n_rows", type=int, default=1)
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument(
+        "--steps", type=int, help=f"denoising steps, at most {MAX_STEPS} (default: the model's)"
+    )
     p.add_argument(
         "--cfg",
         type=float,
@@ -80,8 +109,10 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     )
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--sampler", choices=list(SAMPLERS), help="default: the model's")
-    p.add_argument("--seed", type=int, default=None, help="-1 or none: random (printed)")
-    p.add_argument("--decoding_batch_size", type=int, default=1)
+    p.add_argument(
+        "--seed", type=int, default=None, help="0 to 2**64-1; -1 or none: random (printed)"
+    )
+    p.add_argument("--decoding_batch_size", type=int, default=1, help=f"at most {MAX_IMAGES}")
     p.add_argument(
         "-q",
         "--quantize",
@@ -124,8 +155,16 @@ def lora_spec(value: str) -> tuple[str, float]:
     return path, number
 
 
+def fail(p: argparse.ArgumentParser, error: Exception | str) -> NoReturn:
+    """Exit with a usage error; messages can carry text from files (model names, keys),
+    printed without their terminal control sequences."""
+    p.error(printable(error))
+
+
 def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters) -> None:
-    """Fill the options not given on the command line from an image's parameters."""
+    """Fill the options not given on the command line from an image's parameters. The
+    model an image names is untrusted (any path or hub repo): it is used only with
+    --use-saved-model, otherwise named and left alone."""
     values = {
         "prompt": saved.prompt,
         "negative_prompt": saved.negative_prompt or None,
@@ -133,7 +172,6 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
         "cfg": saved.cfg_scale,
         "sampler": saved.sampler if saved.sampler in SAMPLERS else None,
         "seed": saved.seed,
-        "model": saved.model,
         "width": saved.width,
         "height": saved.height,
         "strength": saved.strength,
@@ -141,53 +179,63 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
     for name, value in values.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, value)
+    if args.use_saved_model:
+        args.model = saved.model
+    elif saved.model is not None and saved.model != args.model:
+        using = f"--model {printable(args.model)}" if args.model else f"the default {DEFAULT_MODEL}"
+        print(
+            f"Note: the image was made with the model '{printable(saved.model)}'; using "
+            f"{using}. Pass --use-saved-model to load the image's model."
+        )
     if saved.loras and not args.lora:
-        used = ", ".join(f"{name}:{strength}" for name, strength in saved.loras)
+        used = ", ".join(f"{printable(name)}:{strength}" for name, strength in saved.loras)
         print(f"Note: the image was made with LoRAs ({used}); pass --lora to use them again")
 
 
-def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     """Reject bad arguments before any model is loaded; returns the output path."""
+    if args.use_saved_model and (args.model or not args.from_image):
+        fail(p, "--use-saved-model goes with --from-image, and without --model")
     if args.from_image:
         try:
-            apply_saved_parameters(args, read_parameters(args.from_image))
+            saved = read_parameters(args.from_image)
         except ValueError as e:
-            p.error(str(e))
+            fail(p, e)
+        if args.use_saved_model and saved.model is None:
+            fail(p, f"{args.from_image} names no model; pass --model instead of --use-saved-model")
+        apply_saved_parameters(args, saved)
     if args.prompt is None:
-        p.error("give a prompt, or --from-image with an image generated before")
-    args.model = args.model or "sdxl"
+        fail(p, "give a prompt, or --from-image with an image generated before")
+    args.model = args.model or DEFAULT_MODEL
     if hasattr(args, "strength") and args.strength is None:
         args.strength = 0.5
-    if args.n_images < 1:
-        p.error("--n_images must be at least 1")
+    if args.seed is not None and args.seed < 0:
+        args.seed = None  # -1 (any negative seed): random
+    try:
+        check_arguments(
+            n_images=args.n_images,
+            steps=args.steps,
+            cfg=args.cfg,
+            seed=args.seed,
+            width=getattr(args, "width", None),
+            height=getattr(args, "height", None),
+            strength=getattr(args, "strength", None),
+            decoding_batch_size=args.decoding_batch_size,
+            names=OPTION_NAMES,
+        )
+    except ValueError as e:
+        fail(p, e)
     if args.n_rows < 1 or args.n_images % args.n_rows:
-        p.error(f"--n_images {args.n_images} is not divisible by --n_rows {args.n_rows}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be at least 1 (got {args.steps})")
-    if args.cfg is not None and args.cfg < 0:
-        p.error(f"--cfg must be >= 0 (got {args.cfg})")
-    if args.decoding_batch_size < 1:
-        p.error("--decoding_batch_size must be at least 1")
-    if not 0 <= getattr(args, "strength", 0) <= 1:
-        p.error(f"--strength must be between 0 and 1 (got {args.strength})")
+        fail(p, f"--n_images {args.n_images} is not divisible by --n_rows {args.n_rows}")
     args.lora = args.lora or []
     for path, _ in args.lora:
         if not Path(path).is_file():
-            p.error(f"--lora {path}: no such file")
+            fail(p, f"--lora {path}: no such file")
     try:
-        sizes = [getattr(args, side, None) for side in ("width", "height")]
-        validate_size(*(8 if size is None else size for size in sizes))
         individual = args.n_images if args.save_individual else 0
         return check_output_path(args.output, overwrite=args.overwrite, individual=individual)
     except ValueError as e:
-        p.error(str(e))
-
-
-def seed(args: argparse.Namespace) -> int:
-    """The seed to use, printed so that a run can be repeated; -1 or none: random."""
-    value = secrets.randbits(31) if args.seed is None or args.seed < 0 else args.seed
-    print(f"Seed: {value}")
-    return value
+        fail(p, e)
 
 
 def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDiffusion:
@@ -202,8 +250,8 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
             image_size=args.image_size,
         )
     except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
-    if sd.architecture == "sd2" and args.prediction_type is None:
+        fail(p, e)
+    if sd.components.architecture == "sd2" and args.prediction_type is None:
         # The keys of the 512 base model and the 768 v-prediction one are the same.
         print(
             "SD 2.x single file: assuming the 768x768 v-prediction model; for a 512x512 "
@@ -212,7 +260,8 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
     if args.preload_models:
         sd.preload()
     if args.verbose:
-        print(f"Model loaded in {time.perf_counter() - start:.1f} s ({sd.folder})")
+        seconds = time.perf_counter() - start
+        print(f"Model loaded in {seconds:.1f} s ({printable(sd.components.path)})")
     return sd
 
 
@@ -248,7 +297,10 @@ def decode_and_save(
     decoded = []
     with fast_cpu():
         for i in tqdm(range(0, latents.shape[0], batch), desc="Decoding"):
-            images = sd.decode(latents[i : i + batch])
+            try:
+                images = sd.decode(latents[i : i + batch])
+            except NonFiniteError as e:
+                sys.exit(f"error: {e} Nothing was saved.")
             mx.eval(images)
             decoded.append(np.array(images))
     if args.verbose:
@@ -265,24 +317,96 @@ def decode_and_save(
         save_individual=args.save_individual,
     )
     for path in paths:
-        print(f"Saved {path}")
+        print(f"Saved {printable(path)}")
 
 
-def generation_parameters(
-    sd: StableDiffusion, args: argparse.Namespace, width: int, height: int, **extra
+def image_parameters(
+    args: argparse.Namespace, settings: GenerationSettings
 ) -> GenerationParameters:
-    defaults = sd.defaults
-    return GenerationParameters(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt or "",
-        steps=args.steps or defaults.steps,
-        sampler=args.sampler or defaults.sampler,
-        cfg_scale=defaults.cfg if args.cfg is None else args.cfg,
-        seed=sd.last_seed,
-        width=width,
-        height=height,
-        model=args.model,
-        # A1111 names LoRAs by their file name without extension.
-        loras=tuple((Path(path).stem, strength) for path, strength in args.lora),
-        **extra,
+    """What the PNG records: the settings the generation ran with, the model as named on
+    the command line, and the LoRAs by their file names without extension (as A1111 names
+    them)."""
+    loras = tuple((Path(path).stem, strength) for path, strength in args.lora)
+    return settings.parameters(model=args.model, loras=loras)
+
+
+def generate(
+    p: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    output: Path,
+    start: Callable[[StableDiffusion], Denoising],
+) -> None:
+    """Load the model, start the generation, denoise, decode and save."""
+    sd = load_model(p, args)
+    try:
+        latents = start(sd)
+    except ValueError as e:
+        fail(p, e)
+    print(f"Seed: {latents.settings.seed}")
+    x = denoise(sd, latents, args)
+    decode_and_save(sd, x, args, output, image_parameters(args, latents.settings))
+
+
+@contextmanager
+def exit_on_interrupt() -> Iterator[None]:
+    """Ctrl-C ends a script with one line and exit status 130, instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\nInterrupted; nothing was saved.", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+
+
+def txt2image_main(argv: Sequence[str] | None = None) -> None:
+    """sd-txt2image: generate images from a text prompt."""
+    p = parser("Generate images from a text prompt with Stable Diffusion in MLX.")
+    args = p.parse_args(argv)
+
+    def start(sd: StableDiffusion) -> Denoising:
+        return sd.generate_latents(
+            args.prompt,
+            n_images=args.n_images,
+            num_steps=args.steps,
+            cfg_weight=args.cfg,
+            negative_text=args.negative_prompt,
+            seed=args.seed,
+            width=args.width,
+            height=args.height,
+            sampler=args.sampler,
+        )
+
+    with exit_on_interrupt():
+        output = check_command_line(p, args)
+        generate(p, args, output, start)
+
+
+def image2image_main(argv: Sequence[str] | None = None) -> None:
+    """sd-image2image: transform an image guided by a text prompt."""
+    p = parser(
+        "Transform an image guided by a text prompt with Stable Diffusion in MLX.",
+        image_input=True,
     )
+    args = p.parse_args(argv)
+    with exit_on_interrupt():
+        output = check_command_line(p, args)
+        try:
+            image, message = load_image(args.image, multiple=64)
+        except ValueError as e:
+            fail(p, e)
+        if message:
+            print(printable(message))
+
+        def start(sd: StableDiffusion) -> Denoising:
+            return sd.generate_latents_from_image(
+                image,
+                args.prompt,
+                strength=args.strength,
+                n_images=args.n_images,
+                num_steps=args.steps,
+                cfg_weight=args.cfg,
+                negative_text=args.negative_prompt,
+                seed=args.seed,
+                sampler=args.sampler,
+            )
+
+        generate(p, args, output, start)

@@ -6,7 +6,6 @@ pooled text and size conditioning."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 from collections.abc import Iterator, Sequence
@@ -15,12 +14,16 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from . import cpu, loading, single_file
-from .config import PipelineConfig, UNetConfig, read_json
-from .hub import ALIASES, resolve_model
-from .images import validate_size
+from . import cpu, loading
+from .config import PipelineConfig, UNetConfig
+from .loading.hub import ALIASES
 from .lora import AppliedLoras
+from .models.clip import CLIPTextModel
+from .models.unet import UNetModel
+from .models.vae import Autoencoder
 from .samplers import make_sampler
+from .settings import GenerationSettings, check_arguments
+from .tokenizer import Tokenizer
 
 # Per-model defaults for well-known repos; other models get their
 # architecture's defaults.
@@ -49,13 +52,25 @@ class Conditioning:
     time_ids: mx.array | None = None
 
 
-class Denoising:
-    """The lazy latents of one generation, one per step; `len()` is the step count."""
+class NonFiniteError(ValueError):
+    """The latents or the decoded images hold NaN or infinite values: the image would be
+    black or noise."""
 
-    def __init__(self, latents: Iterator[mx.array], steps: int,
-                 conditioning: Conditioning | None = None):
+
+class Denoising:
+    """The lazy latents of one generation, one per step; `len()` is the step count.
+    `settings` is what it runs with (defaults filled in, seed drawn)."""
+
+    def __init__(
+        self,
+        latents: Iterator[mx.array],
+        steps: int,
+        settings: GenerationSettings,
+        conditioning: Conditioning | None = None,
+    ):
         self._latents = latents
         self.steps = steps
+        self.settings = settings
         self._conditioning = conditioning
 
     def compute_conditioning(self) -> None:
@@ -134,16 +149,11 @@ class StableDiffusion:
             self.dtype = mx.float16 if float16 else mx.float32
         self.model_name = model
         self.repo_id = ALIASES.get(model, model)
-        # What a single file was detected to be ("sd1", "sd2", "sdxl"); None for folders.
-        self.architecture: str | None = None
-        if single_file.is_single_file(model):
-            self._load_single_file(model, config, prediction_type, image_size)
-        else:
-            if config is not None:
-                raise ValueError("config is only for single-file checkpoints")
-            self._load_folder(model, prediction_type)
+        self.components = loading.load_components(
+            model, self.dtype, prediction_type=prediction_type, image_size=image_size, config=config
+        )
         self.vae_dtype = self.vae.decoder.conv_in.weight.dtype
-        self.defaults = self._model_defaults(image_size)
+        self.defaults = self._model_defaults()
         self._loras = AppliedLoras()
         for path, strength in loras:
             self.load_lora(path, strength)
@@ -153,54 +163,27 @@ class StableDiffusion:
             loading.quantize(self.unet, bits=8)
             self._loras.quantized(self._lora_models())
 
-    def _load_single_file(
-        self,
-        path: str,
-        config: PipelineConfig | None,
-        prediction_type: str | None,
-        image_size: int | None,
-    ) -> None:
-        loaded = single_file.load_single_file(
-            path, self.dtype, config, prediction_type=prediction_type, image_size=image_size
-        )
-        self.folder = loaded.path
-        self.architecture = loaded.architecture
-        self.is_xl = loaded.config.is_xl
-        self.force_zeros_for_empty_prompt = self.is_xl
-        self.scheduler_config = loaded.config.scheduler
-        # A1111's default; single files name no scheduler.
-        self.default_sampler = "dpm++2m_karras"
-        self.tokenizers = loaded.tokenizers
-        self.text_encoders = loaded.text_encoders
-        self.unet = loaded.unet
-        self.vae = loaded.vae
+    # The models, held by `components` only, so that releasing them frees their memory.
 
-    def _load_folder(self, model: str, prediction_type: str | None) -> None:
-        folder = resolve_model(model, prefer_float16=self.dtype == mx.float16)
-        self.folder = folder
-        model_index = read_json(folder / "model_index.json")
-        self.is_xl = (
-            "text_encoder_2" in model_index and model_index["text_encoder_2"][0] is not None
-        )
-        self.force_zeros_for_empty_prompt = self.is_xl and model_index.get(
-            "force_zeros_for_empty_prompt", True
-        )
+    @property
+    def tokenizers(self) -> list[Tokenizer]:
+        return self.components.tokenizers
 
-        self.scheduler_config, self.default_sampler = loading.load_scheduler_config(
-            folder / "scheduler"
-        )
-        if prediction_type is not None:
-            self.scheduler_config = dataclasses.replace(
-                self.scheduler_config, prediction_type=prediction_type
-            )
-        encoder_names = ["text_encoder", "text_encoder_2"] if self.is_xl else ["text_encoder"]
-        tokenizer_names = ["tokenizer", "tokenizer_2"] if self.is_xl else ["tokenizer"]
-        self.tokenizers = [loading.load_tokenizer(folder / name) for name in tokenizer_names]
-        self.text_encoders = [
-            loading.load_text_encoder(folder / name, self.dtype) for name in encoder_names
-        ]
-        self.unet = loading.load_unet(folder / "unet", self.dtype)
-        self.vae = loading.load_vae(folder / "vae", self.dtype)
+    @property
+    def text_encoders(self) -> list[CLIPTextModel]:
+        return self.components.text_encoders
+
+    @property
+    def unet(self) -> UNetModel | None:
+        return self.components.unet
+
+    @property
+    def vae(self) -> Autoencoder:
+        return self.components.vae
+
+    @property
+    def is_xl(self) -> bool:
+        return self.components.is_xl
 
     def preload(self) -> None:
         """Read all weights now instead of at first use (they load lazily)."""
@@ -209,11 +192,11 @@ class StableDiffusion:
     def release_text_encoders(self) -> None:
         """Free the text encoders once the conditioning is computed (lower peak
         memory); generating again needs a new pipeline."""
-        self.text_encoders = []
+        self.components.text_encoders = []
 
     def release_unet(self) -> None:
         """Free the UNet before decoding; generating again needs a new pipeline."""
-        self.unet = None
+        self.components.unet = None
 
     # -- LoRA -------------------------------------------------------------------------
 
@@ -241,18 +224,15 @@ class StableDiffusion:
 
     # -- defaults ---------------------------------------------------------------------
 
-    def _model_defaults(self, image_size: int | None = None) -> Defaults:
-        size = self.unet.config.sample_size * self.vae.downscale
-        if image_size is not None:
-            validate_size(image_size, image_size, self.vae.downscale)
-            size = image_size
+    def _model_defaults(self) -> Defaults:
+        size = self.components.native_size
         known = KNOWN_DEFAULTS.get(self.repo_id, {})
         return Defaults(
             width=size,
             height=size,
             steps=known.get("steps", 30),
             cfg=known.get("cfg", 5.0 if self.is_xl else 7.5),
-            sampler=self.default_sampler,
+            sampler=self.components.default_sampler,
         )
 
     # -- text -------------------------------------------------------------------------
@@ -282,15 +262,15 @@ class StableDiffusion:
 
     def _conditioning(
         self,
-        texts: list[str],
-        negative_texts: list[str] | None,
-        use_cfg: bool,
-        image_size: tuple[int, int],
+        settings: GenerationSettings,
         original_size: tuple[int, int] | None,
         crop: tuple[int, int],
     ) -> Conditioning:
-        zero_negative = negative_texts is None and self.force_zeros_for_empty_prompt
-        negative_texts = negative_texts or [""] * len(texts)
+        texts, use_cfg = list(settings.prompts), settings.uses_cfg
+        negative_texts = list(settings.negative_prompts or [""] * len(texts))
+        zero_negative = (
+            settings.negative_prompts is None and self.components.force_zeros_for_empty_prompt
+        )
         n_chunks = self._chunk_count(texts + (negative_texts if use_cfg else []))
         context, pooled = self._encode_texts(texts, n_chunks)
         if use_cfg:
@@ -305,6 +285,7 @@ class StableDiffusion:
         if not self.is_xl:
             return Conditioning(context.astype(dtype))
         # SDXL is conditioned on the training image's original size, crop and target size.
+        image_size = (settings.height, settings.width)
         time_ids = [*(original_size or image_size), *crop, *image_size]
         time_ids = mx.broadcast_to(mx.array(time_ids, dtype=mx.float32), (context.shape[0], 6))
         return Conditioning(context.astype(dtype), pooled.astype(dtype), time_ids)
@@ -316,10 +297,10 @@ class StableDiffusion:
         x: mx.array,
         run,
         conditioning: Conditioning,
-        cfg_weight: float,
-        use_cfg: bool,
+        settings: GenerationSettings,
         key: mx.array,
     ) -> Iterator[mx.array]:
+        use_cfg, cfg_weight = settings.uses_cfg, settings.cfg
         for i, t in enumerate(run.timesteps):
             x_in = run.scale_model_input(x, i).astype(cpu.compute_dtype(self.dtype))
             if use_cfg:
@@ -341,27 +322,55 @@ class StableDiffusion:
             x = run.step(prediction, x, i, noise=noise)
             yield x
 
-    def _prepare(self, text, n_images, negative_text, num_steps, cfg_weight, sampler, seed):
+    def _prepare(
+        self,
+        text: str | list[str],
+        n_images: int,
+        negative_text: str | list[str] | None,
+        num_steps: int | None,
+        cfg_weight: float | None,
+        sampler: str | None,
+        seed: int | None,
+        width: int | None,
+        height: int | None,
+        strength: float | None = None,
+    ) -> GenerationSettings:
+        """The settings of a generation, checked (before anything is computed) and with
+        the model's defaults filled in; a random seed when none is given."""
         texts = [text] if isinstance(text, str) else list(text)
+        check_arguments(
+            n_images=n_images,
+            n_prompts=len(texts),
+            steps=num_steps,
+            cfg=cfg_weight,
+            seed=seed,
+            width=width,
+            height=height,
+            strength=strength,
+            multiple=self.vae.downscale,
+        )
         texts = [t for t in texts for _ in range(n_images)]
         if negative_text is not None:
             negatives = [negative_text] if isinstance(negative_text, str) else list(negative_text)
-            negatives = [t for t in negatives for _ in range(n_images)]
+            negatives = tuple(t for t in negatives for _ in range(n_images))
             if len(negatives) != len(texts):
                 raise ValueError("give one negative prompt, or one per prompt")
         else:
             negatives = None
         defaults = self.defaults
-        num_steps = defaults.steps if num_steps is None else num_steps
-        cfg_weight = defaults.cfg if cfg_weight is None else cfg_weight
-        if num_steps < 1:
-            raise ValueError(f"steps must be at least 1 (got {num_steps})")
-        if cfg_weight < 0:
-            raise ValueError(f"cfg weight must be >= 0 (got {cfg_weight})")
-        sampler = make_sampler(sampler or defaults.sampler, self.scheduler_config)
-        seed = secrets.randbits(31) if seed is None else seed
-        self.last_seed = seed
-        return texts, negatives, num_steps, cfg_weight, sampler, mx.random.key(seed)
+        settings = GenerationSettings(
+            prompts=tuple(texts),
+            negative_prompts=negatives,
+            steps=defaults.steps if num_steps is None else num_steps,
+            cfg=float(defaults.cfg if cfg_weight is None else cfg_weight),
+            sampler=sampler or defaults.sampler,
+            seed=secrets.randbits(31) if seed is None else seed,
+            width=defaults.width if width is None else width,
+            height=defaults.height if height is None else height,
+            strength=strength,
+        )
+        self._check_size(settings)
+        return settings
 
     def generate_latents(
         self,
@@ -382,31 +391,26 @@ class StableDiffusion:
         until `mx.eval`). `latents` gives the initial noise (NHWC, standard normal)
         to reproduce a run exactly; otherwise it is drawn from `seed`. Arguments are
         checked at the call, before anything is computed."""
-        texts, negatives, num_steps, cfg_weight, sampler, key = self._prepare(
-            text, n_images, negative_text, num_steps, cfg_weight, sampler, seed
+        settings = self._prepare(
+            text, n_images, negative_text, num_steps, cfg_weight, sampler, seed, width, height
         )
-        defaults = self.defaults
-        width = defaults.width if width is None else width
-        height = defaults.height if height is None else height
-        self._check_size(width, height, len(texts) * (2 if cfg_weight > 1 else 1))
+        run = make_sampler(settings.sampler, self.components.scheduler_config).start(
+            settings.steps
+        )
         shape = (
-            len(texts),
-            height // self.vae.downscale,
-            width // self.vae.downscale,
+            len(settings.prompts),
+            settings.height // self.vae.downscale,
+            settings.width // self.vae.downscale,
             self.unet.config.in_channels,
         )
-        key, noise_key = mx.random.split(key)
+        key, noise_key = mx.random.split(mx.random.key(settings.seed))
         noise = mx.random.normal(shape, key=noise_key) if latents is None else latents
         if noise.shape != shape:
             raise ValueError(f"initial latents have shape {noise.shape}, expected {shape}")
-        use_cfg = cfg_weight > 1
-        conditioning = self._conditioning(
-            texts, negatives, use_cfg, (height, width), original_size, crop
-        )
-        run = sampler.start(num_steps)
+        conditioning = self._conditioning(settings, original_size, crop)
         x = run.initial_latents(noise.astype(mx.float32))
-        steps = self._denoise(x, run, conditioning, cfg_weight, use_cfg, key)
-        return Denoising(steps, len(run.timesteps), conditioning)
+        steps = self._denoise(x, run, conditioning, settings, key)
+        return Denoising(steps, len(run.timesteps), settings, conditioning)
 
     def generate_latents_from_image(
         self,
@@ -426,39 +430,45 @@ class StableDiffusion:
         """img2img: noise the image's latents to `strength` (0 keeps the image, 1
         replaces it) and denoise them. `image` is (H, W, 3) or (N, H, W, 3) in [0, 1].
         At least one denoising step always runs."""
-        if not 0 <= strength <= 1:
-            raise ValueError(f"strength must be between 0 and 1 (got {strength})")
         image = mx.array(image, dtype=mx.float32)
         if image.ndim == 3:
             image = image[None]
         height, width = image.shape[1:3]
-        texts, negatives, num_steps, cfg_weight, sampler, key = self._prepare(
-            text, n_images, negative_text, num_steps, cfg_weight, sampler, seed
+        settings = self._prepare(
+            text,
+            n_images,
+            negative_text,
+            num_steps,
+            cfg_weight,
+            sampler,
+            seed,
+            width,
+            height,
+            strength,
         )
-        self._check_size(width, height, len(texts) * (2 if cfg_weight > 1 else 1))
-        if image.shape[0] not in (1, len(texts)):
-            raise ValueError(f"give one image or one per generated image ({len(texts)})")
+        chosen_sampler = make_sampler(settings.sampler, self.components.scheduler_config)
+        batch = len(settings.prompts)
+        if image.shape[0] not in (1, batch):
+            raise ValueError(f"give one image or one per generated image ({batch})")
         x0 = self.encode_image(image)
-        x0 = mx.broadcast_to(x0, (len(texts), *x0.shape[1:]))
+        x0 = mx.broadcast_to(x0, (batch, *x0.shape[1:]))
         if strength == 0:
-            return Denoising(iter([x0]), 1)
-        key, noise_key = mx.random.split(key)
+            return Denoising(iter([x0]), 1, settings)
+        key, noise_key = mx.random.split(mx.random.key(settings.seed))
         noise = mx.random.normal(x0.shape, key=noise_key) if noise is None else noise
-        use_cfg = cfg_weight > 1
-        conditioning = self._conditioning(
-            texts, negatives, use_cfg, (height, width), original_size, crop
-        )
-        run = sampler.start(num_steps, strength=strength)
+        conditioning = self._conditioning(settings, original_size, crop)
+        run = chosen_sampler.start(settings.steps, strength=strength)
         x = run.noised_latents(x0, noise.astype(mx.float32))
-        steps = self._denoise(x, run, conditioning, cfg_weight, use_cfg, key)
-        return Denoising(steps, len(run.timesteps), conditioning)
+        steps = self._denoise(x, run, conditioning, settings, key)
+        return Denoising(steps, len(run.timesteps), settings, conditioning)
 
     # -- VAE --------------------------------------------------------------------------
 
-    def _check_size(self, width: int, height: int, batch: int) -> None:
-        """Refuse sizes the VAE cannot take, and sizes whose attention alone would
-        not fit in this machine's memory, before anything is computed."""
-        validate_size(width, height, self.vae.downscale)
+    def _check_size(self, settings: GenerationSettings) -> None:
+        """Refuse sizes whose attention alone would not fit in this machine's memory,
+        before anything is computed."""
+        width, height = settings.width, settings.height
+        batch = len(settings.prompts) * (2 if settings.uses_cfg else 1)
         needed = attention_bytes(self.unet.config, self.vae.downscale, width, height, batch)
         available = memory_size()
         if needed > available:
@@ -477,8 +487,31 @@ class StableDiffusion:
         return (mean.astype(mx.float32) - shift) * vae_config.scaling_factor
 
     def decode(self, latents: mx.array) -> mx.array:
-        """Latents -> (N, H, W, 3) images in [0, 1]."""
+        """Latents -> (N, H, W, 3) images in [0, 1], computed. Raises NonFiniteError,
+        naming the likely cause, for latents or images with NaN or infinite values."""
+        self._check_finite(latents, "the denoised latents")
         vae_config = self.vae.config
         latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
         images = self.vae.decode(latents.astype(cpu.compute_dtype(self.vae_dtype)))
+        self._check_finite(images, "the decoded images")
         return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
+
+    def _check_finite(self, x: mx.array, what: str) -> None:
+        # One reduction over an array that is computed anyway (measured against a UNet
+        # step in tests/test_errors.py: negligible).
+        if mx.isfinite(x).all().item():
+            return
+        causes = []
+        if self.dtype == mx.float16 or self.vae_dtype == mx.float16:
+            causes.append(
+                "float16 overflowing (load the model in float32: float16=False, "
+                "--no-float16 in the scripts)"
+            )
+        causes += [
+            "a CFG weight far too large (try 1 to 15)",
+            "weights with NaN or infinite values (a damaged or badly converted model file)",
+        ]
+        raise NonFiniteError(
+            f"{what} hold NaN or infinite values, which would make a black or noise image. "
+            f"Likely causes: {'; '.join(causes)}."
+        )

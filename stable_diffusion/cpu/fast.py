@@ -15,7 +15,7 @@ from . import kernels, store
 from .layers import SUBCLASSES
 
 # The models `fast_cpu()` gives the CPU paths when it is given none: every model loaded
-# (`loading.load_into` tracks them), as long as it lives.
+# (`loading.folder.load_into` tracks them), as long as it lives.
 _TRACKED: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 
 

@@ -10,6 +10,7 @@ import pytest
 from stable_diffusion import fast_cpu, loading
 from stable_diffusion.cpu import kernels
 from stable_diffusion.cpu.layers import SUBCLASSES
+from stable_diffusion.loading.folder import load_text_encoder, load_unet
 from stable_diffusion.models import layers
 from tests.conftest import FIXTURES
 
@@ -21,8 +22,8 @@ def classes(model: nn.Module) -> dict[str, type]:
 @pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
 def test_fast_cpu_swaps_every_layer_and_restores_it(model):
     folder = FIXTURES / "models" / model
-    unet = loading.load_unet(folder / "unet", mx.float32)
-    encoder = loading.load_text_encoder(folder / "text_encoder", mx.float32)
+    unet = load_unet(folder / "unet", mx.float32)
+    encoder = load_text_encoder(folder / "text_encoder", mx.float32)
     loading.quantize(encoder, bits=8)
     before = {"unet": classes(unet), "encoder": classes(encoder)}
     keys = [k for k, _ in nn.utils.tree_flatten(unet.parameters())]
@@ -48,7 +49,7 @@ def test_outside_fast_cpu_the_models_stay_lazy(monkeypatch):
         monkeypatch.setattr(kernels, name, refuse)
     monkeypatch.setattr(mx, "eval", refuse)
     folder = FIXTURES / "models" / "tiny-sd1"
-    unet = loading.load_unet(folder / "unet", mx.float32)
+    unet = load_unet(folder / "unet", mx.float32)
     with fast_cpu(unet):
         pass
     out = unet(mx.zeros((1, 8, 8, 4)), mx.array([1.0]), mx.zeros((1, 77, 32)))

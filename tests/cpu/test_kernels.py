@@ -11,8 +11,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from stable_diffusion import fast_cpu, loading
+from stable_diffusion import fast_cpu
 from stable_diffusion.cpu import blas, kernels
+from stable_diffusion.loading.folder import load_text_encoder, load_unet, load_vae
 from stable_diffusion.models import layers
 from tests.conftest import FIXTURES
 from tests.test_models import (
@@ -30,9 +31,9 @@ def test_cpu_paths_match_reference(model):
     ref = reference(model)
     folder = FIXTURES / "models" / model
     names = ["text_encoder", "text_encoder_2"] if model == "tiny-sdxl" else ["text_encoder"]
-    encoders = [loading.load_text_encoder(folder / name, mx.float32) for name in names]
-    unet = loading.load_unet(folder / "unet", mx.float32)
-    vae = loading.load_vae(folder / "vae", mx.float32)
+    encoders = [load_text_encoder(folder / name, mx.float32) for name in names]
+    unet = load_unet(folder / "unet", mx.float32)
+    vae = load_vae(folder / "vae", mx.float32)
     with mx.stream(mx.cpu), fast_cpu():
         for name, encoder in zip(names, encoders, strict=True):
             output = encoder(mx.array(ref[f"{name}.input_ids"]))
@@ -48,8 +49,8 @@ def test_cpu_paths_match_reference(model):
 def test_by_winograd_matches_diffusers(model, winograd_everywhere):
     """Every convolution by Winograd (each algorithm in turn), UNet and VAE."""
     ref = reference(model)
-    unet = loading.load_unet(FIXTURES / "models" / model / "unet", mx.float32)
-    vae = loading.load_vae(FIXTURES / "models" / model / "vae", mx.float32)
+    unet = load_unet(FIXTURES / "models" / model / "unet", mx.float32)
+    vae = load_vae(FIXTURES / "models" / model / "vae", mx.float32)
     with mx.stream(mx.cpu), fast_cpu(unet, vae):
         assert_unet_matches(model, ref, unet)
         assert_vae_matches(model, ref, vae)
