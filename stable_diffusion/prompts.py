@@ -44,9 +44,10 @@ Fragment = tuple[str, float]
 def parse_prompt(text: str) -> list[list[Fragment]]:
     """The prompt's (text, weight) fragments, one list per BREAK-separated segment.
 
-    Within a segment, neighbouring fragments of equal weight are merged, as A1111 does, so a
-    prompt without any syntax is one fragment, itself, of weight 1.0. Raises ValueError for a
-    weight that is not a finite number (A1111 would fail on ``(a:1.2.3)`` too)."""
+    Within a segment, neighbouring fragments of equal weight are merged, as A1111 does, and
+    empty ones dropped, so a prompt without any syntax is one fragment, itself, of weight
+    1.0. Raises ValueError for a weight that is not a finite number (A1111 would fail on
+    ``(a:1.2.3)`` too)."""
     # Each entry: [text, weight], or None for a BREAK.
     parsed: list[list | None] = []
     round_open: list[int] = []
@@ -95,7 +96,9 @@ def parse_prompt(text: str) -> list[list[Fragment]]:
             segment[-1] = (segment[-1][0] + fragment_text, weight)
         else:
             segment.append((fragment_text, weight))
-    return [segment or [("", 1.0)] for segment in segments]
+    # Empty fragments ("a BREAK", a lone backslash) tokenize to nothing; they are dropped
+    # after merging, so that the fragments around them stay apart as in A1111.
+    return [[f for f in segment if f[0]] or [("", 1.0)] for segment in segments]
 
 
 def _weight(number: str, token: str) -> float:
