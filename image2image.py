@@ -34,6 +34,7 @@ def main() -> None:
             negative_text=args.negative_prompt,
             seed=seed,
             sampler=args.sampler,
+            clip_skip=args.clip_skip,
         )
     except ValueError as e:
         p.error(str(e))

@@ -25,6 +25,7 @@ def main() -> None:
             width=width,
             height=height,
             sampler=args.sampler,
+            clip_skip=args.clip_skip,
         )
     except ValueError as e:
         p.error(str(e))

@@ -188,7 +188,7 @@ def test_prompt_without_syntax_is_encoded_exactly_as_before(model):
     sd = load(model)
     texts = [EMBEDDING_PROMPT * 8, "a cat: cute :) smile", ""]
     n_chunks = sd._chunk_count(texts)
-    hidden, pooled = sd._encode_texts(texts, n_chunks)
+    hidden, _ = sd._encode_texts(texts, n_chunks)
     expected = []
     for tokenizer, encoder in zip(sd.tokenizers, sd.text_encoders, strict=True):
         rows = []
