@@ -71,11 +71,18 @@ def test_conventions_are_recorded_and_rerun(tmp_path, lora_dir):
         result = txt2image(other, PROMPT, "--model", TINY_SD1, *changed)
         assert result.returncode == 0, result.stderr
         assert np.abs(pixels(other) - pixels(first)).max() > 0
-    other = tmp_path / "no_lora.png"
+    # The tag is --lora: the same image from the prompt without it and --lora FILE:0.5.
     without_tag = PROMPT.replace(" <lora:style:0.5>", "")
-    result = txt2image(other, without_tag, "--model", TINY_SD1, "--clip-skip", "2", *options[:2])
-    assert result.returncode == 0, result.stderr
-    assert np.abs(pixels(other) - pixels(first)).max() > 0
+    for name, lora in (
+        ("no_lora", []),
+        ("lora", ["--lora", f"{lora_dir}/sub/style.safetensors:0.5"]),
+    ):
+        other = tmp_path / f"{name}.png"
+        result = txt2image(
+            other, without_tag, "--model", TINY_SD1, "--clip-skip", "2", *options[:2], *lora
+        )
+        assert result.returncode == 0, result.stderr
+        assert np.array_equal(pixels(other), pixels(first)) == bool(lora)
 
 
 @pytest.mark.parametrize(

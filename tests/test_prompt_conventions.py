@@ -201,3 +201,67 @@ def test_prompt_without_syntax_is_encoded_exactly_as_before(model):
         expected.append(np.array(states).reshape(len(texts), n_chunks * 77, -1))
     assert n_chunks > 1
     assert np.array_equal(np.array(hidden), np.concatenate(expected, axis=-1))
+
+
+def _save(path, tensors: dict) -> str:
+    mx.save_safetensors(str(path), {k: mx.array(v) for k, v in tensors.items()})
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"emb_params": np.full((2, 32), np.nan, np.float32)}, "NaN or infinite"),
+        ({"emb_params": np.zeros((1, 2, 32), np.float32)}, "array of floats"),
+        ({"emb_params": np.zeros((2, 32), np.int32)}, "array of floats"),
+        ({"emb_params": np.zeros((76, 32), np.float32)}, "a chunk takes 1 to 75"),
+        ({"a": np.zeros(32, np.float32), "b": np.zeros(32, np.float32)}, "not a textual-inv"),
+    ],
+)
+def test_malformed_embeddings_are_refused_and_change_nothing(tmp_path, tensors, message):
+    sd = load("tiny-sd1")
+    before = context(sd, "a stem fox")
+    with pytest.raises(ValueError, match=message):
+        sd.load_embedding(_save(tmp_path / "stem.safetensors", tensors))
+    assert sd.text_encoders[0].text_model.embeddings._added_tokens is None
+    assert np.array_equal(context(sd, "a stem fox"), before)
+
+
+def test_embedding_name_without_tokens_is_refused(tmp_path):
+    sd = load("tiny-sd1")
+    path = _save(tmp_path / "x.safetensors", {"emb_params": np.zeros((1, 32), np.float32)})
+    with pytest.raises(ValueError, match="has no tokens"):
+        sd.load_embedding(path, token="   ")
+
+
+def test_added_tokens_do_not_move_the_pooled_position():
+    """Configs with the legacy eos id 2 pool at the highest id; an embedding's ids are
+    higher than the end-of-text token's and must not be taken for it."""
+    sd = load("tiny-sd1")
+    encoder = sd.text_encoders[0]
+    assert encoder.config.eos_token_id == 2
+    sd.load_embedding(EMBEDDINGS / "tiny-sd1" / "foxstyle.pt")
+    rows, _ = sd.tokenizers[0].encode_weighted_chunks([[("a foxstyle", 1.0)]])
+    assert max(rows[0]) >= encoder.config.vocab_size
+    output = encoder(mx.array(rows))
+    eos = rows[0].index(sd.tokenizers[0].eos_id)
+    np.testing.assert_array_equal(
+        np.array(output.pooled[0]), np.array(output.last_hidden_state[0, eos])
+    )
+
+
+def test_prompt_lora_tags_must_name_loaded_loras():
+    sd = load("tiny-sd1")
+    with pytest.raises(ValueError, match="no LoRA 'style' is loaded"):
+        sd.generate_latents("a fox <lora:style:0.5>", num_steps=1)
+    # A loaded LoRA, named by its file's stem: the tag is removed before encoding.
+    sd.load_lora(FIXTURES / "lora" / "sd1_kohya.safetensors", 0.5)
+    tagged = context(sd, "a fox <lora:sd1_kohya:0.5>")
+    assert np.array_equal(tagged, context(sd, "a fox"))
+
+
+def test_weighting_in_float16_stays_finite():
+    sd = StableDiffusion(str(FIXTURES / "models" / "tiny-sdxl"), float16=True)
+    sd.load_embedding(EMBEDDINGS / "tiny-sdxl" / "foxstyle.safetensors")
+    hidden = context(sd, "a ((foxstyle:1.4)) [snow] BREAK night", clip_skip=2)
+    assert hidden.shape[1] == 2 * 77 and np.isfinite(hidden).all()
