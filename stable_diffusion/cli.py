@@ -280,6 +280,7 @@ def files_in(folder: str, suffixes: tuple[str, ...], option: str) -> list[Path]:
 
 
 def check_embedding_options(args: argparse.Namespace) -> None:
+    """Refuse missing --embedding files and --embeddings-dir folders before loading."""
     for path in args.embedding or []:
         if not Path(path).is_file():
             raise ValueError(f"--embedding {path}: no such file")
@@ -287,7 +288,9 @@ def check_embedding_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
 
 
-def load_embeddings(p: argparse.ArgumentParser, sd: StableDiffusion, args) -> None:
+def load_embeddings(
+    p: argparse.ArgumentParser, sd: StableDiffusion, args: argparse.Namespace
+) -> None:
     """Load the --embedding files (one that does not fit is an error) and those of
     --embeddings-dir (one that does not fit, such as an SD 1.x embedding in an SDXL run, is
     skipped with a note)."""

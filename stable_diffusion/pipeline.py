@@ -23,6 +23,7 @@ from .images import validate_size
 from .layers import compute_dtype
 from .lora import AppliedLoras
 from .samplers import make_sampler
+from .tokenizer import Tokenizer
 
 # Per-model defaults for well-known repos; other models get their
 # architecture's defaults.
@@ -259,7 +260,7 @@ class StableDiffusion:
 
     # -- text -------------------------------------------------------------------------
 
-    def _chunks(self, tokenizer, text: str) -> tuple[list[list[int]], list[list[float]]]:
+    def _chunks(self, tokenizer: Tokenizer, text: str) -> tuple[list[list[int]], list[list[float]]]:
         """Token rows and weights of a prompt in A1111's syntax (prompts.py), without its
         <lora:...> tags, which name LoRAs loaded before (see `check_prompt_loras`)."""
         return tokenizer.encode_weighted_chunks(
