@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from . import prompts
 from .cpu import fast_cpu
 from .images import (
     GenerationParameters,
@@ -29,6 +30,7 @@ from .pipeline import Denoising, NonFiniteError, StableDiffusion
 from .samplers import SAMPLERS
 from .settings import MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings, check_arguments
 from .text import printable
+from .weights.files import SUPPORTED_SUFFIXES
 
 DEFAULT_MODEL = "sdxl"
 # How the scripts spell the arguments that `settings.check_arguments` checks.
@@ -44,6 +46,7 @@ OPTION_NAMES = {
 }
 # The exit status of a program ended by SIGINT, as shells report it (128 + 2).
 INTERRUPTED = 130
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 
 
 def parser(description: str, image_input: bool = False) -> argparse.ArgumentParser:
@@ -84,6 +87,30 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         metavar="PATH[:STRENGTH]",
         help="merge a LoRA (kohya/civitai or diffusers format) with a strength (default 1.0); "
         "repeat for several",
+    )
+    p.add_argument(
+        "--lora-dir",
+        metavar="FOLDER",
+        help="where the prompt's <lora:name:weight> tags are looked up (by file name, "
+        "subfolders included); default: none",
+    )
+    p.add_argument(
+        "--embedding",
+        action="append",
+        metavar="PATH",
+        help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers "
+        "learned_embeds), used by writing its file name in the prompt; repeat for several",
+    )
+    p.add_argument(
+        "--embeddings-dir",
+        metavar="FOLDER",
+        help="load every embedding in FOLDER (subfolders included) that fits the model",
+    )
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        help="condition on the text encoder's N-th layer from the end, as A1111 counts "
+        "(1: the last, default; 2: the penultimate)",
     )
     p.add_argument(
         "--prediction-type",
@@ -175,6 +202,7 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
         "width": saved.width,
         "height": saved.height,
         "strength": saved.strength,
+        "clip_skip": saved.clip_skip,
     }
     for name, value in values.items():
         if hasattr(args, name) and getattr(args, name) is None:
@@ -187,8 +215,11 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
             f"Note: the image was made with the model '{printable(saved.model)}'; using "
             f"{using}. Pass --use-saved-model to load the image's model."
         )
-    if saved.loras and not args.lora:
-        used = ", ".join(f"{printable(name)}:{strength}" for name, strength in saved.loras)
+    # LoRAs named in the prompt come back with it (through --lora-dir); the others do not.
+    in_prompt = {name for name, _ in prompts.extract_loras(saved.prompt)[1]}
+    others = [(name, strength) for name, strength in saved.loras if name not in in_prompt]
+    if others and not args.lora:
+        used = ", ".join(f"{printable(name)}:{strength}" for name, strength in others)
         print(f"Note: the image was made with LoRAs ({used}); pass --lora to use them again")
 
 
@@ -231,11 +262,103 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for path, _ in args.lora:
         if not Path(path).is_file():
             fail(p, f"--lora {path}: no such file")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        fail(p, f"--clip-skip must be at least 1 (the last layer), got {args.clip_skip}")
+    args.clip_skip = args.clip_skip or 1
+    try:
+        for text in (args.prompt, args.negative_prompt or ""):
+            prompts.parse_prompt(text)  # a malformed weight is an error before loading
+        args.lora += prompt_loras(args)
+        check_embedding_options(args)
+    except ValueError as e:
+        fail(p, e)
     try:
         individual = args.n_images if args.save_individual else 0
         return check_output_path(args.output, overwrite=args.overwrite, individual=individual)
     except ValueError as e:
         fail(p, e)
+
+
+def prompt_loras(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The (path, strength) of the prompts' <lora:name:weight> tags, found in --lora-dir by
+    file stem (as A1111 names LoRAs), only among the files inside it (no symlinks out)."""
+    tags = [
+        tag
+        for text in (args.prompt, args.negative_prompt or "")
+        for tag in prompts.extract_loras(text)[1]
+    ]
+    if not tags:
+        return []
+    if args.lora_dir is None:
+        names = ", ".join(f"<lora:{name}:{strength}>" for name, strength in tags)
+        raise ValueError(f"the prompt names LoRAs ({names}); give --lora-dir FOLDER to find them")
+    available = files_in(args.lora_dir, SUPPORTED_SUFFIXES, "--lora-dir")
+    by_name: dict[str, list[Path]] = {}
+    for path in available:
+        by_name.setdefault(path.stem, []).append(path)
+    given = {Path(path).resolve() for path, _ in args.lora}
+    found = []
+    for name, strength in tags:
+        paths = by_name.get(name, [])
+        if not paths:
+            known = ", ".join(sorted(by_name)) or "no LoRA files"
+            raise ValueError(
+                f"<lora:{name}:{strength}>: no LoRA {name!r} in {args.lora_dir} (it has: {known})"
+            )
+        if len(paths) > 1:
+            listed = ", ".join(str(path) for path in paths)
+            raise ValueError(
+                f"<lora:{name}:{strength}>: several files are named {name!r}: {listed}; rename one"
+            )
+        if paths[0].resolve() in given or str(paths[0]) in (path for path, _ in found):
+            raise ValueError(
+                f"the LoRA {name!r} is given twice (a tag and --lora, or two tags); give it once"
+            )
+        found.append((str(paths[0]), strength))
+    return found
+
+
+def files_in(folder: str, suffixes: tuple[str, ...], option: str) -> list[Path]:
+    """The files with `suffixes` under `folder` whose real location is inside it, sorted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{option} {folder}: no such folder")
+    real_root = root.resolve()
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix.lower() in suffixes
+        and path.is_file()
+        and path.resolve().is_relative_to(real_root)
+    )
+
+
+def check_embedding_options(args: argparse.Namespace) -> None:
+    """Refuse missing --embedding files and --embeddings-dir folders before loading."""
+    for path in args.embedding or []:
+        if not Path(path).is_file():
+            raise ValueError(f"--embedding {path}: no such file")
+    if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
+        raise ValueError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
+
+
+def load_embeddings(
+    p: argparse.ArgumentParser, sd: StableDiffusion, args: argparse.Namespace
+) -> None:
+    """Load the --embedding files (one that does not fit is an error) and those of
+    --embeddings-dir (one that does not fit, such as an SD 1.x embedding in an SDXL run, is
+    skipped with a note)."""
+    for path in args.embedding or []:
+        try:
+            sd.load_embedding(path)
+        except ValueError as e:
+            fail(p, f"--embedding: {e}")
+    if args.embeddings_dir is not None:
+        for path in files_in(args.embeddings_dir, EMBEDDING_SUFFIXES, "--embeddings-dir"):
+            try:
+                sd.load_embedding(path)
+            except ValueError as e:
+                print(printable(f"Skipped embedding {path}: {e}"))
 
 
 def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDiffusion:
@@ -257,6 +380,7 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
             "SD 2.x single file: assuming the 768x768 v-prediction model; for a 512x512 "
             "epsilon model (SD 2.x base) pass --prediction-type epsilon"
         )
+    load_embeddings(p, sd, args)
     if args.preload_models:
         sd.preload()
     if args.verbose:
@@ -373,6 +497,7 @@ def txt2image_main(argv: Sequence[str] | None = None) -> None:
             width=args.width,
             height=args.height,
             sampler=args.sampler,
+            clip_skip=args.clip_skip,
         )
 
     with exit_on_interrupt():
@@ -407,6 +532,7 @@ def image2image_main(argv: Sequence[str] | None = None) -> None:
                 negative_text=args.negative_prompt,
                 seed=args.seed,
                 sampler=args.sampler,
+                clip_skip=args.clip_skip,
             )
 
         generate(p, args, output, start)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from . import cpu, loading
+from . import cpu, loading, prompts
 from .config import PipelineConfig, UNetConfig
+from .embeddings import read_embedding
 from .loading.hub import ALIASES
 from .lora import AppliedLoras
 from .models.clip import CLIPTextModel
@@ -237,28 +238,99 @@ class StableDiffusion:
 
     # -- text -------------------------------------------------------------------------
 
-    def _chunk_count(self, texts: list[str]) -> int:
-        return max(len(t.encode_chunks(text)) for t in self.tokenizers for text in texts)
+    def _chunks(self, tokenizer: Tokenizer, text: str) -> tuple[list[list[int]], list[list[float]]]:
+        """Token rows and weights of a prompt in A1111's syntax (prompts.py), without its
+        <lora:...> tags, which name LoRAs loaded before (see `check_prompt_loras`)."""
+        return tokenizer.encode_weighted_chunks(
+            prompts.parse_prompt(prompts.extract_loras(text)[0])
+        )
 
-    def _encode_texts(self, texts: list[str], n_chunks: int) -> tuple[mx.array, mx.array | None]:
+    def _chunk_count(self, texts: list[str]) -> int:
+        return max(len(self._chunks(t, text)[0]) for t in self.tokenizers for text in texts)
+
+    def _encode_texts(
+        self, texts: list[str], n_chunks: int, clip_skip: int = 1
+    ) -> tuple[mx.array, mx.array | None]:
         """Hidden states of `texts`, each split into `n_chunks` chunks of 75 tokens
         (the shorter padded with empty chunks) encoded separately and concatenated,
-        as other tools do for prompts longer than CLIP's 77 tokens. SDXL's pooled
-        embedding is the first chunk's."""
+        as other tools do for prompts longer than CLIP's 77 tokens; weighted tokens
+        scaled as A1111 does (`prompts.apply_emphasis`). `clip_skip` counts as A1111 does
+        (1: the last layer). SDXL's pooled embedding is the first chunk's."""
         if not self.text_encoders:
             raise RuntimeError("the text encoders were released; create a new StableDiffusion")
+        self.check_clip_skip(clip_skip)
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-            empty = tokenizer.encode_chunks("")
-            rows = []
+            empty_rows, empty_weights = self._chunks(tokenizer, "")
+            rows, weights = [], []
             for text in texts:
-                chunks = tokenizer.encode_chunks(text)
-                rows += chunks + empty * (n_chunks - len(chunks))
+                text_rows, text_weights = self._chunks(tokenizer, text)
+                rows += text_rows + empty_rows * (n_chunks - len(text_rows))
+                weights += text_weights + empty_weights * (n_chunks - len(text_rows))
             output = encoder(mx.array(rows), cpu.compute_dtype(self.dtype))
-            states = output.penultimate_hidden_state if self.is_xl else output.last_hidden_state
+            # As diffusers' clip_skip (A1111's minus one): SDXL counts from the penultimate
+            # layer and skips the final layer norm.
+            if self.is_xl:
+                states = output.hidden_states[-(clip_skip + 1)]
+            elif clip_skip == 1:
+                states = output.last_hidden_state
+            else:
+                states = encoder.text_model.final_layer_norm(output.hidden_states[-clip_skip])
+            if any(w != 1.0 for row in weights for w in row):
+                states = prompts.apply_emphasis(states, mx.array(weights))
             hidden.append(states.reshape(len(texts), -1, states.shape[-1]))
             pooled = output.pooled.reshape(len(texts), n_chunks, -1)[:, 0]
         return mx.concatenate(hidden, axis=-1), pooled if self.is_xl else None
+
+    def check_clip_skip(self, clip_skip: int) -> None:
+        """Raise ValueError unless `clip_skip` (A1111's numbering) fits the text encoders."""
+        layers = min(e.config.num_hidden_layers for e in self.text_encoders)
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(
+                f"clip skip must be between 1 (the last layer) and {layers} (this model's "
+                f"text encoder layers), got {clip_skip}"
+            )
+
+    def check_prompt_loras(self, texts: list[str]) -> None:
+        """Raise ValueError when a prompt's <lora:name:weight> names no LoRA loaded (by
+        file stem, as A1111 names them): the tags only mark what the caller merged."""
+        loaded = {os.path.splitext(os.path.basename(path))[0] for path, _ in self.loras}
+        for text in texts:
+            for name, _ in prompts.extract_loras(text)[1]:
+                if name not in loaded:
+                    raise ValueError(
+                        f"the prompt names <lora:{name}:...> but no LoRA {name!r} is loaded; "
+                        "load it first (load_lora, or --lora-dir on the command line)"
+                    )
+
+    # -- textual inversion ------------------------------------------------------------
+
+    def load_embedding(self, path: str | os.PathLike[str], token: str | None = None) -> str:
+        """Load a textual-inversion embedding (A1111 .pt/.safetensors, SDXL's clip_l/clip_g,
+        diffusers' learned_embeds); the prompt uses it by writing `token` (default: the
+        file's stem). Returns the token. Raises ValueError, changing nothing, for a file that
+        does not fit this model's text encoders."""
+        if not self.text_encoders:
+            raise RuntimeError("the text encoders were released; create a new StableDiffusion")
+        embedding = read_embedding(path, token)
+        if len(embedding.vectors) != len(self.text_encoders):
+            kind = "SDXL" if len(embedding.vectors) == 2 else "SD 1.x/2.x"
+            raise ValueError(f"{path}: an {kind} embedding does not fit this model")
+        for vectors, tokenizer, encoder in zip(
+            embedding.vectors, self.tokenizers, self.text_encoders, strict=True
+        ):
+            tokenizer.check_embedding(embedding.token, len(vectors))
+            if vectors.shape[1] != encoder.config.hidden_size:
+                raise ValueError(
+                    f"{path}: its vectors have {vectors.shape[1]} dims but this model's text "
+                    f"encoder takes {encoder.config.hidden_size}: it was made for another model"
+                )
+        for tokenizer, encoder, vectors in zip(
+            self.tokenizers, self.text_encoders, embedding.vectors, strict=True
+        ):
+            ids = encoder.text_model.embeddings.add_tokens(vectors)
+            tokenizer.add_embedding(embedding.token, ids)
+        return embedding.token
 
     def _conditioning(
         self,
@@ -268,16 +340,19 @@ class StableDiffusion:
     ) -> Conditioning:
         texts, use_cfg = list(settings.prompts), settings.uses_cfg
         negative_texts = list(settings.negative_prompts or [""] * len(texts))
+        self.check_prompt_loras(texts + negative_texts)
         zero_negative = (
             settings.negative_prompts is None and self.components.force_zeros_for_empty_prompt
         )
         n_chunks = self._chunk_count(texts + (negative_texts if use_cfg else []))
-        context, pooled = self._encode_texts(texts, n_chunks)
+        context, pooled = self._encode_texts(texts, n_chunks, settings.clip_skip)
         if use_cfg:
             if zero_negative:
                 negative, negative_pooled = mx.zeros_like(context), mx.zeros_like(pooled)
             else:
-                negative, negative_pooled = self._encode_texts(negative_texts, n_chunks)
+                negative, negative_pooled = self._encode_texts(
+                    negative_texts, n_chunks, settings.clip_skip
+                )
             context = mx.concatenate([negative, context])
             if self.is_xl:
                 pooled = mx.concatenate([negative_pooled, pooled])
@@ -334,6 +409,7 @@ class StableDiffusion:
         width: int | None,
         height: int | None,
         strength: float | None = None,
+        clip_skip: int = 1,
     ) -> GenerationSettings:
         """The settings of a generation, checked (before anything is computed) and with
         the model's defaults filled in; a random seed when none is given."""
@@ -349,6 +425,7 @@ class StableDiffusion:
             strength=strength,
             multiple=self.vae.downscale,
         )
+        self.check_clip_skip(clip_skip)
         texts = [t for t in texts for _ in range(n_images)]
         if negative_text is not None:
             negatives = [negative_text] if isinstance(negative_text, str) else list(negative_text)
@@ -368,6 +445,7 @@ class StableDiffusion:
             width=defaults.width if width is None else width,
             height=defaults.height if height is None else height,
             strength=strength,
+            clip_skip=clip_skip,
         )
         self._check_size(settings)
         return settings
@@ -386,13 +464,24 @@ class StableDiffusion:
         latents: mx.array | None = None,
         original_size: tuple[int, int] | None = None,
         crop: tuple[int, int] = (0, 0),
+        clip_skip: int = 1,
     ) -> Denoising:
         """Lazily yield the latent after each denoising step (nothing is computed
         until `mx.eval`). `latents` gives the initial noise (NHWC, standard normal)
         to reproduce a run exactly; otherwise it is drawn from `seed`. Arguments are
-        checked at the call, before anything is computed."""
+        checked at the call, before anything is computed. Prompts are in A1111's syntax
+        (prompts.py); `clip_skip` is A1111's (1: the last layer, 2: the penultimate)."""
         settings = self._prepare(
-            text, n_images, negative_text, num_steps, cfg_weight, sampler, seed, width, height
+            text,
+            n_images,
+            negative_text,
+            num_steps,
+            cfg_weight,
+            sampler,
+            seed,
+            width,
+            height,
+            clip_skip=clip_skip,
         )
         run = make_sampler(settings.sampler, self.components.scheduler_config).start(
             settings.steps
@@ -426,10 +515,12 @@ class StableDiffusion:
         noise: mx.array | None = None,
         original_size: tuple[int, int] | None = None,
         crop: tuple[int, int] = (0, 0),
+        clip_skip: int = 1,
     ) -> Denoising:
         """img2img: noise the image's latents to `strength` (0 keeps the image, 1
         replaces it) and denoise them. `image` is (H, W, 3) or (N, H, W, 3) in [0, 1].
-        At least one denoising step always runs."""
+        At least one denoising step always runs. Prompts and `clip_skip` as in
+        `generate_latents`."""
         image = mx.array(image, dtype=mx.float32)
         if image.ndim == 3:
             image = image[None]
@@ -445,6 +536,7 @@ class StableDiffusion:
             width,
             height,
             strength,
+            clip_skip,
         )
         chosen_sampler = make_sampler(settings.sampler, self.components.scheduler_config)
         batch = len(settings.prompts)

@@ -53,6 +53,7 @@ class GenerationSettings:
     width: int
     height: int
     strength: float | None = None  # img2img only
+    clip_skip: int = 1  # A1111's numbering: 1 is the last layer
 
     @property
     def uses_cfg(self) -> bool:
@@ -78,6 +79,7 @@ class GenerationSettings:
             model=model,
             loras=loras,
             strength=self.strength,
+            clip_skip=self.clip_skip,
         )
 
 

@@ -126,8 +126,9 @@ def test_values_needing_quotes_round_trip():
         model='C:\\models\\my, "best" model.safetensors',
         sampler="Some: new, sampler",
         loras=(("C:\\loras\\a, b.safetensors", -0.25), ("hub/repo", 1.0)),
-        extras=(("Clip skip", "2"), ("Note", ' spaced, "quoted"\nmulti-line '), ("Empty", "")),
+        extras=(("Hires upscale", "2"), ("Note", ' spaced, "quoted"\nmulti-line '), ("Empty", "")),
         strength=1.0,
+        clip_skip=2,
         seed=2**63 + 5,
     )
     assert GenerationParameters.from_text(p.to_text()) == p
@@ -147,14 +148,23 @@ def test_parses_real_a1111_text_with_unknown_fields():
     assert p.negative_prompt == "(worst quality:1.4), EasyNegative"
     assert (p.steps, p.sampler, p.cfg_scale, p.seed) == (30, "dpm++2m_karras", 7.0, 3923453)
     assert (p.width, p.height, p.model, p.strength) == (512, 768, "anything-v5", 0.4)
+    assert p.clip_skip == 2
     assert dict(p.extras) == {
         "Model hash": "7f96a1a9ca",
-        "Clip skip": "2",
         "Hires upscale": "2",
         "Lora hashes": "add_detail: 7c6bad76eb54",
         "Version": "v1.6.0",
     }
     assert GenerationParameters.from_text(p.to_text()) == p
+
+
+def test_clip_skip_is_written_as_a1111_does():
+    assert "Clip skip" not in params().to_text()
+    assert ", Clip skip: 2" in params(clip_skip=2).to_text()
+    with pytest.raises(ValueError, match="clip skip must be at least 1"):
+        params(clip_skip=0)
+    with pytest.raises(ValueError, match="Clip skip is not a number"):
+        GenerationParameters.from_text(params().to_text() + ", Clip skip: two")
 
 
 def test_unknown_sampler_is_kept():
