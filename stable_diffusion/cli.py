@@ -5,11 +5,14 @@ decoding and saving."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -17,16 +20,23 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from . import prompts
+from . import distributed, prompts
 from .cpu import fast_cpu
+from .distributed import Ranks
 from .images import (
     GenerationParameters,
     check_output_path,
     load_image,
+    make_grid,
     read_parameters,
+    save_image,
     save_images,
+    to_uint8,
 )
+from .noise import image_seeds
+from .parameters import sampler_name
 from .pipeline import Denoising, NonFiniteError, StableDiffusion
+from .prompts_file import PromptLine, read_prompts_file
 from .samplers import SAMPLERS
 from .settings import MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings, check_arguments
 from .text import printable
@@ -50,7 +60,11 @@ EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 
 
 def parser(description: str, image_input: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(
+        description=description,
+        epilog="Under `mlx.launch` the images (or the prompts file's lines) are shared out "
+        "over the ranks, and rank 0 saves them all.",
+    )
     if image_input:
         p.add_argument("image", help="input image (resized/cropped to multiples of 64)")
         p.add_argument(
@@ -61,6 +75,13 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     else:
         for side in ("--width", "--height"):
             p.add_argument(side, type=int, help=f"at most {MAX_SIDE}; default: the model's")
+        p.add_argument(
+            "--from-file",
+            metavar="TXT",
+            help="one job per line: a prompt, or A1111's options (--prompt ... --negative_prompt "
+            "... --seed N --steps N --cfg_scale X --width N --height N --sampler_name NAME "
+            "--batch_size N); what a line leaves out comes from the command line",
+        )
     p.add_argument("prompt", nargs="?", help="what to generate (optional with --from-image)")
     p.add_argument(
         "--from-image",
@@ -138,6 +159,11 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     p.add_argument("--sampler", choices=list(SAMPLERS), help="default: the model's")
     p.add_argument(
         "--seed", type=int, default=None, help="0 to 2**64-1; -1 or none: random (printed)"
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        help="images per denoising batch (default: 1 on the CPU, all of them on a GPU)",
     )
     p.add_argument("--decoding_batch_size", type=int, default=1, help=f"at most {MAX_IMAGES}")
     p.add_argument(
@@ -235,7 +261,10 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if args.use_saved_model and saved.model is None:
             fail(p, f"{args.from_image} names no model; pass --model instead of --use-saved-model")
         apply_saved_parameters(args, saved)
-    if args.prompt is None:
+    from_file = getattr(args, "from_file", None)
+    if from_file and (args.prompt is not None or args.from_image):
+        fail(p, "--from-file takes the prompts from the file: give no prompt and no --from-image")
+    if args.prompt is None and not from_file:
         fail(p, "give a prompt, or --from-image with an image generated before")
     args.model = args.model or DEFAULT_MODEL
     if hasattr(args, "strength") and args.strength is None:
@@ -254,6 +283,8 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
             decoding_batch_size=args.decoding_batch_size,
             names=OPTION_NAMES,
         )
+        if args.batch_size is not None:
+            check_arguments(n_images=args.batch_size, names={"n_images": "--batch_size"})
     except ValueError as e:
         fail(p, e)
     if args.n_rows < 1 or args.n_images % args.n_rows:
@@ -266,7 +297,7 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         fail(p, f"--clip-skip must be at least 1 (the last layer), got {args.clip_skip}")
     args.clip_skip = args.clip_skip or 1
     try:
-        for text in (args.prompt, args.negative_prompt or ""):
+        for text in (args.prompt or "", args.negative_prompt or ""):
             prompts.parse_prompt(text)  # a malformed weight is an error before loading
         args.lora += prompt_loras(args)
         check_embedding_options(args)
@@ -284,7 +315,7 @@ def prompt_loras(args: argparse.Namespace) -> list[tuple[str, float]]:
     file stem (as A1111 names LoRAs), only among the files inside it (no symlinks out)."""
     tags = [
         tag
-        for text in (args.prompt, args.negative_prompt or "")
+        for text in (args.prompt or "", args.negative_prompt or "")
         for tag in prompts.extract_loras(text)[1]
     ]
     if not tags:
@@ -389,51 +420,73 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
     return sd
 
 
-def denoise(sd: StableDiffusion, latents: Denoising, args: argparse.Namespace) -> mx.array:
+def denoise(
+    sd: StableDiffusion,
+    batches: list[Denoising],
+    args: argparse.Namespace,
+    keep_models: bool = False,
+    prefix: str = "",
+) -> mx.array:
+    """Every step of a job's batches, with a progress bar; their final latents, concatenated.
+    Unless `keep_models` (more jobs follow) or --preload-models, the text encoders are freed
+    once every batch's conditioning is computed, before the UNet's weights load."""
     start = time.perf_counter()
+    finals = []
     with fast_cpu():
-        if not args.preload_models:
-            # Lower peak memory: the text encoders are gone before the UNet's weights load.
-            latents.compute_conditioning()
+        if not (args.preload_models or keep_models):
+            for batch in batches:
+                batch.compute_conditioning()
             sd.release_text_encoders()
-        for x in tqdm(latents, desc="Denoising"):
-            mx.eval(x)
+        for batch in batches:
+            for x in tqdm(batch, desc=f"{prefix}Denoising"):
+                mx.eval(x)
+            finals.append(x)
     if args.verbose:
         print(
-            f"Denoised in {time.perf_counter() - start:.1f} s, "
+            f"{prefix}Denoised in {time.perf_counter() - start:.1f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
-    return x
+    return finals[0] if len(finals) == 1 else mx.concatenate(finals)
 
 
-def decode_and_save(
+def decode(
     sd: StableDiffusion,
     latents: mx.array,
     args: argparse.Namespace,
-    output: Path,
-    parameters: GenerationParameters,
-) -> None:
-    # The UNet is done: free it before the VAE's peak.
-    if not args.preload_models:
+    keep_models: bool = False,
+    prefix: str = "",
+) -> np.ndarray:
+    """(N, H, W, 3) uint8 images, `--decoding_batch_size` at a time. Unless `keep_models`
+    or --preload-models, the UNet is freed first (the VAE's peak)."""
+    if not (args.preload_models or keep_models):
         sd.release_unet()
     start = time.perf_counter()
     batch = args.decoding_batch_size
     decoded = []
     with fast_cpu():
-        for i in tqdm(range(0, latents.shape[0], batch), desc="Decoding"):
+        for i in tqdm(range(0, latents.shape[0], batch), desc=f"{prefix}Decoding"):
             try:
                 images = sd.decode(latents[i : i + batch])
             except NonFiniteError as e:
-                sys.exit(f"error: {e} Nothing was saved.")
+                sys.exit(f"{prefix}error: {e} Nothing was saved.")
             mx.eval(images)
-            decoded.append(np.array(images))
+            decoded.append(to_uint8(images))
     if args.verbose:
         print(
-            f"Decoded in {time.perf_counter() - start:.1f} s, "
+            f"{prefix}Decoded in {time.perf_counter() - start:.1f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
+    return np.concatenate(decoded)
+
+
+def save(
+    images: np.ndarray,
+    args: argparse.Namespace,
+    output: Path,
+    parameters: list[GenerationParameters],
+) -> None:
     paths = save_images(
-        np.concatenate(decoded),
+        images,
         output,
         parameters,
         n_rows=args.n_rows,
@@ -446,29 +499,199 @@ def decode_and_save(
 
 def image_parameters(
     args: argparse.Namespace, settings: GenerationSettings
-) -> GenerationParameters:
-    """What the PNG records: the settings the generation ran with, the model as named on
-    the command line, and the LoRAs by their file names without extension (as A1111 names
-    them)."""
+) -> list[GenerationParameters]:
+    """What each image's PNG records: the settings the generation ran with, its own seed,
+    the model as named on the command line, and the LoRAs by their file names without
+    extension (as A1111 names them)."""
     loras = tuple((Path(path).stem, strength) for path, strength in args.lora)
-    return settings.parameters(model=args.model, loras=loras)
+    first = settings.parameters(model=args.model, loras=loras)
+    seeds = image_seeds(settings.seed, len(settings.prompts))
+    return [dataclasses.replace(first, seed=seed) for seed in seeds]
+
+
+# -- jobs: one prompt's images, or a prompts file's lines, shared out over the ranks ----------
+
+# What a script generates: `n_images` images from their first seed, with `args`' options.
+Start = Callable[[StableDiffusion, argparse.Namespace, int, int], Denoising]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt's images: the command line's, or one line of a prompts file."""
+
+    args: argparse.Namespace  # the command line's options, with the line's in their place
+    output: Path
+    line: int | None = None
+
+
+def _line_arguments(
+    p: argparse.ArgumentParser, args: argparse.Namespace, line: PromptLine
+) -> argparse.Namespace:
+    values = {
+        name: value
+        for name, value in dataclasses.asdict(line).items()
+        if name != "number" and value is not None
+    }
+    if "sampler" in values:
+        values["sampler"] = sampler_name(values["sampler"])
+    job = argparse.Namespace(**{**vars(args), **values})
+    where = f"{args.from_file} line {line.number}"
+    if job.n_images % job.n_rows:
+        job.n_rows = 1
+    if job.sampler is not None and job.sampler not in SAMPLERS:
+        fail(p, f"{where}: unknown sampler {line.sampler!r}; see --help for the samplers")
+    try:
+        check_arguments(
+            n_images=job.n_images,
+            steps=job.steps,
+            cfg=job.cfg,
+            seed=job.seed,
+            width=job.width,
+            height=job.height,
+            names={**OPTION_NAMES, "n_images": "--batch_size", "cfg": "--cfg_scale"},
+        )
+        for text in (job.prompt, job.negative_prompt or ""):
+            prompts.parse_prompt(text)
+            if prompts.extract_loras(text)[1]:
+                raise ValueError("<lora:...> tags are not read from a prompts file; use --lora")
+    except ValueError as e:
+        fail(p, f"{where}: {e}")
+    return job
+
+
+def jobs_of(p: argparse.ArgumentParser, args: argparse.Namespace, output: Path) -> list[Job]:
+    """The run's jobs, every line of a prompts file checked before any model loads. A line's
+    images go to `<output stem>-line<N>.png` (N its line number), never over a file."""
+    if not getattr(args, "from_file", None):
+        return [Job(args, output)]
+    try:
+        lines = read_prompts_file(args.from_file)
+    except ValueError as e:
+        fail(p, e)
+    jobs = []
+    for line in lines:
+        job_args = _line_arguments(p, args, line)
+        path = output.with_name(f"{output.stem}-line{line.number:03d}{output.suffix}")
+        individual = job_args.n_images if job_args.save_individual else 0
+        try:
+            path = check_output_path(path, overwrite=args.overwrite, individual=individual)
+        except ValueError as e:
+            fail(p, e)
+        jobs.append(Job(job_args, path, line.number))
+    return jobs
+
+
+def job_seeds(ranks: Ranks, jobs: list[Job]) -> list[int]:
+    """Each job's first seed: its own, or a random one drawn by rank 0 and shared with all
+    ranks, so that every rank knows every job's parameters."""
+    drawn = np.array([secrets.randbits(31) for _ in jobs], dtype=np.int32)
+    if ranks.group is not None:
+        shared = mx.distributed.all_gather(mx.array(drawn)[None], group=ranks.group, stream=mx.cpu)
+        drawn = np.array(shared)[0]
+    return [
+        int(d) if job.args.seed is None or job.args.seed < 0 else job.args.seed
+        for job, d in zip(jobs, drawn, strict=True)
+    ]
+
+
+def batch_size(args: argparse.Namespace) -> int:
+    """Images per UNet call: `--batch_size`, else one on the CPU and all on a GPU. On the
+    CPU a batch costs as much as its images one by one (docs/performance.md), and only
+    images made one by one are bit-identical whatever the split over ranks: OpenBLAS
+    rounds some products differently at other batch sizes (~1e-5)."""
+    if args.batch_size is not None:
+        return args.batch_size
+    return args.n_images if mx.default_device() == mx.gpu else 1
+
+
+def _make_images(
+    p: argparse.ArgumentParser,
+    sd: StableDiffusion,
+    start: Start,
+    job: Job,
+    images: range,
+    seed: int,
+    keep_models: bool,
+    ranks: Ranks,
+) -> tuple[np.ndarray, list[GenerationParameters]]:
+    """Images `images` of a job as uint8, `--batch_size` per UNet call, image i drawn from
+    seed + i; with their parameters. None: an empty (0, 8, 8, 3) array."""
+    if not images:
+        return np.zeros((0, 8, 8, 3), np.uint8), []
+    size = batch_size(job.args)
+    try:
+        batches = [
+            start(sd, job.args, len(images[i : i + size]), seed + images[i])
+            for i in range(0, len(images), size)
+        ]
+    except ValueError as e:
+        fail(p, f"{ranks.prefix()}{e}")
+    x = denoise(sd, batches, job.args, keep_models, ranks.prefix())
+    parameters = [p for batch in batches for p in image_parameters(job.args, batch.settings)]
+    return decode(sd, x, job.args, keep_models, ranks.prefix()), parameters
 
 
 def generate(
-    p: argparse.ArgumentParser,
-    args: argparse.Namespace,
-    output: Path,
-    start: Callable[[StableDiffusion], Denoising],
+    p: argparse.ArgumentParser, args: argparse.Namespace, output: Path, start: Start
 ) -> None:
-    """Load the model, start the generation, denoise, decode and save."""
+    """Load the model and make the run's images, in one process or over the ranks
+    `mlx.launch` started: one prompt's images in contiguous blocks per rank, or a prompts
+    file's lines one per rank per round. Rank 0 gathers and saves, each image as soon as it
+    has it, so that a failing rank costs only its own."""
+    ranks = distributed.ranks()
+    jobs = jobs_of(p, args, output)
+    seeds = job_seeds(ranks, jobs)
     sd = load_model(p, args)
-    try:
-        latents = start(sd)
-    except ValueError as e:
-        fail(p, e)
-    print(f"Seed: {latents.settings.seed}")
-    x = denoise(sd, latents, args)
-    decode_and_save(sd, x, args, output, image_parameters(args, latents.settings))
+    if len(jobs) == 1:
+        job, seed = jobs[0], seeds[0]
+        if ranks.is_main:
+            print(f"Seed: {seed}")
+        mine = distributed.shard(job.args.n_images, ranks.rank, ranks.size)
+        pixels, parameters = _make_images(p, sd, start, job, mine, seed, False, ranks)
+        if ranks.size == 1:
+            save(pixels, job.args, job.output, parameters)
+        else:
+            _save_gathered(ranks, pixels, parameters, job)
+        return
+    for first in range(0, len(jobs), ranks.size):
+        index = first + ranks.rank
+        pixels, parameters = np.zeros((0, 8, 8, 3), np.uint8), []
+        if index < len(jobs):
+            job = jobs[index]
+            print(f"{ranks.prefix()}Line {job.line}: seed {seeds[index]}")
+            images = range(job.args.n_images)
+            pixels, parameters = _make_images(p, sd, start, job, images, seeds[index], True, ranks)
+        results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+        if ranks.is_main:
+            for job_index, result in zip(range(first, len(jobs)), results, strict=False):
+                job = jobs[job_index]
+                texts = [GenerationParameters.from_text(text) for text in result.texts]
+                save(result.images, job.args, job.output, texts)
+
+
+def _save_gathered(
+    ranks: Ranks, pixels: np.ndarray, parameters: list[GenerationParameters], job: Job
+) -> None:
+    """One prompt's images over the ranks: rank 0 saves its own before gathering the rest,
+    every image on its own (`<stem>-<i>.png`), then the grid."""
+    n, overwrite = job.args.n_images, job.args.overwrite
+
+    def saved(image: np.ndarray, path: Path, image_parameters: GenerationParameters) -> None:
+        print(f"Saved {printable(save_image(image, path, image_parameters, overwrite))}")
+
+    if ranks.is_main:
+        grid_path = check_output_path(job.output, overwrite, individual=n)
+        individual = [grid_path.with_name(f"{grid_path.stem}-{i}.png") for i in range(n)]
+        for i, image in enumerate(pixels):
+            saved(image, individual[i], parameters[i])
+    results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+    if not ranks.is_main:
+        return
+    everything = distributed.in_rank_order(results)
+    every_parameters = [GenerationParameters.from_text(t) for t in everything.texts]
+    for i in range(len(pixels), n):
+        saved(everything.images[i], individual[i], every_parameters[i])
+    saved(make_grid(everything.images, job.args.n_rows), grid_path, every_parameters[0])
 
 
 @contextmanager
@@ -486,14 +709,14 @@ def txt2image_main(argv: Sequence[str] | None = None) -> None:
     p = parser("Generate images from a text prompt with Stable Diffusion in MLX.")
     args = p.parse_args(argv)
 
-    def start(sd: StableDiffusion) -> Denoising:
+    def start(sd: StableDiffusion, args: argparse.Namespace, n_images: int, seed: int):
         return sd.generate_latents(
             args.prompt,
-            n_images=args.n_images,
+            n_images=n_images,
             num_steps=args.steps,
             cfg_weight=args.cfg,
             negative_text=args.negative_prompt,
-            seed=args.seed,
+            seed=seed,
             width=args.width,
             height=args.height,
             sampler=args.sampler,
@@ -521,16 +744,16 @@ def image2image_main(argv: Sequence[str] | None = None) -> None:
         if message:
             print(printable(message))
 
-        def start(sd: StableDiffusion) -> Denoising:
+        def start(sd: StableDiffusion, args: argparse.Namespace, n_images: int, seed: int):
             return sd.generate_latents_from_image(
                 image,
                 args.prompt,
                 strength=args.strength,
-                n_images=args.n_images,
+                n_images=n_images,
                 num_steps=args.steps,
                 cfg_weight=args.cfg,
                 negative_text=args.negative_prompt,
-                seed=args.seed,
+                seed=seed,
                 sampler=args.sampler,
                 clip_skip=args.clip_skip,
             )

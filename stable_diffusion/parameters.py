@@ -49,6 +49,11 @@ SAMPLER_DISPLAY_NAMES: dict[str, str] = {
 }
 _SAMPLERS_BY_DISPLAY_NAME = {v: k for k, v in SAMPLER_DISPLAY_NAMES.items()}
 
+
+def sampler_name(name: str) -> str:
+    """Our name of a sampler given by its A1111 display name ("Euler a") or by ours."""
+    return _SAMPLERS_BY_DISPLAY_NAME.get(name, name)
+
 # A1111's own field pattern (modules/infotext_utils.py): a key, then a JSON-quoted value or
 # anything up to the next comma.  Using it verbatim keeps us reading what A1111 reads.
 _FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

@@ -22,6 +22,7 @@ from .lora import AppliedLoras
 from .models.clip import CLIPTextModel
 from .models.unet import UNetModel
 from .models.vae import Autoencoder
+from .noise import ImageNoise, image_seeds
 from .samplers import make_sampler
 from .settings import GenerationSettings, check_arguments
 from .tokenizer import Tokenizer
@@ -373,7 +374,7 @@ class StableDiffusion:
         run,
         conditioning: Conditioning,
         settings: GenerationSettings,
-        key: mx.array,
+        noise_source: ImageNoise,
     ) -> Iterator[mx.array]:
         use_cfg, cfg_weight = settings.uses_cfg, settings.cfg
         for i, t in enumerate(run.timesteps):
@@ -392,8 +393,7 @@ class StableDiffusion:
                 prediction = unconditional + cfg_weight * (text - unconditional)
             noise = None
             if run.stochastic:
-                key, step_key = mx.random.split(key)
-                noise = mx.random.normal(x.shape, key=step_key)
+                noise = noise_source.draw(x.shape[1:])
             x = run.step(prediction, x, i, noise=noise)
             yield x
 
@@ -468,7 +468,8 @@ class StableDiffusion:
     ) -> Denoising:
         """Lazily yield the latent after each denoising step (nothing is computed
         until `mx.eval`). `latents` gives the initial noise (NHWC, standard normal)
-        to reproduce a run exactly; otherwise it is drawn from `seed`. Arguments are
+        to reproduce a run exactly; otherwise image i's is drawn from seed `seed + i` (as are
+        its stochastic samplers' step noises), whatever the batch. Arguments are
         checked at the call, before anything is computed. Prompts are in A1111's syntax
         (prompts.py); `clip_skip` is A1111's (1: the last layer, 2: the penultimate)."""
         settings = self._prepare(
@@ -492,13 +493,14 @@ class StableDiffusion:
             settings.width // self.vae.downscale,
             self.unet.config.in_channels,
         )
-        key, noise_key = mx.random.split(mx.random.key(settings.seed))
-        noise = mx.random.normal(shape, key=noise_key) if latents is None else latents
+        noise_source = ImageNoise(image_seeds(settings.seed, len(settings.prompts)))
+        initial = noise_source.draw(shape[1:])
+        noise = initial if latents is None else latents
         if noise.shape != shape:
             raise ValueError(f"initial latents have shape {noise.shape}, expected {shape}")
         conditioning = self._conditioning(settings, original_size, crop)
         x = run.initial_latents(noise.astype(mx.float32))
-        steps = self._denoise(x, run, conditioning, settings, key)
+        steps = self._denoise(x, run, conditioning, settings, noise_source)
         return Denoising(steps, len(run.timesteps), settings, conditioning)
 
     def generate_latents_from_image(
@@ -546,12 +548,13 @@ class StableDiffusion:
         x0 = mx.broadcast_to(x0, (batch, *x0.shape[1:]))
         if strength == 0:
             return Denoising(iter([x0]), 1, settings)
-        key, noise_key = mx.random.split(mx.random.key(settings.seed))
-        noise = mx.random.normal(x0.shape, key=noise_key) if noise is None else noise
+        noise_source = ImageNoise(image_seeds(settings.seed, batch))
+        initial = noise_source.draw(x0.shape[1:])
+        noise = initial if noise is None else noise
         conditioning = self._conditioning(settings, original_size, crop)
         run = chosen_sampler.start(settings.steps, strength=strength)
         x = run.noised_latents(x0, noise.astype(mx.float32))
-        steps = self._denoise(x, run, conditioning, settings, key)
+        steps = self._denoise(x, run, conditioning, settings, noise_source)
         return Denoising(steps, len(run.timesteps), settings, conditioning)
 
     # -- VAE --------------------------------------------------------------------------

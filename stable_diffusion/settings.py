@@ -49,7 +49,7 @@ class GenerationSettings:
     steps: int  # as asked for; img2img runs `strength` of them
     cfg: float
     sampler: str
-    seed: int
+    seed: int  # the first image's; image i's is seed + i
     width: int
     height: int
     strength: float | None = None  # img2img only
@@ -113,7 +113,9 @@ def check_arguments(
         if cfg < 0:
             raise ValueError(f"{names['cfg']} must be >= 0 (got {cfg})")
     if seed is not None:
-        _integer(names["seed"], seed, 0, MAX_SEED, " (leave it out for a random one)")
+        # Image i of a call uses seed + i (`noise.py`): the last must fit too.
+        last = MAX_SEED - (n_images * n_prompts - 1)
+        _integer(names["seed"], seed, 0, last, " (leave it out for a random one)")
     if strength is not None:
         strength = _real(names["strength"], strength)
         if not 0 <= strength <= 1:

@@ -333,6 +333,12 @@ def test_accepts_mlx_arrays_and_single_images(tmp_path):
     assert np.all(np.asarray(read_back(b)) == 0)
 
 
+def test_uint8_pixels_are_saved_as_they_are(tmp_path):
+    pixels = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(1, 8, 8, 3)
+    [path] = save_images(pixels, tmp_path / "out.png", params())
+    np.testing.assert_array_equal(np.asarray(read_back(path)), pixels[0])
+
+
 def test_out_of_range_and_nan_values_are_clipped(tmp_path):
     pixels = np.array([[[[-1.0, 2.0, np.nan]]]], np.float32)
     [path] = save_images(pixels, tmp_path / "out.png", params())
@@ -344,7 +350,7 @@ def test_out_of_range_and_nan_values_are_clipped(tmp_path):
     [
         (solid(3), params(), "divisible by n_rows"),
         (np.zeros((1, 8, 8, 4), np.float32), params(), r"\(N, H, W, 3\)"),
-        (np.zeros((1, 8, 8, 3), np.uint8), params(), "float"),
+        (np.zeros((1, 8, 8, 3), np.int16), params(), "float"),
         (solid(2), [params()], "2 images"),
         (np.zeros((0, 8, 8, 3), np.float32), [], "no images"),
     ],

@@ -36,12 +36,18 @@ def test_in_range_and_numpy_numbers_pass():
         n_images=np.int64(64),
         steps=1000,
         cfg=np.float32(30.0),
-        seed=MAX_SEED,
+        seed=MAX_SEED - 63,  # the last of the 64 images' seeds is MAX_SEED
         width=8192,
         height=64,
         strength=0.0,
         decoding_batch_size=64,
     )
+
+
+def test_every_images_seed_must_fit():
+    check_arguments(n_images=3, seed=MAX_SEED - 2)
+    with pytest.raises(ValueError, match=f"seed must be at most {MAX_SEED - 2}"):
+        check_arguments(n_images=3, seed=MAX_SEED - 1)
 
 
 def test_arguments_are_named_as_the_caller_spells_them():
