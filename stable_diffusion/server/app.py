@@ -320,28 +320,33 @@ class _Guard:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return await _too_large()(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+        # Read the body here, so that one sent in chunks is refused as soon as it passes the
+        # cap (the app would read it whole anyway).
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > MAX_BODY_BYTES:
-                raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY_BYTES:
+                return await _too_large()(scope, receive, send)
+            more = message.get("more_body", False)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        delivered = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _too_large()(scope, receive, send)
+        async def replay():
+            nonlocal delivered
+            if delivered:
+                return await receive()  # after the body: disconnect notices
+            delivered = True
+            return body
+
+        await self.app(scope, replay, send)
 
 
 def _too_large() -> JSONResponse:
     return _message(413, f"request body over {MAX_BODY_BYTES // 2**20} MiB")
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def _authorized(header: str, users: dict[str, str]) -> bool:
