@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(config)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    print(f"Serving http://{args.host}:{args.port}/ (API: /sdapi/v1/, docs: /docs)", flush=True)
+    print(
+        f"Serving http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /openapi.json)",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

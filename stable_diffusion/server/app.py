@@ -84,7 +84,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     startup = catalog.models()[0]
     worker.submit(lambda job: engine.load(startup.path, startup.title)).future.result()
 
-    app = FastAPI(title="mlx-stable-diffusion", docs_url="/docs", redoc_url=None)
+    # No /docs: FastAPI's docs page loads its scripts from a CDN; /openapi.json stays.
+    app = FastAPI(title="mlx-stable-diffusion", docs_url=None, redoc_url=None)
     app.state.engine, app.state.worker, app.state.catalog = engine, worker, catalog
     _install_guards(app, config)
 
