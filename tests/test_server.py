@@ -6,6 +6,7 @@ make with the same settings and seed."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import io
 import json
@@ -448,8 +449,13 @@ def test_lora_then_plain_request(api, tmp_path):
     # The LoRA changed the image, and the weights were restored exactly after it.
     assert not np.array_equal(pixels(lora), pixels(before))
     np.testing.assert_array_equal(pixels(after), pixels(before))
-    # The prompt is recorded as typed, tag included, as A1111 does.
+    # The prompt is recorded as typed, tag included, with the LoRA's hash, as A1111 does
+    # (its "addnet" hash: SHA-256 of a .safetensors file after its header).
     assert parameters_text(lora).startswith("a tree <lora:sd1_kohya:0.8>\n")
+    data = LORA.read_bytes()
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
+    recorded = GenerationParameters.from_text(parameters_text(lora))
+    assert dict(recorded.extras)["Lora hashes"] == f"sd1_kohya: {addnet[:12]}"
     # A1111 removes the tag from the text it encodes: "a tree " with the LoRA merged at 0.8.
     script = run_script(
         tmp_path,

@@ -7,8 +7,11 @@ path (symlinks resolved) lies outside their folder are left out of the listing."
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +105,23 @@ def _find(name: str, entries: list[Entry], what: str, flag: str) -> Entry:
             return entry
     shown = ", ".join(e.title for e in entries[:20]) or f"none (see {flag})"
     raise ValueError(f"unknown {what} {name!r}; available: {shown}")
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's short hash of a LoRA (the first 12 hex digits of what its "Lora hashes"
+    field records): for .safetensors the "addnet" hash, SHA-256 of the bytes after the
+    header (A1111's hashes.addnet_hash_safetensors), else SHA-256 of the file."""
+    stat = path.stat()
+    return _hash(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _hash(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix.lower() == ".safetensors":
+            (header_length,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + header_length)
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]

@@ -17,7 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from ..images import GenerationParameters, save_images, validate_size
 from . import names
-from .catalog import Catalog
+from .catalog import Catalog, lora_hash
 from .engine import Engine, Generation
 from .jobs import Cancelled, Job
 from .models import Img2ImgRequest, Txt2ImgRequest
@@ -96,6 +96,11 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
     cfg = defaults.cfg if plan.cfg_scale is None else plan.cfg_scale
     width = plan.width or defaults.width
     height = plan.height or defaults.height
+    # The LoRAs stay in the prompt as typed; A1111 adds their hashes (civitai reads them).
+    extras = ()
+    if plan.loras:
+        hashes = (f"{path.stem}: {lora_hash(path)}" for path, _ in plan.loras)
+        extras = (("Lora hashes", ", ".join(hashes)),)
     images, infotexts, seeds = [], [], []
     for batch in range(plan.n_iter):
         if job.interrupted:
@@ -131,6 +136,7 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
             height=height,
             model=engine.model_title,
             strength=plan.strength,
+            extras=extras,
         )
         text = parameters.to_text()
         for image in pixels:
