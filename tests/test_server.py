@@ -679,3 +679,19 @@ def test_warns_when_exposed_without_auth(tmp_path):
     )
     assert "WARNING: listening on 0.0.0.0 without --api-auth" in result.stderr
     assert result.returncode != 0 and "Traceback" not in result.stderr
+
+
+def test_max_queue_zero_runs_one_job_and_refuses_the_rest(tmp_path):
+    server = Server(tmp_path, "--max-queue", "0")
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+        assert len(api.txt2img(prompt="x", steps=1, width=64, height=64).images) == 1
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(api.txt2img, prompt="slow", steps=LONG_STEPS, width=64, height=64)
+            _wait_for_step(server, 1)
+            refused = server.post("txt2img", {"prompt": "y", "steps": 1})
+            api.interrupt()
+            running.result(timeout=30)
+        assert refused.status_code == 503 and "queue is full" in refused.json()["detail"]
+    finally:
+        server.stop()

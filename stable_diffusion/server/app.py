@@ -82,17 +82,18 @@ def create_app(config: ServerConfig) -> FastAPI:
     engine = Engine(config.float16, config.quantize)
     worker = Worker(config.max_queue)
     startup = catalog.models()[0]
-    worker.submit(lambda job: engine.load(startup.path, startup.title)).future.result()
+    load = worker.submit(lambda job: engine.load(startup.path, startup.title), queue_limit=False)
+    load.future.result()
 
     # No /docs: FastAPI's docs page loads its scripts from a CDN; /openapi.json stays.
     app = FastAPI(title="mlx-stable-diffusion", docs_url=None, redoc_url=None)
     app.state.engine, app.state.worker, app.state.catalog = engine, worker, catalog
     _install_guards(app, config)
 
-    async def run_job(request: Request, task: Callable[[Job], T], limit: bool = True) -> T:
+    async def run_job(request: Request, task: Callable[[Job], T]) -> T:
         """Queue `task` and wait for it; a client that goes away cancels it."""
         try:
-            job = worker.submit(task, queue_limit=limit)
+            job = worker.submit(task)
         except QueueFull as e:
             raise ClientError(str(e), 503) from None
         waiting = asyncio.wrap_future(job.future)
@@ -102,6 +103,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                 break
             if await request.is_disconnected():
                 worker.cancel(job)
+                # Nobody reads the job's outcome now; retrieve it so asyncio does not warn.
+                waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
                 raise Cancelled
         try:
             return waiting.result()

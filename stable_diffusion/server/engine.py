@@ -100,10 +100,6 @@ class Engine:
     def defaults(self) -> Defaults:
         return self._model().defaults
 
-    @property
-    def is_xl(self) -> bool:
-        return self._model().is_xl
-
     def _model(self) -> StableDiffusion:
         if self.sd is None:
             raise RuntimeError("no model is loaded (the last model switch failed)")

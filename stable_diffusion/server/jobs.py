@@ -69,7 +69,8 @@ class Worker:
     def submit(self, task: Callable[[Job], Any], *, queue_limit: bool = True) -> Job:
         job = Job(task)
         with self._lock:
-            if queue_limit and len(self._waiting) >= self.max_queue:
+            busy = len(self._waiting) + (self.current is not None)
+            if queue_limit and busy > self.max_queue:
                 raise QueueFull(
                     f"the queue is full ({self.max_queue} jobs waiting besides the running "
                     "one, --max-queue); retry later"
