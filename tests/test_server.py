@@ -695,3 +695,13 @@ def test_max_queue_zero_runs_one_job_and_refuses_the_rest(tmp_path):
         assert refused.status_code == 503 and "queue is full" in refused.json()["detail"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("resize_mode", [0, 1])
+def test_img2img_resizes_to_the_requested_size(api, resize_mode):
+    source = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 96, 3), np.uint8))
+    result = api.img2img(
+        images=[source], prompt="x", steps=2, width=128, height=64, resize_mode=resize_mode
+    )
+    assert result.images[0].size == (128, 64)
+    assert "Size: 128x64" in parameters_text(result.images[0])
