@@ -35,7 +35,7 @@ from .images import (
 )
 from .noise import image_seeds
 from .parameters import sampler_name
-from .pipeline import Denoising, NonFiniteError, StableDiffusion
+from .pipeline import Denoising, NonFiniteError, StableDiffusion, default_batch_size
 from .prompts_file import PromptLine, read_prompts_file
 from .samplers import SAMPLERS
 from .settings import MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings, check_arguments
@@ -595,13 +595,8 @@ def job_seeds(ranks: Ranks, jobs: list[Job]) -> list[int]:
 
 
 def batch_size(args: argparse.Namespace) -> int:
-    """Images per UNet call: `--batch_size`, else one on the CPU and all on a GPU. On the
-    CPU a batch costs as much as its images one by one (docs/performance.md), and only
-    images made one by one are bit-identical whatever the split over ranks: OpenBLAS
-    rounds some products differently at other batch sizes (~1e-5)."""
-    if args.batch_size is not None:
-        return args.batch_size
-    return args.n_images if mx.default_device() == mx.gpu else 1
+    """Images per UNet call: `--batch_size`, else the pipeline's default for the device."""
+    return args.batch_size or default_batch_size(args.n_images)
 
 
 def _make_images(

@@ -115,6 +115,14 @@ def attention_bytes(config: UNetConfig, downscale: int, width: int, height: int,
     return max(unet, vae)
 
 
+def default_batch_size(n_images: int) -> int:
+    """Images per UNet call when making `n_images` images: one on the CPU, all on a GPU.
+    On the CPU a batch costs as much as its images one by one (docs/performance.md), and
+    only images made one by one are bit-identical whatever the batch or the split over
+    machines: OpenBLAS rounds some products differently at other batch sizes (~1e-5)."""
+    return n_images if mx.default_device() == mx.gpu else 1
+
+
 def default_dtype(quantize: bool = False) -> mx.Dtype:
     """float16 on a GPU. On the CPU float16 weights only save memory (float16 matmuls miss
     the optimized BLAS there, so every layer computes in float32, converting its weights as
