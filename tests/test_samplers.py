@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from stable_diffusion.config import SchedulerConfig
-from stable_diffusion.samplers import SAMPLERS, make_sampler
+from stable_diffusion.samplers import SAMPLERS, make_sampler, sampler_names
 
 FIXTURES = Path(__file__).parent / "fixtures" / "samplers"
 INDEX = json.loads((FIXTURES / "cases.json").read_text())
@@ -64,14 +64,50 @@ def test_matches_diffusers(case: dict[str, Any]) -> None:
         assert_close(x, expected[i + 1], f"after step {i} (t={t})")
 
 
-def test_fixtures_cover_every_sampler() -> None:
-    assert {case["sampler"] for case in INDEX["cases"]} == set(SAMPLERS)
-    assert {"euler", "euler_a", "ddim", "dpm++2m", "dpm++2m_karras", "lcm"} <= set(SAMPLERS)
+def test_fixtures_cover_every_sampler_and_schedule_on_hub_configs() -> None:
+    names = set(sampler_names())
+    assert {"euler_a_karras", "heun_exponential", "dpm++2m_sde_karras", "lcm"} <= names
+    for config in ("hub_sd15", "hub_sd21", "hub_sd21_base", "hub_sdxl", "hub_sdxl_turbo"):
+        assert {c["sampler"] for c in INDEX["cases"] if c["config"] == config} == names
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_defaults_are_the_diffusers_classes(name: str) -> None:
+    # The keys a config lacks take these; cases.json recorded diffusers' signatures.
+    class_name = {
+        "euler": "EulerDiscreteScheduler",
+        "euler_a": "EulerAncestralDiscreteScheduler",
+        "heun": "HeunDiscreteScheduler",
+        "ddim": "DDIMScheduler",
+        "dpm++2m": "DPMSolverMultistepScheduler",
+        "dpm++2m_sde": "DPMSolverMultistepScheduler",
+        "lcm": "LCMScheduler",
+    }[name]
+    theirs = INDEX["defaults"][class_name]
+    if name in ("heun", "dpm++2m", "dpm++2m_sde"):
+        # Not in their signatures, yet read from configs that have them (see
+        # CONFIG_SIGMA_RANGE); the dpm_karras_sigma_min cases show it.
+        theirs = {**theirs, "sigma_min": None, "sigma_max": None}
+    fields = SchedulerConfig.__dataclass_fields__
+    assert SAMPLERS[name].diffusers_defaults == {k: v for k, v in theirs.items() if k in fields}
+
+
+def test_missing_keys_take_each_samplers_defaults() -> None:
+    # SD 1.5's file has no timestep_spacing: diffusers' Euler spaces "linspace", DDIM
+    # "leading" (the timesteps of test_matches_diffusers on hub_sd15 show the same).
+    config = SchedulerConfig.from_dict(INDEX["configs"]["hub_sd15"])
+    assert config.timestep_spacing is None
+    assert make_sampler("euler", config).config.timestep_spacing == "linspace"
+    assert make_sampler("ddim", config).config.timestep_spacing == "leading"
+    assert make_sampler("euler", config).start(4).timesteps[0] == 999.0
+    assert make_sampler("ddim", config).start(4).timesteps[0] == 751.0
 
 
 def test_unknown_sampler_lists_the_valid_names() -> None:
     with pytest.raises(ValueError, match=r"Unknown sampler 'plms'.*euler_a.*dpm\+\+2m_karras"):
         make_sampler("plms", SD15)
+    with pytest.raises(ValueError, match=r"Unknown sampler 'ddim_karras'"):
+        make_sampler("ddim_karras", SD15)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
