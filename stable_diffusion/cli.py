@@ -22,7 +22,7 @@ from .images import (
     validate_size,
 )
 from .pipeline import Denoising, StableDiffusion
-from .samplers import SAMPLERS
+from .samplers import describe_samplers, join_name, split_name
 
 
 def parser(description: str, image_input: bool = False) -> argparse.ArgumentParser:
@@ -79,7 +79,16 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         help="classifier-free guidance weight (default: the model's; <= 1 turns it off)",
     )
     p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: the model's")
+    p.add_argument(
+        "--sampler",
+        help="ours (dpm++2m, dpm++2m_karras), A1111's ('DPM++ 2M Karras') or ComfyUI's "
+        "name; 'list' lists them (default: the model's)",
+    )
+    p.add_argument(
+        "--schedule",
+        help="noise schedule instead of the model's: karras or exponential (or A1111's "
+        "'Schedule type' names)",
+    )
     p.add_argument("--seed", type=int, default=None, help="-1 or none: random (printed)")
     p.add_argument("--decoding_batch_size", type=int, default=1)
     p.add_argument(
@@ -131,7 +140,7 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
         "negative_prompt": saved.negative_prompt or None,
         "steps": saved.steps,
         "cfg": saved.cfg_scale,
-        "sampler": saved.sampler if saved.sampler in SAMPLERS else None,
+        "sampler": saved.sampler if _is_sampler(saved.sampler) else None,
         "seed": saved.seed,
         "model": saved.model,
         "width": saved.width,
@@ -146,13 +155,32 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
         print(f"Note: the image was made with LoRAs ({used}); pass --lora to use them again")
 
 
+def _is_sampler(name: str) -> bool:
+    try:
+        split_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     """Reject bad arguments before any model is loaded; returns the output path."""
+    if args.sampler == "list":
+        print(describe_samplers())
+        p.exit()
     if args.from_image:
         try:
             apply_saved_parameters(args, read_parameters(args.from_image))
         except ValueError as e:
             p.error(str(e))
+    try:
+        # One of our names; with --schedule alone, checked on a sampler taking them all.
+        if args.sampler is not None:
+            args.sampler = join_name(args.sampler, args.schedule)
+        elif args.schedule is not None:
+            join_name("euler", args.schedule)
+    except ValueError as e:
+        p.error(str(e))
     if args.prompt is None:
         p.error("give a prompt, or --from-image with an image generated before")
     args.model = args.model or "sdxl"
@@ -209,6 +237,11 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
             "SD 2.x single file: assuming the 768x768 v-prediction model; for a 512x512 "
             "epsilon model (SD 2.x base) pass --prediction-type epsilon"
         )
+    if args.sampler is None and args.schedule is not None:
+        try:
+            args.sampler = join_name(sd.defaults.sampler, args.schedule)
+        except ValueError as e:
+            p.error(f"the model's sampler: {e}")
     if args.preload_models:
         sd.preload()
     if args.verbose:

@@ -21,7 +21,16 @@ import numpy as np
 import pytest
 
 from stable_diffusion.config import SchedulerConfig
-from stable_diffusion.samplers import SAMPLERS, make_sampler, sampler_names
+from stable_diffusion.samplers import (
+    SAMPLERS,
+    a1111_names,
+    a1111_samplers,
+    a1111_schedulers,
+    join_name,
+    make_sampler,
+    sampler_from_a1111,
+    sampler_names,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "samplers"
 INDEX = json.loads((FIXTURES / "cases.json").read_text())
@@ -207,3 +216,55 @@ def test_heun_refuses_zero_snr_schedules() -> None:
 def test_lcm_refuses_more_steps_than_its_grid() -> None:
     with pytest.raises(ValueError, match="original_inference_steps"):
         make_sampler("lcm", SD15).start(51)
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule_type", "ours"),
+    [
+        # A1111 1.9+ (apart), A1111 before 1.9 (one name), ComfyUI, ours.
+        ("DPM++ 2M", "Karras", ("dpm++2m", "karras")),
+        ("DPM++ 2M Karras", None, ("dpm++2m", "karras")),
+        ("DPM++ 2M Karras", "Automatic", ("dpm++2m", "karras")),
+        ("DPM++ 2M", "Automatic", ("dpm++2m", None)),
+        ("Euler a", "Exponential", ("euler_a", "exponential")),
+        ("dpmpp_2m_sde", "karras", ("dpm++2m_sde", "karras")),
+        ("euler_ancestral", None, ("euler_a", None)),
+        ("dpm++2m_sde_karras", None, ("dpm++2m_sde", "karras")),
+        ("heun", "exponential", ("heun", "exponential")),
+    ],
+)
+def test_sampler_names_from_a1111_comfyui_and_ours(name, schedule_type, ours) -> None:
+    assert sampler_from_a1111(name, schedule_type) == ours
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule_type", "message"),
+    [
+        ("DPM++ SDE", None, "Unknown sampler 'DPM\\+\\+ SDE'"),
+        ("DDIM", "Karras", "DDIM sampler has no karras schedule"),
+        ("Euler", "Polyexponential", "Unknown schedule 'Polyexponential'"),
+        ("DPM++ 2M Karras", "Exponential", "already has the karras schedule"),
+    ],
+)
+def test_unknown_or_conflicting_names_are_refused(name, schedule_type, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        sampler_from_a1111(name, schedule_type)
+
+
+@pytest.mark.parametrize("name", sampler_names())
+def test_every_name_round_trips_through_a1111s(name: str) -> None:
+    display, schedule_type = a1111_names(name)
+    assert join_name(display, schedule_type) == name
+    make_sampler(name, SD15)  # every listed name makes a sampler
+
+
+def test_a1111_names_prefer_the_legacy_combined_form() -> None:
+    assert a1111_names("dpm++2m_karras") == ("DPM++ 2M Karras", None)
+    assert a1111_names("dpm++2m", "karras") == ("DPM++ 2M Karras", None)
+    assert a1111_names("euler_karras") == ("Euler", "Karras")
+    assert ("Euler a", ["euler_a", "euler_ancestral"]) in a1111_samplers()
+    assert a1111_schedulers() == [
+        ("automatic", "Automatic"),
+        ("karras", "Karras"),
+        ("exponential", "Exponential"),
+    ]
