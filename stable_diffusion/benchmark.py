@@ -49,7 +49,6 @@ from .config import (
     PRESETS,
     AutoencoderConfig,
     PipelineConfig,
-    SchedulerConfig,
     TextEncoderConfig,
     UNetConfig,
 )
@@ -83,7 +82,7 @@ TINY_PRESETS: dict[str, PipelineConfig] = {
         ),
         _TINY_VAE,
         (_TINY_TEXT,),
-        SchedulerConfig(),
+        PRESETS["sd-1.5"].scheduler,
     ),
     "tiny-xl": PipelineConfig(
         UNetConfig(
@@ -102,7 +101,7 @@ TINY_PRESETS: dict[str, PipelineConfig] = {
         ),
         _TINY_VAE,
         (_TINY_TEXT, dataclasses.replace(_TINY_TEXT, with_projection=True, hidden_act="gelu")),
-        SchedulerConfig(timestep_spacing="trailing"),
+        PRESETS["sdxl-turbo"].scheduler,
         ("<|endoftext|>", "!"),
     ),
 }
@@ -347,8 +346,10 @@ def write_random_pipeline(config: PipelineConfig, folder: Path, seed: int = 0,
                      _config_dict(config.unet, "UNet2DConditionModel"), seed, float16,
                      conv_projections=not config.unet.use_linear_projection)
     (folder / "scheduler").mkdir()
+    # The keys a hub config lacks stay out, as in the hub's files.
+    scheduler = _config_dict(config.scheduler, "EulerDiscreteScheduler")
     (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(_config_dict(config.scheduler, "EulerDiscreteScheduler")))
+        json.dumps({k: v for k, v in scheduler.items() if v is not None}))
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
 

@@ -34,10 +34,9 @@ from .images import (
     to_uint8,
 )
 from .noise import image_seeds
-from .parameters import sampler_name
 from .pipeline import Denoising, NonFiniteError, StableDiffusion, default_batch_size
 from .prompts_file import PromptLine, read_prompts_file
-from .samplers import SAMPLERS
+from .samplers import describe_samplers, join_name, split_name
 from .settings import MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings, check_arguments
 from .text import printable
 from .weights.files import SUPPORTED_SUFFIXES
@@ -156,7 +155,16 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         help="classifier-free guidance weight (default: the model's; <= 1 turns it off)",
     )
     p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: the model's")
+    p.add_argument(
+        "--sampler",
+        help="ours (dpm++2m, dpm++2m_karras), A1111's ('DPM++ 2M Karras') or ComfyUI's "
+        "name; 'list' lists them (default: the model's)",
+    )
+    p.add_argument(
+        "--schedule",
+        help="noise schedule instead of the model's: karras or exponential (or A1111's "
+        "'Schedule type' names)",
+    )
     p.add_argument(
         "--seed", type=int, default=None, help="0 to 2**64-1; -1 or none: random (printed)"
     )
@@ -223,7 +231,7 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
         "negative_prompt": saved.negative_prompt or None,
         "steps": saved.steps,
         "cfg": saved.cfg_scale,
-        "sampler": saved.sampler if saved.sampler in SAMPLERS else None,
+        "sampler": saved.sampler if _is_sampler(saved.sampler) else None,
         "seed": saved.seed,
         "width": saved.width,
         "height": saved.height,
@@ -249,8 +257,19 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
         print(f"Note: the image was made with LoRAs ({used}); pass --lora to use them again")
 
 
+def _is_sampler(name: str) -> bool:
+    try:
+        split_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     """Reject bad arguments before any model is loaded; returns the output path."""
+    if args.sampler == "list":
+        print(describe_samplers())
+        p.exit()
     if args.use_saved_model and (args.model or not args.from_image):
         fail(p, "--use-saved-model goes with --from-image, and without --model")
     if args.from_image:
@@ -261,6 +280,14 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if args.use_saved_model and saved.model is None:
             fail(p, f"{args.from_image} names no model; pass --model instead of --use-saved-model")
         apply_saved_parameters(args, saved)
+    try:
+        # One of our names; with --schedule alone, checked on a sampler taking them all.
+        if args.sampler is not None:
+            args.sampler = join_name(args.sampler, args.schedule)
+        elif args.schedule is not None:
+            join_name("euler", args.schedule)
+    except ValueError as e:
+        fail(p, e)
     from_file = getattr(args, "from_file", None)
     if from_file and (args.prompt is not None or args.from_image):
         fail(p, "--from-file takes the prompts from the file: give no prompt and no --from-image")
@@ -412,6 +439,11 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
             "epsilon model (SD 2.x base) pass --prediction-type epsilon"
         )
     load_embeddings(p, sd, args)
+    if args.sampler is None and args.schedule is not None:
+        try:
+            args.sampler = join_name(sd.defaults.sampler, args.schedule)
+        except ValueError as e:
+            fail(p, f"the model's sampler: {e}")
     if args.preload_models:
         sd.preload()
     if args.verbose:
@@ -532,14 +564,15 @@ def _line_arguments(
         for name, value in dataclasses.asdict(line).items()
         if name != "number" and value is not None
     }
-    if "sampler" in values:
-        values["sampler"] = sampler_name(values["sampler"])
-    job = argparse.Namespace(**{**vars(args), **values})
     where = f"{args.from_file} line {line.number}"
+    if "sampler" in values:
+        try:
+            values["sampler"] = join_name(values["sampler"], None)
+        except ValueError as e:
+            fail(p, f"{where}: {e}")
+    job = argparse.Namespace(**{**vars(args), **values})
     if job.n_images % job.n_rows:
         job.n_rows = 1
-    if job.sampler is not None and job.sampler not in SAMPLERS:
-        fail(p, f"{where}: unknown sampler {line.sampler!r}; see --help for the samplers")
     try:
         check_arguments(
             n_images=job.n_images,

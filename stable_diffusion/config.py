@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,39 +158,80 @@ class AutoencoderConfig:
         return _from_dict(cls, values)
 
 
+_SCHEDULER_CHOICES = {
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "prediction_type": ("epsilon", "v_prediction"),
+    "timestep_spacing": ("leading", "trailing", "linspace"),
+    "final_sigmas_type": ("zero", "sigma_min"),
+    "timestep_type": ("discrete", "continuous"),
+    # diffusers' "log_linear" gives one sigma more than it has timesteps.
+    "interpolation_type": ("linear",),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """The noise schedule of diffusers' `scheduler_config.json`."""
+    """The noise schedule of diffusers' `scheduler_config.json`, as the file gives it.
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
-    steps_offset: int = 1
-    # diffusers' DDIM and LCM default; SD configs set it to false explicitly.
-    set_alpha_to_one: bool = True
-    rescale_betas_zero_snr: bool = False
+    A field is None where the file lacks the key (hub configs written by old diffusers
+    versions lack several): diffusers' `SchedulerClass.from_config` then applies that
+    class's own default, which differs between schedulers (Euler's timestep_spacing is
+    "linspace", DDIM's "leading"), so each sampler resolves the missing fields with its
+    class's defaults (`resolved`)."""
+
+    num_train_timesteps: int | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    beta_schedule: str | None = None
+    prediction_type: str | None = None
+    timestep_spacing: str | None = None
+    steps_offset: int | None = None
+    set_alpha_to_one: bool | None = None
+    rescale_betas_zero_snr: bool | None = None
+    clip_sample: bool | None = None
+    clip_sample_range: float | None = None
+    # The k-diffusion and DPM-Solver schedules.
+    use_karras_sigmas: bool | None = None
+    use_exponential_sigmas: bool | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    final_sigmas_type: str | None = None
+    timestep_type: str | None = None
+    interpolation_type: str | None = None
+    lower_order_final: bool | None = None
+    euler_at_final: bool | None = None
     # LCM-distilled models sample on a coarser grid of the training steps.
-    original_inference_steps: int = 50
-    timestep_scaling: float = 10.0
+    original_inference_steps: int | None = None
+    timestep_scaling: float | None = None
 
     def __post_init__(self) -> None:
-        if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-            raise ValueError(f"Scheduler config: unsupported beta_schedule {self.beta_schedule!r}")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(
-                f"Scheduler config: unsupported prediction_type {self.prediction_type!r}"
-            )
-        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
-            raise ValueError(
-                f"Scheduler config: unsupported timestep_spacing {self.timestep_spacing!r}"
-            )
+        self._check(("beta_schedule", "prediction_type", "timestep_spacing"))
+
+    def _check(self, names: Iterable[str]) -> None:
+        for name in names:
+            value = getattr(self, name)
+            supported = _SCHEDULER_CHOICES.get(name, (value,))
+            if value is not None and value not in supported:
+                raise ValueError(
+                    f"Scheduler config: unsupported {name} {value!r} "
+                    f"(supported: {', '.join(supported)})"
+                )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SchedulerConfig:
         return _from_dict(cls, values)
+
+    def resolved(self, defaults: dict[str, Any]) -> SchedulerConfig:
+        """This config with its missing fields set from `defaults` (a diffusers
+        scheduler class's `__init__` defaults)."""
+        missing = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        config = dataclasses.replace(self, **missing)
+        config._check(defaults)  # only what this scheduler reads may stop it
+        if config.use_karras_sigmas and config.use_exponential_sigmas:
+            raise ValueError(
+                "Scheduler config: use_karras_sigmas and use_exponential_sigmas are both set"
+            )
+        return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,25 +288,48 @@ _SDXL_UNET = UNetConfig(
 _SDXL_VAE = AutoencoderConfig(scaling_factor=0.13025, sample_size=1024)
 _SDXL_PADS = ("<|endoftext|>", "!")
 
+# The scheduler configs of the hub repos whose config diffusers' from_single_file gives
+# a checkpoint of each architecture, with the keys they lack left out (see
+# tests/reference/schedulers.py for the files, key for key).
+_SD_SCHEDULE = SchedulerConfig(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    steps_offset=1,
+    clip_sample=False,
+)
+_SDXL_SCHEDULE = dataclasses.replace(
+    _SD_SCHEDULE,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+)
+
 PRESETS: dict[str, PipelineConfig] = {
-    "sd-1.5": PipelineConfig(UNetConfig(), AutoencoderConfig(), (_CLIP_L,), SchedulerConfig()),
+    "sd-1.5": PipelineConfig(UNetConfig(), AutoencoderConfig(), (_CLIP_L,), _SD_SCHEDULE),
     "sd-2.1-base": PipelineConfig(
-        _SD2_UNET, AutoencoderConfig(), (_OPENCLIP_H,), SchedulerConfig()
+        _SD2_UNET,
+        AutoencoderConfig(),
+        (_OPENCLIP_H,),
+        dataclasses.replace(_SD_SCHEDULE, prediction_type="epsilon"),
     ),
     "sd-2.1": PipelineConfig(
         dataclasses.replace(_SD2_UNET, sample_size=96),
         AutoencoderConfig(sample_size=768),
         (_OPENCLIP_H,),
-        SchedulerConfig(prediction_type="v_prediction"),
+        dataclasses.replace(_SD_SCHEDULE, prediction_type="v_prediction"),
     ),
     "sdxl": PipelineConfig(
-        _SDXL_UNET, _SDXL_VAE, (_CLIP_L, _OPENCLIP_BIGG), SchedulerConfig(), _SDXL_PADS
+        _SDXL_UNET, _SDXL_VAE, (_CLIP_L, _OPENCLIP_BIGG), _SDXL_SCHEDULE, _SDXL_PADS
     ),
     "sdxl-turbo": PipelineConfig(
         dataclasses.replace(_SDXL_UNET, sample_size=64),
         dataclasses.replace(_SDXL_VAE, sample_size=512),
         (_CLIP_L, _OPENCLIP_BIGG),
-        SchedulerConfig(timestep_spacing="trailing"),
+        dataclasses.replace(_SDXL_SCHEDULE, timestep_spacing="trailing"),
         _SDXL_PADS,
     ),
 }

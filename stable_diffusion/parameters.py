@@ -17,9 +17,10 @@ Choices made here, so that ``from_text(p.to_text()) == p`` for every valid ``p``
   `from_text`, so both recover the exact prompt.
 * Field values are JSON-quoted when they contain ``,``, ``:``, ``"`` or a newline,
   have surrounding whitespace, or are empty (A1111 quotes the first three cases).
-* Samplers use A1111's display names; ``dpm++2m_karras`` is written the older single-field
-  way, ``DPM++ 2M Karras``, which every reader knows.  Newer A1111's
-  ``Sampler: DPM++ 2M, Schedule type: Karras`` is read as the same sampler.
+* Samplers use A1111's display names (samplers.SAMPLER_TABLE); ``dpm++2m_karras`` is
+  written the older single-field way, ``DPM++ 2M Karras``, which every reader knows, and
+  a pair that older A1111 never named (``euler_karras``) the 1.9+ way,
+  ``Sampler: Euler, Schedule type: Karras``.  Both ways are read, and ComfyUI's names.
 * LoRAs go in a ``Lora`` field in A1111's prompt syntax, e.g.
   ``Lora: "<lora:name:0.8>, <lora:other:1.0>"``, rather than into the prompt, so the
   prompt comes back exactly as the user typed it.
@@ -37,22 +38,7 @@ import operator
 import re
 from collections.abc import Iterable, Mapping
 
-# Internal sampler name -> A1111 display name.
-SAMPLER_DISPLAY_NAMES: dict[str, str] = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "ddim": "DDIM",
-    "dpm++2m": "DPM++ 2M",
-    "dpm++2m_karras": "DPM++ 2M Karras",
-    "lcm": "LCM",
-    "heun": "Heun",
-}
-_SAMPLERS_BY_DISPLAY_NAME = {v: k for k, v in SAMPLER_DISPLAY_NAMES.items()}
-
-
-def sampler_name(name: str) -> str:
-    """Our name of a sampler given by its A1111 display name ("Euler a") or by ours."""
-    return _SAMPLERS_BY_DISPLAY_NAME.get(name, name)
+from .samplers import a1111_names, join_name
 
 # A1111's own field pattern (modules/infotext_utils.py): a key, then a JSON-quoted value or
 # anything up to the next comma.  Using it verbatim keeps us reading what A1111 reads.
@@ -78,6 +64,7 @@ _RESERVED_KEYS = frozenset(
         "Clip skip",
     }
 )
+_SCHEDULE_TYPE = "Schedule type"
 _REQUIRED_KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 
 
@@ -111,10 +98,7 @@ class GenerationParameters:
             (str(k), str(v))
             for k, v in (self.extras.items() if isinstance(self.extras, Mapping) else self.extras)
         )
-        sampler = _SAMPLERS_BY_DISPLAY_NAME.get(self.sampler, self.sampler)
-        if sampler == "dpm++2m" and ("Schedule type", "Karras") in extras:
-            sampler = "dpm++2m_karras"
-            extras = tuple(kv for kv in extras if kv != ("Schedule type", "Karras"))
+        sampler, extras = _our_sampler(str(self.sampler), extras)
         set_ = object.__setattr__  # the dataclass is frozen
         set_(self, "extras", extras)
         set_(self, "sampler", sampler)
@@ -151,6 +135,11 @@ class GenerationParameters:
                     "'<', '>' or newlines; strengths must be finite)"
                 )
         keys = [k for k, _ in self.extras]
+        if _SCHEDULE_TYPE in keys and _a1111_sampler(self.sampler)[1] is not None:
+            raise ValueError(
+                f"sampler {self.sampler!r} has its schedule; the extra field "
+                f"{_SCHEDULE_TYPE!r} would contradict it"
+            )
         for key in keys:
             if not _KEY.fullmatch(key) or key in _RESERVED_KEYS:
                 raise ValueError(
@@ -163,9 +152,11 @@ class GenerationParameters:
 
     def to_text(self) -> str:
         """The A1111 ``parameters`` text (see the module docstring)."""
+        sampler, schedule_type = _a1111_sampler(self.sampler)
         fields = [
             ("Steps", str(self.steps)),
-            ("Sampler", SAMPLER_DISPLAY_NAMES.get(self.sampler, self.sampler)),
+            ("Sampler", sampler),
+            *([(_SCHEDULE_TYPE, schedule_type)] if schedule_type else []),
             ("CFG scale", repr(self.cfg_scale)),
             ("Seed", str(self.seed)),
             ("Size", f"{self.width}x{self.height}"),
@@ -240,6 +231,32 @@ class GenerationParameters:
             else _to_number(float, "Denoising strength", strength),
             extras=tuple(fields.items()),
         )
+
+
+def _our_sampler(
+    sampler: str, extras: tuple[tuple[str, str], ...]
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Our name for `sampler` and a "Schedule type" among `extras`, and the extras left;
+    a sampler or schedule we do not know is kept as given."""
+    schedule_type = dict(extras).get(_SCHEDULE_TYPE)
+    if schedule_type is not None:
+        try:
+            name = join_name(sampler, schedule_type)
+        except ValueError:
+            pass
+        else:
+            return name, tuple(kv for kv in extras if kv[0] != _SCHEDULE_TYPE)
+    try:
+        return join_name(sampler, None), extras
+    except ValueError:
+        return sampler, extras
+
+
+def _a1111_sampler(sampler: str) -> tuple[str, str | None]:
+    try:
+        return a1111_names(sampler)
+    except ValueError:  # another tool's sampler, kept as given
+        return sampler, None
 
 
 def _split_text(text: str) -> tuple[list[str], str]:

@@ -127,7 +127,9 @@ def test_image2image_resizes_input_and_records_strength(tmp_path):
         (["--cfg", "-1"], "--cfg must be >= 0"),
         (["--n_images", "3", "--n_rows", "2"], "not divisible by --n_rows"),
         (["--width", "500"], "use 496 or 504"),
-        (["--sampler", "nope"], "invalid choice"),
+        (["--sampler", "nope"], "Unknown sampler 'nope'; choose one of: euler, euler_karras"),
+        (["--sampler", "ddim", "--schedule", "karras"], "the DDIM sampler has no karras"),
+        (["--schedule", "polyexponential"], "Unknown schedule 'polyexponential'"),
         (["--model", "/no/such/folder"], "no such model folder: /no/such/folder does not exist"),
         (["--output", "/no/such/dir/out.png"], "/no/such/dir"),
     ],
@@ -380,3 +382,25 @@ def test_entry_points_run_the_scripts_mains():
         assert callable(getattr(importlib.import_module(module), name))
     for shim, main in (("txt2image.py", "txt2image_main"), ("image2image.py", "image2image_main")):
         assert f"from stable_diffusion.cli import {main}" in (ROOT / shim).read_text()
+
+
+def test_sampler_list_prints_every_name():
+    result = run("txt2image.py", "--sampler", "list")
+    assert result.returncode == 0, result.stderr
+    for row in ("euler_a        Euler a        euler_ancestral  karras, exponential",
+                "dpm++2m_sde    DPM++ 2M SDE   dpmpp_2m_sde     karras, exponential",
+                "ddim           DDIM           ddim             -"):
+        assert row in result.stdout
+
+
+def test_a1111_sampler_and_schedule_names(tmp_path):
+    # A1111 1.9+ writes the sampler and the schedule apart; ours is the same sampler.
+    output = tmp_path / "out.png"
+    result = run(
+        "txt2image.py", "a cat", "--model", TINY_SD2, "--steps", "2", "--seed", "3",
+        "--sampler", "Euler a", "--schedule", "Karras", "--output", str(output),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    saved = read_parameters(output)
+    assert saved.sampler == "euler_a_karras"
+    assert "Sampler: Euler a, Schedule type: Karras," in saved.to_text()

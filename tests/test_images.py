@@ -167,6 +167,36 @@ def test_clip_skip_is_written_as_a1111_does():
         GenerationParameters.from_text(params().to_text() + ", Clip skip: two")
 
 
+@pytest.mark.parametrize(
+    ("fields", "sampler", "written"),
+    [
+        ("Sampler: Euler a, Schedule type: Karras", "euler_a_karras",
+         "Sampler: Euler a, Schedule type: Karras,"),
+        ("Sampler: DPM++ 2M SDE Karras", "dpm++2m_sde_karras", "Sampler: DPM++ 2M SDE Karras,"),
+        ("Sampler: DPM++ 2M SDE, Schedule type: Karras", "dpm++2m_sde_karras",
+         "Sampler: DPM++ 2M SDE Karras,"),
+        ("Sampler: Heun, Schedule type: Exponential", "heun_exponential",
+         "Sampler: Heun, Schedule type: Exponential,"),
+        ("Sampler: DPM++ 2M, Schedule type: Automatic", "dpm++2m", "Sampler: DPM++ 2M,"),
+    ],
+)  # fmt: skip
+def test_sampler_and_schedule_type(fields, sampler, written):
+    text = f"cat\nSteps: 20, {fields}, CFG scale: 7, Seed: 1, Size: 512x512"
+    p = GenerationParameters.from_text(text)
+    assert (p.sampler, p.extras) == (sampler, ())
+    assert written in p.to_text()
+    assert GenerationParameters.from_text(p.to_text()) == p
+
+
+def test_unknown_schedule_type_is_kept_beside_a_known_sampler():
+    text = "cat\nSteps: 2, Sampler: Euler, Schedule type: Uniform, CFG scale: 7, Seed: 1, Size: 8x8"
+    p = GenerationParameters.from_text(text)
+    assert (p.sampler, p.extras) == ("euler", (("Schedule type", "Uniform"),))
+    assert GenerationParameters.from_text(p.to_text()) == p
+    with pytest.raises(ValueError, match="would contradict it"):
+        params(sampler="euler_karras", extras={"Schedule type": "Uniform"})
+
+
 def test_unknown_sampler_is_kept():
     text = "cat\nSteps: 20, Sampler: DPM++ SDE Karras, CFG scale: 7, Seed: 1, Size: 512x512"
     assert GenerationParameters.from_text(text).sampler == "DPM++ SDE Karras"

@@ -1,6 +1,7 @@
 """End-to-end parity for every deterministic sampler: whole txt2img runs (and an
 img2img run with DPM++ 2M Karras) against the diffusers pipelines with the
-matching scheduler, same noise (tests/reference/sampler_pipelines.py).
+matching scheduler, same noise (tests/reference/sampler_pipelines.py); and txt2img
+on tiny models that carry a hub repo's scheduler config, keys missing as there.
 Tolerance: every pixel within 2e-4 (pixels in [0, 1])."""
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from stable_diffusion import StableDiffusion
 from tests.conftest import FIXTURES
 from tests.reference.inputs import (
     DETERMINISTIC_SAMPLERS,
+    HUB_CONFIG_MODELS,
+    HUB_CONFIG_SAMPLERS,
     SAMPLER_IMG2IMG_STRENGTH,
     SAMPLER_NEGATIVE_PROMPT,
     SAMPLER_PROMPT,
     SAMPLER_STEPS,
+    with_hub_scheduler,
 )
 
 REFERENCE = dict(np.load(FIXTURES / "reference" / "sampler_pipelines.npz"))
@@ -66,4 +70,27 @@ def test_img2img_matches_diffusers(model):
         noise=nhwc(REFERENCE["img2img_noise"]),
     )
     expected = REFERENCE[f"{name}.dpm++2m_karras.img2img"]
+    np.testing.assert_allclose(images(sd, latents), expected, atol=PIXEL_TOLERANCE, rtol=0)
+
+
+@pytest.fixture(scope="module", params=list(HUB_CONFIG_MODELS))
+def hub_config_model(request, tmp_path_factory):
+    folder = with_hub_scheduler(request.param, tmp_path_factory.mktemp("hub_config"))
+    return request.param, StableDiffusion(str(folder), float16=False)
+
+
+@pytest.mark.parametrize("sampler", HUB_CONFIG_SAMPLERS)
+def test_hub_scheduler_configs_resolve_as_diffusers(hub_config_model, sampler):
+    # SD 1.5's and SD 2.1's files have no timestep_spacing: Euler, Heun and DPM++ 2M
+    # take their class's "linspace", DDIM its "leading".
+    name, sd = hub_config_model
+    latents = sd.generate_latents(
+        SAMPLER_PROMPT,
+        negative_text=SAMPLER_NEGATIVE_PROMPT,
+        num_steps=SAMPLER_STEPS,
+        cfg_weight=7.5,
+        sampler=sampler,
+        latents=nhwc(REFERENCE["noise"]),
+    )
+    expected = REFERENCE[f"{name}.hub_config.{sampler}.txt2img"]
     np.testing.assert_allclose(images(sd, latents), expected, atol=PIXEL_TOLERANCE, rtol=0)

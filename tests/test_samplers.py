@@ -21,7 +21,16 @@ import numpy as np
 import pytest
 
 from stable_diffusion.config import SchedulerConfig
-from stable_diffusion.samplers import SAMPLERS, make_sampler
+from stable_diffusion.samplers import (
+    SAMPLERS,
+    a1111_names,
+    a1111_samplers,
+    a1111_schedulers,
+    join_name,
+    make_sampler,
+    sampler_from_a1111,
+    sampler_names,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "samplers"
 INDEX = json.loads((FIXTURES / "cases.json").read_text())
@@ -64,14 +73,50 @@ def test_matches_diffusers(case: dict[str, Any]) -> None:
         assert_close(x, expected[i + 1], f"after step {i} (t={t})")
 
 
-def test_fixtures_cover_every_sampler() -> None:
-    assert {case["sampler"] for case in INDEX["cases"]} == set(SAMPLERS)
-    assert {"euler", "euler_a", "ddim", "dpm++2m", "dpm++2m_karras", "lcm"} <= set(SAMPLERS)
+def test_fixtures_cover_every_sampler_and_schedule_on_hub_configs() -> None:
+    names = set(sampler_names())
+    assert {"euler_a_karras", "heun_exponential", "dpm++2m_sde_karras", "lcm"} <= names
+    for config in ("hub_sd15", "hub_sd21", "hub_sd21_base", "hub_sdxl", "hub_sdxl_turbo"):
+        assert {c["sampler"] for c in INDEX["cases"] if c["config"] == config} == names
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_defaults_are_the_diffusers_classes(name: str) -> None:
+    # The keys a config lacks take these; cases.json recorded diffusers' signatures.
+    class_name = {
+        "euler": "EulerDiscreteScheduler",
+        "euler_a": "EulerAncestralDiscreteScheduler",
+        "heun": "HeunDiscreteScheduler",
+        "ddim": "DDIMScheduler",
+        "dpm++2m": "DPMSolverMultistepScheduler",
+        "dpm++2m_sde": "DPMSolverMultistepScheduler",
+        "lcm": "LCMScheduler",
+    }[name]
+    theirs = INDEX["defaults"][class_name]
+    if name in ("heun", "dpm++2m", "dpm++2m_sde"):
+        # Not in their signatures, yet read from configs that have them (see
+        # CONFIG_SIGMA_RANGE); the dpm_karras_sigma_min cases show it.
+        theirs = {**theirs, "sigma_min": None, "sigma_max": None}
+    fields = SchedulerConfig.__dataclass_fields__
+    assert SAMPLERS[name].diffusers_defaults == {k: v for k, v in theirs.items() if k in fields}
+
+
+def test_missing_keys_take_each_samplers_defaults() -> None:
+    # SD 1.5's file has no timestep_spacing: diffusers' Euler spaces "linspace", DDIM
+    # "leading" (the timesteps of test_matches_diffusers on hub_sd15 show the same).
+    config = SchedulerConfig.from_dict(INDEX["configs"]["hub_sd15"])
+    assert config.timestep_spacing is None
+    assert make_sampler("euler", config).config.timestep_spacing == "linspace"
+    assert make_sampler("ddim", config).config.timestep_spacing == "leading"
+    assert make_sampler("euler", config).start(4).timesteps[0] == 999.0
+    assert make_sampler("ddim", config).start(4).timesteps[0] == 751.0
 
 
 def test_unknown_sampler_lists_the_valid_names() -> None:
     with pytest.raises(ValueError, match=r"Unknown sampler 'plms'.*euler_a.*dpm\+\+2m_karras"):
         make_sampler("plms", SD15)
+    with pytest.raises(ValueError, match=r"Unknown sampler 'ddim_karras'"):
+        make_sampler("ddim_karras", SD15)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -171,3 +216,55 @@ def test_heun_refuses_zero_snr_schedules() -> None:
 def test_lcm_refuses_more_steps_than_its_grid() -> None:
     with pytest.raises(ValueError, match="original_inference_steps"):
         make_sampler("lcm", SD15).start(51)
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule_type", "ours"),
+    [
+        # A1111 1.9+ (apart), A1111 before 1.9 (one name), ComfyUI, ours.
+        ("DPM++ 2M", "Karras", ("dpm++2m", "karras")),
+        ("DPM++ 2M Karras", None, ("dpm++2m", "karras")),
+        ("DPM++ 2M Karras", "Automatic", ("dpm++2m", "karras")),
+        ("DPM++ 2M", "Automatic", ("dpm++2m", None)),
+        ("Euler a", "Exponential", ("euler_a", "exponential")),
+        ("dpmpp_2m_sde", "karras", ("dpm++2m_sde", "karras")),
+        ("euler_ancestral", None, ("euler_a", None)),
+        ("dpm++2m_sde_karras", None, ("dpm++2m_sde", "karras")),
+        ("heun", "exponential", ("heun", "exponential")),
+    ],
+)
+def test_sampler_names_from_a1111_comfyui_and_ours(name, schedule_type, ours) -> None:
+    assert sampler_from_a1111(name, schedule_type) == ours
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule_type", "message"),
+    [
+        ("DPM++ SDE", None, "Unknown sampler 'DPM\\+\\+ SDE'"),
+        ("DDIM", "Karras", "DDIM sampler has no karras schedule"),
+        ("Euler", "Polyexponential", "Unknown schedule 'Polyexponential'"),
+        ("DPM++ 2M Karras", "Exponential", "already has the karras schedule"),
+    ],
+)
+def test_unknown_or_conflicting_names_are_refused(name, schedule_type, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        sampler_from_a1111(name, schedule_type)
+
+
+@pytest.mark.parametrize("name", sampler_names())
+def test_every_name_round_trips_through_a1111s(name: str) -> None:
+    display, schedule_type = a1111_names(name)
+    assert join_name(display, schedule_type) == name
+    make_sampler(name, SD15)  # every listed name makes a sampler
+
+
+def test_a1111_names_prefer_the_legacy_combined_form() -> None:
+    assert a1111_names("dpm++2m_karras") == ("DPM++ 2M Karras", None)
+    assert a1111_names("dpm++2m", "karras") == ("DPM++ 2M Karras", None)
+    assert a1111_names("euler_karras") == ("Euler", "Karras")
+    assert ("Euler a", ["euler_a", "euler_ancestral"]) in a1111_samplers()
+    assert a1111_schedulers() == [
+        ("automatic", "Automatic"),
+        ("karras", "Karras"),
+        ("exponential", "Exponential"),
+    ]

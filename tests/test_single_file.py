@@ -37,6 +37,7 @@ from stable_diffusion.loading.single_file import SingleFileError, detect_archite
 from stable_diffusion.models.clip import CLIPTextModel
 from stable_diffusion.models.unet import UNetModel
 from stable_diffusion.models.vae import Autoencoder
+from stable_diffusion.samplers import make_sampler
 from stable_diffusion.tokenizer import Tokenizer
 from stable_diffusion.weights import diffusers as diffusers_keys
 from stable_diffusion.weights import original
@@ -231,7 +232,9 @@ def test_presets_per_architecture():
         single_file.preset_for("sd2", "epsilon"),
         single_file.preset_for("sdxl"),
     )
-    assert sd1.unet.sample_size * 8 == 512 and sd1.scheduler.prediction_type == "epsilon"
+    # SD 1.5's scheduler config has no prediction_type: every sampler's default applies.
+    assert sd1.unet.sample_size * 8 == 512 and sd1.scheduler.prediction_type is None
+    assert make_sampler("euler", sd1.scheduler).config.prediction_type == "epsilon"
     # SD 2.x files do not say which they are: the 768 v-prediction model unless told.
     assert sd2.unet.sample_size * 8 == 768 and sd2.scheduler.prediction_type == "v_prediction"
     assert sd2_base.unet.sample_size * 8 == 512 and sd2_base.scheduler.prediction_type == "epsilon"
@@ -243,7 +246,11 @@ def test_presets_per_architecture():
             0.00085,
             0.012,
         )
-        assert (schedule.timestep_spacing, schedule.steps_offset) == ("leading", 1)
+        assert schedule.steps_offset == 1
+    # As the hub repos diffusers takes single files' configs from: SD 1.x/2.x lack
+    # timestep_spacing, so that each sampler's own default applies.
+    assert (sd1.scheduler.timestep_spacing, sd2.scheduler.timestep_spacing) == (None, None)
+    assert xl.scheduler.timestep_spacing == "leading"
     assert single_file.with_overrides(sd1, "v_prediction", 768).unet.sample_size == 96
 
 

@@ -11,9 +11,11 @@ np.float32 on the left of an mx.array would turn the product into a numpy array)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import numpy as np
@@ -80,6 +82,7 @@ class SigmaRun(Run):
     ) -> None:
         super().__init__(timesteps, init_noise_sigma, (1.0, float(sigmas[0])), prediction_type)
         self.sigmas = sigmas
+        self.clip_range: float | None = None  # Heun's clip_sample
 
     def scale_model_input(self, x: mx.array, i: int) -> mx.array:
         sigma = self.sigmas[i]
@@ -88,10 +91,20 @@ class SigmaRun(Run):
     def denoised(self, model_output: mx.array, x: mx.array, sigma: np.float32) -> mx.array:
         """The x0 prediction at noise level σ (float32 inputs)."""
         if self.prediction_type == "epsilon":
-            return x - float(sigma) * model_output
-        # v-prediction, in k-diffusion form: c_out·v + c_skip·x
-        c_out = -sigma / (sigma**2 + 1) ** 0.5
-        return model_output * float(c_out) + x / float(sigma**2 + 1)
+            x0 = x - float(sigma) * model_output
+        else:  # v-prediction, in k-diffusion form: c_out·v + c_skip·x
+            c_out = -sigma / (sigma**2 + 1) ** 0.5
+            x0 = model_output * float(c_out) + x / float(sigma**2 + 1)
+        return clip(x0, self.clip_range)
+
+
+def clip(x0: mx.array, clip_range: float | None) -> mx.array:
+    """diffusers' clip_sample: the x0 prediction clamped to ±clip_range (None: as is)."""
+    return x0 if clip_range is None else mx.clip(x0, -clip_range, clip_range)
+
+
+def clip_range(config: SchedulerConfig) -> float | None:
+    return float(config.clip_sample_range) if config.clip_sample else None
 
 
 def vp_prediction(
@@ -104,12 +117,56 @@ def vp_prediction(
     return alpha * x - sigma * model_output, alpha * model_output + sigma * x
 
 
-class Sampler(ABC):
-    """A sampling algorithm bound to a model's noise schedule."""
+# Most diffusers schedulers' defaults for the training noise schedule.
+LINEAR_BETAS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
 
-    def __init__(self, config: SchedulerConfig) -> None:
-        self.config = config
-        self.alphas_cumprod = alphas_cumprod(config)
+# diffusers' Heun and DPM-Solver have no sigma_min / sigma_max options, yet their Karras
+# and exponential schedules use them when the config has them (they test
+# hasattr(self.config, "sigma_min"), and from_config keeps unknown keys).
+CONFIG_SIGMA_RANGE: dict[str, Any] = {"sigma_min": None, "sigma_max": None}
+
+# The noise schedules a sampler can take instead of its config's (see SCHEDULES in
+# samplers/__init__.py), as the config keys that select them in diffusers.
+SCHEDULE_KEYS: dict[str, dict[str, bool]] = {
+    "karras": {"use_karras_sigmas": True, "use_exponential_sigmas": False},
+    "exponential": {"use_karras_sigmas": False, "use_exponential_sigmas": True},
+}
+
+
+class Sampler(ABC):
+    """A sampling algorithm bound to a model's noise schedule.
+
+    `diffusers_defaults` are the `__init__` defaults of the matching diffusers scheduler
+    class for the SchedulerConfig fields it has: `SchedulerClass.from_config` applies
+    them to the keys a config lacks and ignores the fields the class does not have, and
+    so does `Sampler`. `schedules` are those it takes in place of the config's."""
+
+    diffusers_defaults: ClassVar[dict[str, Any]]
+    schedules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: SchedulerConfig, schedule: str | None = None) -> None:
+        defaults = self.config_defaults(schedule)
+        known = dataclasses.replace(SchedulerConfig(), **{k: getattr(config, k) for k in defaults})
+        if schedule is not None:
+            if schedule not in self.schedules:
+                choices = ", ".join(self.schedules) or "none"
+                raise ValueError(
+                    f"The {type(self).__name__} sampler has no {schedule!r} schedule "
+                    f"(schedules it takes: {choices})"
+                )
+            known = dataclasses.replace(known, **SCHEDULE_KEYS[schedule])
+        self.config = known.resolved(defaults)
+        self.alphas_cumprod = alphas_cumprod(self.config)
+
+    def config_defaults(self, schedule: str | None) -> dict[str, Any]:
+        """The config keys this sampler reads, with their defaults, on `schedule`."""
+        return self.diffusers_defaults
 
     def start(self, num_steps: int, strength: float = 1.0) -> Run:
         """A fresh run of `num_steps` steps; with `strength` < 1 (img2img), the last part

@@ -3,10 +3,12 @@ variance-preserving schedule ᾱ_t."""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import mlx.core as mx
 import numpy as np
 
-from .base import Run, Sampler, vp_prediction
+from .base import LINEAR_BETAS, Run, Sampler, clip, clip_range, vp_prediction
 from .schedule import img2img_first_step, spaced_timesteps
 
 
@@ -17,11 +19,13 @@ class DDIMRun(Run):
         alpha_prods: np.ndarray,
         prev_alpha_prods: np.ndarray,
         prediction_type: str,
+        clip_range: float | None,
     ) -> None:
         a = alpha_prods[0]
         super().__init__(timesteps, 1.0, (float(a**0.5), float((1 - a) ** 0.5)), prediction_type)
         self.alpha_prods = alpha_prods
         self.prev_alpha_prods = prev_alpha_prods
+        self.clip_range = clip_range
 
     def step(
         self, model_output: mx.array, x: mx.array, i: int, noise: mx.array | None = None
@@ -34,10 +38,22 @@ class DDIMRun(Run):
             (1 - a) ** 0.5,
             self.prediction_type,
         )
+        # diffusers clips x0 only: ε stays the model's.
+        x0 = clip(x0, self.clip_range)
         return (float(a_prev**0.5) * x0 + float((1 - a_prev) ** 0.5) * eps).astype(x.dtype)
 
 
 class DDIM(Sampler):
+    diffusers_defaults: ClassVar[dict[str, Any]] = {
+        **LINEAR_BETAS,
+        "clip_sample": True,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+        "timestep_spacing": "leading",
+        "rescale_betas_zero_snr": False,
+    }
+
     def _start(self, num_steps: int, strength: float) -> Run:
         acp = self.alphas_cumprod
         timesteps = spaced_timesteps(self.config, num_steps).round().astype(np.int64)
@@ -48,5 +64,9 @@ class DDIM(Sampler):
         prev_acp = np.where(prev >= 0, acp[np.maximum(prev, 0)], final)
         first = img2img_first_step(num_steps, strength)
         return DDIMRun(
-            timesteps[first:], acp[timesteps[first:]], prev_acp[first:], self.config.prediction_type
+            timesteps[first:],
+            acp[timesteps[first:]],
+            prev_acp[first:],
+            self.config.prediction_type,
+            clip_range(self.config),
         )

@@ -3,10 +3,12 @@ first-order k-diffusion sampler."""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import mlx.core as mx
 
 from ..config import SchedulerConfig
-from .base import Run, Sampler, SigmaRun
+from .base import LINEAR_BETAS, Run, Sampler, SigmaRun
 from .schedule import (
     finite_terminal_sigma,
     img2img_first_step,
@@ -28,10 +30,24 @@ class EulerRun(SigmaRun):
 
 class Euler(Sampler):
     run_class: type[SigmaRun] = EulerRun
+    diffusers_defaults: ClassVar[dict[str, Any]] = {
+        **LINEAR_BETAS,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "sigma_min": None,
+        "sigma_max": None,
+        "timestep_type": "discrete",
+        "final_sigmas_type": "zero",
+    }
+    schedules = ("karras", "exponential")
 
-    def __init__(self, config: SchedulerConfig) -> None:
-        super().__init__(config)
-        self.alphas_cumprod = finite_terminal_sigma(self.alphas_cumprod, config)
+    def __init__(self, config: SchedulerConfig, schedule: str | None = None) -> None:
+        super().__init__(config, schedule)
+        self.alphas_cumprod = finite_terminal_sigma(self.alphas_cumprod, self.config)
 
     def _start(self, num_steps: int, strength: float) -> Run:
         timesteps, sigmas = sigma_schedule(self.config, self.alphas_cumprod, num_steps)

@@ -3,9 +3,11 @@ noise level by an Euler step, then adds fresh noise back up to it."""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import mlx.core as mx
 
-from .base import SigmaRun
+from .base import LINEAR_BETAS, SigmaRun
 from .euler import Euler
 
 
@@ -29,4 +31,16 @@ class EulerAncestralRun(SigmaRun):
 
 
 class EulerAncestral(Euler):
+    """Its diffusers class has no schedule options, so it ignores the config's; the
+    Karras and exponential schedules, as A1111 and ComfyUI offer them, are Euler's."""
+
     run_class = EulerAncestralRun
+    diffusers_defaults: ClassVar[dict[str, Any]] = {
+        **LINEAR_BETAS,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+    }
+
+    def config_defaults(self, schedule: str | None) -> dict[str, Any]:
+        return Euler.diffusers_defaults if schedule else self.diffusers_defaults

@@ -3,11 +3,13 @@ model twice per noise level, so its run has 2·steps - 1 model timesteps."""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import mlx.core as mx
 import numpy as np
 
 from ..config import SchedulerConfig
-from .base import Run, Sampler, SigmaRun
+from .base import CONFIG_SIGMA_RANGE, LINEAR_BETAS, Run, Sampler, SigmaRun, clip_range
 from .schedule import img2img_first_step, sigma_init_noise, sigma_schedule
 
 
@@ -48,11 +50,25 @@ class HeunRun(SigmaRun):
 
 
 class Heun(Sampler):
-    def __init__(self, config: SchedulerConfig) -> None:
+    diffusers_defaults: ClassVar[dict[str, Any]] = {
+        **LINEAR_BETAS,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        **CONFIG_SIGMA_RANGE,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+    }
+    schedules = ("karras", "exponential")
+
+    def __init__(self, config: SchedulerConfig, schedule: str | None = None) -> None:
         if config.rescale_betas_zero_snr:
             # diffusers' Heun has no such option: its first sigma would be infinite.
             raise ValueError("The heun sampler does not support rescale_betas_zero_snr")
-        super().__init__(config)
+        super().__init__(config, schedule)
 
     def _start(self, num_steps: int, strength: float) -> Run:
         timesteps, sigmas = sigma_schedule(self.config, self.alphas_cumprod, num_steps)
@@ -60,9 +76,11 @@ class Heun(Sampler):
         timesteps = np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)])
         sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
         first = 2 * img2img_first_step(num_steps, strength)
-        return HeunRun(
+        run = HeunRun(
             timesteps[first:],
             sigmas[first:],
             sigma_init_noise(sigmas, self.config),
             self.config.prediction_type,
         )
+        run.clip_range = clip_range(self.config)
+        return run

@@ -3,10 +3,12 @@ clean-latent estimate, then re-noises it to the next timestep with fresh noise."
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import mlx.core as mx
 import numpy as np
 
-from .base import Run, Sampler, vp_prediction
+from .base import LINEAR_BETAS, Run, Sampler, clip, clip_range, vp_prediction
 
 
 class LCMRun(Run):
@@ -18,11 +20,13 @@ class LCMRun(Run):
         alphas_cumprod: np.ndarray,
         timestep_scaling: float,
         prediction_type: str,
+        clip_range: float | None,
     ) -> None:
         a = alphas_cumprod[timesteps[0]]
         super().__init__(timesteps, 1.0, (float(a**0.5), float((1 - a) ** 0.5)), prediction_type)
         self.alphas_cumprod = alphas_cumprod
         self.timestep_scaling = timestep_scaling
+        self.clip_range = clip_range
 
     def step(
         self, model_output: mx.array, x: mx.array, i: int, noise: mx.array | None = None
@@ -37,6 +41,7 @@ class LCMRun(Run):
             (1 - a) ** 0.5,
             self.prediction_type,
         )
+        x0 = clip(x0, self.clip_range)
         # Consistency-model boundary condition (σ_data = 0.5): denoised = x at t = 0.
         scaled_t = np.float32(t) * np.float32(self.timestep_scaling)
         c_skip = 0.25 / (scaled_t**2 + 0.25)
@@ -50,6 +55,21 @@ class LCMRun(Run):
 
 
 class LCM(Sampler):
+    diffusers_defaults: ClassVar[dict[str, Any]] = {
+        **LINEAR_BETAS,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "original_inference_steps": 50,
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+        "timestep_spacing": "leading",
+        "timestep_scaling": 10.0,
+        "rescale_betas_zero_snr": False,
+    }
+
     def _start(self, num_steps: int, strength: float) -> Run:
         original_steps = self.config.original_inference_steps
         if num_steps > original_steps:
@@ -71,4 +91,5 @@ class LCM(Sampler):
             self.alphas_cumprod,
             self.config.timestep_scaling,
             self.config.prediction_type,
+            clip_range(self.config),
         )

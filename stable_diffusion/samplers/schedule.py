@@ -112,15 +112,30 @@ def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * high
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """Descending sigmas evenly spaced in log σ."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
 def sigma_schedule(
     config: SchedulerConfig, alphas_cumprod: np.ndarray, num_steps: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Timesteps and sigmas of the k-diffusion schedulers (Euler, Euler a, Heun), float32.
 
-    The sigmas have one more entry than the timesteps: the final σ = 0."""
+    The sigmas have one more entry than the timesteps: the final σ (0, or the smallest
+    training σ with final_sigmas_type "sigma_min")."""
     timesteps = spaced_timesteps(config, num_steps).astype(np.float32)
-    sigmas = interpolate_sigmas(timesteps, train_sigmas(alphas_cumprod))
-    return timesteps, np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    train = train_sigmas(alphas_cumprod)
+    sigmas = interpolate_sigmas(timesteps, train)
+    if config.use_karras_sigmas or config.use_exponential_sigmas:
+        # Between the spaced schedule's end points, unless the config sets them.
+        low = float(sigmas[-1]) if config.sigma_min is None else config.sigma_min
+        high = float(sigmas[0]) if config.sigma_max is None else config.sigma_max
+        spacing = karras_sigmas if config.use_karras_sigmas else exponential_sigmas
+        sigmas = spacing(low, high, num_steps)
+        timesteps = sigma_to_t(sigmas, np.log(train))
+    final = train[0] if config.final_sigmas_type == "sigma_min" else 0.0
+    return timesteps.astype(np.float32), np.concatenate([sigmas, [final]]).astype(np.float32)
 
 
 def sigma_init_noise(sigmas: np.ndarray, config: SchedulerConfig) -> float:

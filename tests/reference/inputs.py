@@ -1,7 +1,10 @@
 """Inputs shared by the reference scripts and the tests that replay them (no
 PyTorch here: CI imports this module)."""
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MODELS = FIXTURES / "models"
@@ -56,3 +59,75 @@ EMBEDDING_FILES = {
 DIFFUSERS_EMBEDDING = "learned_embeds.safetensors"
 DIFFUSERS_EMBEDDING_TOKEN = "<paper-cut>"
 DIFFUSERS_EMBEDDING_PROMPT = "a <paper-cut> fox"
+
+# The scheduler/scheduler_config.json files of the hub repos, key for key, as each repo
+# has shipped it since its release (their _diffusers_version tells which diffusers
+# wrote them; the older ones lack timestep_spacing, and SD 1.5's prediction_type).
+_SD_KEYS = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+_SDXL_KEYS = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    **_SD_KEYS,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+HUB_CONFIGS: dict[str, dict[str, Any]] = {
+    # runwayml/stable-diffusion-v1-5 (now stable-diffusion-v1-5/stable-diffusion-v1-5)
+    "hub_sd15": {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", **_SD_KEYS},
+    # stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
+    "hub_sd21": {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": "0.8.0",
+        **_SD_KEYS,
+        "prediction_type": "v_prediction",
+    },
+    # stabilityai/stable-diffusion-2-1-base
+    "hub_sd21_base": {
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": "0.10.0.dev0",
+        **_SD_KEYS,
+        "prediction_type": "epsilon",
+    },
+    # stabilityai/stable-diffusion-xl-base-1.0
+    "hub_sdxl": _SDXL_KEYS,
+    # stabilityai/sdxl-turbo
+    "hub_sdxl_turbo": {
+        **_SDXL_KEYS,
+        "_class_name": "EulerAncestralDiscreteScheduler",
+        "_diffusers_version": "0.24.0.dev0",
+        "timestep_spacing": "trailing",
+    },
+}
+
+# sampler_pipelines.py: tiny models with a hub repo's scheduler config, run with
+# samplers other than the config's class (as `with_hub_scheduler` writes them).
+HUB_CONFIG_MODELS = {
+    "tiny-sd1": "hub_sd15",
+    "tiny-sd2": "hub_sd21",
+}
+HUB_CONFIG_SAMPLERS = ["euler", "heun", "ddim", "dpm++2m"]
+
+
+def with_hub_scheduler(model: str, folder: Path) -> Path:
+    """A copy of tiny model `model` in `folder`, its scheduler config replaced by that of
+    the hub repo HUB_CONFIG_MODELS names (model_index.json names its class too)."""
+    config = HUB_CONFIGS[HUB_CONFIG_MODELS[model]]
+    copy = Path(shutil.copytree(MODELS / model, folder / model))
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+    index = json.loads((copy / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", config["_class_name"]]
+    (copy / "model_index.json").write_text(json.dumps(index, indent=2))
+    return copy

@@ -1,6 +1,8 @@
 """Reference for whole txt2img/img2img runs with every deterministic sampler:
 the diffusers pipelines on the tiny SD 2.x-like and SDXL-like models with the
-matching diffusers scheduler and given noise.
+matching diffusers scheduler and given noise; and txt2img on tiny models whose
+scheduler config is a hub repo's (SD 1.5's, SD 2.1's: missing keys included), with the
+sampler's class made as users make it, `SamplerClass.from_config(pipe.scheduler.config)`.
 
 Run from the repository root (needs requirements-dev.txt):
 
@@ -8,6 +10,9 @@ Run from the repository root (needs requirements-dev.txt):
 """
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +28,8 @@ from PIL import Image
 
 from tests.reference.inputs import (
     DETERMINISTIC_SAMPLERS,
+    HUB_CONFIG_MODELS,
+    HUB_CONFIG_SAMPLERS,
     IMAGE_SIZE,
     MODELS,
     REFERENCE,
@@ -30,15 +37,16 @@ from tests.reference.inputs import (
     SAMPLER_NEGATIVE_PROMPT,
     SAMPLER_PROMPT,
     SAMPLER_STEPS,
+    with_hub_scheduler,
 )
 from tests.reference.tiny_models import given_img2img_noise
 
-# Our sampler name -> the diffusers scheduler and the options it implies. Real SD
-# configs set clip_sample false, which DDIMScheduler does not default to.
+# Our sampler name -> the diffusers scheduler and the options it implies. The tiny
+# models' configs have no clip_sample, so DDIM clips x0 (its default) as ours does.
 SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
-    "ddim": (DDIMScheduler, {"clip_sample": False}),
+    "ddim": (DDIMScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {}),
     "dpm++2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
 }
@@ -80,6 +88,20 @@ def main() -> None:
             out[f"{model}.dpm++2m_karras.img2img"] = img2img(
                 **common, image=Image.fromarray(out["image"]), strength=SAMPLER_IMG2IMG_STRENGTH
             ).images
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in HUB_CONFIG_MODELS:
+            pipe = DiffusionPipeline.from_pretrained(with_hub_scheduler(model, Path(tmp)))
+            file_config = pipe.scheduler.config
+            for name in HUB_CONFIG_SAMPLERS:
+                scheduler_class, options = SCHEDULERS[name]
+                pipe.scheduler = scheduler_class.from_config(file_config, **options)
+                with torch.no_grad():
+                    out[f"{model}.hub_config.{name}.txt2img"] = pipe(
+                        **common,
+                        latents=torch.from_numpy(out["noise"]),
+                        height=IMAGE_SIZE,
+                        width=IMAGE_SIZE,
+                    ).images
     np.savez_compressed(REFERENCE / "sampler_pipelines.npz", **out)
     print(f"wrote {REFERENCE / 'sampler_pipelines.npz'}")
 
