@@ -293,7 +293,7 @@ def test_batches_and_iterations(api, tmp_path):
 def test_lists_and_options(api, server):
     samplers = api.util_get_sampler_names()
     assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "LCM", "DPM++ 2M Karras"} <= set(samplers)
-    assert {s["name"] for s in api.get_schedulers()} == {"automatic", "karras"}
+    assert {s["name"] for s in api.get_schedulers()} == {"automatic", "karras", "exponential"}
     assert api.util_get_model_names() == sorted([TINY_SD1, "tiny-sd2"])  # no "escape"
     assert [lora["name"] for lora in api.get_loras()] == ["sd1_kohya"]  # no "escape"
     assert api.util_get_current_model() == TINY_SD1
@@ -518,14 +518,14 @@ BAD_REQUESTS = [
     ("txt2img", {"prompt": "x", "cfg_scale": "NaN"}, 422, "cfg_scale"),
     ("txt2img", {"prompt": "x", "seed": -5}, 422, "seed"),
     ("txt2img", {"prompt": "x", "batch_size": 1000}, 422, "batch_size"),
-    ("txt2img", {"prompt": "x", "sampler_name": "Foo"}, 422, "unknown sampler 'Foo'"),
-    ("txt2img", {"prompt": "x", "scheduler": "Exponential"}, 422, "unknown scheduler"),
+    ("txt2img", {"prompt": "x", "sampler_name": "Foo"}, 422, "Unknown sampler 'Foo'"),
+    ("txt2img", {"prompt": "x", "scheduler": "Beta"}, 422, "Unknown schedule 'Beta'"),
     ("txt2img", {"prompt": "x", "enable_hr": True}, 422, "hires fix"),
     ("txt2img", {"prompt": "x <lora:nope:1>"}, 422, "unknown LoRA 'nope'"),
     ("txt2img", {"prompt": "x <lora:../loras/sd1_kohya:1>"}, 422, "unknown LoRA"),
     ("txt2img", {"prompt": "x <lora:escape:1>"}, 422, "unknown LoRA 'escape'"),
     ("txt2img", {"prompt": f"x <lora:{LORA}:1>"}, 422, "unknown LoRA"),
-    ("txt2img", {"prompt": "x <lora:sd1_kohya:lots>"}, 422, "must be a number"),
+    ("txt2img", {"prompt": "x <lora:sd1_kohya:lots>"}, 422, "the weight a number"),
     ("txt2img", [1, 2], 422, "Input should be a valid dictionary"),
     ("options", {"sd_model_checkpoint": "../models/tiny-sd2"}, 422, "unknown model"),
     ("options", {"sd_model_checkpoint": str(ROOT / TINY_SD1)}, 422, "unknown model"),

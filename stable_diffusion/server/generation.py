@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from ..images import GenerationParameters, save_images, validate_size
+from ..prompts import extract_loras
 from . import names
 from .catalog import Catalog, lora_hash
 from .engine import Engine, Generation
@@ -56,8 +57,8 @@ def plan(
     image: np.ndarray | None = None,
 ) -> Plan:
     """Raises ValueError with a message for the client."""
-    text, tags = names.split_lora_tags(request.prompt)
-    loras = tuple((catalog.find_lora(tag.name).path, tag.weight) for tag in tags)
+    text, tags = extract_loras(request.prompt)
+    loras = tuple((catalog.find_lora(name).path, weight) for name, weight in tags)
     # Checked now with the current model's default; resolved again when the job runs.
     names.resolve_sampler(request.sampler(), request.scheduler, default_sampler)
     if image is None:
