@@ -30,8 +30,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import limits
 from .config import UNetConfig
-from .weights import limits, original
+from .weights import original
 from .weights.files import load_weights
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")

@@ -25,7 +25,7 @@ from typing import ClassVar
 import mlx.core as mx
 import numpy as np
 
-from . import limits
+from .. import limits
 
 
 class WeightFileError(ValueError):
@@ -464,7 +464,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
 
 class _BudgetError(pickle.UnpicklingError):
-    """The pickle asks for more work than any checkpoint needs (weights/limits.py)."""
+    """The pickle asks for more work than any checkpoint needs (limits.py)."""
 
 
 def _stored_record(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
