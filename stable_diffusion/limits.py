@@ -56,6 +56,10 @@ MAX_JSON_INT_DIGITS = 40
 # merges.txt of CLIP is ~0.5 MB.
 MAX_MERGES_BYTES = 16 * 2**20
 
+# A tokenizer's and text encoder's sequence length (model_max_length, max_position_embeddings):
+# 77 in every Stable Diffusion model; each prompt row is padded to it.
+MAX_SEQUENCE_LENGTH = 1024
+
 # --- prompts and PNG metadata -----------------------------------------------------------------
 # A prompt is split into chunks of 75 tokens, each one text-encoder pass; 32 chunks are
 # 2,400 tokens, far more than any model attends to usefully.
