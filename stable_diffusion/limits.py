@@ -62,14 +62,15 @@ MAX_SEQUENCE_LENGTH = 1024
 
 # --- prompts and PNG metadata -----------------------------------------------------------------
 # A prompt is split into chunks of 75 tokens, each one text-encoder pass; 32 chunks are
-# 2,400 tokens, far more than any model attends to usefully.
-MAX_PROMPT_CHARACTERS = 20_000
+# 2,400 tokens, about 10,000 characters of English, far more than a model attends to usefully.
+MAX_PROMPT_CHARACTERS = 10_000
 MAX_PROMPT_CHUNKS = 32
-# The longest word the BPE merges as one piece; longer runs of letters (never a real word)
-# are split into pieces of this many characters first.
-MAX_BPE_WORD = 1_000
-# The "parameters" text of a PNG: two prompts plus the settings line.
-MAX_PARAMETERS_TEXT = 2 * MAX_PROMPT_CHARACTERS + 10_000
+# The "parameters" text of a PNG: two prompts, each maybe written twice (the second time
+# JSON-escaped, up to 6 characters per character), and the settings.
+MAX_PARAMETERS_TEXT = 2 * 7 * MAX_PROMPT_CHARACTERS + 10_000
+# PNG chunks walked to find that text without decoding the image: a 1 GB PNG written in
+# 8 KB IDAT chunks has 125,000.
+MAX_PNG_CHUNKS = 1_000_000
 # Images given to img2img: the VAE's attention over a larger image would need over 256 GiB.
 MAX_INPUT_PIXELS = 4096 * 4096
 
