@@ -256,14 +256,17 @@ def decode_and_save(
             f"Decoded in {time.perf_counter() - start:.1f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
-    paths = save_images(
-        np.concatenate(decoded),
-        output,
-        parameters,
-        n_rows=args.n_rows,
-        overwrite=args.overwrite,
-        save_individual=args.save_individual,
-    )
+    try:
+        paths = save_images(
+            np.concatenate(decoded),
+            output,
+            parameters,
+            n_rows=args.n_rows,
+            overwrite=args.overwrite,
+            save_individual=args.save_individual,
+        )
+    except ValueError as e:  # a full disk or an I/O error: nothing partial was left
+        raise SystemExit(f"error: {e}") from None
     for path in paths:
         print(f"Saved {path}")
 
