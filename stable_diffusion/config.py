@@ -88,7 +88,7 @@ class TextEncoderConfig:
                 "hidden_size": (1, 16384),
                 "intermediate_size": (1, 65536),
                 "num_hidden_layers": (1, 256),
-                "num_attention_heads": (1, self.hidden_size),
+                "num_attention_heads": (1, 1024),
                 "max_position_embeddings": (2, limits.MAX_SEQUENCE_LENGTH),
                 "layer_norm_eps": (0.0, 1.0),
                 "projection_dim": (1, 16384),
