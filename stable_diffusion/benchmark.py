@@ -45,7 +45,6 @@ import mlx.nn as nn
 import numpy as np
 
 from . import StableDiffusion
-from .clip import CLIPTextModel
 from .config import (
     PRESETS,
     AutoencoderConfig,
@@ -54,11 +53,11 @@ from .config import (
     TextEncoderConfig,
     UNetConfig,
 )
-from .cpu_kernels import fast_cpu
-from .layers import compute_dtype, on_cpu
+from .cpu import compute_dtype, fast_cpu, on_cpu
+from .models.clip import CLIPTextModel
+from .models.unet import UNetModel
+from .models.vae import Autoencoder
 from .tokenizer import clip_vocabulary
-from .unet import UNetModel
-from .vae import Autoencoder
 
 CONTEXT_TOKENS = 77
 PROMPT = "a photo of an astronaut riding a horse on mars"

@@ -1,32 +1,70 @@
-"""What `txt2image.py` and `image2image.py` share: arguments, their checks,
-the denoising loop with a progress bar, decoding and saving."""
+"""The scripts `sd-txt2image` and `sd-image2image` (also run as `python txt2image.py` and
+`python image2image.py`): arguments, their checks, the denoising loop with a progress bar,
+decoding and saving."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import secrets
+import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .cpu_kernels import fast_cpu
+from . import distributed, prompts
+from .cpu import fast_cpu
+from .distributed import Ranks
 from .images import (
     GenerationParameters,
     check_output_path,
+    load_image,
+    make_grid,
     read_parameters,
+    save_image,
     save_images,
-    validate_size,
+    to_uint8,
 )
-from .pipeline import Denoising, StableDiffusion
+from .noise import image_seeds
+from .parameters import sampler_name
+from .pipeline import Denoising, NonFiniteError, StableDiffusion, default_batch_size
+from .prompts_file import PromptLine, read_prompts_file
 from .samplers import SAMPLERS
+from .settings import MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings, check_arguments
+from .text import printable
+from .weights.files import SUPPORTED_SUFFIXES
+
+DEFAULT_MODEL = "sdxl"
+# How the scripts spell the arguments that `settings.check_arguments` checks.
+OPTION_NAMES = {
+    "n_images": "--n_images",
+    "steps": "--steps",
+    "cfg": "--cfg",
+    "seed": "--seed",
+    "width": "--width",
+    "height": "--height",
+    "strength": "--strength",
+    "decoding_batch_size": "--decoding_batch_size",
+}
+# The exit status of a program ended by SIGINT, as shells report it (128 + 2).
+INTERRUPTED = 130
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 
 
 def parser(description: str, image_input: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(
+        description=description,
+        epilog="Under `mlx.launch` the images (or the prompts file's lines) are shared out "
+        "over the ranks, and rank 0 saves them all.",
+    )
     if image_input:
         p.add_argument("image", help="input image (resized/cropped to multiples of 64)")
         p.add_argument(
@@ -35,14 +73,27 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
             help="how much to change the image: 0 keeps it, 1 replaces it (default 0.5)",
         )
     else:
-        p.add_argument("--width", type=int, help="default: the model's native size")
-        p.add_argument("--height", type=int, help="default: the model's native size")
+        for side in ("--width", "--height"):
+            p.add_argument(side, type=int, help=f"at most {MAX_SIDE}; default: the model's")
+        p.add_argument(
+            "--from-file",
+            metavar="TXT",
+            help="one job per line: a prompt, or A1111's options (--prompt ... --negative_prompt "
+            "... --seed N --steps N --cfg_scale X --width N --height N --sampler_name NAME "
+            "--batch_size N); what a line leaves out comes from the command line",
+        )
     p.add_argument("prompt", nargs="?", help="what to generate (optional with --from-image)")
     p.add_argument(
         "--from-image",
         metavar="PNG",
         help="re-run with the prompt and settings saved in an image generated before "
-        "(options given here win)",
+        "(options given here win; the model it names only with --use-saved-model)",
+    )
+    p.add_argument(
+        "--use-saved-model",
+        action="store_true",
+        help="with --from-image: load the model the image names (a file can name any "
+        "path or hub repo: check it first)",
     )
     p.add_argument(
         "--model",
@@ -59,6 +110,30 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         "repeat for several",
     )
     p.add_argument(
+        "--lora-dir",
+        metavar="FOLDER",
+        help="where the prompt's <lora:name:weight> tags are looked up (by file name, "
+        "subfolders included); default: none",
+    )
+    p.add_argument(
+        "--embedding",
+        action="append",
+        metavar="PATH",
+        help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers "
+        "learned_embeds), used by writing its file name in the prompt; repeat for several",
+    )
+    p.add_argument(
+        "--embeddings-dir",
+        metavar="FOLDER",
+        help="load every embedding in FOLDER (subfolders included) that fits the model",
+    )
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        help="condition on the text encoder's N-th layer from the end, as A1111 counts "
+        "(1: the last, default; 2: the penultimate)",
+    )
+    p.add_argument(
         "--prediction-type",
         choices=["epsilon", "v_prediction"],
         help="what the model predicts, for files that do not say (single-file SD 2.x: "
@@ -70,9 +145,11 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         help="the model's native size in pixels, for single files (default: 512 SD 1.x, "
         "768 SD 2.x, 1024 SDXL)",
     )
-    p.add_argument("--n_images", type=int, default=1)
+    p.add_argument("--n_images", type=int, default=1, help=f"at most {MAX_IMAGES}")
     p.add_argument("--n_rows", type=int, default=1)
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument(
+        "--steps", type=int, help=f"denoising steps, at most {MAX_STEPS} (default: the model's)"
+    )
     p.add_argument(
         "--cfg",
         type=float,
@@ -80,8 +157,15 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     )
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--sampler", choices=list(SAMPLERS), help="default: the model's")
-    p.add_argument("--seed", type=int, default=None, help="-1 or none: random (printed)")
-    p.add_argument("--decoding_batch_size", type=int, default=1)
+    p.add_argument(
+        "--seed", type=int, default=None, help="0 to 2**64-1; -1 or none: random (printed)"
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        help="images per denoising batch (default: 1 on the CPU, all of them on a GPU)",
+    )
+    p.add_argument("--decoding_batch_size", type=int, default=1, help=f"at most {MAX_IMAGES}")
     p.add_argument(
         "-q",
         "--quantize",
@@ -124,8 +208,16 @@ def lora_spec(value: str) -> tuple[str, float]:
     return path, number
 
 
+def fail(p: argparse.ArgumentParser, error: Exception | str) -> NoReturn:
+    """Exit with a usage error; messages can carry text from files (model names, keys),
+    printed without their terminal control sequences."""
+    p.error(printable(error))
+
+
 def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters) -> None:
-    """Fill the options not given on the command line from an image's parameters."""
+    """Fill the options not given on the command line from an image's parameters. The
+    model an image names is untrusted (any path or hub repo): it is used only with
+    --use-saved-model, otherwise named and left alone."""
     values = {
         "prompt": saved.prompt,
         "negative_prompt": saved.negative_prompt or None,
@@ -133,61 +225,171 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
         "cfg": saved.cfg_scale,
         "sampler": saved.sampler if saved.sampler in SAMPLERS else None,
         "seed": saved.seed,
-        "model": saved.model,
         "width": saved.width,
         "height": saved.height,
         "strength": saved.strength,
+        "clip_skip": saved.clip_skip,
     }
     for name, value in values.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, value)
-    if saved.loras and not args.lora:
-        used = ", ".join(f"{name}:{strength}" for name, strength in saved.loras)
+    if args.use_saved_model:
+        args.model = saved.model
+    elif saved.model is not None and saved.model != args.model:
+        using = f"--model {printable(args.model)}" if args.model else f"the default {DEFAULT_MODEL}"
+        print(
+            f"Note: the image was made with the model '{printable(saved.model)}'; using "
+            f"{using}. Pass --use-saved-model to load the image's model."
+        )
+    # LoRAs named in the prompt come back with it (through --lora-dir); the others do not.
+    in_prompt = {name for name, _ in prompts.extract_loras(saved.prompt)[1]}
+    others = [(name, strength) for name, strength in saved.loras if name not in in_prompt]
+    if others and not args.lora:
+        used = ", ".join(f"{printable(name)}:{strength}" for name, strength in others)
         print(f"Note: the image was made with LoRAs ({used}); pass --lora to use them again")
 
 
-def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     """Reject bad arguments before any model is loaded; returns the output path."""
+    if args.use_saved_model and (args.model or not args.from_image):
+        fail(p, "--use-saved-model goes with --from-image, and without --model")
     if args.from_image:
         try:
-            apply_saved_parameters(args, read_parameters(args.from_image))
+            saved = read_parameters(args.from_image)
         except ValueError as e:
-            p.error(str(e))
-    if args.prompt is None:
-        p.error("give a prompt, or --from-image with an image generated before")
-    args.model = args.model or "sdxl"
+            fail(p, e)
+        if args.use_saved_model and saved.model is None:
+            fail(p, f"{args.from_image} names no model; pass --model instead of --use-saved-model")
+        apply_saved_parameters(args, saved)
+    from_file = getattr(args, "from_file", None)
+    if from_file and (args.prompt is not None or args.from_image):
+        fail(p, "--from-file takes the prompts from the file: give no prompt and no --from-image")
+    if args.prompt is None and not from_file:
+        fail(p, "give a prompt, or --from-image with an image generated before")
+    args.model = args.model or DEFAULT_MODEL
     if hasattr(args, "strength") and args.strength is None:
         args.strength = 0.5
-    if args.n_images < 1:
-        p.error("--n_images must be at least 1")
+    if args.seed is not None and args.seed < 0:
+        args.seed = None  # -1 (any negative seed): random
+    try:
+        check_arguments(
+            n_images=args.n_images,
+            steps=args.steps,
+            cfg=args.cfg,
+            seed=args.seed,
+            width=getattr(args, "width", None),
+            height=getattr(args, "height", None),
+            strength=getattr(args, "strength", None),
+            decoding_batch_size=args.decoding_batch_size,
+            names=OPTION_NAMES,
+        )
+        if args.batch_size is not None:
+            check_arguments(n_images=args.batch_size, names={"n_images": "--batch_size"})
+    except ValueError as e:
+        fail(p, e)
     if args.n_rows < 1 or args.n_images % args.n_rows:
-        p.error(f"--n_images {args.n_images} is not divisible by --n_rows {args.n_rows}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be at least 1 (got {args.steps})")
-    if args.cfg is not None and args.cfg < 0:
-        p.error(f"--cfg must be >= 0 (got {args.cfg})")
-    if args.decoding_batch_size < 1:
-        p.error("--decoding_batch_size must be at least 1")
-    if not 0 <= getattr(args, "strength", 0) <= 1:
-        p.error(f"--strength must be between 0 and 1 (got {args.strength})")
+        fail(p, f"--n_images {args.n_images} is not divisible by --n_rows {args.n_rows}")
     args.lora = args.lora or []
     for path, _ in args.lora:
         if not Path(path).is_file():
-            p.error(f"--lora {path}: no such file")
+            fail(p, f"--lora {path}: no such file")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        fail(p, f"--clip-skip must be at least 1 (the last layer), got {args.clip_skip}")
+    args.clip_skip = args.clip_skip or 1
     try:
-        sizes = [getattr(args, side, None) for side in ("width", "height")]
-        validate_size(*(8 if size is None else size for size in sizes))
+        for text in (args.prompt or "", args.negative_prompt or ""):
+            prompts.parse_prompt(text)  # a malformed weight is an error before loading
+        args.lora += prompt_loras(args)
+        check_embedding_options(args)
+    except ValueError as e:
+        fail(p, e)
+    try:
         individual = args.n_images if args.save_individual else 0
         return check_output_path(args.output, overwrite=args.overwrite, individual=individual)
     except ValueError as e:
-        p.error(str(e))
+        fail(p, e)
 
 
-def seed(args: argparse.Namespace) -> int:
-    """The seed to use, printed so that a run can be repeated; -1 or none: random."""
-    value = secrets.randbits(31) if args.seed is None or args.seed < 0 else args.seed
-    print(f"Seed: {value}")
-    return value
+def prompt_loras(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The (path, strength) of the prompts' <lora:name:weight> tags, found in --lora-dir by
+    file stem (as A1111 names LoRAs), only among the files inside it (no symlinks out)."""
+    tags = [
+        tag
+        for text in (args.prompt or "", args.negative_prompt or "")
+        for tag in prompts.extract_loras(text)[1]
+    ]
+    if not tags:
+        return []
+    if args.lora_dir is None:
+        names = ", ".join(f"<lora:{name}:{strength}>" for name, strength in tags)
+        raise ValueError(f"the prompt names LoRAs ({names}); give --lora-dir FOLDER to find them")
+    available = files_in(args.lora_dir, SUPPORTED_SUFFIXES, "--lora-dir")
+    by_name: dict[str, list[Path]] = {}
+    for path in available:
+        by_name.setdefault(path.stem, []).append(path)
+    given = {Path(path).resolve() for path, _ in args.lora}
+    found = []
+    for name, strength in tags:
+        paths = by_name.get(name, [])
+        if not paths:
+            known = ", ".join(sorted(by_name)) or "no LoRA files"
+            raise ValueError(
+                f"<lora:{name}:{strength}>: no LoRA {name!r} in {args.lora_dir} (it has: {known})"
+            )
+        if len(paths) > 1:
+            listed = ", ".join(str(path) for path in paths)
+            raise ValueError(
+                f"<lora:{name}:{strength}>: several files are named {name!r}: {listed}; rename one"
+            )
+        if paths[0].resolve() in given or str(paths[0]) in (path for path, _ in found):
+            raise ValueError(
+                f"the LoRA {name!r} is given twice (a tag and --lora, or two tags); give it once"
+            )
+        found.append((str(paths[0]), strength))
+    return found
+
+
+def files_in(folder: str, suffixes: tuple[str, ...], option: str) -> list[Path]:
+    """The files with `suffixes` under `folder` whose real location is inside it, sorted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{option} {folder}: no such folder")
+    real_root = root.resolve()
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix.lower() in suffixes
+        and path.is_file()
+        and path.resolve().is_relative_to(real_root)
+    )
+
+
+def check_embedding_options(args: argparse.Namespace) -> None:
+    """Refuse missing --embedding files and --embeddings-dir folders before loading."""
+    for path in args.embedding or []:
+        if not Path(path).is_file():
+            raise ValueError(f"--embedding {path}: no such file")
+    if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
+        raise ValueError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
+
+
+def load_embeddings(
+    p: argparse.ArgumentParser, sd: StableDiffusion, args: argparse.Namespace
+) -> None:
+    """Load the --embedding files (one that does not fit is an error) and those of
+    --embeddings-dir (one that does not fit, such as an SD 1.x embedding in an SDXL run, is
+    skipped with a note)."""
+    for path in args.embedding or []:
+        try:
+            sd.load_embedding(path)
+        except ValueError as e:
+            fail(p, f"--embedding: {e}")
+    if args.embeddings_dir is not None:
+        for path in files_in(args.embeddings_dir, EMBEDDING_SUFFIXES, "--embeddings-dir"):
+            try:
+                sd.load_embedding(path)
+            except ValueError as e:
+                print(printable(f"Skipped embedding {path}: {e}"))
 
 
 def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDiffusion:
@@ -202,63 +404,90 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
             image_size=args.image_size,
         )
     except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
-    if sd.architecture == "sd2" and args.prediction_type is None:
+        fail(p, e)
+    if sd.components.architecture == "sd2" and args.prediction_type is None:
         # The keys of the 512 base model and the 768 v-prediction one are the same.
         print(
             "SD 2.x single file: assuming the 768x768 v-prediction model; for a 512x512 "
             "epsilon model (SD 2.x base) pass --prediction-type epsilon"
         )
+    load_embeddings(p, sd, args)
     if args.preload_models:
         sd.preload()
     if args.verbose:
-        print(f"Model loaded in {time.perf_counter() - start:.1f} s ({sd.folder})")
+        seconds = time.perf_counter() - start
+        print(f"Model loaded in {seconds:.1f} s ({printable(sd.components.path)})")
     return sd
 
 
-def denoise(sd: StableDiffusion, latents: Denoising, args: argparse.Namespace) -> mx.array:
+def denoise(
+    sd: StableDiffusion,
+    batches: list[Denoising],
+    args: argparse.Namespace,
+    keep_models: bool = False,
+    prefix: str = "",
+) -> mx.array:
+    """Every step of a job's batches, with a progress bar; their final latents, concatenated.
+    Unless `keep_models` (more jobs follow) or --preload-models, the text encoders are freed
+    once every batch's conditioning is computed, before the UNet's weights load."""
     start = time.perf_counter()
+    finals = []
     with fast_cpu():
-        if not args.preload_models:
-            # Lower peak memory: the text encoders are gone before the UNet's weights load.
-            latents.compute_conditioning()
+        if not (args.preload_models or keep_models):
+            for batch in batches:
+                batch.compute_conditioning()
             sd.release_text_encoders()
-        for x in tqdm(latents, desc="Denoising"):
-            mx.eval(x)
+        for batch in batches:
+            for x in tqdm(batch, desc=f"{prefix}Denoising"):
+                mx.eval(x)
+            finals.append(x)
     if args.verbose:
         print(
-            f"Denoised in {time.perf_counter() - start:.1f} s, "
+            f"{prefix}Denoised in {time.perf_counter() - start:.1f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
-    return x
+    return finals[0] if len(finals) == 1 else mx.concatenate(finals)
 
 
-def decode_and_save(
+def decode(
     sd: StableDiffusion,
     latents: mx.array,
     args: argparse.Namespace,
-    output: Path,
-    parameters: GenerationParameters,
-) -> None:
-    # The UNet is done: free it before the VAE's peak.
-    if not args.preload_models:
+    keep_models: bool = False,
+    prefix: str = "",
+) -> np.ndarray:
+    """(N, H, W, 3) uint8 images, `--decoding_batch_size` at a time. Unless `keep_models`
+    or --preload-models, the UNet is freed first (the VAE's peak)."""
+    if not (args.preload_models or keep_models):
         sd.release_unet()
     start = time.perf_counter()
     batch = args.decoding_batch_size
     decoded = []
     with fast_cpu():
-        for i in tqdm(range(0, latents.shape[0], batch), desc="Decoding"):
-            images = sd.decode(latents[i : i + batch])
+        for i in tqdm(range(0, latents.shape[0], batch), desc=f"{prefix}Decoding"):
+            try:
+                images = sd.decode(latents[i : i + batch])
+            except NonFiniteError as e:
+                sys.exit(f"{prefix}error: {e} Nothing was saved.")
             mx.eval(images)
-            decoded.append(np.array(images))
+            decoded.append(to_uint8(images))
     if args.verbose:
         print(
-            f"Decoded in {time.perf_counter() - start:.1f} s, "
+            f"{prefix}Decoded in {time.perf_counter() - start:.1f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
+    return np.concatenate(decoded)
+
+
+def save(
+    images: np.ndarray,
+    args: argparse.Namespace,
+    output: Path,
+    parameters: list[GenerationParameters],
+) -> None:
     try:
         paths = save_images(
-            np.concatenate(decoded),
+            images,
             output,
             parameters,
             n_rows=args.n_rows,
@@ -268,24 +497,263 @@ def decode_and_save(
     except ValueError as e:  # a full disk or an I/O error: nothing partial was left
         raise SystemExit(f"error: {e}") from None
     for path in paths:
-        print(f"Saved {path}")
+        print(f"Saved {printable(path)}")
 
 
-def generation_parameters(
-    sd: StableDiffusion, args: argparse.Namespace, width: int, height: int, **extra
-) -> GenerationParameters:
-    defaults = sd.defaults
-    return GenerationParameters(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt or "",
-        steps=args.steps or defaults.steps,
-        sampler=args.sampler or defaults.sampler,
-        cfg_scale=defaults.cfg if args.cfg is None else args.cfg,
-        seed=sd.last_seed,
-        width=width,
-        height=height,
-        model=args.model,
-        # A1111 names LoRAs by their file name without extension.
-        loras=tuple((Path(path).stem, strength) for path, strength in args.lora),
-        **extra,
+def image_parameters(
+    args: argparse.Namespace, settings: GenerationSettings
+) -> list[GenerationParameters]:
+    """What each image's PNG records: the settings the generation ran with, its own seed,
+    the model as named on the command line, and the LoRAs by their file names without
+    extension (as A1111 names them)."""
+    loras = tuple((Path(path).stem, strength) for path, strength in args.lora)
+    first = settings.parameters(model=args.model, loras=loras)
+    seeds = image_seeds(settings.seed, len(settings.prompts))
+    return [dataclasses.replace(first, seed=seed) for seed in seeds]
+
+
+# -- jobs: one prompt's images, or a prompts file's lines, shared out over the ranks ----------
+
+# What a script generates: `n_images` images from their first seed, with `args`' options.
+Start = Callable[[StableDiffusion, argparse.Namespace, int, int], Denoising]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt's images: the command line's, or one line of a prompts file."""
+
+    args: argparse.Namespace  # the command line's options, with the line's in their place
+    output: Path
+    line: int | None = None
+
+
+def _line_arguments(
+    p: argparse.ArgumentParser, args: argparse.Namespace, line: PromptLine
+) -> argparse.Namespace:
+    values = {
+        name: value
+        for name, value in dataclasses.asdict(line).items()
+        if name != "number" and value is not None
+    }
+    if "sampler" in values:
+        values["sampler"] = sampler_name(values["sampler"])
+    job = argparse.Namespace(**{**vars(args), **values})
+    where = f"{args.from_file} line {line.number}"
+    if job.n_images % job.n_rows:
+        job.n_rows = 1
+    if job.sampler is not None and job.sampler not in SAMPLERS:
+        fail(p, f"{where}: unknown sampler {line.sampler!r}; see --help for the samplers")
+    try:
+        check_arguments(
+            n_images=job.n_images,
+            steps=job.steps,
+            cfg=job.cfg,
+            seed=job.seed,
+            width=job.width,
+            height=job.height,
+            names={**OPTION_NAMES, "n_images": "--batch_size", "cfg": "--cfg_scale"},
+        )
+        for text in (job.prompt, job.negative_prompt or ""):
+            prompts.parse_prompt(text)
+            if prompts.extract_loras(text)[1]:
+                raise ValueError("<lora:...> tags are not read from a prompts file; use --lora")
+    except ValueError as e:
+        fail(p, f"{where}: {e}")
+    return job
+
+
+def jobs_of(p: argparse.ArgumentParser, args: argparse.Namespace, output: Path) -> list[Job]:
+    """The run's jobs, every line of a prompts file checked before any model loads. A line's
+    images go to `<output stem>-line<N>.png` (N its line number), never over a file."""
+    if not getattr(args, "from_file", None):
+        return [Job(args, output)]
+    try:
+        lines = read_prompts_file(args.from_file)
+    except ValueError as e:
+        fail(p, e)
+    jobs = []
+    for line in lines:
+        job_args = _line_arguments(p, args, line)
+        path = output.with_name(f"{output.stem}-line{line.number:03d}{output.suffix}")
+        individual = job_args.n_images if job_args.save_individual else 0
+        try:
+            path = check_output_path(path, overwrite=args.overwrite, individual=individual)
+        except ValueError as e:
+            fail(p, e)
+        jobs.append(Job(job_args, path, line.number))
+    return jobs
+
+
+def job_seeds(ranks: Ranks, jobs: list[Job]) -> list[int]:
+    """Each job's first seed: its own, or a random one drawn by rank 0 and shared with all
+    ranks, so that every rank knows every job's parameters."""
+    drawn = np.array([secrets.randbits(31) for _ in jobs], dtype=np.int32)
+    if ranks.group is not None:
+        shared = mx.distributed.all_gather(mx.array(drawn)[None], group=ranks.group, stream=mx.cpu)
+        drawn = np.array(shared)[0]
+    return [
+        int(d) if job.args.seed is None or job.args.seed < 0 else job.args.seed
+        for job, d in zip(jobs, drawn, strict=True)
+    ]
+
+
+def batch_size(args: argparse.Namespace) -> int:
+    """Images per UNet call: `--batch_size`, else the pipeline's default for the device."""
+    return args.batch_size or default_batch_size(args.n_images)
+
+
+def _make_images(
+    p: argparse.ArgumentParser,
+    sd: StableDiffusion,
+    start: Start,
+    job: Job,
+    images: range,
+    seed: int,
+    keep_models: bool,
+    ranks: Ranks,
+) -> tuple[np.ndarray, list[GenerationParameters]]:
+    """Images `images` of a job as uint8, `--batch_size` per UNet call, image i drawn from
+    seed + i; with their parameters. None: an empty (0, 8, 8, 3) array."""
+    if not images:
+        return np.zeros((0, 8, 8, 3), np.uint8), []
+    size = batch_size(job.args)
+    try:
+        batches = [
+            start(sd, job.args, len(images[i : i + size]), seed + images[i])
+            for i in range(0, len(images), size)
+        ]
+    except ValueError as e:
+        fail(p, f"{ranks.prefix()}{e}")
+    x = denoise(sd, batches, job.args, keep_models, ranks.prefix())
+    parameters = [p for batch in batches for p in image_parameters(job.args, batch.settings)]
+    return decode(sd, x, job.args, keep_models, ranks.prefix()), parameters
+
+
+def generate(
+    p: argparse.ArgumentParser, args: argparse.Namespace, output: Path, start: Start
+) -> None:
+    """Load the model and make the run's images, in one process or over the ranks
+    `mlx.launch` started: one prompt's images in contiguous blocks per rank, or a prompts
+    file's lines one per rank per round. Rank 0 gathers and saves, each image as soon as it
+    has it, so that a failing rank costs only its own."""
+    ranks = distributed.ranks()
+    jobs = jobs_of(p, args, output)
+    seeds = job_seeds(ranks, jobs)
+    sd = load_model(p, args)
+    if len(jobs) == 1:
+        job, seed = jobs[0], seeds[0]
+        if ranks.is_main:
+            print(f"Seed: {seed}")
+        mine = distributed.shard(job.args.n_images, ranks.rank, ranks.size)
+        pixels, parameters = _make_images(p, sd, start, job, mine, seed, False, ranks)
+        if ranks.size == 1:
+            save(pixels, job.args, job.output, parameters)
+        else:
+            _save_gathered(ranks, pixels, parameters, job)
+        return
+    for first in range(0, len(jobs), ranks.size):
+        index = first + ranks.rank
+        pixels, parameters = np.zeros((0, 8, 8, 3), np.uint8), []
+        if index < len(jobs):
+            job = jobs[index]
+            print(f"{ranks.prefix()}Line {job.line}: seed {seeds[index]}")
+            images = range(job.args.n_images)
+            pixels, parameters = _make_images(p, sd, start, job, images, seeds[index], True, ranks)
+        results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+        if ranks.is_main:
+            for job_index, result in zip(range(first, len(jobs)), results, strict=False):
+                job = jobs[job_index]
+                texts = [GenerationParameters.from_text(text) for text in result.texts]
+                save(result.images, job.args, job.output, texts)
+
+
+def _save_gathered(
+    ranks: Ranks, pixels: np.ndarray, parameters: list[GenerationParameters], job: Job
+) -> None:
+    """One prompt's images over the ranks: rank 0 saves its own before gathering the rest,
+    every image on its own (`<stem>-<i>.png`), then the grid."""
+    n, overwrite = job.args.n_images, job.args.overwrite
+
+    def saved(image: np.ndarray, path: Path, image_parameters: GenerationParameters) -> None:
+        print(f"Saved {printable(save_image(image, path, image_parameters, overwrite))}")
+
+    if ranks.is_main:
+        grid_path = check_output_path(job.output, overwrite, individual=n)
+        individual = [grid_path.with_name(f"{grid_path.stem}-{i}.png") for i in range(n)]
+        for i, image in enumerate(pixels):
+            saved(image, individual[i], parameters[i])
+    results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+    if not ranks.is_main:
+        return
+    everything = distributed.in_rank_order(results)
+    every_parameters = [GenerationParameters.from_text(t) for t in everything.texts]
+    for i in range(len(pixels), n):
+        saved(everything.images[i], individual[i], every_parameters[i])
+    saved(make_grid(everything.images, job.args.n_rows), grid_path, every_parameters[0])
+
+
+@contextmanager
+def exit_on_interrupt() -> Iterator[None]:
+    """Ctrl-C ends a script with one line and exit status 130, instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\nInterrupted; nothing was saved.", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+
+
+def txt2image_main(argv: Sequence[str] | None = None) -> None:
+    """sd-txt2image: generate images from a text prompt."""
+    p = parser("Generate images from a text prompt with Stable Diffusion in MLX.")
+    args = p.parse_args(argv)
+
+    def start(sd: StableDiffusion, args: argparse.Namespace, n_images: int, seed: int):
+        return sd.generate_latents(
+            args.prompt,
+            n_images=n_images,
+            num_steps=args.steps,
+            cfg_weight=args.cfg,
+            negative_text=args.negative_prompt,
+            seed=seed,
+            width=args.width,
+            height=args.height,
+            sampler=args.sampler,
+            clip_skip=args.clip_skip,
+        )
+
+    with exit_on_interrupt():
+        output = check_command_line(p, args)
+        generate(p, args, output, start)
+
+
+def image2image_main(argv: Sequence[str] | None = None) -> None:
+    """sd-image2image: transform an image guided by a text prompt."""
+    p = parser(
+        "Transform an image guided by a text prompt with Stable Diffusion in MLX.",
+        image_input=True,
     )
+    args = p.parse_args(argv)
+    with exit_on_interrupt():
+        output = check_command_line(p, args)
+        try:
+            image, message = load_image(args.image, multiple=64)
+        except ValueError as e:
+            fail(p, e)
+        if message:
+            print(printable(message))
+
+        def start(sd: StableDiffusion, args: argparse.Namespace, n_images: int, seed: int):
+            return sd.generate_latents_from_image(
+                image,
+                args.prompt,
+                strength=args.strength,
+                n_images=n_images,
+                num_steps=args.steps,
+                cfg_weight=args.cfg,
+                negative_text=args.negative_prompt,
+                seed=seed,
+                sampler=args.sampler,
+                clip_skip=args.clip_skip,
+            )
+
+        generate(p, args, output, start)

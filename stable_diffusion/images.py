@@ -35,7 +35,9 @@ __all__ = [
     "load_image",
     "make_grid",
     "read_parameters",
+    "save_image",
     "save_images",
+    "to_uint8",
     "validate_size",
 ]
 
@@ -135,14 +137,15 @@ def save_images(
     overwrite: bool = False,
     save_individual: bool = False,
 ) -> list[Path]:
-    """Save float images (N, H, W, 3) in [0, 1] (NumPy or MLX) as one grid PNG carrying the
+    """Save images (N, H, W, 3), floats in [0, 1] (NumPy or MLX) or uint8 pixels (NumPy), as
+    one grid PNG carrying the
     parameters in A1111's ``parameters`` text chunk, and optionally each image as well.
 
     `parameters` is one object for all images or one per image; the grid gets the first.
     With a single image the grid *is* that image, so no separate copy is written.  Returns
     the paths written, grid first; names follow the module docstring.
     """
-    pixels = _to_uint8(images)
+    pixels = to_uint8(images)
     n = len(pixels)
     if n == 0:
         raise ValueError("no images to save")
@@ -349,7 +352,8 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
     return image.convert("RGB"), False
 
 
-def _to_uint8(images: Any) -> np.ndarray:
+def to_uint8(images: Any) -> np.ndarray:
+    """Float images in [0, 1] (NumPy or MLX) as uint8 pixels; uint8 ones as they are."""
     # NumPy cannot view MLX's bfloat16 buffers, so widen those first.
     if isinstance(images, mx.array) and images.dtype == mx.bfloat16:
         images = images.astype(mx.float32)
@@ -358,6 +362,8 @@ def _to_uint8(images: Any) -> np.ndarray:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected images of shape (N, H, W, 3), got {images.shape}")
+    if images.dtype == np.uint8:
+        return images
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
     # NaNs become black rather than failing the save: the user keeps whatever came out.
@@ -375,6 +381,14 @@ def _file_set(grid_path: Path, individual: int) -> list[Path]:
     return [grid_path] + [
         grid_path.with_name(f"{grid_path.stem}-{i}.png") for i in range(individual)
     ]
+
+
+def save_image(
+    pixels: np.ndarray, path: Path, parameters: GenerationParameters, overwrite: bool = False
+) -> Path:
+    """One (H, W, 3) uint8 image as a PNG carrying `parameters`, at `path` or, unless
+    `overwrite`, at the next free name; returns the path written."""
+    return _write_png(pixels, parameters, path, overwrite)
 
 
 def _write_png(

@@ -23,7 +23,8 @@ Choices made here, so that ``from_text(p.to_text()) == p`` for every valid ``p``
 * LoRAs go in a ``Lora`` field in A1111's prompt syntax, e.g.
   ``Lora: "<lora:name:0.8>, <lora:other:1.0>"``, rather than into the prompt, so the
   prompt comes back exactly as the user typed it.
-* Fields that this module does not model (``Clip skip``, ``Hires upscale``, ...) are
+* ``Clip skip`` is written, as A1111 does, only when above 1.
+* Fields that this module does not model (``Hires upscale``, ...) are
   kept, in order, in `GenerationParameters.extras` and written back unchanged.
 """
 
@@ -50,6 +51,11 @@ SAMPLER_DISPLAY_NAMES: dict[str, str] = {
 }
 _SAMPLERS_BY_DISPLAY_NAME = {v: k for k, v in SAMPLER_DISPLAY_NAMES.items()}
 
+
+def sampler_name(name: str) -> str:
+    """Our name of a sampler given by its A1111 display name ("Euler a") or by ours."""
+    return _SAMPLERS_BY_DISPLAY_NAME.get(name, name)
+
 # A1111's own field pattern (modules/infotext_utils.py): a key, then a JSON-quoted value or
 # anything up to the next comma.  Using it keeps us reading what A1111 reads; only the key's
 # length is bounded (field names are short), which makes it linear: with `+` every start
@@ -73,6 +79,7 @@ _RESERVED_KEYS = frozenset(
         "Model",
         "Denoising strength",
         "Lora",
+        "Clip skip",
     }
 )
 _REQUIRED_KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
@@ -99,6 +106,7 @@ class GenerationParameters:
     model: str | None = None
     loras: tuple[tuple[str, float], ...] = ()
     strength: float | None = None
+    clip_skip: int = 1
     extras: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -118,7 +126,7 @@ class GenerationParameters:
         set_(self, "loras", tuple((str(name), float(s)) for name, s in self.loras))
         if self.strength is not None:
             set_(self, "strength", float(self.strength))
-        for name in ("steps", "seed", "width", "height"):
+        for name in ("steps", "seed", "width", "height", "clip_skip"):
             value = getattr(self, name)
             try:
                 set_(self, name, operator.index(value))  # accepts NumPy integers, not floats
@@ -127,6 +135,8 @@ class GenerationParameters:
         self._validate()
 
     def _validate(self) -> None:
+        if self.clip_skip < 1:
+            raise ValueError(f"clip skip must be at least 1 (the last layer), got {self.clip_skip}")
         if self.steps < 0 or self.width <= 0 or self.height <= 0:
             raise ValueError(
                 f"steps must be >= 0 and the size positive, got steps={self.steps}, "
@@ -174,6 +184,8 @@ class GenerationParameters:
             fields.append(("Model", self.model))
         if self.strength is not None:
             fields.append(("Denoising strength", repr(self.strength)))
+        if self.clip_skip > 1:  # A1111 writes it only then
+            fields.append(("Clip skip", str(self.clip_skip)))
         if self.loras:
             lora_tags = (f"<lora:{name}:{strength!r}>" for name, strength in self.loras)
             fields.append(("Lora", ", ".join(lora_tags)))
@@ -239,6 +251,7 @@ class GenerationParameters:
             height=int(size[2]),
             model=fields.pop("Model", None),
             loras=_parse_loras(fields.pop("Lora", "")),
+            clip_skip=_to_number(int, "Clip skip", fields.pop("Clip skip", "1")),
             strength=None
             if strength is None
             else _to_number(float, "Denoising strength", strength),

@@ -6,7 +6,6 @@ pooled text and size conditioning."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 from collections.abc import Iterator, Sequence
@@ -15,13 +14,18 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from . import loading, single_file
-from .config import PipelineConfig, UNetConfig, read_json
-from .hub import ALIASES, resolve_model
-from .images import validate_size
-from .layers import compute_dtype
+from . import cpu, loading, prompts
+from .config import PipelineConfig, UNetConfig
+from .embeddings import read_embedding
+from .loading.hub import ALIASES
 from .lora import AppliedLoras
+from .models.clip import CLIPTextModel
+from .models.unet import UNetModel
+from .models.vae import Autoencoder
+from .noise import ImageNoise, image_seeds
 from .samplers import make_sampler
+from .settings import GenerationSettings, check_arguments
+from .tokenizer import Tokenizer
 
 # Per-model defaults for well-known repos; other models get their
 # architecture's defaults.
@@ -50,13 +54,25 @@ class Conditioning:
     time_ids: mx.array | None = None
 
 
-class Denoising:
-    """The lazy latents of one generation, one per step; `len()` is the step count."""
+class NonFiniteError(ValueError):
+    """The latents or the decoded images hold NaN or infinite values: the image would be
+    black or noise."""
 
-    def __init__(self, latents: Iterator[mx.array], steps: int,
-                 conditioning: Conditioning | None = None):
+
+class Denoising:
+    """The lazy latents of one generation, one per step; `len()` is the step count.
+    `settings` is what it runs with (defaults filled in, seed drawn)."""
+
+    def __init__(
+        self,
+        latents: Iterator[mx.array],
+        steps: int,
+        settings: GenerationSettings,
+        conditioning: Conditioning | None = None,
+    ):
         self._latents = latents
         self.steps = steps
+        self.settings = settings
         self._conditioning = conditioning
 
     def compute_conditioning(self) -> None:
@@ -99,6 +115,14 @@ def attention_bytes(config: UNetConfig, downscale: int, width: int, height: int,
     return max(unet, vae)
 
 
+def default_batch_size(n_images: int) -> int:
+    """Images per UNet call when making `n_images` images: one on the CPU, all on a GPU.
+    On the CPU a batch costs as much as its images one by one (docs/performance.md), and
+    only images made one by one are bit-identical whatever the batch or the split over
+    machines: OpenBLAS rounds some products differently at other batch sizes (~1e-5)."""
+    return n_images if mx.default_device() == mx.gpu else 1
+
+
 def default_dtype(quantize: bool = False) -> mx.Dtype:
     """float16 on a GPU. On the CPU float16 weights only save memory (float16 matmuls miss
     the optimized BLAS there, so every layer computes in float32, converting its weights as
@@ -135,16 +159,11 @@ class StableDiffusion:
             self.dtype = mx.float16 if float16 else mx.float32
         self.model_name = model
         self.repo_id = ALIASES.get(model, model)
-        # What a single file was detected to be ("sd1", "sd2", "sdxl"); None for folders.
-        self.architecture: str | None = None
-        if single_file.is_single_file(model):
-            self._load_single_file(model, config, prediction_type, image_size)
-        else:
-            if config is not None:
-                raise ValueError("config is only for single-file checkpoints")
-            self._load_folder(model, prediction_type)
+        self.components = loading.load_components(
+            model, self.dtype, prediction_type=prediction_type, image_size=image_size, config=config
+        )
         self.vae_dtype = self.vae.decoder.conv_in.weight.dtype
-        self.defaults = self._model_defaults(image_size)
+        self.defaults = self._model_defaults()
         self._loras = AppliedLoras()
         for path, strength in loras:
             self.load_lora(path, strength)
@@ -154,54 +173,27 @@ class StableDiffusion:
             loading.quantize(self.unet, bits=8)
             self._loras.quantized(self._lora_models())
 
-    def _load_single_file(
-        self,
-        path: str,
-        config: PipelineConfig | None,
-        prediction_type: str | None,
-        image_size: int | None,
-    ) -> None:
-        loaded = single_file.load_single_file(
-            path, self.dtype, config, prediction_type=prediction_type, image_size=image_size
-        )
-        self.folder = loaded.path
-        self.architecture = loaded.architecture
-        self.is_xl = loaded.config.is_xl
-        self.force_zeros_for_empty_prompt = self.is_xl
-        self.scheduler_config = loaded.config.scheduler
-        # A1111's default; single files name no scheduler.
-        self.default_sampler = "dpm++2m_karras"
-        self.tokenizers = loaded.tokenizers
-        self.text_encoders = loaded.text_encoders
-        self.unet = loaded.unet
-        self.vae = loaded.vae
+    # The models, held by `components` only, so that releasing them frees their memory.
 
-    def _load_folder(self, model: str, prediction_type: str | None) -> None:
-        folder = resolve_model(model, prefer_float16=self.dtype == mx.float16)
-        self.folder = folder
-        model_index = read_json(folder / "model_index.json")
-        self.is_xl = (
-            "text_encoder_2" in model_index and model_index["text_encoder_2"][0] is not None
-        )
-        self.force_zeros_for_empty_prompt = self.is_xl and model_index.get(
-            "force_zeros_for_empty_prompt", True
-        )
+    @property
+    def tokenizers(self) -> list[Tokenizer]:
+        return self.components.tokenizers
 
-        self.scheduler_config, self.default_sampler = loading.load_scheduler_config(
-            folder / "scheduler"
-        )
-        if prediction_type is not None:
-            self.scheduler_config = dataclasses.replace(
-                self.scheduler_config, prediction_type=prediction_type
-            )
-        encoder_names = ["text_encoder", "text_encoder_2"] if self.is_xl else ["text_encoder"]
-        tokenizer_names = ["tokenizer", "tokenizer_2"] if self.is_xl else ["tokenizer"]
-        self.tokenizers = [loading.load_tokenizer(folder / name) for name in tokenizer_names]
-        self.text_encoders = [
-            loading.load_text_encoder(folder / name, self.dtype) for name in encoder_names
-        ]
-        self.unet = loading.load_unet(folder / "unet", self.dtype)
-        self.vae = loading.load_vae(folder / "vae", self.dtype)
+    @property
+    def text_encoders(self) -> list[CLIPTextModel]:
+        return self.components.text_encoders
+
+    @property
+    def unet(self) -> UNetModel | None:
+        return self.components.unet
+
+    @property
+    def vae(self) -> Autoencoder:
+        return self.components.vae
+
+    @property
+    def is_xl(self) -> bool:
+        return self.components.is_xl
 
     def preload(self) -> None:
         """Read all weights now instead of at first use (they load lazily)."""
@@ -210,11 +202,11 @@ class StableDiffusion:
     def release_text_encoders(self) -> None:
         """Free the text encoders once the conditioning is computed (lower peak
         memory); generating again needs a new pipeline."""
-        self.text_encoders = []
+        self.components.text_encoders = []
 
     def release_unet(self) -> None:
         """Free the UNet before decoding; generating again needs a new pipeline."""
-        self.unet = None
+        self.components.unet = None
 
     # -- LoRA -------------------------------------------------------------------------
 
@@ -242,70 +234,142 @@ class StableDiffusion:
 
     # -- defaults ---------------------------------------------------------------------
 
-    def _model_defaults(self, image_size: int | None = None) -> Defaults:
-        size = self.unet.config.sample_size * self.vae.downscale
-        if image_size is not None:
-            validate_size(image_size, image_size, self.vae.downscale)
-            size = image_size
+    def _model_defaults(self) -> Defaults:
+        size = self.components.native_size
         known = KNOWN_DEFAULTS.get(self.repo_id, {})
         return Defaults(
             width=size,
             height=size,
             steps=known.get("steps", 30),
             cfg=known.get("cfg", 5.0 if self.is_xl else 7.5),
-            sampler=self.default_sampler,
+            sampler=self.components.default_sampler,
         )
 
     # -- text -------------------------------------------------------------------------
 
-    def _chunk_count(self, texts: list[str]) -> int:
-        return max(len(t.encode_chunks(text)) for t in self.tokenizers for text in texts)
+    def _chunks(self, tokenizer: Tokenizer, text: str) -> tuple[list[list[int]], list[list[float]]]:
+        """Token rows and weights of a prompt in A1111's syntax (prompts.py), without its
+        <lora:...> tags, which name LoRAs loaded before (see `check_prompt_loras`)."""
+        return tokenizer.encode_weighted_chunks(
+            prompts.parse_prompt(prompts.extract_loras(text)[0])
+        )
 
-    def _encode_texts(self, texts: list[str], n_chunks: int) -> tuple[mx.array, mx.array | None]:
+    def _chunk_count(self, texts: list[str]) -> int:
+        return max(len(self._chunks(t, text)[0]) for t in self.tokenizers for text in texts)
+
+    def _encode_texts(
+        self, texts: list[str], n_chunks: int, clip_skip: int = 1
+    ) -> tuple[mx.array, mx.array | None]:
         """Hidden states of `texts`, each split into `n_chunks` chunks of 75 tokens
         (the shorter padded with empty chunks) encoded separately and concatenated,
-        as other tools do for prompts longer than CLIP's 77 tokens. SDXL's pooled
-        embedding is the first chunk's."""
+        as other tools do for prompts longer than CLIP's 77 tokens; weighted tokens
+        scaled as A1111 does (`prompts.apply_emphasis`). `clip_skip` counts as A1111 does
+        (1: the last layer). SDXL's pooled embedding is the first chunk's."""
         if not self.text_encoders:
             raise RuntimeError("the text encoders were released; create a new StableDiffusion")
+        self.check_clip_skip(clip_skip)
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-            empty = tokenizer.encode_chunks("")
-            rows = []
+            empty_rows, empty_weights = self._chunks(tokenizer, "")
+            rows, weights = [], []
             for text in texts:
-                chunks = tokenizer.encode_chunks(text)
-                rows += chunks + empty * (n_chunks - len(chunks))
-            output = encoder(mx.array(rows))
-            states = output.penultimate_hidden_state if self.is_xl else output.last_hidden_state
+                text_rows, text_weights = self._chunks(tokenizer, text)
+                rows += text_rows + empty_rows * (n_chunks - len(text_rows))
+                weights += text_weights + empty_weights * (n_chunks - len(text_rows))
+            output = encoder(mx.array(rows), cpu.compute_dtype(self.dtype))
+            # As diffusers' clip_skip (A1111's minus one): SDXL counts from the penultimate
+            # layer and skips the final layer norm.
+            if self.is_xl:
+                states = output.hidden_states[-(clip_skip + 1)]
+            elif clip_skip == 1:
+                states = output.last_hidden_state
+            else:
+                states = encoder.text_model.final_layer_norm(output.hidden_states[-clip_skip])
+            if any(w != 1.0 for row in weights for w in row):
+                states = prompts.apply_emphasis(states, mx.array(weights))
             hidden.append(states.reshape(len(texts), -1, states.shape[-1]))
             pooled = output.pooled.reshape(len(texts), n_chunks, -1)[:, 0]
         return mx.concatenate(hidden, axis=-1), pooled if self.is_xl else None
 
+    def check_clip_skip(self, clip_skip: int) -> None:
+        """Raise ValueError unless `clip_skip` (A1111's numbering) fits the text encoders."""
+        layers = min(e.config.num_hidden_layers for e in self.text_encoders)
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(
+                f"clip skip must be between 1 (the last layer) and {layers} (this model's "
+                f"text encoder layers), got {clip_skip}"
+            )
+
+    def check_prompt_loras(self, texts: list[str]) -> None:
+        """Raise ValueError when a prompt's <lora:name:weight> names no LoRA loaded (by
+        file stem, as A1111 names them): the tags only mark what the caller merged."""
+        loaded = {os.path.splitext(os.path.basename(path))[0] for path, _ in self.loras}
+        for text in texts:
+            for name, _ in prompts.extract_loras(text)[1]:
+                if name not in loaded:
+                    raise ValueError(
+                        f"the prompt names <lora:{name}:...> but no LoRA {name!r} is loaded; "
+                        "load it first (load_lora, or --lora-dir on the command line)"
+                    )
+
+    # -- textual inversion ------------------------------------------------------------
+
+    def load_embedding(self, path: str | os.PathLike[str], token: str | None = None) -> str:
+        """Load a textual-inversion embedding (A1111 .pt/.safetensors, SDXL's clip_l/clip_g,
+        diffusers' learned_embeds); the prompt uses it by writing `token` (default: the
+        file's stem). Returns the token. Raises ValueError, changing nothing, for a file that
+        does not fit this model's text encoders."""
+        if not self.text_encoders:
+            raise RuntimeError("the text encoders were released; create a new StableDiffusion")
+        embedding = read_embedding(path, token)
+        if len(embedding.vectors) != len(self.text_encoders):
+            kind = "SDXL" if len(embedding.vectors) == 2 else "SD 1.x/2.x"
+            raise ValueError(f"{path}: an {kind} embedding does not fit this model")
+        for vectors, tokenizer, encoder in zip(
+            embedding.vectors, self.tokenizers, self.text_encoders, strict=True
+        ):
+            tokenizer.check_embedding(embedding.token, len(vectors))
+            if vectors.shape[1] != encoder.config.hidden_size:
+                raise ValueError(
+                    f"{path}: its vectors have {vectors.shape[1]} dims but this model's text "
+                    f"encoder takes {encoder.config.hidden_size}: it was made for another model"
+                )
+        for tokenizer, encoder, vectors in zip(
+            self.tokenizers, self.text_encoders, embedding.vectors, strict=True
+        ):
+            ids = encoder.text_model.embeddings.add_tokens(vectors)
+            tokenizer.add_embedding(embedding.token, ids)
+        return embedding.token
+
     def _conditioning(
         self,
-        texts: list[str],
-        negative_texts: list[str] | None,
-        use_cfg: bool,
-        image_size: tuple[int, int],
+        settings: GenerationSettings,
         original_size: tuple[int, int] | None,
         crop: tuple[int, int],
     ) -> Conditioning:
-        zero_negative = negative_texts is None and self.force_zeros_for_empty_prompt
-        negative_texts = negative_texts or [""] * len(texts)
+        texts, use_cfg = list(settings.prompts), settings.uses_cfg
+        negative_texts = list(settings.negative_prompts or [""] * len(texts))
+        self.check_prompt_loras(texts + negative_texts)
+        zero_negative = (
+            settings.negative_prompts is None and self.components.force_zeros_for_empty_prompt
+        )
         n_chunks = self._chunk_count(texts + (negative_texts if use_cfg else []))
-        context, pooled = self._encode_texts(texts, n_chunks)
+        context, pooled = self._encode_texts(texts, n_chunks, settings.clip_skip)
         if use_cfg:
             if zero_negative:
                 negative, negative_pooled = mx.zeros_like(context), mx.zeros_like(pooled)
             else:
-                negative, negative_pooled = self._encode_texts(negative_texts, n_chunks)
+                negative, negative_pooled = self._encode_texts(
+                    negative_texts, n_chunks, settings.clip_skip
+                )
             context = mx.concatenate([negative, context])
             if self.is_xl:
                 pooled = mx.concatenate([negative_pooled, pooled])
-        dtype = compute_dtype(self.dtype)
+        dtype = cpu.compute_dtype(self.dtype)
         if not self.is_xl:
             return Conditioning(context.astype(dtype))
         # SDXL is conditioned on the training image's original size, crop and target size.
+        image_size = (settings.height, settings.width)
         time_ids = [*(original_size or image_size), *crop, *image_size]
         time_ids = mx.broadcast_to(mx.array(time_ids, dtype=mx.float32), (context.shape[0], 6))
         return Conditioning(context.astype(dtype), pooled.astype(dtype), time_ids)
@@ -317,12 +381,12 @@ class StableDiffusion:
         x: mx.array,
         run,
         conditioning: Conditioning,
-        cfg_weight: float,
-        use_cfg: bool,
-        key: mx.array,
+        settings: GenerationSettings,
+        noise_source: ImageNoise,
     ) -> Iterator[mx.array]:
+        use_cfg, cfg_weight = settings.uses_cfg, settings.cfg
         for i, t in enumerate(run.timesteps):
-            x_in = run.scale_model_input(x, i).astype(compute_dtype(self.dtype))
+            x_in = run.scale_model_input(x, i).astype(cpu.compute_dtype(self.dtype))
             if use_cfg:
                 x_in = mx.concatenate([x_in, x_in])
             prediction = self.unet(
@@ -337,32 +401,62 @@ class StableDiffusion:
                 prediction = unconditional + cfg_weight * (text - unconditional)
             noise = None
             if run.stochastic:
-                key, step_key = mx.random.split(key)
-                noise = mx.random.normal(x.shape, key=step_key)
+                noise = noise_source.draw(x.shape[1:])
             x = run.step(prediction, x, i, noise=noise)
             yield x
 
-    def _prepare(self, text, n_images, negative_text, num_steps, cfg_weight, sampler, seed):
+    def _prepare(
+        self,
+        text: str | list[str],
+        n_images: int,
+        negative_text: str | list[str] | None,
+        num_steps: int | None,
+        cfg_weight: float | None,
+        sampler: str | None,
+        seed: int | None,
+        width: int | None,
+        height: int | None,
+        strength: float | None = None,
+        clip_skip: int = 1,
+    ) -> GenerationSettings:
+        """The settings of a generation, checked (before anything is computed) and with
+        the model's defaults filled in; a random seed when none is given."""
         texts = [text] if isinstance(text, str) else list(text)
+        check_arguments(
+            n_images=n_images,
+            n_prompts=len(texts),
+            steps=num_steps,
+            cfg=cfg_weight,
+            seed=seed,
+            width=width,
+            height=height,
+            strength=strength,
+            multiple=self.vae.downscale,
+        )
+        self.check_clip_skip(clip_skip)
         texts = [t for t in texts for _ in range(n_images)]
         if negative_text is not None:
             negatives = [negative_text] if isinstance(negative_text, str) else list(negative_text)
-            negatives = [t for t in negatives for _ in range(n_images)]
+            negatives = tuple(t for t in negatives for _ in range(n_images))
             if len(negatives) != len(texts):
                 raise ValueError("give one negative prompt, or one per prompt")
         else:
             negatives = None
         defaults = self.defaults
-        num_steps = defaults.steps if num_steps is None else num_steps
-        cfg_weight = defaults.cfg if cfg_weight is None else cfg_weight
-        if num_steps < 1:
-            raise ValueError(f"steps must be at least 1 (got {num_steps})")
-        if cfg_weight < 0:
-            raise ValueError(f"cfg weight must be >= 0 (got {cfg_weight})")
-        sampler = make_sampler(sampler or defaults.sampler, self.scheduler_config)
-        seed = secrets.randbits(31) if seed is None else seed
-        self.last_seed = seed
-        return texts, negatives, num_steps, cfg_weight, sampler, mx.random.key(seed)
+        settings = GenerationSettings(
+            prompts=tuple(texts),
+            negative_prompts=negatives,
+            steps=defaults.steps if num_steps is None else num_steps,
+            cfg=float(defaults.cfg if cfg_weight is None else cfg_weight),
+            sampler=sampler or defaults.sampler,
+            seed=secrets.randbits(31) if seed is None else seed,
+            width=defaults.width if width is None else width,
+            height=defaults.height if height is None else height,
+            strength=strength,
+            clip_skip=clip_skip,
+        )
+        self._check_size(settings)
+        return settings
 
     def generate_latents(
         self,
@@ -378,36 +472,44 @@ class StableDiffusion:
         latents: mx.array | None = None,
         original_size: tuple[int, int] | None = None,
         crop: tuple[int, int] = (0, 0),
+        clip_skip: int = 1,
     ) -> Denoising:
         """Lazily yield the latent after each denoising step (nothing is computed
         until `mx.eval`). `latents` gives the initial noise (NHWC, standard normal)
-        to reproduce a run exactly; otherwise it is drawn from `seed`. Arguments are
-        checked at the call, before anything is computed."""
-        texts, negatives, num_steps, cfg_weight, sampler, key = self._prepare(
-            text, n_images, negative_text, num_steps, cfg_weight, sampler, seed
+        to reproduce a run exactly; otherwise image i's is drawn from seed `seed + i` (as are
+        its stochastic samplers' step noises), whatever the batch. Arguments are
+        checked at the call, before anything is computed. Prompts are in A1111's syntax
+        (prompts.py); `clip_skip` is A1111's (1: the last layer, 2: the penultimate)."""
+        settings = self._prepare(
+            text,
+            n_images,
+            negative_text,
+            num_steps,
+            cfg_weight,
+            sampler,
+            seed,
+            width,
+            height,
+            clip_skip=clip_skip,
         )
-        defaults = self.defaults
-        width = defaults.width if width is None else width
-        height = defaults.height if height is None else height
-        self._check_size(width, height, len(texts) * (2 if cfg_weight > 1 else 1))
+        run = make_sampler(settings.sampler, self.components.scheduler_config).start(
+            settings.steps
+        )
         shape = (
-            len(texts),
-            height // self.vae.downscale,
-            width // self.vae.downscale,
+            len(settings.prompts),
+            settings.height // self.vae.downscale,
+            settings.width // self.vae.downscale,
             self.unet.config.in_channels,
         )
-        key, noise_key = mx.random.split(key)
-        noise = mx.random.normal(shape, key=noise_key) if latents is None else latents
+        noise_source = ImageNoise(image_seeds(settings.seed, len(settings.prompts)))
+        initial = noise_source.draw(shape[1:])
+        noise = initial if latents is None else latents
         if noise.shape != shape:
             raise ValueError(f"initial latents have shape {noise.shape}, expected {shape}")
-        use_cfg = cfg_weight > 1
-        conditioning = self._conditioning(
-            texts, negatives, use_cfg, (height, width), original_size, crop
-        )
-        run = sampler.start(num_steps)
+        conditioning = self._conditioning(settings, original_size, crop)
         x = run.initial_latents(noise.astype(mx.float32))
-        steps = self._denoise(x, run, conditioning, cfg_weight, use_cfg, key)
-        return Denoising(steps, len(run.timesteps), conditioning)
+        steps = self._denoise(x, run, conditioning, settings, noise_source)
+        return Denoising(steps, len(run.timesteps), settings, conditioning)
 
     def generate_latents_from_image(
         self,
@@ -423,43 +525,53 @@ class StableDiffusion:
         noise: mx.array | None = None,
         original_size: tuple[int, int] | None = None,
         crop: tuple[int, int] = (0, 0),
+        clip_skip: int = 1,
     ) -> Denoising:
         """img2img: noise the image's latents to `strength` (0 keeps the image, 1
         replaces it) and denoise them. `image` is (H, W, 3) or (N, H, W, 3) in [0, 1].
-        At least one denoising step always runs."""
-        if not 0 <= strength <= 1:
-            raise ValueError(f"strength must be between 0 and 1 (got {strength})")
+        At least one denoising step always runs. Prompts and `clip_skip` as in
+        `generate_latents`."""
         image = mx.array(image, dtype=mx.float32)
         if image.ndim == 3:
             image = image[None]
         height, width = image.shape[1:3]
-        texts, negatives, num_steps, cfg_weight, sampler, key = self._prepare(
-            text, n_images, negative_text, num_steps, cfg_weight, sampler, seed
+        settings = self._prepare(
+            text,
+            n_images,
+            negative_text,
+            num_steps,
+            cfg_weight,
+            sampler,
+            seed,
+            width,
+            height,
+            strength,
+            clip_skip,
         )
-        self._check_size(width, height, len(texts) * (2 if cfg_weight > 1 else 1))
-        if image.shape[0] not in (1, len(texts)):
-            raise ValueError(f"give one image or one per generated image ({len(texts)})")
+        chosen_sampler = make_sampler(settings.sampler, self.components.scheduler_config)
+        batch = len(settings.prompts)
+        if image.shape[0] not in (1, batch):
+            raise ValueError(f"give one image or one per generated image ({batch})")
         x0 = self.encode_image(image)
-        x0 = mx.broadcast_to(x0, (len(texts), *x0.shape[1:]))
+        x0 = mx.broadcast_to(x0, (batch, *x0.shape[1:]))
         if strength == 0:
-            return Denoising(iter([x0]), 1)
-        key, noise_key = mx.random.split(key)
-        noise = mx.random.normal(x0.shape, key=noise_key) if noise is None else noise
-        use_cfg = cfg_weight > 1
-        conditioning = self._conditioning(
-            texts, negatives, use_cfg, (height, width), original_size, crop
-        )
-        run = sampler.start(num_steps, strength=strength)
+            return Denoising(iter([x0]), 1, settings)
+        noise_source = ImageNoise(image_seeds(settings.seed, batch))
+        initial = noise_source.draw(x0.shape[1:])
+        noise = initial if noise is None else noise
+        conditioning = self._conditioning(settings, original_size, crop)
+        run = chosen_sampler.start(settings.steps, strength=strength)
         x = run.noised_latents(x0, noise.astype(mx.float32))
-        steps = self._denoise(x, run, conditioning, cfg_weight, use_cfg, key)
-        return Denoising(steps, len(run.timesteps), conditioning)
+        steps = self._denoise(x, run, conditioning, settings, noise_source)
+        return Denoising(steps, len(run.timesteps), settings, conditioning)
 
     # -- VAE --------------------------------------------------------------------------
 
-    def _check_size(self, width: int, height: int, batch: int) -> None:
-        """Refuse sizes the VAE cannot take, and sizes whose attention alone would
-        not fit in this machine's memory, before anything is computed."""
-        validate_size(width, height, self.vae.downscale)
+    def _check_size(self, settings: GenerationSettings) -> None:
+        """Refuse sizes whose attention alone would not fit in this machine's memory,
+        before anything is computed."""
+        width, height = settings.width, settings.height
+        batch = len(settings.prompts) * (2 if settings.uses_cfg else 1)
         needed = attention_bytes(self.unet.config, self.vae.downscale, width, height, batch)
         available = memory_size()
         if needed > available:
@@ -473,13 +585,36 @@ class StableDiffusion:
     def encode_image(self, image: mx.array) -> mx.array:
         """(N, H, W, 3) images in [0, 1] -> scaled latents (posterior mean)."""
         vae_config = self.vae.config
-        mean, _ = self.vae.encode((2 * image - 1).astype(compute_dtype(self.vae_dtype)))
+        mean, _ = self.vae.encode((2 * image - 1).astype(cpu.compute_dtype(self.vae_dtype)))
         shift = vae_config.shift_factor or 0.0
         return (mean.astype(mx.float32) - shift) * vae_config.scaling_factor
 
     def decode(self, latents: mx.array) -> mx.array:
-        """Latents -> (N, H, W, 3) images in [0, 1]."""
+        """Latents -> (N, H, W, 3) images in [0, 1], computed. Raises NonFiniteError,
+        naming the likely cause, for latents or images with NaN or infinite values."""
+        self._check_finite(latents, "the denoised latents")
         vae_config = self.vae.config
         latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
-        images = self.vae.decode(latents.astype(compute_dtype(self.vae_dtype)))
+        images = self.vae.decode(latents.astype(cpu.compute_dtype(self.vae_dtype)))
+        self._check_finite(images, "the decoded images")
         return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
+
+    def _check_finite(self, x: mx.array, what: str) -> None:
+        # One reduction over an array that is computed anyway (measured against a UNet
+        # step in tests/test_errors.py: negligible).
+        if mx.isfinite(x).all().item():
+            return
+        causes = []
+        if self.dtype == mx.float16 or self.vae_dtype == mx.float16:
+            causes.append(
+                "float16 overflowing (load the model in float32: float16=False, "
+                "--no-float16 in the scripts)"
+            )
+        causes += [
+            "a CFG weight far too large (try 1 to 15)",
+            "weights with NaN or infinite values (a damaged or badly converted model file)",
+        ]
+        raise NonFiniteError(
+            f"{what} hold NaN or infinite values, which would make a black or noise image. "
+            f"Likely causes: {'; '.join(causes)}."
+        )

@@ -28,7 +28,7 @@ import heapq
 import os
 import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -155,6 +155,8 @@ class Tokenizer:
         self._special_split = regex.compile("(" + "|".join(map(regex.escape, specials)) + ")")
         self._byte_encoder = _bytes_to_unicode()
         self._cache: dict[str, list[int]] = {}
+        # First token id of an embedding's name -> [(name's ids, the embedding's ids)].
+        self._embeddings: dict[int, list[tuple[tuple[int, ...], list[int]]]] = {}
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -258,16 +260,83 @@ class Tokenizer:
         concatenated (the A1111/compel convention). An empty prompt gives one row.
 
         Raises ValueError when that takes more than `limits.MAX_PROMPT_CHUNKS` rows."""
-        ids = self.tokenize(text)
-        room = self.max_length - 2
-        chunks = -(-len(ids) // room)
-        if chunks > limits.MAX_PROMPT_CHUNKS:
+        return self.encode_weighted_chunks([[(text, 1.0)]])[0]
+
+    def encode_weighted_chunks(
+        self, segments: Sequence[Sequence[tuple[str, float]]]
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """(rows, weights) for a prompt parsed into segments of (text, weight) fragments
+        (`prompts.parse_prompt`): each segment starts a new chunk (A1111's BREAK) and is cut
+        into chunks as `encode_chunks` cuts a prompt; each token keeps its fragment's weight,
+        bos, eos and padding weigh 1.0. Each fragment is tokenized on its own, as in A1111.
+        A textual-inversion embedding's tokens are never split across chunks. An empty last
+        segment after others adds no chunk (A1111's "a BREAK").
+
+        Raises ValueError for fragments of more than `limits.MAX_PROMPT_CHARACTERS` in all,
+        or more than `limits.MAX_PROMPT_CHUNKS` rows."""
+        characters = sum(len(text) for segment in segments for text, _ in segment)
+        if characters > limits.MAX_PROMPT_CHARACTERS:
             raise ValueError(
-                f"the prompt has {len(ids):,} tokens, {chunks} chunks of {room}; at most "
-                f"{limits.MAX_PROMPT_CHUNKS} chunks ({limits.MAX_PROMPT_CHUNKS * room:,} tokens) "
-                "are allowed, shorten it"
+                f"the prompt has {characters:,} characters, more than the "
+                f"{limits.MAX_PROMPT_CHARACTERS:,} allowed; shorten it"
             )
-        return [self._wrap(ids[start : start + room]) for start in range(0, max(len(ids), 1), room)]
+        room = self.max_length - 2
+        rows: list[list[int]] = []
+        weights: list[list[float]] = []
+        for index, segment in enumerate(segments):
+            chunks: list[tuple[list[int], list[float]]] = [([], [])]
+            for text, weight in segment:
+                for group in self._token_groups(self.tokenize(text)):
+                    if len(chunks[-1][0]) + len(group) > room:
+                        if len(rows) + len(chunks) >= limits.MAX_PROMPT_CHUNKS:
+                            raise _too_many_chunks(room)
+                        chunks.append(([], []))
+                    chunk_ids, chunk_weights = chunks[-1]
+                    chunk_ids.extend(group)
+                    chunk_weights.extend([weight] * len(group))
+            if index and index == len(segments) - 1 and chunks == [([], [])]:
+                break
+            for chunk_ids, chunk_weights in chunks:
+                rows.append(self._wrap(chunk_ids))
+                weights.append([1.0, *chunk_weights] + [1.0] * (room + 1 - len(chunk_weights)))
+            if len(rows) > limits.MAX_PROMPT_CHUNKS:  # many BREAKs
+                raise _too_many_chunks(room)
+        return rows, weights
+
+    def add_embedding(self, name: str, ids: Sequence[int]) -> None:
+        """Make the tokens of `name` in a prompt stand for `ids` (a textual-inversion
+        embedding's vectors, which the text encoder holds under those ids). The name is
+        found as a sequence of token ids, as A1111 does, so it matches whatever its case
+        and wherever it is a word of its own; a name given again replaces the earlier one."""
+        self.check_embedding(name, len(ids))
+        name_ids = tuple(self.tokenize(name))
+        entries = [e for e in self._embeddings.get(name_ids[0], []) if e[0] != name_ids]
+        entries.append((name_ids, list(ids)))
+        # Longest names first, so that "style-long" wins over "style" where both match.
+        self._embeddings[name_ids[0]] = sorted(entries, key=lambda e: len(e[0]), reverse=True)
+
+    def check_embedding(self, name: str, count: int) -> None:
+        """Raise ValueError unless an embedding of `count` vectors can be named `name`."""
+        if not self.tokenize(name):
+            raise ValueError(f"the embedding name {name!r} has no tokens; give another name")
+        if not 0 < count <= self.max_length - 2:
+            raise ValueError(
+                f"embedding {name!r} has {count} vectors; a chunk takes 1 to "
+                f"{self.max_length - 2}"
+            )
+
+    def _token_groups(self, ids: list[int]) -> Iterator[list[int]]:
+        """The ids one by one, except an embedding's name: its ids as one group."""
+        position = 0
+        while position < len(ids):
+            for name_ids, embedding_ids in self._embeddings.get(ids[position], ()):
+                if tuple(ids[position : position + len(name_ids)]) == name_ids:
+                    yield embedding_ids
+                    position += len(name_ids)
+                    break
+            else:
+                yield [ids[position]]
+                position += 1
 
     def _wrap(self, ids: list[int]) -> list[int]:
         row = [self.bos_id, *ids, self.eos_id]
@@ -332,6 +401,13 @@ class Tokenizer:
                     if rank is not None:
                         heapq.heappush(heap, (rank, a, symbols[a], symbols[b]))
         return [symbol for symbol in symbols if symbol is not None]
+
+
+def _too_many_chunks(room: int) -> ValueError:
+    return ValueError(
+        f"the prompt needs more than {limits.MAX_PROMPT_CHUNKS} chunks of {room} tokens "
+        f"({limits.MAX_PROMPT_CHUNKS * room:,} tokens at most); shorten it"
+    )
 
 
 def _read_json_object(path: Path) -> dict:

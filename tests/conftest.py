@@ -18,10 +18,9 @@ def winograd_everywhere(request, monkeypatch) -> list[tuple[int, ...]]:
     """On the CPU within `fast_cpu()`, every 3x3 stride-1 convolution of a float32 image
     runs by Winograd (each test once by F(4x4, 3x3), once by F(2x2, 3x3)), however few its
     channels and pixels (the tiny models' are below the thresholds); returns the shapes of
-    the images it convolved, to check that it ran."""
-    import mlx.core as mx
-
-    from stable_diffusion import fast_cpu, layers, winograd
+    the images it convolved, to check that it ran. The test enters `fast_cpu()` with its
+    models."""
+    from stable_diffusion.cpu import layers, winograd
 
     algorithm = getattr(winograd, request.param)
     monkeypatch.setattr(layers, "_WINOGRAD_MIN_CHANNELS", 1)
@@ -37,5 +36,4 @@ def winograd_everywhere(request, monkeypatch) -> list[tuple[int, ...]]:
         return conv3x3(x, kernel, bias, used)
 
     monkeypatch.setattr(winograd, "conv3x3", recorded)
-    with mx.stream(mx.cpu), fast_cpu():
-        yield convolved
+    return convolved

@@ -9,8 +9,9 @@ import shutil
 
 import pytest
 
-from stable_diffusion import benchmark, cpu_kernels, fast_cpu
+from stable_diffusion import benchmark, fast_cpu
 from stable_diffusion.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
+from stable_diffusion.cpu import in_fast_cpu
 
 TABLE_COLUMNS = ["load s", "text s", "UNet step s", "UNet GFLOP/s", "% of matmul",
                  "VAE decode s", "image s (1 steps, load included)", "peak GiB", "weights GiB"]
@@ -91,7 +92,7 @@ def test_each_phase_runs_in_a_fast_cpu_block_of_its_own(tmp_path, capsys, monkey
 
     def recorded(name, function):
         def call(*args, **kwargs):
-            phases.append((name, blocks[-1], cpu_kernels.enabled()))
+            phases.append((name, blocks[-1], in_fast_cpu()))
             return function(*args, **kwargs)
         return call
 

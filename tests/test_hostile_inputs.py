@@ -313,7 +313,7 @@ def test_one_very_long_word_is_fast(clip: Tokenizer) -> None:
 def test_prompt_caps(clip: Tokenizer) -> None:
     with pytest.raises(ValueError, match="10,001 characters, more than the 10,000"):
         clip.tokenize("a" * 10_001)
-    with pytest.raises(ValueError, match="at most 32 chunks"):
+    with pytest.raises(ValueError, match="more than 32 chunks"):
         clip.encode_chunks("a, " * 2000)  # 4,000 tokens
     assert len(clip.encode_chunks("a " * 2400)) == 32
 

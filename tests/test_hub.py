@@ -9,7 +9,7 @@ import huggingface_hub.constants
 import pytest
 
 from stable_diffusion import StableDiffusion
-from stable_diffusion.hub import ModelNotFoundError, resolve_model, weight_files
+from stable_diffusion.loading.hub import ModelNotFoundError, resolve_model, weight_files
 from tests.conftest import FIXTURES
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -33,7 +33,7 @@ def hub_cache(tmp_path, monkeypatch):
 def test_repo_id_loads_from_the_cache_offline(hub_cache):
     assert resolve_model("tiny/sd2") == hub_cache
     sd = StableDiffusion("tiny/sd2", float16=False)
-    assert sd.folder == hub_cache
+    assert sd.components.path == hub_cache
 
 
 def test_uncached_repo_offline_names_the_fix(hub_cache):

@@ -126,8 +126,9 @@ def test_values_needing_quotes_round_trip():
         model='C:\\models\\my, "best" model.safetensors',
         sampler="Some: new, sampler",
         loras=(("C:\\loras\\a, b.safetensors", -0.25), ("hub/repo", 1.0)),
-        extras=(("Clip skip", "2"), ("Note", ' spaced, "quoted"\nmulti-line '), ("Empty", "")),
+        extras=(("Hires upscale", "2"), ("Note", ' spaced, "quoted"\nmulti-line '), ("Empty", "")),
         strength=1.0,
+        clip_skip=2,
         seed=2**63 + 5,
     )
     assert GenerationParameters.from_text(p.to_text()) == p
@@ -147,14 +148,23 @@ def test_parses_real_a1111_text_with_unknown_fields():
     assert p.negative_prompt == "(worst quality:1.4), EasyNegative"
     assert (p.steps, p.sampler, p.cfg_scale, p.seed) == (30, "dpm++2m_karras", 7.0, 3923453)
     assert (p.width, p.height, p.model, p.strength) == (512, 768, "anything-v5", 0.4)
+    assert p.clip_skip == 2
     assert dict(p.extras) == {
         "Model hash": "7f96a1a9ca",
-        "Clip skip": "2",
         "Hires upscale": "2",
         "Lora hashes": "add_detail: 7c6bad76eb54",
         "Version": "v1.6.0",
     }
     assert GenerationParameters.from_text(p.to_text()) == p
+
+
+def test_clip_skip_is_written_as_a1111_does():
+    assert "Clip skip" not in params().to_text()
+    assert ", Clip skip: 2" in params(clip_skip=2).to_text()
+    with pytest.raises(ValueError, match="clip skip must be at least 1"):
+        params(clip_skip=0)
+    with pytest.raises(ValueError, match="Clip skip is not a number"):
+        GenerationParameters.from_text(params().to_text() + ", Clip skip: two")
 
 
 def test_unknown_sampler_is_kept():
@@ -323,6 +333,12 @@ def test_accepts_mlx_arrays_and_single_images(tmp_path):
     assert np.all(np.asarray(read_back(b)) == 0)
 
 
+def test_uint8_pixels_are_saved_as_they_are(tmp_path):
+    pixels = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(1, 8, 8, 3)
+    [path] = save_images(pixels, tmp_path / "out.png", params())
+    np.testing.assert_array_equal(np.asarray(read_back(path)), pixels[0])
+
+
 def test_out_of_range_and_nan_values_are_clipped(tmp_path):
     pixels = np.array([[[[-1.0, 2.0, np.nan]]]], np.float32)
     [path] = save_images(pixels, tmp_path / "out.png", params())
@@ -334,7 +350,7 @@ def test_out_of_range_and_nan_values_are_clipped(tmp_path):
     [
         (solid(3), params(), "divisible by n_rows"),
         (np.zeros((1, 8, 8, 4), np.float32), params(), r"\(N, H, W, 3\)"),
-        (np.zeros((1, 8, 8, 3), np.uint8), params(), "float"),
+        (np.zeros((1, 8, 8, 3), np.int16), params(), "float"),
         (solid(2), [params()], "2 images"),
         (np.zeros((0, 8, 8, 3), np.float32), [], "no images"),
     ],

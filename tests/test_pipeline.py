@@ -7,6 +7,7 @@ one 8-bit level is 3.9e-3)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import mlx.core as mx
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from stable_diffusion import StableDiffusion, fast_cpu, layers
+from stable_diffusion import StableDiffusion, fast_cpu
+from stable_diffusion.models import layers
 from tests.conftest import FIXTURES
 from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
 
@@ -154,3 +156,46 @@ def test_loaded_weights_are_contiguous(model):
     modules = [*sd.text_encoders, sd.unet, sd.vae]
     for name, value in (item for m in modules for item in tree_flatten(m.parameters())):
         assert memoryview(value).c_contiguous, name
+
+
+def test_denoising_carries_the_settings_it_runs_with(model):
+    """Defaults filled in from the model, the seed drawn when none is given; the settings
+    are frozen, and the PNG parameters come from them."""
+    sd, _ = model
+    latents = sd.generate_latents("a cat", n_images=2, negative_text="blurry", num_steps=3)
+    settings = latents.settings
+    assert settings.prompts == ("a cat", "a cat")
+    assert settings.negative_prompts == ("blurry", "blurry")
+    assert (settings.steps, settings.cfg, settings.sampler) == (
+        3, sd.defaults.cfg, sd.defaults.sampler
+    )
+    assert (settings.width, settings.height) == (sd.defaults.width, sd.defaults.height)
+    assert 0 <= settings.seed < 2**31 and settings.strength is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.seed = 1
+    parameters = settings.parameters(model="m", loras=(("detail", 0.5),))
+    assert (parameters.prompt, parameters.negative_prompt, parameters.seed) == (
+        "a cat", "blurry", settings.seed
+    )
+    assert (parameters.model, parameters.loras, parameters.strength) == ("m", (("detail", 0.5),),
+                                                                         None)
+    # The seed drawn reproduces the run.
+    again = sd.generate_latents("a cat", n_images=2, negative_text="blurry", num_steps=3,
+                                seed=settings.seed)
+    np.testing.assert_array_equal(np.array(final(latents)), np.array(final(again)))
+
+
+def test_img2img_settings_record_strength_and_the_image_size(model):
+    sd, ref = model
+    image = ref["img2img.image"].astype(np.float32) / 255
+    settings = sd.generate_latents_from_image(image, "a cat", strength=0.25, seed=4).settings
+    assert (settings.strength, settings.seed) == (0.25, 4)
+    assert (settings.height, settings.width) == image.shape[-3:-1]
+    assert settings.parameters().strength == 0.25
+
+
+def test_parameters_hold_one_prompt(model):
+    sd, _ = model
+    settings = sd.generate_latents(["a cat", "a dog"], num_steps=1, seed=0).settings
+    with pytest.raises(ValueError, match="one prompt and one negative prompt"):
+        settings.parameters()

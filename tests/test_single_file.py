@@ -22,8 +22,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from stable_diffusion import StableDiffusion, single_file
-from stable_diffusion.clip import CLIPTextModel
+from stable_diffusion import StableDiffusion
 from stable_diffusion.config import (
     PRESETS,
     AutoencoderConfig,
@@ -33,10 +32,12 @@ from stable_diffusion.config import (
     UNetConfig,
     read_json,
 )
-from stable_diffusion.single_file import SingleFileError, detect_architecture
+from stable_diffusion.loading import load_components, single_file
+from stable_diffusion.loading.single_file import SingleFileError, detect_architecture
+from stable_diffusion.models.clip import CLIPTextModel
+from stable_diffusion.models.unet import UNetModel
+from stable_diffusion.models.vae import Autoencoder
 from stable_diffusion.tokenizer import Tokenizer
-from stable_diffusion.unet import UNetModel
-from stable_diffusion.vae import Autoencoder
 from stable_diffusion.weights import diffusers as diffusers_keys
 from stable_diffusion.weights import original
 from tests.conftest import FIXTURES
@@ -108,7 +109,7 @@ def loaded(request, checkpoints, reference):
 def test_architecture_is_detected(loaded):
     sd, _ = loaded
     expected = MODELS[Path(sd.model_name).name.split(".")[0]]
-    assert sd.architecture == expected
+    assert sd.components.architecture == expected
     assert sd.is_xl == (expected == "sdxl")
 
 
@@ -214,10 +215,10 @@ def test_prediction_type_and_image_size_are_honored(checkpoints):
         prediction_type="v_prediction",
         image_size=128,
     )
-    assert sd.scheduler_config.prediction_type == "v_prediction"
+    assert sd.components.scheduler_config.prediction_type == "v_prediction"
     assert (sd.defaults.width, sd.defaults.height) == (128, 128)
     default = StableDiffusion(str(checkpoints["tiny-sd1"]), float16=False, config=config)
-    assert default.scheduler_config.prediction_type == "epsilon"
+    assert default.components.scheduler_config.prediction_type == "epsilon"
     assert default.defaults.width == 64
     with pytest.raises(ValueError, match="prediction type"):
         StableDiffusion(str(checkpoints["tiny-sd1"]), config=config, prediction_type="sample")
@@ -449,3 +450,39 @@ def test_cli_names_what_does_not_fit_in_a_single_file(checkpoints, tmp_path):
     # The tiny model is not a full-size SD 1.5, which is what the script assumes.
     assert result.returncode == 2
     assert "detected an SD 1.x checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_one_door_gives_folders_and_single_files_the_same_components(checkpoints, name):
+    """`load_components` on a model folder and on the same weights as one file: the same
+    architecture facts and the same weights; only what a single file cannot say differs
+    (the sampler, A1111's default there; the architecture, detected from its keys)."""
+    from_folder = load_components(FIXTURES / "models" / name, mx.float32)
+    from_file = load_components(checkpoints[name], mx.float32, config=tiny_config(name))
+    assert (from_folder.architecture, from_file.architecture) == (None, MODELS[name])
+    assert from_folder.is_xl == from_file.is_xl == (MODELS[name] == "sdxl")
+    assert from_folder.force_zeros_for_empty_prompt == from_file.force_zeros_for_empty_prompt
+    assert from_folder.scheduler_config == from_file.scheduler_config
+    assert from_file.default_sampler == "dpm++2m_karras"
+    assert from_folder.native_size == from_file.native_size == 64
+    assert (from_folder.path, from_file.path) == (FIXTURES / "models" / name, checkpoints[name])
+    for a, b in zip(
+        [*from_folder.text_encoders, from_folder.unet, from_folder.vae],
+        [*from_file.text_encoders, from_file.unet, from_file.vae],
+        strict=True,
+    ):
+        for (key, x), (_, y) in zip(
+            sorted(nn.utils.tree_flatten(a.parameters())),
+            sorted(nn.utils.tree_flatten(b.parameters())),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=key)
+
+
+def test_native_size_of_a_folder_can_be_overridden():
+    folder = FIXTURES / "models" / "tiny-sd2"
+    assert load_components(folder, mx.float32, image_size=128).native_size == 128
+    with pytest.raises(ValueError, match=r"image size must be a positive multiple of 8, at most"):
+        load_components(folder, mx.float32, image_size=100)
+    with pytest.raises(ValueError, match="config is only for single-file checkpoints"):
+        load_components(folder, mx.float32, config=tiny_config("tiny-sd2"))

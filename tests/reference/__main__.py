@@ -12,6 +12,7 @@ SCRIPTS = [
     "sampler_pipelines",
     "single_file",
     "lora",
+    "prompt_conventions",
 ]
 
 for name in SCRIPTS:

@@ -11,7 +11,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from stable_diffusion import fast_cpu, layers, winograd
+from stable_diffusion import fast_cpu
+from stable_diffusion.cpu import layers as cpu_layers
+from stable_diffusion.cpu import winograd
+from stable_diffusion.models import layers
 
 
 def conv3x3_float64(image: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -38,15 +41,15 @@ def upsample(monkeypatch, shape: tuple[int, ...], weight_dtype: mx.Dtype,
     """An upsampler's output on a random image, the float64 convolution of the image
     upsampled, and whether the convolution ran on the small image."""
     computed_on_small_image = []
-    small_image_path = layers._upsample2x_conv3x3
-    monkeypatch.setattr(layers, "_upsample2x_conv3x3",
+    small_image_path = cpu_layers._upsample2x_conv3x3
+    monkeypatch.setattr(cpu_layers, "_upsample2x_conv3x3",
                         lambda *a: computed_on_small_image.append(1) or small_image_path(*a))
     rng = np.random.default_rng(0)
     upsample = layers.Upsample2D(shape[-1])
     upsample.conv.weight, upsample.conv.bias = random_conv(rng, shape[-1], shape[-1],
                                                            weight_dtype)
     x = rng.standard_normal(shape).astype(np.float32)
-    with mx.stream(mx.cpu):
+    with mx.stream(mx.cpu), fast_cpu(upsample):
         out = np.array(upsample(mx.array(x)))
     upsampled = x.repeat(2, axis=1).repeat(2, axis=2)
     expected = conv3x3_float64(upsampled, np.array(upsample.conv.weight.astype(mx.float32)),
@@ -60,7 +63,7 @@ def upsample(monkeypatch, shape: tuple[int, ...], weight_dtype: mx.Dtype,
 @pytest.mark.parametrize("on_small_image", [True, False])  # False: MLX's convolution
 def test_upsampling_convolution_matches_float64(monkeypatch, shape, weight_dtype,
                                                 on_small_image):
-    monkeypatch.setattr(layers, "_UPSAMPLED_CONV_MIN_PIXELS", 1 if on_small_image else 10**9)
+    monkeypatch.setattr(cpu_layers, "_UPSAMPLED_CONV_MIN_PIXELS", 1 if on_small_image else 10**9)
     out, expected, computed_on_small_image = upsample(monkeypatch, shape, weight_dtype)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     assert computed_on_small_image == on_small_image
@@ -76,8 +79,8 @@ def test_upsampling_convolution_by_winograd_where_it_applies(
     """Where the upsampler's convolution runs by Winograd, on upsampled images up to the
     limit, it runs on the upsampled image (fewer multiply-adds than on the small one);
     otherwise on the small image."""
-    monkeypatch.setattr(layers, "_UPSAMPLED_CONV_MIN_PIXELS", 1)
-    monkeypatch.setattr(layers, "_UPSAMPLED_WINOGRAD_MAX_PIXELS", max_pixels)
+    monkeypatch.setattr(cpu_layers, "_UPSAMPLED_CONV_MIN_PIXELS", 1)
+    monkeypatch.setattr(cpu_layers, "_UPSAMPLED_WINOGRAD_MAX_PIXELS", max_pixels)
     shape = (2, 5, 7, 6)
     out, expected, computed_on_small_image = upsample(monkeypatch, shape, weight_dtype)
     if by_winograd:
@@ -101,7 +104,7 @@ def test_pointwise_convolution_matches_float64(monkeypatch, weight_dtype, with_b
     if with_bias:
         conv.bias = mx.array(bias).astype(weight_dtype)
     x = rng.standard_normal((2, 3, 4, 6)).astype(np.float32)
-    with mx.stream(mx.cpu):
+    with mx.stream(mx.cpu), fast_cpu(conv):
         out = np.array(conv(mx.array(x)))
     stored = np.array(conv.weight.astype(mx.float32))[:, 0, 0]
     stored_bias = np.array(conv.bias.astype(mx.float32)) if with_bias else 0
@@ -110,14 +113,18 @@ def test_pointwise_convolution_matches_float64(monkeypatch, weight_dtype, with_b
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_shifted_convolution_on_large_images_matches_float64():
+def test_shifted_convolution_on_large_images_matches_float64(monkeypatch):
     rng = np.random.default_rng(1)
     conv = layers.Conv2d(4, 5, 3, padding=1)
     conv.weight, conv.bias = random_conv(rng, 4, 5)
     x = rng.standard_normal((2, 64, 80, 4)).astype(np.float32)  # above the shifted threshold
-    assert layers._SHIFTED_CONV_MIN_PIXELS <= 64 * 80
-    with mx.stream(mx.cpu):
+    assert cpu_layers._SHIFTED_CONV_MIN_PIXELS <= 64 * 80
+    shifted = cpu_layers._conv3x3_shifted
+    monkeypatch.setattr(cpu_layers, "_conv3x3_shifted", lambda *a: ran.append(1) or shifted(*a))
+    ran = []
+    with mx.stream(mx.cpu), fast_cpu(conv):
         out = np.array(conv(mx.array(x)))
+    assert ran == [1]
     expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -156,7 +163,8 @@ def test_winograd_convolution_matches_float64(winograd_everywhere, shape, with_b
     if with_bias:
         conv.bias = bias
     x = rng.standard_normal(shape).astype(np.float32)
-    out = np.array(conv(mx.array(x)))
+    with mx.stream(mx.cpu), fast_cpu(conv):
+        out = np.array(conv(mx.array(x)))
     expected = conv3x3_float64(x, np.array(conv.weight), np.array(bias) if with_bias else 0)
     assert_winograd_close(out, expected)
     assert winograd_everywhere == [shape]
@@ -166,12 +174,12 @@ def test_winograd_convolution_matches_float64(winograd_everywhere, shape, with_b
 def test_winograd_on_wide_channels_matches_float64(side, algorithm):
     """At the real thresholds, on as many channels as the UNets' and VAEs' layers sum."""
     rng = np.random.default_rng(4)
-    channels = layers._WINOGRAD_MIN_CHANNELS
+    channels = cpu_layers._WINOGRAD_MIN_CHANNELS
     conv = layers.Conv2d(channels, channels, 3, padding=1)
     conv.weight, conv.bias = random_conv(rng, channels, channels)
     conv.weight = conv.weight / math.sqrt(9 * channels)
     x = rng.standard_normal((1, side, side + 4, channels)).astype(np.float32)
-    with mx.stream(mx.cpu), fast_cpu():
+    with mx.stream(mx.cpu), fast_cpu(conv):
         assert conv._winograd_algorithm(mx.array(x)) is algorithm
         out = np.array(conv(mx.array(x)))
     assert_winograd_close(out, conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias)))
@@ -193,21 +201,22 @@ def test_winograd_kernel_follows_a_replaced_weight(winograd_everywhere, transfor
     rng = np.random.default_rng(3)
     conv = layers.Conv2d(4, 5, 3, padding=1)
     x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
-    for _ in range(2):
-        conv.weight, conv.bias = random_conv(rng, 4, 5)
+    with mx.stream(mx.cpu), fast_cpu(conv):
         for _ in range(2):
-            out = np.array(conv(mx.array(x)))
-            expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
-            assert_winograd_close(out, expected)
+            conv.weight, conv.bias = random_conv(rng, 4, 5)
+            for _ in range(2):
+                out = np.array(conv(mx.array(x)))
+                expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
+                assert_winograd_close(out, expected)
     assert len(transforms) == 2
     assert len(winograd_everywhere) == 4
 
 
 def test_winograd_kernels_live_as_long_as_the_fast_cpu_block(monkeypatch, transforms):
     """Each `fast_cpu()` block makes a layer's kernel once and frees it at its end; outside
-    a block the convolution takes the shifted matmuls and keeps nothing."""
-    monkeypatch.setattr(layers, "_WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(layers, "_WINOGRAD_MIN_PIXELS", 1)
+    a block the convolution is MLX's and keeps nothing."""
+    monkeypatch.setattr(cpu_layers, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(cpu_layers, "_WINOGRAD_MIN_PIXELS", 1)
     rng = np.random.default_rng(5)
     conv = layers.Conv2d(4, 5, 3, padding=1)
     conv.weight, conv.bias = random_conv(rng, 4, 5)
@@ -215,7 +224,7 @@ def test_winograd_kernels_live_as_long_as_the_fast_cpu_block(monkeypatch, transf
     expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
     with mx.stream(mx.cpu):
         for _ in range(2):
-            with fast_cpu():
+            with fast_cpu(conv):
                 for _ in range(2):
                     assert_winograd_close(np.array(conv(mx.array(x))), expected)
         np.testing.assert_allclose(np.array(conv(mx.array(x))), expected, rtol=1e-5, atol=1e-5)
@@ -225,13 +234,13 @@ def test_winograd_kernels_live_as_long_as_the_fast_cpu_block(monkeypatch, transf
 def test_winograd_kernel_follows_the_image_size(monkeypatch, transforms):
     """A layer that convolves images on both sides of the F(4x4) threshold in one block
     keeps the kernel of the algorithm its image takes."""
-    monkeypatch.setattr(layers, "_WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(layers, "_WINOGRAD_MIN_PIXELS", 1)
-    monkeypatch.setattr(layers, "_WINOGRAD_F4_MIN_PIXELS", 8 * 8)
+    monkeypatch.setattr(cpu_layers, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(cpu_layers, "_WINOGRAD_MIN_PIXELS", 1)
+    monkeypatch.setattr(cpu_layers, "_WINOGRAD_F4_MIN_PIXELS", 8 * 8)
     rng = np.random.default_rng(6)
     conv = layers.Conv2d(4, 5, 3, padding=1)
     conv.weight, conv.bias = random_conv(rng, 4, 5)
-    with mx.stream(mx.cpu), fast_cpu():
+    with mx.stream(mx.cpu), fast_cpu(conv):
         for side in (4, 8, 8, 4):
             x = rng.standard_normal((1, side, side, 4)).astype(np.float32)
             expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
@@ -249,9 +258,10 @@ def test_winograd_kernel_follows_the_image_size(monkeypatch, transforms):
 def test_winograd_only_where_it_pays(case, side, channels_short, algorithm):
     """float16 weights (a float32 kernel would double their memory) take the other paths;
     so do the convolutions the thresholds leave out."""
-    channels = layers._WINOGRAD_MIN_CHANNELS
+    channels = cpu_layers._WINOGRAD_MIN_CHANNELS
     shape = (1, side, side, channels - channels_short)
     conv = layers.Conv2d(shape[-1], channels, 3, padding=1)
     if case == "float16 weight":
         conv.weight = conv.weight.astype(mx.float16)
-    assert conv._winograd_algorithm(mx.zeros(shape)) is algorithm
+    with fast_cpu(conv):
+        assert conv._winograd_algorithm(mx.zeros(shape)) is algorithm

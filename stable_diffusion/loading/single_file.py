@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .clip import CLIPTextModel
-from .config import PRESETS, PipelineConfig, TextEncoderConfig
-from .loading import load_into
-from .tokenizer import Tokenizer, clip_vocabulary
-from .unet import UNetModel
-from .vae import Autoencoder
-from .weights import diffusers as diffusers_keys
-from .weights import original
-from .weights.files import SUPPORTED_SUFFIXES, load_weights
+from ..config import PRESETS, PipelineConfig, TextEncoderConfig
+from ..models.clip import CLIPTextModel
+from ..models.unet import UNetModel
+from ..models.vae import Autoencoder
+from ..tokenizer import Tokenizer, clip_vocabulary
+from ..weights import diffusers as diffusers_keys
+from ..weights import original
+from ..weights.files import SUPPORTED_SUFFIXES, load_weights
+from .components import Components, check_native_size
+from .folder import load_into
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -41,19 +41,6 @@ _CLIP_NON_MERGE_TOKENS = 514
 
 class SingleFileError(ValueError):
     """A single file is not a supported Stable Diffusion checkpoint; says what it is instead."""
-
-
-@dataclass
-class SingleFileModel:
-    """The components built from one checkpoint file."""
-
-    path: Path
-    architecture: str  # a key of ARCHITECTURES
-    config: PipelineConfig
-    tokenizers: list[Tokenizer]
-    text_encoders: list[CLIPTextModel]
-    unet: UNetModel
-    vae: Autoencoder
 
 
 def is_single_file(model: str) -> bool:
@@ -166,8 +153,7 @@ def with_overrides(
         config = dataclasses.replace(config, scheduler=scheduler)
     if image_size is not None:
         downscale = 2 ** (len(config.vae.block_out_channels) - 1)
-        if image_size <= 0 or image_size % downscale:
-            raise ValueError(f"image size must be a positive multiple of {downscale}")
+        check_native_size(image_size, downscale)
         config = dataclasses.replace(
             config,
             unet=dataclasses.replace(config.unet, sample_size=image_size // downscale),
@@ -207,7 +193,7 @@ def load_single_file(
     config: PipelineConfig | None = None,
     prediction_type: str | None = None,
     image_size: int | None = None,
-) -> SingleFileModel:
+) -> Components:
     """Build all components from a single-file checkpoint.
 
     `config` replaces the preset picked from the detected architecture (it must be the same
@@ -259,4 +245,17 @@ def load_single_file(
         tokenizer_for(encoder_config, pad)
         for encoder_config, pad in zip(config.text_encoders, config.pad_tokens, strict=True)
     ]
-    return SingleFileModel(path, architecture, config, tokenizers, text_encoders, unet, vae)
+    return Components(
+        path=path,
+        architecture=architecture,
+        is_xl=config.is_xl,
+        force_zeros_for_empty_prompt=config.is_xl,
+        scheduler_config=config.scheduler,
+        # A1111's default; single files name no scheduler.
+        default_sampler="dpm++2m_karras",
+        native_size=config.unet.sample_size * vae.downscale,
+        tokenizers=tokenizers,
+        text_encoders=text_encoders,
+        unet=unet,
+        vae=vae,
+    )

@@ -1,14 +1,13 @@
 """Eager numpy kernels for the CPU, used inside `fast_cpu()`.
 
-On the CPU, MLX computes exp and division one element at a time (about 50-100 million per
-second here), which made softmax and SiLU cost more than the matmuls around them; numpy's
-are vectorized (2.2 billion exps per second per core here) and release the GIL, so they
-run on all cores. The attention raises 2, not e, to its scores' powers: numpy's float32
-exp2 is twice as fast as its exp and at least as accurate, and the factor log2(e) rides
-along with the queries' scale. These kernels need their inputs computed, which breaks
-MLX's laziness: so they run only within `fast_cpu()`, for loops that evaluate every step
-anyway, as the scripts do. The GEGLU's gating (an erf GELU) and the layer norm run here
-too: MLX computes them on one core; numpy on all cores is 2-2.5x faster.
+On the CPU, MLX computes exp and division one element at a time, which made softmax and
+SiLU cost more than the matmuls around them; numpy's are vectorized and release the GIL, so
+they run on all cores (the rates: docs/performance.md). The attention raises 2, not e, to
+its scores' powers: numpy's float32 exp2 is faster than its exp and at least as accurate,
+and the factor log2(e) rides along with the queries' scale. These kernels need their inputs
+computed, which breaks MLX's laziness: so they run only within `fast_cpu()`, for loops that
+evaluate every step anyway, as the scripts do. The GEGLU's gating (an erf GELU) and the
+layer norm run here too: MLX computes them on one core, numpy on all of them.
 
 The attention reads numpy views of MLX arrays it has just computed; the SiLU, the GEGLU and
 the layer norm overwrite, through numpy, the buffer of an MLX array that they have just
@@ -17,14 +16,11 @@ computed and that nothing else references.
 
 from __future__ import annotations
 
-import contextvars
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import cache
 from typing import TypeVar
 
@@ -34,20 +30,17 @@ import numpy as np
 from . import blas
 
 T = TypeVar("T")
-# The current `fast_cpu()` block's store of values kept from call to call; None outside one.
-_BLOCK_STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fast_cpu",
-                                                                         default=None)
 _CORES = os.cpu_count() or 1
 _thread_scratch = threading.local()
 
 # Scores per attention block, one per core (4 MB of float32): big enough for efficient
 # matmuls, small enough to stay near the cache and bound memory (SD 2.x at 768px has 9216
-# tokens; 256 rows of SD 1.5's 4096 ran fastest).
+# tokens; the block sizes measured: docs/performance.md).
 _SCORE_BLOCK_ELEMENTS = 1 << 20
 # Keys from which the attention shifts its scores by a bound, riding along in the matmuls
 # on copies of the operands, instead of by each row's max (three more passes over the
-# scores): at batch 2, 330 against 369 ms on SD 1.5's 4096 keys; 10.8 against 7.7 ms on
-# SDXL's 256 (20 heads); even from 1536 to 2304 keys.
+# scores): faster on SD 1.5's 4096 keys, slower on SDXL's 256, even between 1536 and 2304
+# (docs/performance.md).
 _SHIFTED_MIN_KEYS = 2048
 _LOG2_E = math.log2(math.e)
 # Scores are in powers of two; shifted, they are at most this (2^40 * 1e5 keys is far from
@@ -59,62 +52,6 @@ _EXP_HEADROOM = 40.0
 _MIN_ROW_SUM = 2.0**-80
 # Elements per SiLU chunk: the chunk and its scratch stay in a core's L2 cache.
 _SILU_CHUNK = 1 << 15
-
-
-@contextmanager
-def fast_cpu() -> Iterator[None]:
-    """Within this block, on the CPU: attention, SiLU, GEGLU and layer norm run in numpy on all
-    cores; wide 3x3 convolutions run by Winograd, their transformed kernels kept until the
-    block ends, as are the text context's keys and values (`kept`); and MLX keeps freed
-    buffers up to an eighth of the RAM for reuse (its default, 32 MB, makes every large image
-    buffer a fresh allocation, page faults included). The price is laziness: each step
-    computes as the generator advances, not at `mx.eval`. No effect on a GPU. Use one block
-    per phase (denoising, decoding): leaving it frees what it kept and empties the buffer
-    cache, whose buffers from a 512px decode slowed the UNet steps after it by ~20%."""
-    token = _BLOCK_STORE.set({})
-    previous_limit = None
-    if mx.default_device() == mx.cpu:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        previous_limit = mx.set_cache_limit(0)  # the only way to read it
-        mx.set_cache_limit(max(ram // 8, previous_limit))
-    try:
-        yield
-    finally:
-        _BLOCK_STORE.reset(token)
-        if previous_limit is not None:
-            mx.set_cache_limit(previous_limit)
-
-
-def _block_store() -> dict | None:
-    """The current `fast_cpu()` block's store, while computing on the CPU."""
-    return _BLOCK_STORE.get() if mx.default_device() == mx.cpu else None
-
-
-def enabled() -> bool:
-    """Inside `fast_cpu()`, computing on the CPU."""
-    return _block_store() is not None
-
-
-@dataclass(frozen=True)
-class _Kept:
-    sources: tuple[object, ...]
-    value: object
-
-
-def kept(owner: object, sources: tuple[object, ...], make: Callable[[], T]) -> T:
-    """`make()`, kept for `owner` until the `fast_cpu()` block ends, as long as the arrays
-    (or other objects) it is made from (`sources`) stay the same objects: made again when one
-    is replaced (a LoRA merge, a new text context). Outside a block, or off the CPU, made at
-    every call."""
-    store = _block_store()
-    if store is None:
-        return make()
-    entry = store.get(id(owner))
-    if (entry is None or len(entry.sources) != len(sources)
-            or any(old is not new for old, new in zip(entry.sources, sources, strict=True))):
-        # The entry holds its sources, so no new array can take their ids meanwhile.
-        entry = store[id(owner)] = _Kept(sources, make())
-    return entry.value
 
 
 @cache
@@ -219,11 +156,11 @@ def _scratch(size: int) -> np.ndarray:
 def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -> mx.array:
     """Softmax attention over (B, L, heads * dim) inputs, in blocks of queries (of one head,
     or of a few on short sequences) spread over the cores: each block is single-threaded
-    matmuls around its softmax, its scores kept in the core's own buffer. 20-40% faster on
-    the UNets' shapes than MLX's multi-threaded matmuls with the softmax between them, one
-    block at a time: no core waits for the other between the stages. Scores are in powers
-    of two: softmax(s) = 2^(s log2 e) / sum 2^(s log2 e), the factor log2(e) riding along
-    with the scale."""
+    matmuls around its softmax, its scores kept in the core's own buffer. Faster on the
+    UNets' shapes than MLX's multi-threaded matmuls with the softmax between them, one
+    block at a time (docs/performance.md): no core waits for the other between the stages.
+    Scores are in powers of two: softmax(s) = 2^(s log2 e) / sum 2^(s log2 e), the factor
+    log2(e) riding along with the scale."""
     attend = _shifted_attention if k.shape[1] >= _SHIFTED_MIN_KEYS else _exact_attention
     return attend(q, k, v, heads, causal)
 
@@ -234,8 +171,8 @@ def _in_blocks(attend: Callable[[int, slice, slice], None], batch: int, heads: i
     on all cores. A block holds up to `_SCORE_BLOCK_ELEMENTS` scores, of as many heads as
     fit while every core gets a block: on short sequences (SDXL's 256 tokens, SD's 77-token
     text) one head's block is so small that numpy's per-call costs exceed its work, and the
-    threads mostly wait for each other's calls (batch 2, SDXL's 256x77 cross-attention: 10.1
-    ms by single heads, 4.5 by groups of 20)."""
+    threads mostly wait for each other's calls (SDXL's 256x77 cross-attention runs about
+    twice as fast by groups of 20 heads: docs/performance.md)."""
     rows = min(q_len, max(1, _SCORE_BLOCK_ELEMENTS // k_len))
     group = max(1, min(_SCORE_BLOCK_ELEMENTS // (rows * k_len),
                        math.ceil(batch * heads / _CORES)))
@@ -329,8 +266,8 @@ _ERF_P = 0.3275911 / math.sqrt(2)
 _HALF_ERF_COEFFICIENTS = tuple(0.5 * a for a in (  # a5 .. a1
     1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))
 _GAUSSIAN_EXPONENT = -_LOG2_E / 2  # e^(-g^2 / 2) = 2^(g^2 * this)
-# Elements per GEGLU chunk: numpy's ~20 calls per chunk cost little against its work (2^15
-# ran 1.5x slower), and its buffers stay in the L3 cache.
+# Elements per GEGLU chunk: numpy's ~20 calls per chunk cost little against its work
+# (smaller chunks ran slower: docs/performance.md), and its buffers stay in the L3 cache.
 _GEGLU_CHUNK = 1 << 17
 
 
@@ -357,7 +294,7 @@ def _geglu_rows(hidden: np.ndarray, gate: np.ndarray, hidden_bias: np.ndarray,
         np.exp2(tail, out=tail)
         tail *= polynomial  # (1 - erf(|z|)) / 2, the normal distribution's tail beyond |g|
         # g Phi(g) = (g + |g|) / 2 - |g| tail: Phi(g) is 1 - tail for g >= 0, tail below.
-        # (Fast passes only: numpy's copysign and maximum take 5x a multiplication's time.)
+        # (Fast passes only: numpy's copysign and maximum take several multiplications' time.)
         np.abs(g, out=t)
         tail *= t
         g += t
@@ -383,7 +320,7 @@ def geglu_(hidden: mx.array, gate: mx.array, hidden_bias: mx.array,
 
 
 # Elements per layer norm chunk: numpy's ~12 calls per chunk cost little against its work
-# (2^16 ran 1.3x slower, 2^14 3x), and its rows stay in the L2 cache.
+# (smaller chunks ran slower: docs/performance.md), and its rows stay in the L2 cache.
 _LAYER_NORM_CHUNK = 1 << 18
 
 
@@ -409,7 +346,7 @@ def _layer_norm_rows(rows: np.ndarray, out: np.ndarray, weight: np.ndarray,
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
-    """Layer norm over x's last axis, into a fresh buffer: 2-2.5x faster than MLX's
+    """Layer norm over x's last axis, into a fresh buffer: faster than MLX's
     `fast.layer_norm` on the UNets' shapes, which runs on one core."""
     out = mx.contiguous(mx.zeros_like(x))
     x = mx.contiguous(x)

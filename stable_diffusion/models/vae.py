@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import AutoencoderConfig
+from ..config import AutoencoderConfig
 from .layers import Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, Upsample2D, attention
 
 EPS = 1e-6

@@ -1,16 +1,13 @@
-"""Building blocks shared by the UNet, the VAE and the text encoders.
+"""CPU subclasses of the models' layers, which `fast_cpu()` swaps in (`SUBCLASSES`).
 
-Images are NHWC (MLX convolutions are channels-last). Attribute names mirror
-diffusers' module names so that a diffusers state dict maps onto these modules
-key for key (see `weights/diffusers.py`).
-
-On the CPU, MLX evaluates exp, erf and sigmoid one element at a time (about
-50 million per second here, 20x slower than a vectorized loop), which made
-softmax, GELU and SiLU cost more than all the matmuls of a UNet step. The CPU
-paths below avoid them: activations are rational approximations fused by
-`mx.compile` into one loop (GELU 2-6x faster than MLX's), and within `fast_cpu()`
-attention and the SiLU after group norms run in numpy (`cpu_kernels.py`). GPUs
-keep MLX's own kernels.
+On the CPU, MLX evaluates exp, erf and sigmoid one element at a time, which made softmax,
+GELU and SiLU cost more than all the matmuls of a UNet step; its convolutions copy the
+image nine times (im2col); its quantized matmul and float16 matmuls miss the optimized
+BLAS. The subclasses avoid these: activations are rational approximations fused by
+`mx.compile` into one loop, or numpy kernels on all cores (`kernels.py`); 3x3 convolutions
+are shifted matmuls or Winograd's (`winograd.py`); quantized weights are dequantized as
+each layer runs. Why each path and threshold was chosen, with the measurements:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -22,20 +19,9 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_kernels, winograd
-
-
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
-
-
-def compute_dtype(weight_dtype: mx.Dtype) -> mx.Dtype:
-    """The activations' dtype for weights stored in `weight_dtype`. On the CPU it is
-    float32 whatever the weights: float16 matmuls miss the optimized BLAS there (about 50x
-    slower), so float16 and quantized weights only save memory and are converted as each
-    layer runs (the matmuls promote them)."""
-    return mx.float32 if on_cpu() else weight_dtype
-
+from ..models import layers, unet
+from . import kernels, winograd
+from .store import kept
 
 # -- activations ----------------------------------------------------------------------------
 #
@@ -75,43 +61,51 @@ def _sigmoid_rational(x: mx.array) -> mx.array:
 
 
 @partial(mx.compile, shapeless=True)
-def _silu_cpu(x: mx.array) -> mx.array:
-    return x * _sigmoid_rational(x)
-
-
-@partial(mx.compile, shapeless=True)
-def _gelu_cpu(x: mx.array) -> mx.array:
+def gelu(x: mx.array) -> mx.array:
+    """The exact (erf) GELU."""
     # erf rounds to +-1 in float32 beyond 4.
     scaled = mx.clip(x * (1 / math.sqrt(2)), -4.0, 4.0)
     return 0.5 * x * (1 + _odd_rational(scaled, _ERF_NUMERATOR, _ERF_DENOMINATOR))
 
 
 @partial(mx.compile, shapeless=True)
-def _quick_gelu_cpu(x: mx.array) -> mx.array:
+def quick_gelu(x: mx.array) -> mx.array:
     return x * _sigmoid_rational(1.702 * x)
 
 
 @mx.compile
-def geglu_cpu(hidden: mx.array, gate: mx.array, hidden_bias: mx.array,
-              gate_bias: mx.array) -> mx.array:
-    """(hidden + hidden_bias) * gelu(gate + gate_bias) in one fused pass, for the CPU."""
-    return (hidden + hidden_bias) * _gelu_cpu(gate + gate_bias)
+def geglu(hidden: mx.array, gate: mx.array, hidden_bias: mx.array,
+          gate_bias: mx.array) -> mx.array:
+    """(hidden + hidden_bias) * gelu(gate + gate_bias) in one fused pass."""
+    return (hidden + hidden_bias) * gelu(gate + gate_bias)
 
 
-def silu(x: mx.array) -> mx.array:
-    return _silu_cpu(x) if on_cpu() else nn.silu(x)
+class GELU(layers.GELU):
+    def __call__(self, x: mx.array) -> mx.array:
+        return gelu(x)
 
 
-def gelu(x: mx.array) -> mx.array:
-    """The exact (erf) GELU."""
-    return _gelu_cpu(x) if on_cpu() else nn.gelu(x)
+class QuickGELU(layers.QuickGELU):
+    def __call__(self, x: mx.array) -> mx.array:
+        return quick_gelu(x)
 
 
-def quick_gelu(x: mx.array) -> mx.array:
-    return _quick_gelu_cpu(x) if on_cpu() else x * mx.sigmoid(1.702 * x)
+class GEGLU(unet.GEGLU):
+    def __call__(self, x: mx.array) -> mx.array:
+        if not isinstance(self.proj, layers.Linear):  # quantized
+            hidden, gate = mx.split(self.proj(x), 2, axis=-1)
+            return hidden * gelu(gate)
+        # One matmul per half of the weight: contiguous halves, so the biases and the
+        # gating fuse into one pass instead of three over a strided split.
+        weights = mx.split(self.proj.weight, 2)
+        biases = mx.split(self.proj.bias, 2)
+        hidden, gate = x @ weights[0].T, x @ weights[1].T
+        if hidden.dtype == mx.float32:
+            return kernels.geglu_(hidden, gate, *biases)
+        return geglu(hidden, gate, *biases)
 
 
-# -- group norm -----------------------------------------------------------------------------
+# -- normalization --------------------------------------------------------------------------
 
 
 @mx.compile
@@ -119,34 +113,21 @@ def _normalize(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array) -> 
     return (x - mean) * scale + bias
 
 
-@mx.compile
-def _normalize_silu(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array) -> mx.array:
-    return _silu_cpu((x - mean) * scale + bias)
-
-
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm; in numpy on all cores within `fast_cpu()` (float32 activations)."""
+class LayerNorm(layers.LayerNorm):
+    """In numpy on all cores (float32 activations)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if cpu_kernels.enabled() and x.dtype == mx.float32:
-            return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        if x.dtype == mx.float32:
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
         return super().__call__(x)
 
 
-class GroupNorm(nn.GroupNorm):
-    """PyTorch-compatible group norm over NHWC images, optionally followed by SiLU.
-
-    On the CPU, MLX's version transposes the image twice to gather each group; here the
+class GroupNorm(layers.GroupNorm):
+    """MLX's group norm transposes the image twice to gather each group; here the
     statistics come from per-channel sums over the pixels (the image stays in place) and
-    one fused pass normalizes, scales and applies the SiLU: about 5x faster."""
-
-    def __init__(self, groups: int, dims: int, eps: float):
-        super().__init__(groups, dims, eps=eps, pytorch_compatible=True)
+    one fused pass normalizes and scales, the SiLU after it in numpy."""
 
     def __call__(self, x: mx.array, silu_after: bool = False) -> mx.array:
-        if not on_cpu():
-            x = super().__call__(x)
-            return nn.silu(x) if silu_after else x
         shape, channels = x.shape, x.shape[-1]
         group_size = channels // self.num_groups
         pixels = x.reshape(shape[0], -1, channels)
@@ -165,47 +146,32 @@ class GroupNorm(nn.GroupNorm):
         scale = mx.rsqrt(variance + self.eps) * self.weight
         dtype = x.dtype
         mean, scale = mean.astype(dtype), scale.astype(dtype)
-        if silu_after and cpu_kernels.enabled():
-            return cpu_kernels.silu_(_normalize(pixels, mean, scale, self.bias)).reshape(shape)
-        normalize = _normalize_silu if silu_after else _normalize
-        return normalize(pixels, mean, scale, self.bias).reshape(shape)
+        normalized = _normalize(pixels, mean, scale, self.bias)
+        return (kernels.silu_(normalized) if silu_after else normalized).reshape(shape)
 
 
 # -- attention ------------------------------------------------------------------------------
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, heads: int,
-              causal: bool = False) -> mx.array:
-    """Multi-head attention over (B, L, heads * dim) inputs; lazy unless inside
-    `fast_cpu()` on a CPU."""
-    if cpu_kernels.enabled():
-        return cpu_kernels.attention(q, k, v, heads, causal)
-    batch, q_len, width = q.shape
-    dim = width // heads
-    q, k, v = (x.reshape(batch, -1, heads, dim).transpose(0, 2, 1, 3) for x in (q, k, v))
-    # A "causal" mask instead of an additive -inf matrix: no NaN in float16.
-    out = mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=1 / math.sqrt(dim), mask="causal" if causal else None
-    )
-    return out.transpose(0, 2, 1, 3).reshape(batch, q_len, width)
+class Attention(unet.Attention):
+    def context_keys_values(self, context: mx.array) -> tuple[mx.array, mx.array]:
+        """The text context is the same at every step: within a `fast_cpu()` block its keys
+        and values are computed once."""
+        return kept(self, (context, self.to_k.weight, self.to_v.weight),
+                    lambda: super(Attention, self).context_keys_values(context))
 
 
-# -- linear and convolution -----------------------------------------------------------------
+# -- linear ---------------------------------------------------------------------------------
 
 
-class Linear(nn.Linear):
-    """nn.Linear; on the CPU the bias is added after the matmul, because MLX's addmm there
-    first copies the broadcast bias into the output: 10-25% slower on the UNet's shapes."""
+class Linear(layers.Linear):
+    """The bias added after the matmul: MLX's addmm on the CPU first copies the broadcast
+    bias into the output, which is slower on the UNet's shapes."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if "bias" in self and on_cpu():
+        if "bias" in self:
             return x @ self.weight.T + self.bias
         return super().__call__(x)
-
-    def to_quantized(self, group_size: int | None = None, bits: int | None = None,
-                     mode: str = "affine") -> QuantizedLinear:
-        """What `nn.quantize` turns this layer into."""
-        return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
 @mx.compile
@@ -213,10 +179,10 @@ def _affine(quantized: mx.array, scales: mx.array, biases: mx.array) -> mx.array
     return quantized.astype(mx.float32) * scales + biases
 
 
-def _dequantize_cpu(layer: nn.QuantizedLinear) -> mx.array:
+def dequantize(layer: nn.QuantizedLinear) -> mx.array:
     """The float32 weight of a 4- or 8-bit affine-quantized layer, in one fused pass over
-    its bytes: on the CPU 3-15x faster than mx.dequantize (which computes in the scales'
-    float16 there), and exact."""
+    its bytes: faster on the CPU than mx.dequantize (which computes in the scales' float16
+    there), and exact."""
     if layer.mode != "affine" or layer.bits not in (4, 8):
         return mx.dequantize(layer.weight, layer.scales, layer.get("biases"),
                              group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
@@ -229,21 +195,20 @@ def _dequantize_cpu(layer: nn.QuantizedLinear) -> mx.array:
     return _affine(quantized, scales, biases).reshape(rows, -1)
 
 
-class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear; on the CPU, where MLX's quantized matmul runs at about 2 GFLOP/s,
-    the weight is dequantized as the layer runs (a float32 copy freed after the matmul) and
-    multiplied by the optimized BLAS: about 90x faster, with the same memory at rest."""
+class QuantizedLinear(layers.QuantizedLinear):
+    """MLX's quantized matmul is slow on the CPU: the weight is dequantized as the layer
+    runs (a float32 copy freed after the matmul) and multiplied by the optimized BLAS, with
+    the same memory at rest."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not on_cpu():
-            return super().__call__(x)
-        y = x @ _dequantize_cpu(self).T
+        y = x @ dequantize(self).T
         return y + self.bias if "bias" in self else y
 
 
-# Pixels from which a 3x3 convolution on the CPU runs as shifted matmuls: 1.5x faster than
-# MLX's own on 64x64 latents, 10x on the UNet's 320-to-4 output convolution, up to 2x on the
-# VAE's images; on smaller images MLX's is as fast or faster.
+# -- convolution ----------------------------------------------------------------------------
+
+# Pixels from which a 3x3 convolution runs as shifted matmuls; on smaller images MLX's is
+# as fast or faster.
 _SHIFTED_CONV_MIN_PIXELS = 64 * 64
 
 
@@ -276,28 +241,25 @@ def _conv3x3_shifted(x: mx.array, weight: mx.array) -> mx.array:
     return _shifted_matmuls(_padded_rows(x), x.shape[1], x.shape[2], taps)
 
 
-# Where a 3x3 convolution on the CPU runs by Winograd (`winograd.py`), within `fast_cpu()`:
-# both channel counts at least `_WINOGRAD_MIN_CHANNELS`; F(4x4, 3x3) on images of at least
-# `_WINOGRAD_F4_MIN_PIXELS`, F(2x2, 3x3) on smaller ones of at least `_WINOGRAD_MIN_PIXELS`.
-# Per layer, against the shifted matmuls: F(4x4) 1.9-2.7x faster on the UNets' 64x64 and
-# 32x32 latents (320 and 640 channels) and the VAE's 64x64 and 128x128 images (512
-# channels), 1.2-1.5x on the VAE's 256x256 ones (256 channels); F(2x2) 1.7-1.9x on the
-# 16x16 latents' 1280 channels, where it is as fast as F(4x4) (which is faster at batch 2,
-# slower at batch 1) for less than half of its kernels' memory: 1.2 GiB for SD 1.5's UNet
-# in float32, on top of F(4x4)'s 0.9 GiB. Left out: the VAE's 128 channels (no faster), and
-# the 8x8 latents (1.1-1.4x, for another 1.7 GiB of kernels).
+# Where a 3x3 convolution runs by Winograd: both channel counts at least
+# `_WINOGRAD_MIN_CHANNELS`; F(4x4, 3x3) on images of at least `_WINOGRAD_F4_MIN_PIXELS`,
+# F(2x2, 3x3) on smaller ones of at least `_WINOGRAD_MIN_PIXELS`. F(4x4) is faster than the
+# shifted matmuls on the UNets' 64x64 and 32x32 latents and the VAE's images; on the 16x16
+# latents' 1280 channels F(2x2) is as fast for less than half of its kernels' memory. Left
+# out: the VAE's 128 channels (no faster), and the 8x8 latents (a little faster, for much
+# more kernel memory).
 _WINOGRAD_MIN_CHANNELS = 256
 _WINOGRAD_MIN_PIXELS = 16 * 16
 _WINOGRAD_F4_MIN_PIXELS = 32 * 32
 
 
-class Conv2d(nn.Conv2d):
+class Conv2d(layers.Conv2d):
     def _winograd_kernel(self, algorithm: winograd.Algorithm) -> mx.array:
         """The weight's Winograd transform, made at the layer's first call in a `fast_cpu()`
         block and kept until the block ends: 16/9 or 4 times the weight's size, too much to
         keep for good; making it at every call would cost more than the convolution saves."""
-        return cpu_kernels.kept(self, (self.weight, algorithm),
-                                lambda: winograd.transform_kernel(self.weight, algorithm))
+        return kept(self, (self.weight, algorithm),
+                    lambda: winograd.transform_kernel(self.weight, algorithm))
 
     def _winograd_algorithm(self, x: mx.array) -> winograd.Algorithm | None:
         """For a float32 image (checked by the caller) that `__call__` convolves 3x3: the
@@ -311,16 +273,15 @@ class Conv2d(nn.Conv2d):
         return winograd.F4 if pixels >= _WINOGRAD_F4_MIN_PIXELS else winograd.F2
 
     def __call__(self, x: mx.array) -> mx.array:
-        if not (on_cpu() and x.dtype == mx.float32 and self.stride == (1, 1)):
+        if not (x.dtype == mx.float32 and self.stride == (1, 1)):
             return super().__call__(x)
         shape = self.weight.shape[1:3], self.padding
         if shape == ((1, 1), (0, 0)):
-            # MLX's CPU convolution runs a 1x1 kernel 1.1-2.7x slower than the same matmul,
-            # with more memory (batch 2 of 64x64 latents, 960 -> 320 channels: 58 ms
-            # against 29; the VAE's 512x512 shortcut in a decode: 297 ms against 114).
+            # MLX's CPU convolution runs a 1x1 kernel slower than the same matmul, with
+            # more memory.
             return self._with_bias(x @ self.weight.reshape(self.weight.shape[0], -1).T)
         if shape == ((3, 3), (1, 1)):
-            algorithm = self._winograd_algorithm(x) if cpu_kernels.enabled() else None
+            algorithm = self._winograd_algorithm(x)
             if algorithm is not None:
                 return winograd.conv3x3(x, self._winograd_kernel(algorithm), self.get("bias"),
                                         algorithm)
@@ -332,59 +293,14 @@ class Conv2d(nn.Conv2d):
         return y + self.bias if "bias" in self else y
 
 
-# -- blocks ---------------------------------------------------------------------------------
-
-
-class ResnetBlock2D(nn.Module):
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        groups: int,
-        eps: float,
-        temb_channels: int | None = None,
-    ):
-        super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
-        if temb_channels is not None:
-            self.time_emb_proj = Linear(temb_channels, out_channels)
-        self.norm2 = GroupNorm(groups, out_channels, eps)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
-
-    def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        h = self.conv1(self.norm1(x, silu_after=True))
-        if temb is not None:
-            h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
-        h = self.conv2(self.norm2(h, silu_after=True))
-        shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        return shortcut + h
-
-
-class Downsample2D(nn.Module):
-    def __init__(self, channels: int, padding: int = 1):
-        super().__init__()
-        # The VAE encoder pads only right/bottom (padding=0 plus a manual pad).
-        self.asymmetric = padding == 0
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if self.asymmetric:
-            x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
-        return self.conv(x)
-
-
-# Input pixels from which the upsampling convolution runs on the small image: below, summing
-# the kernel's taps (16 weight-sized sums per call) costs more than the work it saves (at
-# 8x8x1280: 58 ms against MLX's 43; from 16x16, 1.35-2.1x faster).
+# Input pixels from which the upsampling convolution runs on the small image: below,
+# summing the kernel's taps (16 weight-sized sums per call) costs more than the work it
+# saves.
 _UPSAMPLED_CONV_MIN_PIXELS = 16 * 16
 # Upsampled pixels up to which a convolution that runs by Winograd runs on the upsampled
 # image: F(4x4, 3x3) takes 9 multiply-adds per small-image pixel and channel pair, not 16
-# (the UNets' upsamplers, batch 2: 16x16 -> 32x32 x 1280 in 104 ms, not 197; 64x64 ->
-# 128x128 x 640 in 443 ms, not 588). The VAE's larger ones gained 0-19% per layer, too
-# little to see in a decode, and raised a 512px decode's peak by 0.5-2.5 GiB.
+# (the UNets' upsamplers). The VAE's larger ones gained too little to see in a decode, and
+# raised a 512px decode's peak memory by gigabytes.
 _UPSAMPLED_WINOGRAD_MAX_PIXELS = 128 * 128
 # For each output row (column) parity, the padded input rows (columns) that a 3x3 kernel
 # after nearest 2x upsampling reads, with the kernel rows (columns) that land on each.
@@ -412,17 +328,10 @@ def _upsample2x_conv3x3(x: mx.array, weight: mx.array) -> mx.array:
     return out.transpose(2, 3, 0, 4, 1, 5).reshape(batch, 2 * height, 2 * width, -1)
 
 
-class Upsample2D(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
+class Upsample2D(layers.Upsample2D):
     def __call__(self, x: mx.array) -> mx.array:
-        batch, height, width, channels = x.shape
-        upsampled = mx.broadcast_to(x[:, :, None, :, None, :],
-                                    (batch, height, 2, width, 2, channels))
-        upsampled = upsampled.reshape(batch, height * 2, width * 2, channels)
-        if (on_cpu() and x.dtype == mx.float32 and height * width >= _UPSAMPLED_CONV_MIN_PIXELS
+        upsampled = layers.upsample_nearest(x)
+        if (x.dtype == mx.float32 and x.shape[1] * x.shape[2] >= _UPSAMPLED_CONV_MIN_PIXELS
                 and not self._by_winograd(upsampled)):
             return _upsample2x_conv3x3(x, self.conv.weight) + self.conv.bias
         return self.conv(upsampled)
@@ -430,6 +339,13 @@ class Upsample2D(nn.Module):
     def _by_winograd(self, upsampled: mx.array) -> bool:
         """For a float32 image: whether the convolution runs by Winograd on the upsampled
         image (see `_UPSAMPLED_WINOGRAD_MAX_PIXELS`)."""
-        return (cpu_kernels.enabled()
-                and upsampled.shape[1] * upsampled.shape[2] <= _UPSAMPLED_WINOGRAD_MAX_PIXELS
+        return (upsampled.shape[1] * upsampled.shape[2] <= _UPSAMPLED_WINOGRAD_MAX_PIXELS
                 and self.conv._winograd_algorithm(upsampled) is not None)
+
+
+# Each model class -> the CPU subclass that `fast_cpu()` gives its instances.
+SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    cpu_class.__base__: cpu_class
+    for cpu_class in (GELU, QuickGELU, GEGLU, LayerNorm, GroupNorm, Attention, Linear,
+                      QuantizedLinear, Conv2d, Upsample2D)
+}

@@ -1,22 +1,25 @@
-"""Build the pipeline's components from a diffusers-format folder."""
+"""Build a model's components from a diffusers-format folder."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .clip import CLIPTextModel
-from .config import AutoencoderConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, read_json
+from .. import cpu
+from ..config import AutoencoderConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, read_json
+from ..models.clip import CLIPTextModel
+from ..models.unet import UNetModel
+from ..models.vae import Autoencoder
+from ..samplers import default_sampler
+from ..tokenizer import Tokenizer
+from ..weights import diffusers as diffusers_keys
+from ..weights.files import load_weights
+from .components import Components, check_native_size
 from .hub import weight_files
-from .samplers import default_sampler
-from .tokenizer import Tokenizer
-from .unet import UNetModel
-from .vae import Autoencoder
-from .weights import diffusers as diffusers_keys
-from .weights.files import load_weights
 
 Mapping = Callable[[dict[str, mx.array]], dict[str, mx.array]]
 
@@ -57,6 +60,7 @@ def load_into(
     # convolution would otherwise copy again (CPU UNet steps were 3-13% slower).
     model.load_weights([(k, mx.contiguous(v.astype(dtype))) for k, v in weights.items()])
     model.eval()
+    cpu.track(model)  # fast_cpu() gives it the CPU paths
     return model
 
 
@@ -104,18 +108,38 @@ def load_scheduler_config(folder: Path) -> tuple[SchedulerConfig, str]:
     return SchedulerConfig.from_dict(values), default_sampler(values)
 
 
-def quantize(model: nn.Module, bits: int) -> None:
-    """Quantize the linear layers whose input width fits a supported group size."""
-
-    def group_size(module: nn.Module) -> int | None:
-        if not isinstance(module, nn.Linear):
-            return None
-        return next((g for g in (64, 32) if module.weight.shape[1] % g == 0), None)
-
-    for size in (64, 32):
-        nn.quantize(
-            model,
-            group_size=size,
-            bits=bits,
-            class_predicate=lambda _, m, size=size: group_size(m) == size,
-        )
+def load_folder(
+    folder: Path,
+    dtype: mx.Dtype,
+    *,
+    prediction_type: str | None = None,
+    image_size: int | None = None,
+) -> Components:
+    """All components of the diffusers model in `folder`, one or two text encoders as its
+    model_index.json says."""
+    model_index = read_json(folder / "model_index.json")
+    is_xl = "text_encoder_2" in model_index and model_index["text_encoder_2"][0] is not None
+    force_zeros = is_xl and model_index.get("force_zeros_for_empty_prompt", True)
+    scheduler_config, sampler = load_scheduler_config(folder / "scheduler")
+    if prediction_type is not None:
+        scheduler_config = dataclasses.replace(scheduler_config, prediction_type=prediction_type)
+    suffixes = ["", "_2"] if is_xl else [""]
+    tokenizers = [load_tokenizer(folder / f"tokenizer{suffix}") for suffix in suffixes]
+    text_encoders = [load_text_encoder(folder / f"text_encoder{s}", dtype) for s in suffixes]
+    unet = load_unet(folder / "unet", dtype)
+    vae = load_vae(folder / "vae", dtype)
+    if image_size is not None:
+        check_native_size(image_size, vae.downscale)
+    return Components(
+        path=folder,
+        architecture=None,
+        is_xl=is_xl,
+        force_zeros_for_empty_prompt=force_zeros,
+        scheduler_config=scheduler_config,
+        default_sampler=sampler,
+        native_size=image_size or unet.config.sample_size * vae.downscale,
+        tokenizers=tokenizers,
+        text_encoders=text_encoders,
+        unet=unet,
+        vae=vae,
+    )

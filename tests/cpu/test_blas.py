@@ -38,7 +38,7 @@ def test_environment_variable_turns_it_off():
 
 
 def test_without_openblas_a_cpu_build_warns_and_a_cuda_build_does_not(monkeypatch, recwarn):
-    from stable_diffusion import blas
+    from stable_diffusion.cpu import blas
 
     monkeypatch.setattr(blas, "_candidates", lambda: [])
     monkeypatch.delenv("MLX_SD_NO_OPENBLAS", raising=False)

@@ -7,6 +7,8 @@ import os
 import re
 from pathlib import Path
 
+from ..text import printable
+
 ALIASES = {
     "sdxl": "stabilityai/sdxl-turbo",
     "sd": "stabilityai/stable-diffusion-2-1-base",
@@ -61,9 +63,9 @@ def weight_files(folder: Path, prefer_float16: bool) -> list[Path]:
             shards = sorted(folder.glob(f"{stem}-*-of-*{variant}.safetensors"))
             if shards and (variant or not any(".fp16" in s.name for s in shards)):
                 return shards
-    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    found = sorted(printable(p.name) for p in folder.iterdir()) if folder.is_dir() else []
     raise ModelNotFoundError(
-        f"no .safetensors weights in {folder} (found: {', '.join(found) or 'nothing'}). "
+        f"no .safetensors weights in {printable(folder)} (found: {', '.join(found) or 'nothing'}). "
         "Only safetensors diffusers folders are supported here; convert .bin weights with "
         "diffusers' save_pretrained(safe_serialization=True)."
     )
@@ -71,22 +73,24 @@ def weight_files(folder: Path, prefer_float16: bool) -> list[Path]:
 
 def resolve_model(model: str, prefer_float16: bool = False) -> Path:
     """A local folder for `model`: an existing folder as is, else a hub repo id
-    (or alias) fetched through the Hugging Face cache."""
+    (or alias) fetched through the Hugging Face cache. Messages name `model` without its
+    terminal control sequences (it can come from a file)."""
     path = Path(model).expanduser()
+    shown = printable(path)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(
-                f"{path} is not a diffusers model folder (no model_index.json in it)."
+                f"{shown} is not a diffusers model folder (no model_index.json in it)."
             )
         return path
     if path.exists():
         raise ModelNotFoundError(
-            f"{path} is a file, not a diffusers model folder: pass a folder with "
+            f"{shown} is a file, not a diffusers model folder: pass a folder with "
             "model_index.json, or a single-file checkpoint (.safetensors or .ckpt)."
         )
     if _looks_like_a_path(model):
         raise ModelNotFoundError(
-            f"no such model folder: {path} does not exist. Check the path, or pass a hub repo "
+            f"no such model folder: {shown} does not exist. Check the path, or pass a hub repo "
             f"id (owner/name) or an alias ({', '.join(ALIASES)})."
         )
     repo_id = ALIASES.get(model, model)

@@ -11,8 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_kernels
-from .config import UNetConfig
+from ..config import UNetConfig
 from .layers import (
     Conv2d,
     Downsample2D,
@@ -22,11 +21,6 @@ from .layers import (
     ResnetBlock2D,
     Upsample2D,
     attention,
-    compute_dtype,
-    geglu_cpu,
-    gelu,
-    on_cpu,
-    silu,
 )
 
 
@@ -47,7 +41,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = Linear(time_embed_dim, time_embed_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(silu(self.linear_1(x)))
+        return self.linear_2(nn.silu(self.linear_1(x)))
 
 
 class Attention(nn.Module):
@@ -64,12 +58,12 @@ class Attention(nn.Module):
         if context is None:
             keys, values = self.to_k(x), self.to_v(x)
         else:
-            # The text context is the same at every step: within a `fast_cpu()` block its
-            # keys and values are computed once (SDXL: 4% of a step).
-            keys, values = cpu_kernels.kept(
-                self, (context, self.to_k.weight, self.to_v.weight),
-                lambda: (self.to_k(context), self.to_v(context)))
+            keys, values = self.context_keys_values(context)
         return self.to_out[0](attention(self.to_q(x), keys, values, self.heads))
+
+    def context_keys_values(self, context: mx.array) -> tuple[mx.array, mx.array]:
+        """The keys and values of a cross-attention's (text) context."""
+        return self.to_k(context), self.to_v(context)
 
 
 class GEGLU(nn.Module):
@@ -78,17 +72,8 @@ class GEGLU(nn.Module):
         self.proj = Linear(dims, hidden_dims * 2)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if on_cpu() and isinstance(self.proj, Linear):
-            # One matmul per half of the weight: contiguous halves, so the biases and the
-            # gating fuse into one pass instead of three over a strided split.
-            weights = mx.split(self.proj.weight, 2)
-            biases = mx.split(self.proj.bias, 2)
-            hidden, gate = x @ weights[0].T, x @ weights[1].T
-            if cpu_kernels.enabled() and hidden.dtype == mx.float32:
-                return cpu_kernels.geglu_(hidden, gate, *biases)
-            return geglu_cpu(hidden, gate, *biases)
         hidden, gate = mx.split(self.proj(x), 2, axis=-1)
-        return hidden * gelu(gate)
+        return hidden * nn.gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -224,15 +209,17 @@ class UNetModel(nn.Module):
         self,
         timesteps: mx.array,
         batch: int,
+        dtype: mx.Dtype,
         text_embeds: mx.array | None,
         time_ids: mx.array | None,
     ) -> mx.array:
+        """The time embedding, in the latents' `dtype` (as diffusers casts it)."""
         config = self.config
         timesteps = mx.broadcast_to(mx.array(timesteps).reshape(-1), (batch,))
         t = timestep_embedding(
             timesteps, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift
         )
-        temb = self.time_embedding(t.astype(compute_dtype(self.conv_in.weight.dtype)))
+        temb = self.time_embedding(t.astype(dtype))
         if "add_embedding" in self:
             if text_embeds is None or time_ids is None:
                 raise ValueError("This UNet (SDXL) needs text_embeds and time_ids conditioning")
@@ -255,7 +242,7 @@ class UNetModel(nn.Module):
         time_ids: mx.array | None = None,
     ) -> mx.array:
         """Predict the noise (or v) for NHWC latents `x` at `timesteps`."""
-        temb = self.time_conditioning(timesteps, x.shape[0], text_embeds, time_ids)
+        temb = self.time_conditioning(timesteps, x.shape[0], x.dtype, text_embeds, time_ids)
         context = encoder_hidden_states
 
         x = self.conv_in(x)

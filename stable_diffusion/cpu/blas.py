@@ -1,15 +1,15 @@
 """Use an optimized BLAS for MLX on Linux CPUs.
 
-The Linux `mlx[cpu]` wheel links a reference BLAS that runs matmul at about
-6 GFLOP/s. Loading OpenBLAS (from the `cmeel-openblas` wheel) with global
-symbols before `mlx.core` is imported makes MLX's BLAS calls bind to it: about
-30x faster matmuls and convolutions. Set MLX_SD_NO_OPENBLAS=1 to turn it off.
+The Linux `mlx[cpu]` wheel links a slow reference BLAS. Loading OpenBLAS (from the
+`cmeel-openblas` wheel) with global symbols before `mlx.core` is imported makes MLX's BLAS
+calls bind to it: many times faster matmuls and convolutions (docs/performance.md). Set
+MLX_SD_NO_OPENBLAS=1 to turn it off.
 
-OpenBLAS's idle threads spin for about 0.1 s after each call by default, stealing a core
-from the numpy work that runs between MLX's matmuls (`cpu_kernels`); unless
+OpenBLAS's idle threads spin for a while after each call by default, stealing a core
+from the numpy work that runs between MLX's matmuls (`kernels.py`); unless
 OPENBLAS_THREAD_TIMEOUT is set already, they go to sleep after 2^4 cycles instead.
 
-`matmul_into` and `one_thread_per_call` let `cpu_kernels.attention` call the same OpenBLAS
+`matmul_into` and `one_thread_per_call` let `kernels.attention` call the same OpenBLAS
 from several threads, one small single-threaded matmul each.
 """
 

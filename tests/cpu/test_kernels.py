@@ -1,7 +1,7 @@
-"""The CPU's eager numpy kernels (attention, SiLU, GEGLU, layer norm; opt-in with `fast_cpu()`)
-compute what the lazy default computes: parity with diffusers/transformers on
-the tiny models, same tolerance as tests/test_models.py, and with float64 on
-their own. The default never takes the eager path."""
+"""The CPU paths of `fast_cpu()` (the CPU layers, the eager numpy kernels: attention, SiLU,
+GEGLU, layer norm; Winograd convolutions) compute what the lazy default computes: parity
+with diffusers/transformers on the tiny models, same tolerance as tests/test_models.py, and
+with float64 on their own. The default never takes the eager path."""
 
 from __future__ import annotations
 
@@ -11,43 +11,57 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from stable_diffusion import blas, cpu_kernels, fast_cpu, layers, loading
+from stable_diffusion import fast_cpu
+from stable_diffusion.cpu import blas, kernels
+from stable_diffusion.loading.folder import load_text_encoder, load_unet, load_vae
+from stable_diffusion.models import layers
 from tests.conftest import FIXTURES
-from tests.test_models import assert_close, nchw, nhwc, reference
+from tests.test_models import (
+    MODELS,
+    assert_close,
+    assert_unet_matches,
+    assert_vae_matches,
+    reference,
+)
 
 
-@pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
-def test_eager_attention_matches_reference(model):
+@pytest.mark.parametrize("model", MODELS)
+def test_cpu_paths_match_reference(model):
+    """Every model within `fast_cpu()` (its CPU layers, Winograd at the real thresholds)."""
     ref = reference(model)
     folder = FIXTURES / "models" / model
-    encoder = loading.load_text_encoder(folder / "text_encoder", mx.float32)
-    unet = loading.load_unet(folder / "unet", mx.float32)
-    vae = loading.load_vae(folder / "vae", mx.float32)
-    extra = {}
-    if model == "tiny-sdxl":
-        extra = {
-            "text_embeds": mx.array(ref["unet.text_embeds"]),
-            "time_ids": mx.array(ref["unet.time_ids"]),
-        }
+    names = ["text_encoder", "text_encoder_2"] if model == "tiny-sdxl" else ["text_encoder"]
+    encoders = [load_text_encoder(folder / name, mx.float32) for name in names]
+    unet = load_unet(folder / "unet", mx.float32)
+    vae = load_vae(folder / "vae", mx.float32)
     with mx.stream(mx.cpu), fast_cpu():
-        hidden = encoder(mx.array(ref["text_encoder.input_ids"])).last_hidden_state
-        noise = unet(
-            nhwc(ref["unet.latents"]),
-            mx.array(ref["unet.timesteps"]),
-            mx.array(ref["unet.context"]),
-            **extra,
-        )
-        decoded = vae.decode(nhwc(ref["unet.latents"]))
-    assert_close(hidden, ref["text_encoder.last_hidden_state"])
-    assert_close(mx.array(nchw(noise)), ref["unet.output"])
-    assert_close(mx.array(nchw(decoded)), ref["vae.decoded"])
+        for name, encoder in zip(names, encoders, strict=True):
+            output = encoder(mx.array(ref[f"{name}.input_ids"]))
+            assert_close(output.last_hidden_state, ref[f"{name}.last_hidden_state"])
+            assert_close(output.penultimate_hidden_state,
+                         ref[f"{name}.penultimate_hidden_state"])
+            assert_close(output.pooled, ref[f"{name}.pooled"])
+        assert_unet_matches(model, ref, unet)
+        assert_vae_matches(model, ref, vae)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_by_winograd_matches_diffusers(model, winograd_everywhere):
+    """Every convolution by Winograd (each algorithm in turn), UNet and VAE."""
+    ref = reference(model)
+    unet = load_unet(FIXTURES / "models" / model / "unet", mx.float32)
+    vae = load_vae(FIXTURES / "models" / model / "vae", mx.float32)
+    with mx.stream(mx.cpu), fast_cpu(unet, vae):
+        assert_unet_matches(model, ref, unet)
+        assert_vae_matches(model, ref, vae)
+    assert winograd_everywhere, "no convolution ran by Winograd"
 
 
 def test_default_attention_stays_lazy(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the eager attention ran outside fast_cpu()")
 
-    monkeypatch.setattr(cpu_kernels, "attention", refuse)
+    monkeypatch.setattr(kernels, "attention", refuse)
     q = mx.random.normal((1, 16, 8))
     out = layers.attention(q, q, q, heads=2)
     with fast_cpu():
@@ -60,7 +74,7 @@ def test_text_context_projected_once_per_block(monkeypatch):
     """Within a `fast_cpu()` block a cross-attention projects a text context once, and
     again for another context array or after its key or value weights are replaced (a LoRA
     merge); outside a block, at every call. Each output matches the lazy default's."""
-    from stable_diffusion.unet import Attention
+    from stable_diffusion.models.unet import Attention
 
     attention = Attention(8, heads=2, context_dims=6)
     projections = []
@@ -79,7 +93,7 @@ def test_text_context_projected_once_per_block(monkeypatch):
 
     expected = attention(x, context)
     assert len(projections) == 2
-    with mx.stream(mx.cpu), fast_cpu():
+    with mx.stream(mx.cpu), fast_cpu(attention):
         for _ in range(3):
             assert_same(attention(x, context), expected)
         assert len(projections) == 4
@@ -90,7 +104,7 @@ def test_text_context_projected_once_per_block(monkeypatch):
         assert len(projections) == 8
     assert_same(merged, attention(x, context))
     assert len(projections) == 10
-    with mx.stream(mx.cpu), fast_cpu():
+    with mx.stream(mx.cpu), fast_cpu(attention):
         attention(x, context)
     assert len(projections) == 12
 
@@ -116,11 +130,11 @@ def shifted(request, monkeypatch) -> bool:
     """Each test once with the scores shifted by a bound (as on long key sequences), once by
     each row's max (as on short ones)."""
     shifted = request.param == "shifted"
-    monkeypatch.setattr(cpu_kernels, "_SHIFTED_MIN_KEYS", 1 if shifted else 10**9)
+    monkeypatch.setattr(kernels, "_SHIFTED_MIN_KEYS", 1 if shifted else 10**9)
     ran = []
     for name in ("_attend", "_attend_exactly"):
-        kernel = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name,
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
                             lambda *a, name=name, kernel=kernel: ran.append(name) or kernel(*a))
     yield shifted
     assert set(ran) == {"_attend" if shifted else "_attend_exactly"}
@@ -134,13 +148,13 @@ def shifted(request, monkeypatch) -> bool:
 def test_blocked_cpu_attention_matches_float64(monkeypatch, shifted, causal, block_rows,
                                                openblas):
     q_len = k_len = 23
-    monkeypatch.setattr(cpu_kernels, "_SCORE_BLOCK_ELEMENTS", block_rows * k_len)
+    monkeypatch.setattr(kernels, "_SCORE_BLOCK_ELEMENTS", block_rows * k_len)
     if not openblas:
         monkeypatch.setattr(blas, "_openblas", None)
     rng = np.random.default_rng(0)
     q, k, v = (3 * rng.standard_normal((2, n, 12), np.float32) for n in (q_len, k_len, k_len))
     with mx.stream(mx.cpu):
-        out = cpu_kernels.attention(mx.array(q), mx.array(k), mx.array(v), 3, causal)
+        out = kernels.attention(mx.array(q), mx.array(k), mx.array(v), 3, causal)
     expected = softmax_attention_float64(q, k, v, 3, causal)
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
 
@@ -161,11 +175,11 @@ def test_cpu_attention_with_extreme_scores_matches_float64(monkeypatch, shifted,
     q[0, 1::2, 1] = 30
     v = rng.standard_normal((1, length, dim)).astype(np.float32)
     recomputed = []
-    exactly = cpu_kernels._exponentiate_exactly
-    monkeypatch.setattr(cpu_kernels, "_exponentiate_exactly",
+    exactly = kernels._exponentiate_exactly
+    monkeypatch.setattr(kernels, "_exponentiate_exactly",
                         lambda s: recomputed.append(s.size // s.shape[-1]) or exactly(s))
     with mx.stream(mx.cpu):
-        out = cpu_kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, causal)
+        out = kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, causal)
     expected = softmax_attention_float64(q, k, v, 1, causal)
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
     assert sum(recomputed) == (length // 2 if shifted else length)
@@ -217,16 +231,16 @@ def test_numpy_silu_matches_float64():
     # Over several chunks and threads, with the tails where exp(-x) overflows.
     rng = np.random.default_rng(1)
     x = np.concatenate([[-1000.0, -89.0, -20.0, 0.0, 20.0, 1000.0],
-                        10 * rng.standard_normal(3 * cpu_kernels._SILU_CHUNK + 7)])
+                        10 * rng.standard_normal(3 * kernels._SILU_CHUNK + 7)])
     x = x.astype(np.float32)
     with mx.stream(mx.cpu):
-        out = np.array(cpu_kernels.silu_(mx.array(x) + 0))
+        out = np.array(kernels.silu_(mx.array(x) + 0))
     with np.errstate(over="ignore"):
         expected = x / (1 + np.exp(-x.astype(np.float64)))
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 3 * cpu_kernels._GEGLU_CHUNK // 96 + 5])
+@pytest.mark.parametrize("rows", [1, 7, 3 * kernels._GEGLU_CHUNK // 96 + 5])
 def test_numpy_geglu_matches_float64(rows):
     # Rows over several chunks and threads (or fewer rows than cores); gates from far in
     # both tails through 0.
@@ -236,7 +250,7 @@ def test_numpy_geglu_matches_float64(rows):
     gate *= np.linspace(0.1, 12, width, dtype=np.float32)
     hidden_bias, gate_bias = (rng.standard_normal(width).astype(np.float32) for _ in range(2))
     with mx.stream(mx.cpu):
-        out = np.array(cpu_kernels.geglu_(mx.array(hidden) + 0, mx.array(gate),
+        out = np.array(kernels.geglu_(mx.array(hidden) + 0, mx.array(gate),
                                           mx.array(hidden_bias), mx.array(gate_bias)))
     gate64 = gate.astype(np.float64) + gate_bias
     erf = np.frompyfunc(math.erf, 1, 1)
@@ -246,7 +260,7 @@ def test_numpy_geglu_matches_float64(rows):
     assert np.abs(out - expected).max() <= 5e-7 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("rows", [1, 7, 3 * cpu_kernels._LAYER_NORM_CHUNK // 40 + 5])
+@pytest.mark.parametrize("rows", [1, 7, 3 * kernels._LAYER_NORM_CHUNK // 40 + 5])
 @pytest.mark.parametrize("offset", [0, 10])
 def test_numpy_layer_norm_matches_float64(monkeypatch, rows, offset):
     """Rows over several chunks and threads (or fewer rows than cores), of scales from 0.01
@@ -260,11 +274,11 @@ def test_numpy_layer_norm_matches_float64(monkeypatch, rows, offset):
     layer = layers.LayerNorm(width, eps=1e-5)
     layer.weight, layer.bias = mx.array(weight), mx.array(bias)
     ran = []
-    kernel = cpu_kernels.layer_norm
-    monkeypatch.setattr(cpu_kernels, "layer_norm", lambda *a: ran.append(1) or kernel(*a))
+    kernel = kernels.layer_norm
+    monkeypatch.setattr(kernels, "layer_norm", lambda *a: ran.append(1) or kernel(*a))
     with mx.stream(mx.cpu):
         mlx_own = np.array(layer(mx.array(x)))
-        with fast_cpu():
+        with fast_cpu(layer):
             out = np.array(layer(mx.array(x)))
     assert len(ran) == 1
     x64 = x.astype(np.float64)

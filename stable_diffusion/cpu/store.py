@@ -1,0 +1,50 @@
+"""What a `fast_cpu()` block keeps from call to call: values too large to keep for good,
+too costly to make at every call (Winograd kernels, the text context's keys and values)."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+# The current `fast_cpu()` block's store; None outside one.
+_BLOCK_STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fast_cpu",
+                                                                         default=None)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    sources: tuple[object, ...]
+    value: object
+
+
+@contextmanager
+def block() -> Iterator[None]:
+    """A store of its own for this block, freed at its end."""
+    token = _BLOCK_STORE.set({})
+    try:
+        yield
+    finally:
+        _BLOCK_STORE.reset(token)
+
+
+def in_block() -> bool:
+    return _BLOCK_STORE.get() is not None
+
+
+def kept(owner: object, sources: tuple[object, ...], make: Callable[[], T]) -> T:
+    """`make()`, kept for `owner` until the `fast_cpu()` block ends, as long as the arrays
+    (or other objects) it is made from (`sources`) stay the same objects: made again when one
+    is replaced (a LoRA merge, a new text context). Outside a block, made at every call."""
+    store = _BLOCK_STORE.get()
+    if store is None:
+        return make()
+    entry = store.get(id(owner))
+    if (entry is None or len(entry.sources) != len(sources)
+            or any(old is not new for old, new in zip(entry.sources, sources, strict=True))):
+        # The entry holds its sources, so no new array can take their ids meanwhile.
+        entry = store[id(owner)] = _Kept(sources, make())
+    return entry.value

@@ -1,0 +1,188 @@
+"""A txt2img or img2img request as a job: batches, seeds, LoRAs, PNGs and A1111's `info`.
+
+`plan` runs in the request's thread and checks everything that can be checked without the
+model; `run` runs on the worker thread."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from ..images import GenerationParameters, save_images, validate_size
+from . import names
+from .catalog import Catalog, lora_hash
+from .engine import Engine, Generation
+from .jobs import Cancelled, Job
+from .models import Img2ImgRequest, Txt2ImgRequest
+
+_PARAMETERS_KEY = "parameters"  # A1111's PNG text chunk, as images.save_images writes it
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked request; what depends on the model (defaults) is resolved by `run`."""
+
+    kind: str  # "txt2img" or "img2img"
+    prompt: str  # as typed, LoRA tags included: what the parameters record (as A1111)
+    text: str  # the prompt as encoded
+    negative_prompt: str
+    loras: tuple[tuple[Path, float], ...]
+    sampler_name: str | None
+    scheduler: str | None
+    seed: int
+    batch_size: int
+    n_iter: int
+    steps: int | None
+    cfg_scale: float | None
+    width: int | None
+    height: int | None
+    image: np.ndarray | None = None
+    strength: float | None = None
+    send_images: bool = True
+    save_images: bool = False
+
+
+def plan(
+    request: Txt2ImgRequest | Img2ImgRequest,
+    catalog: Catalog,
+    default_sampler: str,
+    image: np.ndarray | None = None,
+) -> Plan:
+    """Raises ValueError with a message for the client."""
+    text, tags = names.split_lora_tags(request.prompt)
+    loras = tuple((catalog.find_lora(tag.name).path, tag.weight) for tag in tags)
+    # Checked now with the current model's default; resolved again when the job runs.
+    names.resolve_sampler(request.sampler(), request.scheduler, default_sampler)
+    if image is None:
+        sizes = [request.width, request.height]
+        if any(size is not None for size in sizes):
+            validate_size(*(8 if size is None else size for size in sizes))
+    return Plan(
+        kind="txt2img" if image is None else "img2img",
+        prompt=request.prompt,
+        text=text,
+        negative_prompt=request.negative_prompt,
+        loras=loras,
+        sampler_name=request.sampler(),
+        scheduler=request.scheduler,
+        seed=request.seed if request.seed >= 0 else secrets.randbits(31),
+        batch_size=request.batch_size,
+        n_iter=request.n_iter,
+        steps=request.steps,
+        cfg_scale=request.cfg_scale,
+        width=request.width if image is None else image.shape[-2],
+        height=request.height if image is None else image.shape[-3],
+        image=image,
+        strength=getattr(request, "denoising_strength", None) if image is not None else None,
+        send_images=request.send_images,
+        save_images=request.save_images,
+    )
+
+
+def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[str], dict]:
+    """(base64 PNGs, A1111's info) for `plan`. Image i of the run has seed seed + i, as in
+    A1111 and `txt2image.py --n_images`: batch k's image j uses seed + k * batch_size + j."""
+    engine.use_loras(plan.loras)
+    defaults = engine.defaults
+    sampler = names.resolve_sampler(plan.sampler_name, plan.scheduler, defaults.sampler)
+    steps = plan.steps or defaults.steps
+    cfg = defaults.cfg if plan.cfg_scale is None else plan.cfg_scale
+    width = plan.width or defaults.width
+    height = plan.height or defaults.height
+    # The LoRAs stay in the prompt as typed; A1111 adds their hashes (civitai reads them).
+    extras = ()
+    if plan.loras:
+        hashes = (f"{path.stem}: {lora_hash(path)}" for path, _ in plan.loras)
+        extras = (("Lora hashes", ", ".join(hashes)),)
+    images, infotexts, seeds = [], [], []
+    for batch in range(plan.n_iter):
+        if job.interrupted:
+            break
+        job.start_batch(batch, plan.n_iter)
+        seed = plan.seed + batch * plan.batch_size
+        generation = Generation(
+            text=plan.text,
+            # The scripts pass no negative prompt when none is given (SDXL then uses zeros).
+            negative_text=plan.negative_prompt or None,
+            steps=steps,
+            cfg=cfg,
+            sampler=sampler,
+            seed=seed,
+            n_images=plan.batch_size,
+            width=width,
+            height=height,
+            image=plan.image,
+            strength=plan.strength or 0.0,
+        )
+        latents = engine.denoise(generation, job.step)
+        if job.cancelled:
+            raise Cancelled
+        pixels = engine.decode(latents)
+        for index, image in enumerate(pixels):
+            parameters = GenerationParameters(
+                prompt=plan.prompt,
+                negative_prompt=plan.negative_prompt,
+                steps=steps,
+                sampler=sampler,
+                cfg_scale=cfg,
+                seed=seed + index,
+                width=width,
+                height=height,
+                model=engine.model_title,
+                strength=plan.strength,
+                extras=extras,
+            )
+            text = parameters.to_text()
+            if plan.save_images:
+                path = output_dir / f"{plan.kind}-{seed + index}.png"
+                save_images(image[None], path, parameters)
+            if plan.send_images:
+                images.append(base64.b64encode(png_bytes(image, text)).decode("ascii"))
+            infotexts.append(text)
+            seeds.append(seed + index)
+    info = {
+        "prompt": plan.prompt,
+        "all_prompts": [plan.prompt] * len(seeds),
+        "negative_prompt": plan.negative_prompt,
+        "all_negative_prompts": [plan.negative_prompt] * len(seeds),
+        "seed": plan.seed,
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0,
+        "width": width,
+        "height": height,
+        "sampler_name": names.display_name(sampler),
+        "cfg_scale": cfg,
+        "steps": steps,
+        "batch_size": plan.batch_size,
+        "denoising_strength": plan.strength,
+        "sd_model_name": engine.model_title,
+        "loras": [[path.stem, weight] for path, weight in plan.loras],
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "interrupted": job.interrupted,
+    }
+    return images, info
+
+
+def png_bytes(image: np.ndarray, parameters_text: str) -> bytes:
+    """A (H, W, 3) uint8 image as PNG bytes with the ``parameters`` chunk: the same pixels
+    and text as `images.save_images` writes."""
+    pixels = image
+    info = PngImagePlugin.PngInfo()
+    info.add_text(_PARAMETERS_KEY, parameters_text.encode("utf-8", "backslashreplace").decode())
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def info_json(info: dict) -> str:
+    return json.dumps(info, ensure_ascii=False)
