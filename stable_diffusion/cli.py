@@ -517,14 +517,17 @@ def save(
     output: Path,
     parameters: list[GenerationParameters],
 ) -> None:
-    paths = save_images(
-        images,
-        output,
-        parameters,
-        n_rows=args.n_rows,
-        overwrite=args.overwrite,
-        save_individual=args.save_individual,
-    )
+    try:
+        paths = save_images(
+            images,
+            output,
+            parameters,
+            n_rows=args.n_rows,
+            overwrite=args.overwrite,
+            save_individual=args.save_individual,
+        )
+    except ValueError as e:  # a full disk or an I/O error: nothing partial was left
+        raise SystemExit(f"error: {e}") from None
     for path in paths:
         print(f"Saved {printable(path)}")
 

@@ -5,10 +5,11 @@ architectures, which single-file checkpoints need because they carry no config."
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from . import limits
 
 T = TypeVar("T")
 
@@ -27,11 +28,32 @@ def _from_dict(cls: type[T], values: dict[str, Any]) -> T:
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download the model.") from e
+    """A config file's JSON object, within the budgets of `limits.read_json`."""
+    values = limits.read_json(path, "config")
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} is not a JSON object; re-download the model.")
+    return values
+
+
+def _check_range(config: str, values: object, ranges: dict[str, tuple[float, float]]) -> None:
+    """Refuse fields (of the dataclass `values`) outside [low, high]: an integer field when
+    both bounds are ints, else any finite number. Absurd values would otherwise allocate
+    without bound (a 1e13-step noise schedule) or overflow. None (unset) passes; tuples are
+    checked element by element."""
+    for name, (low, high) in ranges.items():
+        value = getattr(values, name)
+        integer = isinstance(low, int) and isinstance(high, int)
+        for item in value if isinstance(value, tuple) else (value,):
+            if item is None:
+                continue
+            kinds = int if integer else (int, float)
+            # NaN fails the comparison, infinities the bounds.
+            if isinstance(item, bool) or not isinstance(item, kinds) or not low <= item <= high:
+                kind = "an integer" if integer else "a number"
+                raise ValueError(
+                    f"{config} config: {name} is {value!r}, expected {kind} in [{low}, {high}]; "
+                    "the config file is damaged or not for this model"
+                )
 
 
 def _per_block(value: int | tuple[int, ...], n_blocks: int, name: str) -> tuple[int, ...]:
@@ -57,6 +79,23 @@ class TextEncoderConfig:
     projection_dim: int = 768
     eos_token_id: int = 2
     with_projection: bool = False
+
+    def __post_init__(self) -> None:
+        _check_range(
+            "Text encoder",
+            self,
+            {
+                "vocab_size": (1, 1_000_000),
+                "hidden_size": (1, 16384),
+                "intermediate_size": (1, 65536),
+                "num_hidden_layers": (1, 256),
+                "num_attention_heads": (1, 1024),
+                "max_position_embeddings": (2, limits.MAX_SEQUENCE_LENGTH),
+                "layer_norm_eps": (0.0, 1.0),
+                "projection_dim": (1, 16384),
+                "eos_token_id": (0, self.vocab_size - 1),
+            },
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TextEncoderConfig:
@@ -101,7 +140,29 @@ class UNetConfig:
     sample_size: int = 64
 
     def __post_init__(self) -> None:
+        _check_range(
+            "UNet",
+            self,
+            {
+                "in_channels": (1, 64),
+                "out_channels": (1, 64),
+                "block_out_channels": (1, 8192),
+                "layers_per_block": (1, 16),
+                "cross_attention_dim": (1, 16384),
+                "attention_head_dim": (1, 1024),
+                "num_attention_heads": (1, 1024),
+                "transformer_layers_per_block": (1, 64),
+                "norm_num_groups": (1, 1024),
+                "norm_eps": (0.0, 1.0),
+                "freq_shift": (0, 16),
+                "addition_time_embed_dim": (1, 16384),
+                "projection_class_embeddings_input_dim": (1, 65536),
+                "sample_size": (1, 1024),
+            },
+        )
         n = len(self.block_out_channels)
+        if not 1 <= n <= 8:
+            raise ValueError(f"UNet config: {n} blocks in block_out_channels, expected 1 to 8")
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError("UNet config: block types do not match block_out_channels")
         known = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
@@ -152,6 +213,25 @@ class AutoencoderConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     sample_size: int = 512
+
+    def __post_init__(self) -> None:
+        _check_range(
+            "VAE",
+            self,
+            {
+                "in_channels": (1, 64),
+                "out_channels": (1, 64),
+                "latent_channels": (1, 64),
+                "block_out_channels": (1, 8192),
+                "layers_per_block": (1, 16),
+                "norm_num_groups": (1, 1024),
+                "scaling_factor": (1e-6, 1e3),
+                "shift_factor": (-1e3, 1e3),
+                "sample_size": (1, 16384),
+            },
+        )
+        if not 1 <= len(self.block_out_channels) <= 8:
+            raise ValueError("VAE config: block_out_channels must have 1 to 8 entries")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> AutoencoderConfig:
@@ -205,6 +285,25 @@ class SchedulerConfig:
     timestep_scaling: float | None = None
 
     def __post_init__(self) -> None:
+        # Ranges, where given; a missing key takes the sampler's default (`resolved`), for
+        # num_train_timesteps 1000 in every diffusers scheduler.
+        total = self.num_train_timesteps or 1000
+        _check_range(
+            "Scheduler",
+            self,
+            {
+                # The schedule tables have one entry per training step (real models: 1000).
+                "num_train_timesteps": (1, 100_000),
+                "beta_start": (0.0, 1.0),
+                "beta_end": (0.0, 1.0),
+                "steps_offset": (0, total),
+                "original_inference_steps": (1, total),
+                "timestep_scaling": (0.0, 1e4),
+                "clip_sample_range": (0.0, 1e4),
+                "sigma_min": (0.0, 1e6),
+                "sigma_max": (0.0, 1e6),
+            },
+        )
         self._check(("beta_schedule", "prediction_type", "timestep_spacing"))
 
     def _check(self, names: Iterable[str]) -> None:

@@ -9,10 +9,13 @@ and ``-i`` for images keep one run's names from ever being another run's.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import math
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
+from . import limits
+from .limits import MAX_INPUT_PIXELS
 from .parameters import GenerationParameters
 
 __all__ = [
@@ -36,14 +41,16 @@ __all__ = [
     "validate_size",
 ]
 
-# Inputs above this are refused before decoding: far beyond what Stable Diffusion can
-# use, and kept below PIL's own 89.5 MP decompression-bomb warning.
-MAX_INPUT_PIXELS = 8192 * 8192
-
 _PARAMETERS_KEY = "parameters"  # A1111's PNG text chunk
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# UTF-8 takes at most 4 bytes a character.
+_MAX_PARAMETERS_BYTES = 4 * limits.MAX_PARAMETERS_TEXT
 # Pillow opens 16-bit grayscale as "I;16*", or as "I" in older versions.
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# The process's umask can only be read by setting it; done once, before any thread starts.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def validate_size(width: int, height: int, multiple: int = 8) -> None:
@@ -161,14 +168,18 @@ def save_images(
 
 
 def read_parameters(path: str | os.PathLike[str]) -> GenerationParameters:
-    """The generation parameters stored in an image by `save_images` (or A1111)."""
-    with _open_image(path) as image:
+    """The generation parameters stored in an image by `save_images` (or A1111).
+
+    Only the metadata is read, never the pixels: for a PNG its chunks are walked (text
+    placed after the image data too), for other formats PIL's header."""
+    if _is_png(path):
         try:
-            # `.text` also reads text chunks placed after the image data.
-            chunks = image.text if isinstance(image, PngImagePlugin.PngImageFile) else image.info
-            text = chunks.get(_PARAMETERS_KEY)
-        except Exception as e:  # PIL reports corrupt data with many exception types
+            text = _png_text(Path(path), _PARAMETERS_KEY)
+        except (ValueError, OSError) as e:
             raise ValueError(f"{path}: cannot read the image metadata ({e})") from None
+    else:
+        with _open_image(path) as image:
+            text = image.info.get(_PARAMETERS_KEY)
     if not isinstance(text, str):
         raise ValueError(
             f"{path} has no generation parameters (no '{_PARAMETERS_KEY}' PNG text chunk)"
@@ -221,6 +232,79 @@ def load_image(
         )
     pixels = np.asarray(rgb, dtype=np.float32) / 255.0
     return pixels, "; ".join(notes) or None
+
+
+def _is_png(path: str | os.PathLike[str]) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(8) == _PNG_SIGNATURE
+    except OSError:
+        return False  # _open_image names the problem
+
+
+def _png_text(path: Path, keyword: str) -> str | None:
+    """The last tEXt/zTXt/iTXt chunk named `keyword` (PIL keeps the last one too), read
+    chunk by chunk: the image data is skipped, and the text is limited to
+    `_MAX_PARAMETERS_BYTES` before it is read or decompressed."""
+    text = None
+    with path.open("rb") as file:
+        if file.read(8) != _PNG_SIGNATURE:
+            raise ValueError("not a PNG file")
+        for _ in range(limits.MAX_PNG_CHUNKS):
+            head = file.read(8)
+            if len(head) < 8 or head[4:] == b"IEND":
+                return text  # a truncated file keeps the text read so far, as PIL does
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+                file.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+                continue
+            # The keyword (79 bytes at most) and the compression fields come first.
+            if length > _MAX_PARAMETERS_BYTES + 100:
+                name = file.read(80).partition(b"\0")[0]
+                if name == keyword.encode("latin-1"):
+                    raise ValueError(_too_long(keyword, length))
+                file.seek(length + 4 - min(length, 80), os.SEEK_CUR)
+                continue
+            data = file.read(length)
+            file.seek(4, os.SEEK_CUR)
+            name, _, body = data.partition(b"\0")
+            if name == keyword.encode("latin-1"):
+                text = _decode_text_chunk(kind, body, keyword)
+    raise ValueError(f"more than {limits.MAX_PNG_CHUNKS:,} PNG chunks; the file is damaged")
+
+
+def _decode_text_chunk(kind: bytes, body: bytes, keyword: str) -> str:
+    if kind == b"tEXt":
+        return body.decode("latin-1")
+    if kind == b"zTXt":  # compression method, then zlib data
+        return _inflate(body[1:], keyword).decode("latin-1")
+    # iTXt: compression flag and method, language tag, translated keyword, then the text.
+    compressed = body[:1] == b"\1"
+    _language, _, rest = body[2:].partition(b"\0")
+    _translated, _, raw = rest.partition(b"\0")
+    raw = _inflate(raw, keyword) if compressed else raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"the {keyword!r} text is not UTF-8") from None
+
+
+def _inflate(data: bytes, keyword: str) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data, _MAX_PARAMETERS_BYTES + 1)
+    except zlib.error as e:
+        raise ValueError(f"the {keyword!r} text is corrupt ({e})") from None
+    if len(raw) > _MAX_PARAMETERS_BYTES:
+        raise ValueError(_too_long(keyword, len(raw)))
+    return raw
+
+
+def _too_long(keyword: str, size: int) -> str:
+    return (
+        f"its {keyword!r} text has over {size:,} bytes, more than generation parameters "
+        f"need ({limits.MAX_PARAMETERS_TEXT:,} characters at most)"
+    )
 
 
 def _open_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -310,24 +394,80 @@ def save_image(
 def _write_png(
     pixels: np.ndarray, parameters: GenerationParameters, path: Path, overwrite: bool
 ) -> Path:
+    """Write the PNG atomically: into a temporary file in the target folder, flushed to
+    disk, then moved into place, so that a full disk or an I/O error leaves no partial file
+    and never damages the file `overwrite` replaces. Raises ValueError saying what failed."""
     info = PngImagePlugin.PngInfo()
     # Lone surrogates (e.g. from undecodable command-line bytes) cannot be stored as UTF-8;
     # escape them rather than lose the image.
     text = parameters.to_text().encode("utf-8", "backslashreplace").decode("utf-8")
     info.add_text(_PARAMETERS_KEY, text)  # tEXt, or iTXt beyond Latin-1, as A1111 does
     image = Image.fromarray(pixels)
-    if overwrite:
-        image.save(path, format="PNG", pnginfo=info)
-        return path
-    # Exclusive creation: if another process took the name since it was checked, move on
-    # to the next free one instead of overwriting.
-    candidates = _candidate_names(path)
-    while True:
-        candidate = next(candidates)
+    try:
+        descriptor, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.stem}-", suffix=".png.partial"
+        )
+    except OSError as e:
+        raise _save_error(path, e) from None
+    try:
+        os.fchmod(descriptor, 0o666 & ~_UMASK)  # mkstemp's 0o600 would hide the image
+        with os.fdopen(descriptor, "wb") as file:
+            image.save(file, format="PNG", pnginfo=info)
+            file.flush()
+            os.fsync(file.fileno())
+        if overwrite:
+            os.replace(temporary, path)
+            final = path
+        else:
+            final = _move_to_free_name(temporary, path)
+        _sync_directory(path.parent)
+    except BaseException as e:  # KeyboardInterrupt too: never leave the partial file
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(e, OSError):
+            raise _save_error(path, e) from None
+        raise
+    return final
+
+
+def _move_to_free_name(temporary: str, path: Path) -> Path:
+    """Give the finished file the first free name from `path` on. A hard link fails if the
+    name exists, so a name another process took since it was checked is never overwritten;
+    where hard links are not supported, the name is reserved by exclusive creation first."""
+    for candidate in _candidate_names(path):
         try:
-            f = open(candidate, "xb")  # noqa: SIM115 - closed by the `with` below
+            os.link(temporary, candidate)
         except FileExistsError:
             continue
-        with f:
-            image.save(f, format="PNG", pnginfo=info)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            try:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                continue
+            os.replace(temporary, candidate)
+            return candidate
+        os.unlink(temporary)
         return candidate
+    raise AssertionError("unreachable: _candidate_names is endless")
+
+
+def _sync_directory(directory: Path) -> None:
+    # The rename is durable only once the directory is on disk too; not every system can
+    # open a directory for that, and the file itself is already complete.
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _save_error(path: Path, error: OSError) -> ValueError:
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason += "; free some space, or save elsewhere with --output"
+    return ValueError(
+        f"cannot save {path}: {reason}. Nothing was written, and any existing file is intact."
+    )

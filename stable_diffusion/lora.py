@@ -21,7 +21,6 @@ Without an alpha, alpha = rank (scale 1), as in kohya and diffusers.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -31,6 +30,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import limits
 from .config import UNetConfig
 from .weights import original
 from .weights.files import load_weights
@@ -69,6 +69,7 @@ _SGM_FLAT = re.compile(
 )
 _SGM_RESNET_PART = re.compile(r"(in_layers|out_layers|emb_layers)_(\d+)")
 _METADATA_KEY = "lora_adapter_metadata"
+_MAX_ALPHA = 1e6
 
 
 @dataclass
@@ -92,10 +93,17 @@ def _examples(names: list[str], n: int = 3) -> str:
 def _scalar(path: Path, name: str, value: mx.array) -> float:
     if value.size != 1:
         raise ValueError(f"{path}: alpha {name} has shape {value.shape}, expected one number")
-    alpha = value.astype(mx.float32).item()
-    if not math.isfinite(alpha):
-        raise ValueError(f"{path}: alpha {name} is {alpha}")
-    return alpha
+    return _checked_alpha(value.astype(mx.float32).item(), f"{path}: alpha {name}")
+
+
+def _checked_alpha(alpha: object, what: str) -> float:
+    # alpha / rank scales the update; real alphas are at most a few thousand, and anything
+    # near float32's range would only overflow the merged weights.
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{what} is {alpha!r}, not a number")
+    if not (math.isfinite(alpha) and abs(alpha) <= _MAX_ALPHA):
+        raise ValueError(f"{what} is {alpha}, outside [-{_MAX_ALPHA:g}, {_MAX_ALPHA:g}]")
+    return float(alpha)
 
 
 def _peft_metadata(path: Path) -> dict:
@@ -104,14 +112,11 @@ def _peft_metadata(path: Path) -> dict:
     if path.suffix.lower() != ".safetensors":
         return {}
     with path.open("rb") as file:
-        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+        header = limits.parse_json(file.read(int.from_bytes(file.read(8), "little")), str(path))
     raw = (header.get("__metadata__") or {}).get(_METADATA_KEY)
     if raw is None:
         return {}
-    try:
-        metadata = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: unreadable {_METADATA_KEY} ({e})") from None
+    metadata = limits.parse_json(raw, f"{path}: {_METADATA_KEY}")
     if not isinstance(metadata, dict):
         raise ValueError(f"{path}: {_METADATA_KEY} is not a JSON object")
     return metadata
@@ -154,9 +159,9 @@ def _alpha_from_metadata(metadata: dict, component: str, name: str) -> float | N
         raise ValueError("alpha_pattern is not an object")
     for pattern, alpha in patterns.items():
         if name == pattern or name.endswith("." + pattern):
-            return float(alpha)
+            return _checked_alpha(alpha, f"alpha_pattern {pattern!r}")
     alpha = metadata.get(f"{component}.lora_alpha")
-    return None if alpha is None else float(alpha)
+    return None if alpha is None else _checked_alpha(alpha, f"{component}.lora_alpha")
 
 
 def _parse_peft(path: Path, weights: dict[str, mx.array], metadata: dict) -> list[LoraLayer]:
@@ -189,7 +194,8 @@ def _parse_peft(path: Path, weights: dict[str, mx.array], metadata: dict) -> lis
 
 
 def read_lora(path: str | os.PathLike[str]) -> list[LoraLayer]:
-    """The layers of a LoRA file, checked for completeness and finite values."""
+    """The layers of a LoRA file, checked for completeness. Their weights are not read yet
+    (MLX loads them lazily): `AppliedLoras.merge` reads only those that match the model."""
     path = Path(path)
     weights = load_weights(path)
     unsupported = [k for k in weights if any(p in k for p in _UNSUPPORTED_PARTS)]
@@ -208,11 +214,14 @@ def read_lora(path: str | os.PathLike[str]) -> list[LoraLayer]:
             raise ValueError(f"{path}: LoRA layer {layer.name} has no {missing} weight")
     if not layers:
         raise ValueError(f"{path} contains no LoRA layers")
+    return layers
+
+
+def _check_finite(path: str | os.PathLike[str], layers: list[LoraLayer]) -> None:
     arrays = [a for layer in layers for a in (layer.down, layer.up)]
     finite = mx.stack([mx.all(mx.isfinite(a.astype(mx.float32))) for a in arrays])
     if not mx.all(finite).item():
         raise ValueError(f"{path}: the LoRA weights contain NaN or infinite values")
-    return layers
 
 
 # -- matching layers to the model ----------------------------------------------------------
@@ -343,7 +352,7 @@ class AppliedLoras:
         layers = read_lora(path)
         targets = {name: _targets(m) for name, m in models.items() if m is not None}
         flat = {name: {p.replace(".", "_"): p for p in t} for name, t in targets.items()}
-        unmatched, misfits, updates = [], [], []
+        unmatched, misfits, updates, matched = [], [], [], []
         for layer in layers:
             if layer.component not in targets:
                 unmatched.append(f"{layer.name} ({layer.component}: not in this model)")
@@ -363,6 +372,7 @@ class AppliedLoras:
             rank = layer.down.shape[0]
             scale = strength * (rank if layer.alpha is None else layer.alpha) / rank
             updates.append((layer.component, module_path, module, delta * scale))
+            matched.append(layer)
         problems = []
         if unmatched:
             problems.append(
@@ -375,6 +385,7 @@ class AppliedLoras:
             problems.append(misfits[0] + more)
         if problems:
             raise ValueError(f"{path} cannot be merged into this model: {' '.join(problems)}")
+        _check_finite(path, matched)
         merged = [_merged(module, delta) for _, _, module, delta in updates]
         finite = mx.stack([mx.all(mx.isfinite(a)) for w in merged for a in w.values()])
         if not mx.all(finite).item():

@@ -38,12 +38,15 @@ import operator
 import re
 from collections.abc import Iterable, Mapping
 
+from . import limits
 from .samplers import a1111_names, join_name
 
 # A1111's own field pattern (modules/infotext_utils.py): a key, then a JSON-quoted value or
-# anything up to the next comma.  Using it verbatim keeps us reading what A1111 reads.
-_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_KEY = re.compile(r"\w[\w \-/]+")
+# anything up to the next comma.  Using it keeps us reading what A1111 reads; only the key's
+# length is bounded (field names are short), which makes it linear: with `+` every start
+# position scanned to the end of a run of letters (a 20,000-character line took 5 s).
+_FIELD = re.compile(r'\s*(\w[\w \-/]{1,63}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_KEY = re.compile(r"\w[\w \-/]{1,63}")
 _SIZE = re.compile(r"(\d+)x(\d+)")
 _LORA = re.compile(r"<lora:([^<>]*):([^:<>]*)>")
 _NEGATIVE_PREFIX = "Negative prompt:"
@@ -124,6 +127,12 @@ class GenerationParameters:
             )
         if not self.sampler:
             raise ValueError("the sampler name is empty")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > limits.MAX_PROMPT_CHARACTERS:
+                raise ValueError(
+                    f"the {name.replace('_', ' ')} has {len(getattr(self, name)):,} characters, "
+                    f"more than the {limits.MAX_PROMPT_CHARACTERS:,} allowed"
+                )
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be finite, got {self.cfg_scale}")
         if self.strength is not None and not 0.0 <= self.strength <= 1.0:
@@ -192,8 +201,15 @@ class GenerationParameters:
         """Parse A1111 ``parameters`` text, ours or any tool's.
 
         Unknown fields end up in `extras`.  Raises ValueError when the text has no
-        parameters line or lacks one of Steps, Sampler, CFG scale, Seed and Size.
+        parameters line, lacks one of Steps, Sampler, CFG scale, Seed and Size, or is longer
+        than `limits.MAX_PARAMETERS_TEXT`.
         """
+        if len(text) > limits.MAX_PARAMETERS_TEXT:
+            raise ValueError(
+                f"the generation parameters have {len(text):,} characters, more than the "
+                f"{limits.MAX_PARAMETERS_TEXT:,} that two prompts of at most "
+                f"{limits.MAX_PROMPT_CHARACTERS:,} characters need"
+            )
         head_lines, line = _split_text(text)
         if not line:
             raise ValueError(
@@ -272,18 +288,18 @@ def _read_prompt_lines(lines: Iterable[str]) -> tuple[str, str]:
     """A1111's reading of the lines above the parameters: (prompt, negative prompt)."""
     # Mirrors A1111 quirk for quirk (e.g. empty lines before any text are dropped), so
     # that `to_text` notices every prompt that A1111 would misread.
-    prompt = negative = ""
+    prompt: list[str] = []
+    negative: list[str] = []
     in_negative = False
     for line in lines:
         line = line.strip()
         if line.startswith(_NEGATIVE_PREFIX):
             in_negative = True
             line = line[len(_NEGATIVE_PREFIX) :].strip()
-        if in_negative:
-            negative = f"{negative}\n{line}" if negative else line
-        else:
-            prompt = f"{prompt}\n{line}" if prompt else line
-    return prompt, negative
+        part = negative if in_negative else prompt
+        if part or line:
+            part.append(line)
+    return "\n".join(prompt), "\n".join(negative)
 
 
 def _format_fields(fields: Iterable[tuple[str, str]]) -> str:

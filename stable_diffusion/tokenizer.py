@@ -24,16 +24,17 @@ tokens such as "<|ENDOFTEXT|>", which some tokenizer configs (special tokens mar
 from __future__ import annotations
 
 import gzip
-import json
+import heapq
 import os
 import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from itertools import pairwise
 from pathlib import Path
 
 import regex
+
+from . import limits
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -48,7 +49,8 @@ _CLIP_NUM_MERGES = 49152 - 256 - 2
 # transformers writes this for "no limit" (VERY_LARGE_INTEGER) when a config lacks one.
 _UNSET_MODEL_MAX_LENGTH = int(1e30)
 _BPE_CACHE_SIZE = 10_000
-_NO_MERGE = float("inf")
+# Longer words are not cached: the cache holds real words, whose length it then bounds.
+_BPE_CACHED_WORD = 100
 
 # `regex`'s \s is exactly Unicode White_Space, the set the Oniguruma \s of `tokenizers` uses;
 # Python's `re` would also treat U+001C..U+001F as whitespace and drop them.
@@ -134,8 +136,11 @@ class Tokenizer:
         for token in (BOS_TOKEN, EOS_TOKEN, pad_token):
             if token not in vocab:
                 raise ValueError(f"special token {token!r} is not in the vocabulary")
-        if max_length < 2:
-            raise ValueError(f"max_length must leave room for bos and eos, got {max_length}")
+        if not 2 <= max_length <= limits.MAX_SEQUENCE_LENGTH:
+            raise ValueError(
+                f"max_length must leave room for bos and eos and be at most "
+                f"{limits.MAX_SEQUENCE_LENGTH}, got {max_length}"
+            )
         self.vocab = vocab
         self.bpe_ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
         self.pad_token = pad_token
@@ -161,8 +166,16 @@ class Tokenizer:
         tokenizer_config.json and special_tokens_map.json (the latter wins, as in transformers)
         when present."""
         folder = Path(path)
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        vocab = _read_json_object(folder / "vocab.json")
+        if not all(type(i) is int and 0 <= i < len(vocab) for i in vocab.values()):
+            raise ValueError(f"{folder / 'vocab.json'}: ids must be integers 0 ... size - 1")
+        merges_path = folder / "merges.txt"
+        if merges_path.stat().st_size > limits.MAX_MERGES_BYTES:
+            raise ValueError(
+                f"{merges_path} is over {limits.MAX_MERGES_BYTES:,} bytes (CLIP's is ~0.5 MB); "
+                "re-download the model"
+            )
+        lines = merges_path.read_text(encoding="utf-8").split("\n")
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         merges = [_parse_merge(line) for line in lines if line.strip()]
@@ -170,13 +183,22 @@ class Tokenizer:
         settings: dict = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (folder / name).is_file():
-                settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
+                settings.update(_read_json_object(folder / name))
         pad_token = settings.get("pad_token") or EOS_TOKEN
         if isinstance(pad_token, dict):
-            pad_token = pad_token["content"]
+            pad_token = pad_token.get("content")
+        if not isinstance(pad_token, str):
+            raise ValueError(f"{folder}: the pad token is {pad_token!r}, not a string")
         max_length = settings.get("model_max_length") or DEFAULT_MAX_LENGTH
-        if max_length >= _UNSET_MODEL_MAX_LENGTH:
+        if isinstance(max_length, (int, float)) and max_length >= _UNSET_MODEL_MAX_LENGTH:
             max_length = DEFAULT_MAX_LENGTH
+        if isinstance(max_length, bool) or max_length not in range(
+            2, limits.MAX_SEQUENCE_LENGTH + 1
+        ):
+            raise ValueError(
+                f"{folder}: model_max_length is {max_length!r}, expected an integer from 2 to "
+                f"{limits.MAX_SEQUENCE_LENGTH} (77 for every Stable Diffusion text encoder)"
+            )
         return cls(vocab, merges, pad_token=pad_token, max_length=int(max_length))
 
     @classmethod
@@ -193,7 +215,14 @@ class Tokenizer:
         return len(self.vocab)
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text`, without bos/eos, padding or truncation."""
+        """Token ids of `text`, without bos/eos, padding or truncation.
+
+        Raises ValueError for text over `limits.MAX_PROMPT_CHARACTERS`."""
+        if len(text) > limits.MAX_PROMPT_CHARACTERS:
+            raise ValueError(
+                f"the prompt has {len(text):,} characters, more than the "
+                f"{limits.MAX_PROMPT_CHARACTERS:,} allowed; shorten it"
+            )
         ids: list[int] = []
         # With a capturing group, split() alternates plain text and special tokens.
         for i, part in enumerate(self._special_split.split(text)):
@@ -228,7 +257,9 @@ class Tokenizer:
     def encode_chunks(self, text: str) -> list[list[int]]:
         """Rows of up to `max_length - 2` consecutive ids of `text`, each wrapped in bos...eos
         and padded to `max_length`, for long prompts whose chunks are encoded separately and
-        concatenated (the A1111/compel convention). An empty prompt gives one row."""
+        concatenated (the A1111/compel convention). An empty prompt gives one row.
+
+        Raises ValueError when that takes more than `limits.MAX_PROMPT_CHUNKS` rows."""
         return self.encode_weighted_chunks([[(text, 1.0)]])[0]
 
     def encode_weighted_chunks(
@@ -239,7 +270,16 @@ class Tokenizer:
         into chunks as `encode_chunks` cuts a prompt; each token keeps its fragment's weight,
         bos, eos and padding weigh 1.0. Each fragment is tokenized on its own, as in A1111.
         A textual-inversion embedding's tokens are never split across chunks. An empty last
-        segment after others adds no chunk (A1111's "a BREAK")."""
+        segment after others adds no chunk (A1111's "a BREAK").
+
+        Raises ValueError for fragments of more than `limits.MAX_PROMPT_CHARACTERS` in all,
+        or more than `limits.MAX_PROMPT_CHUNKS` rows."""
+        characters = sum(len(text) for segment in segments for text, _ in segment)
+        if characters > limits.MAX_PROMPT_CHARACTERS:
+            raise ValueError(
+                f"the prompt has {characters:,} characters, more than the "
+                f"{limits.MAX_PROMPT_CHARACTERS:,} allowed; shorten it"
+            )
         room = self.max_length - 2
         rows: list[list[int]] = []
         weights: list[list[float]] = []
@@ -248,6 +288,8 @@ class Tokenizer:
             for text, weight in segment:
                 for group in self._token_groups(self.tokenize(text)):
                     if len(chunks[-1][0]) + len(group) > room:
+                        if len(rows) + len(chunks) >= limits.MAX_PROMPT_CHUNKS:
+                            raise _too_many_chunks(room)
                         chunks.append(([], []))
                     chunk_ids, chunk_weights = chunks[-1]
                     chunk_ids.extend(group)
@@ -257,6 +299,8 @@ class Tokenizer:
             for chunk_ids, chunk_weights in chunks:
                 rows.append(self._wrap(chunk_ids))
                 weights.append([1.0, *chunk_weights] + [1.0] * (room + 1 - len(chunk_weights)))
+            if len(rows) > limits.MAX_PROMPT_CHUNKS:  # many BREAKs
+                raise _too_many_chunks(room)
         return rows, weights
 
     def add_embedding(self, name: str, ids: Sequence[int]) -> None:
@@ -317,24 +361,57 @@ class Tokenizer:
         # as bytes keeps every string tokenizable.
         symbols = [self._byte_encoder[b] for b in word.encode("utf-8", "surrogatepass")]
         symbols[-1] += END_OF_WORD
-        while len(symbols) > 1:
-            best = min(pairwise(symbols), key=lambda pair: self.bpe_ranks.get(pair, _NO_MERGE))
-            if best not in self.bpe_ranks:
-                break
-            merged: list[str] = []
-            i = 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
         # CLIP's unknown token is <|endoftext|>; only reachable with a vocabulary that lacks
         # some byte tokens, since every byte has one in real CLIP vocabularies.
-        ids = [self.vocab.get(symbol, self.eos_id) for symbol in symbols]
-        if len(self._cache) >= _BPE_CACHE_SIZE:
-            self._cache.clear()
-        self._cache[word] = ids
+        ids = [self.vocab.get(symbol, self.eos_id) for symbol in self._merge(symbols)]
+        if len(word) <= _BPE_CACHED_WORD:
+            if len(self._cache) >= _BPE_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[word] = ids
         return ids
+
+    def _merge(self, symbols: list[str]) -> list[str]:
+        """Apply the merges lowest rank first, leftmost first among equal ranks, as the
+        `tokenizers` library does: a heap of candidate pairs over a linked list of symbols,
+        so a word of n bytes costs O(n log n) instead of a rescan per merge."""
+        ranks = self.bpe_ranks
+        n = len(symbols)
+        following = list(range(1, n + 1))  # index of the next live symbol; n: none
+        preceding = list(range(-1, n - 1))
+        heap = [
+            (rank, i, symbols[i], symbols[i + 1])
+            for i in range(n - 1)
+            if (rank := ranks.get((symbols[i], symbols[i + 1]))) is not None
+        ]
+        heapq.heapify(heap)
+        while heap:
+            _, i, left, right = heapq.heappop(heap)
+            j = following[i]
+            # Skip pairs that an earlier merge changed (a dead symbol reads as None).
+            if j >= n or symbols[i] != left or symbols[j] != right:
+                continue
+            symbols[i] = left + right
+            symbols[j] = None
+            following[i] = following[j]
+            if following[i] < n:
+                preceding[following[i]] = i
+            for a, b in ((preceding[i], i), (i, following[i])):
+                if a >= 0 and b < n:
+                    rank = ranks.get((symbols[a], symbols[b]))
+                    if rank is not None:
+                        heapq.heappush(heap, (rank, a, symbols[a], symbols[b]))
+        return [symbol for symbol in symbols if symbol is not None]
+
+
+def _too_many_chunks(room: int) -> ValueError:
+    return ValueError(
+        f"the prompt needs more than {limits.MAX_PROMPT_CHUNKS} chunks of {room} tokens "
+        f"({limits.MAX_PROMPT_CHUNKS * room:,} tokens at most); shorten it"
+    )
+
+
+def _read_json_object(path: Path) -> dict:
+    values = limits.read_json(path, "tokenizer")
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} is not a JSON object; re-download the model")
+    return values

@@ -2,6 +2,7 @@
 
 import io
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,45 @@ def test_load_image_only_raises_value_error(data, multiple):
 @given(data=mutated_files())
 def test_read_parameters_only_raises_value_error(data):
     _with_file(data, lambda path: read_parameters(path))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+@st.composite
+def text_chunks(draw) -> bytes:
+    """A tEXt, zTXt or iTXt chunk, maybe named "parameters", whose text may be empty, long,
+    not UTF-8, or a zlib stream that inflates far past the text budget."""
+    kind = draw(st.sampled_from([b"tEXt", b"zTXt", b"iTXt"]))
+    keyword = draw(st.sampled_from([b"parameters", b"comment", b"", b"parameters\0x"]))
+    text = draw(
+        st.one_of(
+            st.binary(max_size=32),
+            st.integers(0, 2 * images._MAX_PARAMETERS_BYTES).map(lambda n: b"a" * n),
+            st.sampled_from(
+                [b"cat\nSteps: 1, Sampler: Euler, CFG scale: 1, Seed: 1, Size: 8x8", b"\xff\xfe"]
+            ),
+        )
+    )
+    compressed = kind == b"zTXt" or (kind == b"iTXt" and draw(st.booleans()))
+    if compressed and draw(st.booleans()):
+        text = zlib.compress(text)
+    if kind == b"zTXt":
+        body = b"\0" + text
+    elif kind == b"iTXt":
+        body = (b"\1" if compressed else b"\0") + b"\0" + b"en\0\0" + text
+    else:
+        body = text
+    return _png_chunk(kind, keyword + b"\0" + body)
+
+
+@FUZZ
+@given(chunks=st.lists(text_chunks(), max_size=3), before=st.booleans())
+def test_read_parameters_text_chunks(chunks, before):
+    png = SEEDS["png"]  # chunks go right after IHDR, or just before IEND
+    at = 33 if before else len(png) - 12
+    _with_file(png[:at] + b"".join(chunks) + png[at:], read_parameters)
 
 
 # Pieces of real parameter text, so that the fuzzer reaches past the first checks.

@@ -111,6 +111,32 @@ def test_wrong_shapes_keys_and_values(entries):
     check(path.read_bytes())
 
 
+PEFT_LORA = FIXTURES / "lora" / "sd1_peft.safetensors"
+# Alphas and JSON that a hostile lora_adapter_metadata may hold (issue 20): huge and
+# non-finite numbers, absurd digit counts, wrong types, deep nesting.
+HOSTILE_ALPHAS = st.one_of(
+    st.sampled_from(
+        ["1e400", "-1e400", "1" + "0" * 5000, "NaN", "Infinity", "1e300", "-0.0", "true", "null"]
+    ),
+    st.integers(0, 400).map(lambda n: "[" * n + "8" + "]" * n),
+    st.integers(0, 400).map(lambda n: '{"a":' * n + "8" + "}" * n),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.text(max_size=8).map(lambda t: f'"{t}"'),
+)
+
+
+@SETTINGS
+@given(alpha=HOSTILE_ALPHAS, in_pattern=st.booleans())
+def test_hostile_adapter_metadata(alpha, in_pattern):
+    weights = mx.load(str(PEFT_LORA))
+    value = f'{{"down_blocks.0.attentions.0.proj_in": {alpha}}}' if in_pattern else alpha
+    key = "unet.alpha_pattern" if in_pattern else "unet.lora_alpha"
+    metadata = f'{{"{key}": {value}}}'
+    path = workdir() / "metadata.safetensors"
+    mx.save_safetensors(str(path), weights, metadata={"lora_adapter_metadata": metadata})
+    check(path.read_bytes())
+
+
 def test_fuzz_tests_found_the_model():
     """The fixture LoRA itself merges (so that the mutations start from a valid file)."""
     sd = model()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import struct
+import time
 import zipfile
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,9 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stable_diffusion import limits
 from stable_diffusion.weights.files import WeightFileError, load_weights
 from tests.test_weight_files import (
     FILES,
+    FLOATS,
     Storage,
     nothing_runs,
     tensor,
@@ -246,3 +251,89 @@ def test_generated_tensor_records(tmp_path: Path, record: tuple) -> None:
         np.frombuffer(data, dtype)[offset:], shape, [s * dtype.itemsize for s in stride]
     )
     np.testing.assert_array_equal(np.array(loaded), expected)
+
+
+# --- shapes that describe huge work (issue 20), against budgets shrunk to fuzzing size --------
+
+SMALL_BUDGETS = {
+    "MAX_PICKLE_OBJECTS": 3_000,
+    "MAX_PICKLE_CONTAINER_ITEMS": 2_000,
+    "MAX_PICKLE_MEMO": 500,
+    "MAX_PICKLE_NESTING": 20,
+    "MAX_TUPLE_NODES": 1_000,
+    "MAX_TENSOR_NESTING": 6,
+    "MAX_TENSOR_NAME": 64,
+}
+
+
+@pytest.fixture
+def small_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SMALL_BUDGETS.items():
+        monkeypatch.setattr(limits, name, value)
+
+
+# Opcode runs around each budget: below, at and above it.
+HOSTILE_RUNS = st.one_of(
+    st.integers(0, 3_100).map(lambda n: pickle.EMPTY_SET * n),
+    st.integers(0, 600).map(lambda n: pickle.NONE + pickle.MEMOIZE * n),
+    st.integers(0, 25).map(lambda n: pickle.MARK * n),
+    st.integers(0, 25).map(lambda n: pickle.EMPTY_TUPLE + pickle.TUPLE1 * n),
+    # t[i+1] = (t[i], t[i]): tuples whose size doubles with each level.
+    st.integers(0, 14).map(
+        lambda n: pickle.EMPTY_TUPLE + (pickle.MEMOIZE + pickle.DUP + pickle.TUPLE2) * n
+    ),
+    st.integers(0, 2_100).map(
+        lambda n: pickle.EMPTY_LIST + pickle.MARK + pickle.NONE * n + pickle.APPENDS
+    ),
+)
+
+
+@FUZZ
+@given(runs=st.lists(HOSTILE_RUNS, min_size=1, max_size=3))
+def test_hostile_pickle_shapes(tmp_path: Path, small_budgets: None, runs: list[bytes]) -> None:
+    # Everything after the first run's result is left on the stack: only STOP's object counts.
+    path = write_checkpoint(tmp_path / "hostile.ckpt", b"\x80\x04" + b"".join(runs) + pickle.STOP)
+    start = time.perf_counter()
+    with pytest.raises(WeightFileError):  # no tensors in any of them
+        load_weights(path)
+    assert time.perf_counter() - start < 2
+
+
+@FUZZ
+@given(key_length=st.integers(1, 80), depth=st.integers(0, 12), fanout=st.integers(1, 3))
+def test_nested_tensor_dicts(
+    tmp_path: Path, small_budgets: None, key_length: int, depth: int, fanout: int
+) -> None:
+    # A tensor at the bottom of `depth` dicts whose keys share one memoized string.
+    storage = Storage("0", "FloatStorage", 2)
+    leaf = {"w": tensor(storage, (2,), (1,))}
+    key = "k" * key_length
+    for level in range(depth):
+        leaf = {f"{key}{i}" if i else key: leaf for i in range(fanout)} | {"level": level}
+    path = write_checkpoint(tmp_path / "nested.ckpt", torch_pickle({"top": leaf}), {"0": FLOATS})
+    name = "top." + (key + ".") * depth + "w"  # the first, shortest path to the tensor
+    # The root dict is level 1 and the tensor sits in level depth + 2.
+    if len(name) <= limits.MAX_TENSOR_NAME and depth + 2 <= limits.MAX_TENSOR_NESTING:
+        assert name in load_weights(path)
+    else:
+        with pytest.raises(WeightFileError, match="no tensors"):
+            load_weights(path)
+
+
+@FUZZ
+@given(regions=st.lists(st.tuples(st.integers(0, 64), st.integers(0, 16)), min_size=1, max_size=6))
+def test_overlapping_safetensors_regions(tmp_path: Path, regions: list[tuple[int, int]]) -> None:
+    header = {
+        f"t{i}": {"dtype": "U8", "shape": [size], "data_offsets": [begin, begin + size]}
+        for i, (begin, size) in enumerate(regions)
+    }
+    data = json.dumps(header).encode()
+    path = tmp_path / "regions.safetensors"
+    path.write_bytes(struct.pack("<Q", len(data)) + data + bytes(80))
+    spans = sorted((b, b + s) for b, s in regions if s)
+    disjoint = all(end <= begin for (_, end), (begin, _) in pairwise(spans))
+    if disjoint:
+        assert len(load_weights(path)) == len(regions)
+    else:
+        with pytest.raises(WeightFileError, match="overlap"):
+            load_weights(path)

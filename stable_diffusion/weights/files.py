@@ -18,11 +18,14 @@ import zipfile
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import ClassVar
 
 import mlx.core as mx
 import numpy as np
+
+from .. import limits
 
 
 class WeightFileError(ValueError):
@@ -77,7 +80,6 @@ _SAFETENSORS_ITEMSIZE = {
     "I64": 8,
     "C64": 8,
 }
-_MAX_HEADER_BYTES = 100_000_000  # the limit of the reference safetensors implementation
 _MAX_DIM = 2**31 - 1  # MLX stores dimensions as int32
 
 
@@ -98,8 +100,14 @@ def _check_safetensors_header(path: Path) -> None:
         if len(prefix) < 8:
             raise _corrupt(path, f"only {size} bytes, too short for a safetensors header")
         header_size = int.from_bytes(prefix, "little")
-        if header_size > min(size - 8, _MAX_HEADER_BYTES):
+        if header_size > size - 8:
             raise _corrupt(path, f"header size {header_size} does not fit in a {size}-byte file")
+        if header_size > limits.MAX_SAFETENSORS_HEADER:
+            raise _corrupt(
+                path,
+                f"a header of {header_size:,} bytes, over the "
+                f"{limits.MAX_SAFETENSORS_HEADER:,} real files stay under",
+            )
         raw_header = file.read(header_size)
     try:
         header = json.loads(
@@ -112,6 +120,7 @@ def _check_safetensors_header(path: Path) -> None:
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
     data_size = size - 8 - header_size
+    regions = []
     for name, entry in header.items():
         if name == "__metadata__":
             # mx.save_safetensors writes null when there is no metadata.
@@ -121,6 +130,17 @@ def _check_safetensors_header(path: Path) -> None:
                 raise _corrupt(path, "__metadata__ is not a string-to-string map")
         else:
             _check_safetensors_entry(path, name, entry, data_size)
+            regions.append((*entry["data_offsets"], name))
+    _check_disjoint(path, regions)
+
+
+def _check_disjoint(path: Path, regions: list[tuple[int, int, str]]) -> None:
+    # Overlapping regions would let a small file describe any number of bytes; the reference
+    # implementation refuses them too. Empty tensors take no bytes and may sit anywhere.
+    regions = sorted(r for r in regions if r[1] > r[0])
+    for (_, end, name), (begin, _, other) in pairwise(regions):
+        if begin < end:
+            raise _corrupt(path, f"the data of tensors {name!r} and {other!r} overlap")
 
 
 def _check_safetensors_entry(path: Path, name: str, entry: object, data_size: int) -> None:
@@ -275,11 +295,6 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"): _Inert,
 }
 
-# Python re-hashes every item of a tuple each time the tuple is hashed, so a few hundred bytes
-# of tuples sharing memoized parts can make one dict key take forever to hash. Bound the size
-# of a tuple counted with repeats; real checkpoints stay far below.
-_MAX_TUPLE_NODES = 100_000
-
 _Opcode = Callable[["_RestrictedUnpickler"], None]
 
 
@@ -289,6 +304,39 @@ def _counting_tuples(load_tuple: _Opcode) -> _Opcode:
         unpickler.count_tuple(unpickler.stack[-1])
 
     return load
+
+
+def _counting_objects(load: _Opcode) -> _Opcode:
+    # Each such opcode pushes at most one new object (or reference) onto the stack.
+    def counted(unpickler: _RestrictedUnpickler) -> None:
+        unpickler.spend("objects", 1, limits.MAX_PICKLE_OBJECTS)
+        load(unpickler)
+
+    return counted
+
+
+def _counting_items(load: _Opcode, items: Callable[[list], int]) -> _Opcode:
+    def counted(unpickler: _RestrictedUnpickler) -> None:
+        budget = limits.MAX_PICKLE_CONTAINER_ITEMS
+        unpickler.spend("container items", items(unpickler.stack), budget)
+        load(unpickler)
+
+    return counted
+
+
+def _counting_memo(load: _Opcode) -> _Opcode:
+    def counted(unpickler: _RestrictedUnpickler) -> None:
+        load(unpickler)
+        if len(unpickler.memo) > limits.MAX_PICKLE_MEMO:
+            raise _BudgetError(f"more than {limits.MAX_PICKLE_MEMO:,} memo entries")
+
+    return counted
+
+
+def _load_mark(unpickler: _RestrictedUnpickler) -> None:
+    if len(unpickler.metastack) >= limits.MAX_PICKLE_NESTING:
+        raise _BudgetError(f"containers nested more than {limits.MAX_PICKLE_NESTING} deep")
+    pickle._Unpickler.dispatch[pickle.MARK[0]](unpickler)
 
 
 def _load_build(unpickler: _RestrictedUnpickler) -> None:
@@ -305,10 +353,46 @@ def _refuse_opcode(unpickler: _RestrictedUnpickler) -> None:
     raise pickle.UnpicklingError("opcode not used by torch.save")
 
 
+# Opcodes that build nothing: the budgets of their own below, or none needed.
+_BOOKKEEPING_OPCODES = (
+    pickle.PROTO,
+    pickle.FRAME,
+    pickle.STOP,
+    pickle.MARK,
+    pickle.POP,
+    pickle.POP_MARK,
+    pickle.PUT,
+    pickle.BINPUT,
+    pickle.LONG_BINPUT,
+    pickle.MEMOIZE,
+    pickle.APPEND,
+    pickle.APPENDS,
+    pickle.SETITEM,
+    pickle.SETITEMS,
+    pickle.ADDITEMS,
+    pickle.BUILD,
+)
+
+
 def _restricted_dispatch() -> dict[int, _Opcode]:
     table = dict(pickle._Unpickler.dispatch)
     for opcode in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3):
         table[opcode[0]] = _counting_tuples(table[opcode[0]])
+    bookkeeping = {opcode[0] for opcode in _BOOKKEEPING_OPCODES}
+    for code in table:
+        if code not in bookkeeping:
+            table[code] = _counting_objects(table[code])
+    # The mark-based opcodes take everything pushed since the MARK (pairs for SETITEMS).
+    table[pickle.APPEND[0]] = _counting_items(table[pickle.APPEND[0]], lambda _: 1)
+    table[pickle.SETITEM[0]] = _counting_items(table[pickle.SETITEM[0]], lambda _: 1)
+    table[pickle.APPENDS[0]] = _counting_items(table[pickle.APPENDS[0]], len)
+    table[pickle.ADDITEMS[0]] = _counting_items(table[pickle.ADDITEMS[0]], len)
+    table[pickle.SETITEMS[0]] = _counting_items(
+        table[pickle.SETITEMS[0]], lambda stack: len(stack) // 2
+    )
+    for opcode in (pickle.PUT, pickle.BINPUT, pickle.LONG_BINPUT, pickle.MEMOIZE):
+        table[opcode[0]] = _counting_memo(table[opcode[0]])
+    table[pickle.MARK[0]] = _load_mark
     table[pickle.BUILD[0]] = _load_build
     for opcode in (
         pickle.BYTEARRAY8,
@@ -336,7 +420,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._archive = archive
         self._prefix = prefix
         self._path = path
-        self._tuple_nodes: dict[int, tuple[tuple, int]] = {}  # id -> (tuple kept alive, size)
+        # id -> (the tuple, kept alive so that its id stays unique; its size; its depth)
+        self._tuples: dict[int, tuple[tuple, int, int]] = {}
+        self._spent: dict[str, int] = {}
 
     def find_class(self, module: str, name: str) -> object:
         try:
@@ -363,10 +449,22 @@ class _RestrictedUnpickler(pickle._Unpickler):
         return _Storage(key, storage_type, numel)
 
     def count_tuple(self, new: tuple) -> None:
-        nodes = 1 + sum(self._tuple_nodes.get(id(item), (None, 1))[1] for item in new)
-        if nodes > _MAX_TUPLE_NODES:
-            raise pickle.UnpicklingError("tuples nested too deeply")
-        self._tuple_nodes[id(new)] = (new, nodes)
+        known = [self._tuples.get(id(item), (None, 1, 0)) for item in new]
+        nodes = 1 + sum(size for _, size, _ in known)
+        depth = 1 + max((depth for _, _, depth in known), default=0)
+        if nodes > limits.MAX_TUPLE_NODES or depth > limits.MAX_PICKLE_NESTING:
+            raise _BudgetError("tuples nested too deeply")
+        self._tuples[id(new)] = (new, nodes, depth)
+
+    def spend(self, what: str, amount: int, budget: int) -> None:
+        spent = self._spent.get(what, 0) + amount
+        if spent > budget:
+            raise _BudgetError(f"more than {budget:,} {what}")
+        self._spent[what] = spent
+
+
+class _BudgetError(pickle.UnpicklingError):
+    """The pickle asks for more work than any checkpoint needs (limits.py)."""
 
 
 def _stored_record(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
@@ -399,6 +497,11 @@ def _load_torch_checkpoint(path: Path) -> dict[str, mx.array]:
             return _read_archive(path, archive)
     except (WeightFileError, MemoryError):
         raise
+    except _BudgetError as error:
+        raise WeightFileError(
+            f"{path}: its data.pkl builds {error}, far beyond any real checkpoint; it is "
+            "damaged or made to exhaust memory, re-download it from a source you trust"
+        ) from None
     except Exception as error:  # a damaged zip or pickle can fail in many ways
         raise _corrupt(path, f"{type(error).__name__}: {error}"[:200]) from error
 
@@ -418,13 +521,23 @@ def _read_archive(path: Path, archive: zipfile.ZipFile) -> dict[str, mx.array]:
             raise _corrupt(path, "unknown byte order")
         big_endian = byteorder == b"big"
 
-    data = archive.read(_stored_record(archive, pickles[0]))
+    record = _stored_record(archive, pickles[0])
+    if record.file_size > limits.MAX_PICKLE_BYTES:
+        raise _corrupt(
+            path,
+            f"its data.pkl has {record.file_size:,} bytes; real checkpoints need far fewer "
+            f"than {limits.MAX_PICKLE_BYTES:,}",
+        )
+    data = archive.read(record)
     tensors = _tensors_by_name(_RestrictedUnpickler(data, archive, prefix, path).load())
     distinct = {id(ref): ref for ref in tensors.values()}.values()
     # Views may share a storage, so the output could be far larger than the file: bound it.
     total = sum(ref.nbytes for ref in distinct)
-    if total > 4 * path.stat().st_size:
-        raise _corrupt(path, f"its tensors overlap into {total} bytes, 4x more than the file")
+    factor = limits.MAX_DESCRIBED_BYTES_FACTOR
+    if total > factor * path.stat().st_size:
+        raise _corrupt(
+            path, f"its tensors overlap into {total} bytes, {factor}x more than the file"
+        )
 
     # Read one storage at a time and build all tensors viewing it before moving on.
     by_storage: dict[str, list[_TensorRef]] = {}
@@ -444,7 +557,11 @@ _WRAPPER_KEYS = ("state_dict", "model", "module")
 
 def _tensors_by_name(root: object) -> dict[str, _TensorRef]:
     """Unwrap {"state_dict": {...}}-style containers, then flatten nested dicts to dotted names,
-    skipping everything that is not a tensor."""
+    skipping everything that is not a tensor.
+
+    Dicts deeper than MAX_TENSOR_NESTING and names longer than MAX_TENSOR_NAME are skipped
+    (no weight is named so), so that building the names costs at most MAX_TENSOR_NAME
+    characters per dict entry: nested dicts with long keys would otherwise make it quadratic."""
     seen = set()  # ids of dicts already visited: pickles can contain cycles and shared dicts
     while isinstance(root, dict) and id(root) not in seen:
         seen.add(id(root))
@@ -453,17 +570,21 @@ def _tensors_by_name(root: object) -> dict[str, _TensorRef]:
             break
         root = inner
     tensors: dict[str, _TensorRef] = {}
-    pending = deque([("", root)] if isinstance(root, dict) else [])
+    pending = deque([("", root, 1)] if isinstance(root, dict) else [])
     while pending:
-        prefix, mapping = pending.popleft()
+        prefix, mapping, depth = pending.popleft()
         for key, value in mapping.items():
-            if not isinstance(key, str):
+            if not isinstance(key, str) or len(prefix) + len(key) > limits.MAX_TENSOR_NAME:
                 continue
             if isinstance(value, _TensorRef):
                 tensors[prefix + key] = value
-            elif isinstance(value, dict) and id(value) not in seen:
+            elif (
+                isinstance(value, dict)
+                and id(value) not in seen
+                and depth < limits.MAX_TENSOR_NESTING
+            ):
                 seen.add(id(value))
-                pending.append((f"{prefix}{key}.", value))
+                pending.append((f"{prefix}{key}.", value, depth + 1))
     return tensors
 
 
