@@ -1,7 +1,7 @@
-"""diffusers (PyTorch) on a benchmark's random-weight model folder, in a process of its own:
-run by path, never imported, from `benchmark.py`.
+"""diffusers (PyTorch) on a benchmark's random-weight model folder, in a process of its own,
+started by `reference.py` from the repository's root:
 
-    python stable_diffusion/benchmark_reference.py MODEL_FOLDER INPUTS.npz OUTPUTS.npz REPEATS \
+    python -m benchmarks.reference_process MODEL_FOLDER INPUTS.npz OUTPUTS.npz REPEATS \
         DEVICE DTYPES
 
 DEVICE is `cpu` or `gpu` (CUDA, else Apple's MPS), DTYPES a comma-separated list of float32
@@ -10,16 +10,20 @@ and float16: the same work as the MLX side measured.
 Why a process of its own: in a process where `stable_diffusion` has loaded OpenBLAS with
 global symbols, PyTorch's CPU matmuls bind to it and share its threads, and run 3-5x slower
 (SD 1.5 UNet step: 5.3 s alone, 17 s after `import stable_diffusion`, 27 s after MLX work).
+So this module imports nothing of `stable_diffusion`, nor does `benchmarks/__init__.py`.
 
 INPUTS.npz holds the UNet inputs (NHWC latents, timestep, context, SDXL's text_embeds and
 time_ids) and the VAE's latents; OUTPUTS.npz gets diffusers' float32 outputs on them (NHWC)
 and, per dtype, its median timings ("float16_unet_step_s_batch2"): the UNet at batch 1 and 2
-(the inputs repeated), the VAE decode at batch 1.
+(the inputs repeated), the VAE decode at batch 1. OUTPUTS.json gets how PyTorch was set up
+(threads, the cores it may use, BLAS, attention processors, the threading variables it saw),
+for the report.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import statistics
 import sys
@@ -35,7 +39,7 @@ from safetensors.torch import load_file
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    """benchmark.median_time, which this process cannot import (see above)."""
+    """measure.median_time, which this process cannot import (see above)."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -45,9 +49,16 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def torch_device(name: str) -> torch.device:
     if name == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cores())
         return torch.device("cpu")
     if torch.cuda.is_available():
         # The same float32 arithmetic as MLX's on CUDA, which uses TF32 unless
@@ -59,8 +70,10 @@ def torch_device(name: str) -> torch.device:
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
-    raise SystemExit("MLX ran on a GPU but this PyTorch sees none (neither CUDA nor MPS): "
-                     "install a PyTorch build for the GPU, or run the benchmark on the CPU")
+    raise SystemExit(
+        "MLX ran on a GPU but this PyTorch sees none (neither CUDA nor MPS): "
+        "install a PyTorch build for the GPU, or run the benchmark on the CPU"
+    )
 
 
 def synchronized(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], Any]:
@@ -82,8 +95,9 @@ def load(cls: Any, folder: Path, device: torch.device, dtype: torch.dtype) -> An
     return model.eval()
 
 
-def as_tensor(array: np.ndarray, batch: int, device: torch.device, dtype: torch.dtype,
-              nhwc: bool = False) -> torch.Tensor:
+def as_tensor(
+    array: np.ndarray, batch: int, device: torch.device, dtype: torch.dtype, nhwc: bool = False
+) -> torch.Tensor:
     """`array` repeated `batch` times (NHWC -> NCHW if `nhwc`) on `device`."""
     if nhwc:
         array = array.transpose(0, 3, 1, 2)
@@ -94,8 +108,9 @@ def as_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.float().cpu().numpy().transpose(0, 2, 3, 1)
 
 
-def run_unet(folder: Path, inputs: Any, repeats: int, device: torch.device,
-             dtype: torch.dtype) -> dict[str, Any]:
+def run_unet(
+    folder: Path, inputs: Any, repeats: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
     unet = load(UNet2DConditionModel, folder, device, dtype)
 
     def call(batch: int) -> Callable[[], torch.Tensor]:
@@ -109,26 +124,59 @@ def run_unet(folder: Path, inputs: Any, repeats: int, device: torch.device,
         timestep = float(inputs["timestep"])
         return lambda: unet(sample, timestep, context, added_cond_kwargs=added).sample
 
-    results = {f"unet_step_s_batch{batch}": median_time(synchronized(call(batch), device),
-                                                        repeats) for batch in (1, 2)}
+    results = {
+        f"unet_step_s_batch{batch}": median_time(synchronized(call(batch), device), repeats)
+        for batch in (1, 2)
+    }
     if dtype == torch.float32:
         results["unet_output"] = as_numpy(call(1)())
     return results
 
 
-def run_vae(folder: Path, latents: np.ndarray, repeats: int, device: torch.device,
-            dtype: torch.dtype) -> dict[str, Any]:
+def run_vae(
+    folder: Path, latents: np.ndarray, repeats: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
     vae = load(AutoencoderKL, folder, device, dtype)
     sample = as_tensor(latents, 1, device, dtype, nhwc=True)
-    results = {"vae_decode_s": median_time(synchronized(lambda: vae.decode(sample).sample,
-                                                        device), repeats)}
+    results = {
+        "vae_decode_s": median_time(
+            synchronized(lambda: vae.decode(sample).sample, device), repeats
+        )
+    }
     if dtype == torch.float32:
         results["vae_decoded"] = as_numpy(vae.decode(sample).sample)
     return results
 
 
-def main(model: Path, inputs_file: Path, outputs_file: Path, repeats: int, device_name: str,
-         dtypes: list[str]) -> None:
+def setup(model: Path) -> dict[str, Any]:
+    """How PyTorch runs here: what would show a handicapped reference (fewer threads than
+    cores, an inherited thread or BLAS variable, a slow attention processor)."""
+    processors = set()
+    for cls, folder in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
+        with torch.device("meta"):
+            built = cls.from_config(cls.load_config(model / folder))
+        processors |= {type(p).__name__ for p in built.attn_processors.values()}
+    prefixes = ("OMP_", "MKL_", "OPENBLAS_", "GOMP_", "KMP_", "DNNL_", "ONEDNN_", "TORCH_")
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cores": usable_cores(),
+        "mkl": torch.backends.mkl.is_available(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "attention_processors": sorted(processors),
+        "environment": {k: v for k, v in os.environ.items() if k.startswith(prefixes)},
+    }
+
+
+def main(
+    model: Path,
+    inputs_file: Path,
+    outputs_file: Path,
+    repeats: int,
+    device_name: str,
+    dtypes: list[str],
+) -> None:
     device = torch_device(device_name)
     inputs = dict(np.load(inputs_file))
     latents = inputs.pop("vae_latents")
@@ -144,9 +192,16 @@ def main(model: Path, inputs_file: Path, outputs_file: Path, repeats: int, devic
             for key, value in measured.items():
                 results[key if isinstance(value, np.ndarray) else f"{name}_{key}"] = value
     np.savez(outputs_file, **results)
+    outputs_file.with_suffix(".json").write_text(json.dumps(setup(model)))
 
 
 if __name__ == "__main__":
     model, inputs_file, outputs_file, repeats, device_name, dtypes = sys.argv[1:]
-    main(Path(model), Path(inputs_file), Path(outputs_file), int(repeats), device_name,
-         dtypes.split(","))
+    main(
+        Path(model),
+        Path(inputs_file),
+        Path(outputs_file),
+        int(repeats),
+        device_name,
+        dtypes.split(","),
+    )
