@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from stable_diffusion import blas, cpu_kernels, fast_cpu, layers, loading
-from tests.conftest import FIXTURES
-from tests.test_models import assert_close, nchw, nhwc, reference
+from tests.helpers import FIXTURES, assert_close, nchw, nhwc, reference
 
 
 @pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stable_diffusion import StableDiffusion
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 
 @pytest.fixture(scope="module")

@@ -11,29 +11,10 @@ import numpy as np
 import pytest
 
 from stable_diffusion import loading
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES, assert_close, nchw, nhwc, reference
 from tests.reference.inputs import PROMPTS
 
 MODELS = ["tiny-sd1", "tiny-sd2", "tiny-sdxl"]
-
-
-def assert_close(ours: mx.array, reference: np.ndarray, rtol: float = 1e-4) -> None:
-    ours = np.array(ours.astype(mx.float32))
-    assert ours.shape == reference.shape
-    error = np.abs(ours - reference).max()
-    assert error <= rtol * np.abs(reference).max() + 1e-5, f"max abs error {error}"
-
-
-def nhwc(x: np.ndarray) -> mx.array:
-    return mx.array(x.transpose(0, 2, 3, 1))
-
-
-def nchw(x: mx.array) -> np.ndarray:
-    return np.array(x).transpose(0, 3, 1, 2)
-
-
-def reference(model: str) -> dict[str, np.ndarray]:
-    return dict(np.load(FIXTURES / "reference" / f"{model}.npz"))
 
 
 @pytest.mark.parametrize("model", MODELS)

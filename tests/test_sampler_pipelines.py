@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stable_diffusion import StableDiffusion
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 from tests.reference.inputs import (
     DETERMINISTIC_SAMPLERS,
     SAMPLER_IMG2IMG_STRENGTH,

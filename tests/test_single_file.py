@@ -39,7 +39,7 @@ from stable_diffusion.unet import UNetModel
 from stable_diffusion.vae import Autoencoder
 from stable_diffusion.weights import diffusers as diffusers_keys
 from stable_diffusion.weights import original
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 from tests.reference import original_layout
 from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
 from tests.reference.original_layout import digest, folder_to_original, write_safetensors
