@@ -42,6 +42,7 @@ def unet_flops(
 
     macs = channels[0] * time_dims + time_dims * time_dims
     if config.addition_embed_type == "text_time":
+        assert config.projection_class_embeddings_input_dim is not None  # SDXL's configs set it
         macs += config.projection_class_embeddings_input_dim * time_dims + time_dims * time_dims
     heads_depth = config.transformer_depth_per_block
     resnets = config.resnets_per_block

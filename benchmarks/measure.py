@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from stable_diffusion import StableDiffusion, fast_cpu
@@ -23,6 +22,7 @@ from stable_diffusion.layers import compute_dtype, on_cpu
 
 from .architectures import CONTEXT_TOKENS
 from .flops import unet_flops, vae_decode_flops
+from .random_weights import flat_parameters
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 GIB = 1024**3
@@ -84,6 +84,8 @@ class UNetInputs:
 
         text_embeds = time_ids = None
         if config.addition_embed_type == "text_time":
+            assert config.addition_time_embed_dim is not None  # SDXL's configs set both
+            assert config.projection_class_embeddings_input_dim is not None
             time_dims = 6 * config.addition_time_embed_dim
             text_embeds = normal(batch, config.projection_class_embeddings_input_dim - time_dims)
             size = [8 * height, 8 * width]
@@ -111,7 +113,7 @@ class UNetInputs:
 
 def _weights_bytes(sd: StableDiffusion) -> int:
     modules = [*sd.text_encoders, sd.unet, sd.vae]
-    return sum(v.nbytes for m in modules for _, v in nn.utils.tree_flatten(m.parameters()))
+    return sum(v.nbytes for m in modules for _, v in flat_parameters(m))
 
 
 def _encode(sd: StableDiffusion, texts: list[str]) -> None:
@@ -209,8 +211,7 @@ def _unet_step_seconds(
     sd: StableDiffusion, config: PipelineConfig, batch: int, args: argparse.Namespace
 ) -> float:
     latent = args.size // sd.vae.downscale
-    unet_inputs = UNetInputs.random(config.unet, batch, latent, latent)
-    unet_inputs = unet_inputs.mlx(compute_dtype(sd.dtype))
+    unet_inputs = UNetInputs.random(config.unet, batch, latent, latent).mlx(compute_dtype(sd.dtype))
     return median_time(lambda: mx.eval(sd.unet(**unet_inputs)), args.repeats)
 
 
@@ -242,7 +243,7 @@ def run_mlx(
     start = time.perf_counter()
     sd = StableDiffusion(str(folder), float16=float16, quantize=quantize)
     sd.preload()
-    common = {
+    common: dict[str, Any] = {
         "model": name,
         "dtype": dtype,
         "load_s": time.perf_counter() - start,

@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,6 +24,11 @@ from stable_diffusion.unet import UNetModel
 from stable_diffusion.vae import Autoencoder
 
 from .architectures import CONTEXT_TOKENS
+
+
+def flat_parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
+    """`model`'s parameters as (dotted name, array) pairs."""
+    return cast("list[tuple[str, mx.array]]", nn.utils.tree_flatten(model.parameters()))
 
 
 def _is_conv_projection(key: str, conv_projections: bool) -> bool:
@@ -75,7 +80,7 @@ def _random_parameters(
             array = np.ascontiguousarray(array.transpose(0, 3, 1, 2))
         return key, array.reshape(_diffusers_shape(key, value.shape, conv_projections))
 
-    yield from _in_order(parameter, enumerate(nn.utils.tree_flatten(model.parameters())))
+    yield from _in_order(parameter, enumerate(flat_parameters(model)))
 
 
 def _write_safetensors(
@@ -123,7 +128,7 @@ def _write_component(
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     shapes = [
         (key, _diffusers_shape(key, value.shape, conv_projections))
-        for key, value in nn.utils.tree_flatten(model.parameters())
+        for key, value in flat_parameters(model)
     ]
     paths = {"F32": folder / f"{stem}.safetensors"}
     if float16:
@@ -218,6 +223,6 @@ def weights_on_disk(config: PipelineConfig, float16: bool) -> int:
         UNetModel(config.unet),
     ]
     values = sum(
-        value.size for model in models for _, value in nn.utils.tree_flatten(model.parameters())
+        value.size for model in models for _, value in flat_parameters(model)
     )
     return values * (4 + 2 * float16)

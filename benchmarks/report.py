@@ -36,7 +36,7 @@ def machine_info() -> dict[str, Any]:
         "device": str(mx.default_device()),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "mlx": mx.__version__,
+        "mlx": mx.__version__,  # type: ignore[attr-defined]  # missing from MLX's stubs
     }
     if not on_cpu():
         info["gpu"] = mx.device_info().get("device_name", "GPU")

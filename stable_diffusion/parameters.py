@@ -35,6 +35,7 @@ import math
 import operator
 import re
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 # Internal sampler name -> A1111 display name.
 SAMPLER_DISPLAY_NAMES: dict[str, str] = {
@@ -54,6 +55,7 @@ _FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _KEY = re.compile(r"\w[\w \-/]+")
 _SIZE = re.compile(r"(\d+)x(\d+)")
 _LORA = re.compile(r"<lora:([^<>]*):([^:<>]*)>")
+_Number = TypeVar("_Number", int, float)
 _NEGATIVE_PREFIX = "Negative prompt:"
 
 # Fields GenerationParameters models; `extras` may not reuse them.
@@ -275,7 +277,7 @@ def _unquote(value: str) -> str:
     return value.strip()
 
 
-def _to_number(kind: type[int] | type[float], key: str, value: str) -> int | float:
+def _to_number(kind: type[_Number], key: str, value: str) -> _Number:
     try:
         number = kind(value)
     except ValueError:
