@@ -222,7 +222,5 @@ def weights_on_disk(config: PipelineConfig, float16: bool) -> int:
         Autoencoder(config.vae),
         UNetModel(config.unet),
     ]
-    values = sum(
-        value.size for model in models for _, value in flat_parameters(model)
-    )
+    values = sum(value.size for model in models for _, value in flat_parameters(model))
     return values * (4 + 2 * float16)

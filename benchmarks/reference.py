@@ -60,6 +60,7 @@ def run_reference(
             str(args.repeats),
             device,
             ",".join(dtypes),
+            args.reference_memory_format,
         ],
         check=True,
         cwd=REPOSITORY,
@@ -81,7 +82,7 @@ def run_reference(
     )
     print(
         f"  PyTorch ran {setup['threads']} threads on {setup['cores']} cores, attention "
-        f"by {', '.join(setup['attention_processors'])}",
+        f"by {', '.join(setup['attention_processors'])}, {setup['memory_format']} tensors",
         flush=True,
     )
     print(progress_line({"dtype": "pytorch", **result}), flush=True)

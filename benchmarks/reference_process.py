@@ -2,10 +2,13 @@
 started by `reference.py` from the repository's root:
 
     python -m benchmarks.reference_process MODEL_FOLDER INPUTS.npz OUTPUTS.npz REPEATS \
-        DEVICE DTYPES
+        DEVICE DTYPES MEMORY_FORMAT
 
 DEVICE is `cpu` or `gpu` (CUDA, else Apple's MPS), DTYPES a comma-separated list of float32
-and float16: the same work as the MLX side measured.
+and float16: the same work as the MLX side measured. MEMORY_FORMAT is `channels_last` (the
+models' convolution weights and images in NHWC order, as diffusers' speed guide and Intel's
+PyTorch extension set them up: on a CPU, oneDNN's convolutions then skip converting each
+input; see docs/performance.md) or `contiguous` (PyTorch's default NCHW order).
 
 Why a process of its own: in a process where `stable_diffusion` has loaded OpenBLAS with
 global symbols, PyTorch's CPU matmuls bind to it and share its threads, and run 3-5x slower
@@ -22,6 +25,7 @@ for the report.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -85,37 +89,47 @@ def synchronized(fn: Callable[[], torch.Tensor], device: torch.device) -> Callab
     return fn
 
 
-def load(cls: Any, folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where and how the models run: device, dtype, and the memory format of 4-d tensors."""
+
+    device: torch.device
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+
+
+def load(cls: Any, folder: Path, target: Target) -> Any:
     """`from_config` + `load_state_dict` of the same safetensors file the MLX side loaded
     (built on the meta device: no random init to pay for or hold)."""
     with torch.device("meta"):
         model = cls.from_config(cls.load_config(folder))
-    weights = load_file(folder / "diffusion_pytorch_model.safetensors", device=str(device))
-    model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
-    return model.eval()
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors", device=str(target.device))
+    model.load_state_dict({k: v.to(target.dtype) for k, v in weights.items()}, assign=True)
+    return model.to(memory_format=target.memory_format).eval()
 
 
-def as_tensor(
-    array: np.ndarray, batch: int, device: torch.device, dtype: torch.dtype, nhwc: bool = False
-) -> torch.Tensor:
-    """`array` repeated `batch` times (NHWC -> NCHW if `nhwc`) on `device`."""
+def as_tensor(array: np.ndarray, batch: int, target: Target, nhwc: bool = False) -> torch.Tensor:
+    """`array` repeated `batch` times on the target (an NHWC image as NCHW if `nhwc`, laid
+    out in the target's memory format)."""
     if nhwc:
         array = array.transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.concatenate([array] * batch)).to(device, dtype)
+    tensor = torch.from_numpy(np.concatenate([array] * batch)).to(target.device, target.dtype)
+    return tensor.contiguous(memory_format=target.memory_format) if nhwc else tensor
 
 
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.float().cpu().numpy().transpose(0, 2, 3, 1)
 
 
-def run_unet(
-    folder: Path, inputs: Any, repeats: int, device: torch.device, dtype: torch.dtype
-) -> dict[str, Any]:
-    unet = load(UNet2DConditionModel, folder, device, dtype)
+def run_unet(folder: Path, inputs: Any, repeats: int, target: Target) -> dict[str, Any]:
+    unet = load(UNet2DConditionModel, folder, target)
 
     def call(batch: int) -> Callable[[], torch.Tensor]:
         def tensor(name: str, nhwc: bool = False) -> torch.Tensor:
-            return as_tensor(inputs[name], batch, device, dtype, nhwc)
+            return as_tensor(inputs[name], batch, target, nhwc)
 
         added = None
         if "text_embeds" in inputs:
@@ -125,30 +139,28 @@ def run_unet(
         return lambda: unet(sample, timestep, context, added_cond_kwargs=added).sample
 
     results = {
-        f"unet_step_s_batch{batch}": median_time(synchronized(call(batch), device), repeats)
+        f"unet_step_s_batch{batch}": median_time(synchronized(call(batch), target.device), repeats)
         for batch in (1, 2)
     }
-    if dtype == torch.float32:
+    if target.dtype == torch.float32:
         results["unet_output"] = as_numpy(call(1)())
     return results
 
 
-def run_vae(
-    folder: Path, latents: np.ndarray, repeats: int, device: torch.device, dtype: torch.dtype
-) -> dict[str, Any]:
-    vae = load(AutoencoderKL, folder, device, dtype)
-    sample = as_tensor(latents, 1, device, dtype, nhwc=True)
+def run_vae(folder: Path, latents: np.ndarray, repeats: int, target: Target) -> dict[str, Any]:
+    vae = load(AutoencoderKL, folder, target)
+    sample = as_tensor(latents, 1, target, nhwc=True)
     results = {
         "vae_decode_s": median_time(
-            synchronized(lambda: vae.decode(sample).sample, device), repeats
+            synchronized(lambda: vae.decode(sample).sample, target.device), repeats
         )
     }
-    if dtype == torch.float32:
+    if target.dtype == torch.float32:
         results["vae_decoded"] = as_numpy(vae.decode(sample).sample)
     return results
 
 
-def setup(model: Path) -> dict[str, Any]:
+def setup(model: Path, memory_format: str) -> dict[str, Any]:
     """How PyTorch runs here: what would show a handicapped reference (fewer threads than
     cores, an inherited thread or BLAS variable, a slow attention processor)."""
     processors = set()
@@ -165,6 +177,7 @@ def setup(model: Path) -> dict[str, Any]:
         "mkl": torch.backends.mkl.is_available(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "attention_processors": sorted(processors),
+        "memory_format": memory_format,
         "environment": {k: v for k, v in os.environ.items() if k.startswith(prefixes)},
     }
 
@@ -176,6 +189,7 @@ def main(
     repeats: int,
     device_name: str,
     dtypes: list[str],
+    memory_format: str,
 ) -> None:
     device = torch_device(device_name)
     inputs = dict(np.load(inputs_file))
@@ -183,20 +197,20 @@ def main(
     results: dict[str, Any] = {}
     with torch.inference_mode():
         for name in dtypes:
-            dtype = getattr(torch, name)
+            target = Target(device, getattr(torch, name), MEMORY_FORMATS[memory_format])
             # One model in memory at a time.
-            measured = run_unet(model / "unet", inputs, repeats, device, dtype)
+            measured = run_unet(model / "unet", inputs, repeats, target)
             gc.collect()
-            measured.update(run_vae(model / "vae", latents, repeats, device, dtype))
+            measured.update(run_vae(model / "vae", latents, repeats, target))
             gc.collect()
             for key, value in measured.items():
                 results[key if isinstance(value, np.ndarray) else f"{name}_{key}"] = value
     np.savez(outputs_file, **results)
-    outputs_file.with_suffix(".json").write_text(json.dumps(setup(model)))
+    outputs_file.with_suffix(".json").write_text(json.dumps(setup(model, memory_format)))
 
 
 if __name__ == "__main__":
-    model, inputs_file, outputs_file, repeats, device_name, dtypes = sys.argv[1:]
+    model, inputs_file, outputs_file, repeats, device_name, dtypes, memory_format = sys.argv[1:]
     main(
         Path(model),
         Path(inputs_file),
@@ -204,4 +218,5 @@ if __name__ == "__main__":
         int(repeats),
         device_name,
         dtypes.split(","),
+        memory_format,
     )

@@ -84,6 +84,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(and float16 on a GPU)",
     )
     parser.add_argument(
+        "--reference-memory-format",
+        choices=["channels_last", "contiguous"],
+        default="channels_last",
+        help="with --reference: PyTorch's layout of images and convolution weights "
+        "(channels_last: NHWC, its fast layout for convolutions; contiguous: its default "
+        "NCHW, as the runs before 2026-12-04 measured it)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,

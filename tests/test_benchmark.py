@@ -138,6 +138,7 @@ def test_reference_run_checks_the_same_weights_and_prints_the_speed_ups(
     setup = reference["setup"]
     assert setup["threads"] == setup["cores"] == len(os.sched_getaffinity(0))
     assert setup["attention_processors"] == ["AttnProcessor2_0"]  # PyTorch's fused attention
+    assert setup["memory_format"] == "channels_last"
     assert setup["environment"]["OMP_MARKER"] == "launch"
     assert "OPENBLAS_THREAD_TIMEOUT" not in setup["environment"]
     assert reference["unet_max_rel_error"] < 1e-4
@@ -238,9 +239,13 @@ def test_the_comparison_table_has_a_row_per_dtype_pytorch_ran():
 
 def test_rounds_alternate_both_sides_float32_timings(tmp_path, capsys):
     pytest.importorskip("diffusers")
-    results, printed = run(tmp_path, capsys, "--reference", "--rounds", "2")
+    # In PyTorch's default layout, as the runs before channels_last measured it.
+    results, printed = run(
+        tmp_path, capsys, "--reference", "--rounds", "2", "--reference-memory-format", "contiguous"
+    )
 
     (reference,) = results["reference"]
+    assert reference["setup"]["memory_format"] == "contiguous"
     assert len(reference["rounds"]) == 2
     first = reference["rounds"][0]
     # The first round is the full measurement's float32 timings, on both sides.
