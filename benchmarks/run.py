@@ -21,6 +21,11 @@ markdown tables (`report.py`).
 
 from __future__ import annotations
 
+# First, so that MLX binds to the optimized BLAS before anything imports mlx.core
+# (stable_diffusion/blas.py); not in benchmarks/__init__.py, which the PyTorch side imports.
+import stable_diffusion  # noqa: F401
+
+# isort: split
 import argparse
 import gc
 import json
