@@ -355,7 +355,7 @@ def prompt_loras(args: argparse.Namespace) -> list[tuple[str, float]]:
     for path in available:
         by_name.setdefault(path.stem, []).append(path)
     given = {Path(path).resolve() for path, _ in args.lora}
-    found = []
+    found: list[tuple[str, float]] = []
     for name, strength in tags:
         paths = by_name.get(name, [])
         if not paths:

@@ -37,6 +37,7 @@ import math
 import operator
 import re
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 from . import limits
 from .samplers import a1111_names, join_name
@@ -49,6 +50,7 @@ _FIELD = re.compile(r'\s*(\w[\w \-/]{1,63}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)'
 _KEY = re.compile(r"\w[\w \-/]{1,63}")
 _SIZE = re.compile(r"(\d+)x(\d+)")
 _LORA = re.compile(r"<lora:([^<>]*):([^:<>]*)>")
+_Number = TypeVar("_Number", int, float)
 _NEGATIVE_PREFIX = "Negative prompt:"
 
 # Fields GenerationParameters models; `extras` may not reuse them.
@@ -321,7 +323,7 @@ def _unquote(value: str) -> str:
     return value.strip()
 
 
-def _to_number(kind: type[int] | type[float], key: str, value: str) -> int | float:
+def _to_number(kind: type[_Number], key: str, value: str) -> _Number:
     try:
         number = kind(value)
     except ValueError:

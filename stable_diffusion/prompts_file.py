@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def _number(value: str) -> float:
 
 
 # A1111's option name -> (PromptLine field, parser).
-_OPTIONS = {
+_OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "negative_prompt": ("negative_prompt", str),
     "seed": ("seed", _integer),
     "steps": ("steps", _integer),

@@ -124,8 +124,8 @@ def check_arguments(
         # A decoding batch is some of the call's images: more than MAX_IMAGES decodes no more.
         _integer(names["decoding_batch_size"], decoding_batch_size, 1, MAX_IMAGES)
     if width is not None or height is not None:
-        sides = {"width": width, "height": height}
-        for side, value in sides.items():
+        sides: dict[str, int | None] = {"width": None, "height": None}
+        for side, value in (("width", width), ("height", height)):
             if value is not None:
                 # validate_size refuses sides below 1, suggesting the nearest valid ones.
                 sides[side] = _integer(names[side], value, None, MAX_SIDE)
@@ -141,7 +141,7 @@ def _integer(name: str, value: object, low: int | None, high: int, hint: str = "
     try:
         if isinstance(value, bool):
             raise TypeError
-        number = operator.index(value)  # ints and NumPy integers, not floats
+        number = operator.index(value)  # type: ignore[arg-type]  # ints, not floats
     except TypeError:
         raise ValueError(f"{name} must be an integer (got {value!r:.40})") from None
     if low is not None and number < low:

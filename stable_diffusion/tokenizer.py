@@ -391,7 +391,7 @@ class Tokenizer:
             if j >= n or symbols[i] != left or symbols[j] != right:
                 continue
             symbols[i] = left + right
-            symbols[j] = None
+            symbols[j] = None  # type: ignore[call-overload]  # a dead symbol
             following[i] = following[j]
             if following[i] < n:
                 preceding[following[i]] = i

@@ -4,8 +4,7 @@ import pytest
 
 # First, so that MLX binds to the optimized BLAS before any test imports mlx.core.
 import stable_diffusion  # noqa: F401
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from tests.helpers import FIXTURES
 
 
 @pytest.fixture

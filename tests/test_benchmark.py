@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from stable_diffusion import benchmark, fast_cpu
+import benchmarks.reference
+from benchmarks import flops, measure, report
+from benchmarks import run as benchmark
+from benchmarks.architectures import ARCHITECTURES
+from benchmarks.random_weights import weights_on_disk
+from benchmarks.reference import reference_dtypes
+from stable_diffusion import fast_cpu
 from stable_diffusion.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
 from stable_diffusion.cpu import in_fast_cpu
 
@@ -55,9 +65,21 @@ def test_float16_and_quantized_are_measured_in_full(tmp_path, capsys):
     assert weights["q8"] < weights["float16"] < weights["float32"]
 
 
+def test_the_command_runs_from_the_repository_root(tmp_path):
+    # As the README gives it, in a process of its own.
+    output = tmp_path / "results.json"
+    command = [sys.executable, "-m", "benchmarks.run", "--models", "tiny", "--dtypes", "float32",
+               "--size", "64", "--steps", "1", "--repeats", "1", "--output", str(output)]
+    ran = subprocess.run(
+        command, check=True, cwd=Path(__file__).parent.parent, capture_output=True, text=True
+    )
+    assert "mlx.core was imported before stable_diffusion" not in ran.stderr
+    assert [row["batch"] for row in json.loads(output.read_text())["rows"]] == [1, 2]
+
+
 def test_too_little_disk_stops_before_measuring(tmp_path, monkeypatch):
-    needed = benchmark.weights_on_disk(benchmark.ARCHITECTURES["tiny"], float16=True)
-    assert needed == 6 * benchmark.weights_on_disk(benchmark.ARCHITECTURES["tiny"], False) // 4
+    needed = weights_on_disk(ARCHITECTURES["tiny"], float16=True)
+    assert needed == 6 * weights_on_disk(ARCHITECTURES["tiny"], False) // 4
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(benchmark.shutil, "disk_usage",
                         lambda _: usage._replace(free=needed - 1))
@@ -72,7 +94,7 @@ def test_lazy_run_measures_without_fast_cpu(tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("fast_cpu() entered despite --lazy")
 
-    monkeypatch.setattr(benchmark, "fast_cpu", refuse)
+    monkeypatch.setattr(measure, "fast_cpu", refuse)
     results, printed = run(tmp_path, capsys, "--lazy")
     assert results["settings"]["lazy"] is True
     assert len(results["rows"]) == 2 and all(row["unet_step_s"] > 0 for row in results["rows"])
@@ -96,20 +118,33 @@ def test_each_phase_runs_in_a_fast_cpu_block_of_its_own(tmp_path, capsys, monkey
             return function(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(benchmark, "fast_cpu", counted)
+    monkeypatch.setattr(measure, "fast_cpu", counted)
     for name in ("_decode_seconds", "_measure"):
-        monkeypatch.setattr(benchmark, name, recorded(name, getattr(benchmark, name)))
+        monkeypatch.setattr(measure, name, recorded(name, getattr(measure, name)))
     run(tmp_path, capsys)
     assert [name for name, _, _ in phases] == ["_measure", "_measure", "_decode_seconds"]
     assert all(inside for _, _, inside in phases)
     assert len({block for _, block, _ in phases}) == 3
 
 
-def test_reference_run_checks_the_same_weights_and_prints_the_speed_ups(tmp_path, capsys):
+def test_reference_run_checks_the_same_weights_and_prints_the_speed_ups(
+    tmp_path, capsys, monkeypatch
+):
     pytest.importorskip("diffusers")
+    # The reference runs in the environment the benchmark was started in, not in the one
+    # stable_diffusion's import adjusted for its OpenBLAS.
+    launched = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    launched["OMP_MARKER"] = "launch"
+    monkeypatch.setattr(benchmarks.reference, "LAUNCH_ENVIRONMENT", launched)
     results, printed = run(tmp_path, capsys, "--reference")
 
     (reference,) = results["reference"]
+    setup = reference["setup"]
+    assert setup["threads"] == setup["cores"] == len(os.sched_getaffinity(0))
+    assert setup["attention_processors"] == ["AttnProcessor2_0"]  # PyTorch's fused attention
+    assert setup["memory_format"] == "channels_last"
+    assert setup["environment"]["OMP_MARKER"] == "launch"
+    assert "OPENBLAS_THREAD_TIMEOUT" not in setup["environment"]
     assert reference["unet_max_rel_error"] < 1e-4
     assert reference["vae_max_rel_error"] < 1e-4
     # On a CPU PyTorch runs in float32 only.
@@ -144,8 +179,8 @@ def test_unet_flops_match_a_count_by_hand():
     macs = (time_embedding + conv_in + resnet_8_8  # down block
             + 2 * resnet_8_8 + transformer  # mid block
             + 2 * resnet_16_8 + conv_out)
-    assert benchmark.unet_flops(config, 1, 2, 2, context_tokens=3) == 2 * macs
-    assert benchmark.unet_flops(config, 2, 2, 2, context_tokens=3) == 4 * macs
+    assert flops.unet_flops(config, 1, 2, 2, context_tokens=3) == 2 * macs
+    assert flops.unet_flops(config, 2, 2, 2, context_tokens=3) == 4 * macs
 
 
 def test_vae_and_text_encoder_flops_match_a_count_by_hand():
@@ -163,21 +198,21 @@ def test_vae_and_text_encoder_flops_match_a_count_by_hand():
         + large * 9 * (8 * 8 + 8 * 8)  # ... and resnet 8 -> 8
         + large * 8 * 3 * 9  # conv_out
     )
-    assert benchmark.vae_decode_flops(vae, 1, 2, 2) == 2 * decoder
+    assert flops.vae_decode_flops(vae, 1, 2, 2) == 2 * decoder
 
     text = TextEncoderConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                              projection_dim=4, with_projection=True)
     layer = 4 * 5 * 8 * 8 + 2 * 5 * 5 * 8 + 2 * 5 * 8 * 16
-    assert benchmark.text_encoder_flops(text, 3, tokens=5) == 2 * 3 * (2 * layer + 8 * 4)
+    assert flops.text_encoder_flops(text, 3, tokens=5) == 2 * 3 * (2 * layer + 8 * 4)
 
 
 def test_on_a_gpu_pytorch_also_runs_float16(monkeypatch):
     import mlx.core as mx
 
-    assert benchmark.reference_dtypes(["float32", "float16", "q8"]) == ["float32"]
+    assert reference_dtypes(["float32", "float16", "q8"]) == ["float32"]
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    assert benchmark.reference_dtypes(["float32", "float16", "q8"]) == ["float32", "float16"]
-    assert benchmark.reference_dtypes(["q8", "float32"]) == ["float32"]
+    assert reference_dtypes(["float32", "float16", "q8"]) == ["float32", "float16"]
+    assert reference_dtypes(["q8", "float32"]) == ["float32"]
 
 
 def test_the_comparison_table_has_a_row_per_dtype_pytorch_ran():
@@ -196,7 +231,7 @@ def test_the_comparison_table_has_a_row_per_dtype_pytorch_ran():
                            "gpu": "H200"},
                "matmul_gflops": {"float32": 1000.0, "float16": 5000.0},
                "rows": rows, "reference": [reference]}
-    table = benchmark.markdown_tables(results)
+    table = report.markdown_tables(results)
     assert "on Device(gpu, 0) (H200)" in table and "5000 GFLOP/s in float16" in table
     assert "fast_cpu" not in table  # it changes nothing on a GPU
     comparison = table.split("PyTorch UNet step s")[1].splitlines()
@@ -208,9 +243,13 @@ def test_the_comparison_table_has_a_row_per_dtype_pytorch_ran():
 
 def test_rounds_alternate_both_sides_float32_timings(tmp_path, capsys):
     pytest.importorskip("diffusers")
-    results, printed = run(tmp_path, capsys, "--reference", "--rounds", "2")
+    # In PyTorch's default layout, as the runs before channels_last measured it.
+    results, printed = run(
+        tmp_path, capsys, "--reference", "--rounds", "2", "--reference-memory-format", "contiguous"
+    )
 
     (reference,) = results["reference"]
+    assert reference["setup"]["memory_format"] == "contiguous"
     assert len(reference["rounds"]) == 2
     first = reference["rounds"][0]
     # The first round is the full measurement's float32 timings, on both sides.
@@ -240,7 +279,7 @@ def test_the_comparison_table_takes_medians_over_rounds():
                "machine": {"cpu": "x", "cores": 2, "ram_gb": 24, "mlx": "0",
                            "device": "Device(cpu, 0)"},
                "matmul_gflops": {"float32": 200.0}, "rows": rows, "reference": [reference]}
-    table = benchmark.markdown_tables(results)
+    table = report.markdown_tables(results)
     # Medians of each side (1.5 and 2.2 s), and of the rounds' ratios (2.0, 1.1, 2.2).
     assert ("| tiny | float32 | 1 | 1.50 | 2.20 | 2.00x (2.00 / 1.10 / 2.20) "
             "| 4.00 | 4.00 | 1.00x (1.00 / 1.25 / 0.80) |") in table

@@ -18,21 +18,10 @@ from PIL import Image, PngImagePlugin
 
 from stable_diffusion.images import read_parameters
 from stable_diffusion.parameters import GenerationParameters
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES, ROOT, run
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY_SD2 = str(FIXTURES / "models" / "tiny-sd2")
 TINY_SDXL = str(FIXTURES / "models" / "tiny-sdxl")
-
-
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
 
 
 def input_image(path: Path, size: tuple[int, int] = (70, 50)) -> Path:

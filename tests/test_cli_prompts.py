@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from stable_diffusion.images import read_parameters
-from tests.conftest import FIXTURES
-from tests.test_cli import run
+from tests.helpers import FIXTURES, run
 
 TINY_SD1 = str(FIXTURES / "models" / "tiny-sd1")
 TINY_SDXL = str(FIXTURES / "models" / "tiny-sdxl")

@@ -17,7 +17,7 @@ from stable_diffusion import StableDiffusion
 from stable_diffusion.distributed import Ranks, gather, launched, ranks, shard
 from stable_diffusion.images import read_parameters
 from stable_diffusion.prompts_file import parse_line, read_prompts_file
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_SD1 = str(FIXTURES / "models" / "tiny-sd1")

@@ -14,7 +14,7 @@ import pytest
 
 from stable_diffusion import StableDiffusion
 from stable_diffusion.pipeline import NonFiniteError
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 
 @pytest.fixture(scope="module")

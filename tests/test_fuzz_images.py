@@ -15,6 +15,8 @@ from stable_diffusion import images
 from stable_diffusion.images import load_image, read_parameters
 from stable_diffusion.parameters import GenerationParameters
 
+pytestmark = pytest.mark.slow  # deselect with -m "not slow"; CI runs them
+
 FUZZ = settings(
     max_examples=150,
     deadline=None,

@@ -13,11 +13,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stable_diffusion import StableDiffusion
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
+
+pytestmark = pytest.mark.slow  # deselect with -m "not slow"; CI runs them
 
 LORA = (FIXTURES / "lora" / "sd1_kohya.safetensors").read_bytes()
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

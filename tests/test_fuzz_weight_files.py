@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from stable_diffusion import limits
 from stable_diffusion.weights.files import WeightFileError, load_weights
-from tests.test_weight_files import (
+from tests.helpers import (
     FILES,
     FLOATS,
     Storage,
@@ -35,6 +35,8 @@ from tests.test_weight_files import (
     warm_up,
     write_checkpoint,
 )
+
+pytestmark = pytest.mark.slow  # deselect with -m "not slow"; CI runs them
 
 FUZZ = settings(
     max_examples=250,

@@ -27,7 +27,7 @@ from stable_diffusion.config import SchedulerConfig, TextEncoderConfig, UNetConf
 from stable_diffusion.images import GenerationParameters, load_image, read_parameters, save_images
 from stable_diffusion.tokenizer import Tokenizer
 from stable_diffusion.weights.files import WeightFileError, load_weights
-from tests.test_weight_files import (
+from tests.helpers import (
     FLOATS,
     Storage,
     raw_pickle,

@@ -10,7 +10,7 @@ import pytest
 
 from stable_diffusion import StableDiffusion
 from stable_diffusion.loading.hub import ModelNotFoundError, resolve_model, weight_files
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

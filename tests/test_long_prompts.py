@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stable_diffusion import StableDiffusion
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 from tests.reference.inputs import LONG_NEGATIVE_PROMPT, LONG_PROMPT
 
 REFERENCE = dict(np.load(FIXTURES / "reference" / "long_prompts.npz"))

@@ -22,8 +22,7 @@ from stable_diffusion import StableDiffusion, fast_cpu
 from stable_diffusion.cli import lora_spec
 from stable_diffusion.images import read_parameters
 from stable_diffusion.lora import read_lora
-from tests.conftest import FIXTURES
-from tests.test_cli import run
+from tests.helpers import FIXTURES, run
 
 LORAS = FIXTURES / "lora"
 CASES = json.loads((LORAS / "cases.json").read_text())

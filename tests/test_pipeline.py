@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from stable_diffusion import StableDiffusion, fast_cpu
 from stable_diffusion.models import layers
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
 
 MODELS = ["tiny-sd1", "tiny-sd2", "tiny-sdxl"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stable_diffusion import StableDiffusion, fast_cpu
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 
 def image(sd: StableDiffusion) -> np.ndarray:

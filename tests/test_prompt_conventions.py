@@ -11,7 +11,7 @@ import pytest
 from stable_diffusion import StableDiffusion
 from stable_diffusion.prompts import parse_prompt
 from stable_diffusion.weights.files import WeightFileError
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 from tests.reference.inputs import (
     CLIP_SKIP,
     CONVENTION_STEPS,

@@ -10,7 +10,7 @@ import pytest
 
 from stable_diffusion.prompts import apply_emphasis, extract_loras, parse_prompt
 from stable_diffusion.tokenizer import Tokenizer
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 # The examples of A1111's own docstring, with the results it documents (doctests):
 # AUTOMATIC1111/stable-diffusion-webui, modules/prompt_parser.py, parse_prompt_attention.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stable_diffusion import StableDiffusion
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 from tests.reference.inputs import (
     DETERMINISTIC_SAMPLERS,
     HUB_CONFIG_MODELS,

@@ -28,80 +28,14 @@ from PIL import Image
 from sd_parsers import ParserManager
 
 from stable_diffusion.images import GenerationParameters, read_parameters
+from tests.helpers import FIXTURES, ROOT, Server
 
-ROOT = Path(__file__).parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
 TINY_SD1 = "tests/fixtures/models/tiny-sd1"
 LORA = FIXTURES / "lora" / "sd1_kohya.safetensors"
 MAX_QUEUE = 2
 # Steps that keep a tiny-model job running for seconds (~10 steps/s on 2 cores), so that
 # it can be watched, interrupted and abandoned mid-way.
 LONG_STEPS = 150
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, tmp: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp / f"server-{self.port}.log", "w+")  # noqa: SIM115 - closed in stop
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "stable_diffusion.server",
-                "--model",
-                TINY_SD1,
-                "--port",
-                str(self.port),
-                *args,
-            ],
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.get(f"{self.url}/sdapi/v1/progress", timeout=2)
-                return
-            except requests.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"the server did not start: {self.output()}") from None
-                time.sleep(0.2)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def rss_mib(self) -> float:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
-        return int(line.split()[1]) / 1024
-
-    def post(self, route: str, payload, **kwargs) -> requests.Response:
-        return requests.post(f"{self.url}/sdapi/v1/{route}", json=payload, timeout=120, **kwargs)
-
-    def progress(self) -> dict:
-        return requests.get(f"{self.url}/sdapi/v1/progress", timeout=10).json()
-
-    def wait_idle(self, timeout: float) -> float:
-        start = time.monotonic()
-        while self.progress()["state"]["job_count"]:
-            assert time.monotonic() - start < timeout, "the server is still busy"
-            time.sleep(0.05)
-        return time.monotonic() - start
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

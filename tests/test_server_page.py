@@ -13,7 +13,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from tests.test_server import ROOT, Server
+from tests.helpers import ROOT, Server
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")

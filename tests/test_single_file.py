@@ -41,7 +41,7 @@ from stable_diffusion.samplers import make_sampler
 from stable_diffusion.tokenizer import Tokenizer
 from stable_diffusion.weights import diffusers as diffusers_keys
 from stable_diffusion.weights import original
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 from tests.reference import original_layout
 from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
 from tests.reference.original_layout import digest, folder_to_original, write_safetensors

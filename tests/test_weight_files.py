@@ -6,16 +6,12 @@ hostile and damaged files are built here, without PyTorch.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
 import struct
-import sys
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,149 +19,25 @@ import numpy as np
 import pytest
 
 from stable_diffusion.weights.files import WeightFileError, load_weights
-
-FILES = Path(__file__).parent / "fixtures" / "checkpoint_files"
-EXPECTED = json.loads((FILES / "expected.json").read_text())
-
-# --- watching for code execution ----------------------------------------------------------------
-
-# Audit events that loading a weight file must never raise: running commands or code, or
-# importing anything (which would execute the imported module).
-_FORBIDDEN_EVENTS = (
-    "os.system",
-    "os.exec",
-    "os.posix_spawn",
-    "os.spawn",
-    "os.fork",
-    "subprocess.Popen",
-    "exec",
-    "compile",
-    "import",
-    "ctypes",
+from tests.helpers import (
+    EXPECTED,
+    FILES,
+    FLOATS,
+    Call,
+    Global,
+    Storage,
+    nothing_runs,
+    raw_pickle,
+    tensor,
+    torch_pickle,
+    warm_up,
+    write_checkpoint,
 )
-_audit_log: list[str] | None = None
-
-
-def _audit(event: str, args: tuple) -> None:
-    if _audit_log is not None and event.startswith(_FORBIDDEN_EVENTS):
-        _audit_log.append(event)
-
-
-sys.addaudithook(_audit)  # hooks cannot be removed; this one is idle outside nothing_runs()
-
-
-@contextmanager
-def nothing_runs() -> Iterator[None]:
-    """Fail if the block runs a command, evaluates code or imports a module."""
-    global _audit_log
-    _audit_log = log = []
-    try:
-        yield
-    finally:
-        _audit_log = None
-    assert not log, f"loading ran code: {log}"
-
-
-# --- building torch-like checkpoints without torch -------------------------------------------
-
-
-class Callable:
-    def __call__(self) -> None:  # pickle only writes REDUCE for callables; never called
-        raise AssertionError
-
-
-class Global(Callable):
-    """A global name, written into the pickle as is: it need not exist or be importable."""
-
-    def __init__(self, module: str, name: str) -> None:
-        self.module, self.name = module, name
-
-
-class Call(Callable):
-    """func(*args), evaluated at load time through a REDUCE opcode."""
-
-    def __init__(self, func: Callable, *args: object) -> None:
-        self.func, self.args = func, args
-
-
-class Storage:
-    """A storage record: the pickle names it; its bytes live in the archive."""
-
-    def __init__(self, key: str, storage_type: str, numel: int) -> None:
-        self.key, self.type, self.numel = key, storage_type, numel
-
-
-class TorchLikePickler(pickle._Pickler):
-    """Writes pickles the way torch.save does, from Global/Call/Storage stand-ins."""
-
-    dispatch = dict(pickle._Pickler.dispatch)  # noqa: RUF012 (pickle's own convention)
-
-    def save_global_name(self, obj: Global) -> None:
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-
-    dispatch[Global] = save_global_name
-
-    def reducer_override(self, obj: object) -> object:
-        return (obj.func, obj.args) if isinstance(obj, Call) else NotImplemented
-
-    def persistent_id(self, obj: object) -> object:
-        if isinstance(obj, Storage):
-            return ("storage", Global("torch", obj.type), obj.key, "cpu", obj.numel)
-        return None
-
-
-def torch_pickle(obj: object, protocol: int = 2) -> bytes:
-    buffer = io.BytesIO()
-    TorchLikePickler(buffer, protocol=protocol).dump(obj)
-    return buffer.getvalue()
-
-
-def tensor(storage: Storage, shape: tuple, stride: tuple, offset: int = 0) -> Call:
-    hooks = Call(Global("collections", "OrderedDict"))
-    return Call(
-        Global("torch._utils", "_rebuild_tensor_v2"), storage, offset, shape, stride, False, hooks
-    )
-
-
-def write_checkpoint(
-    path: Path,
-    data_pkl: bytes,
-    storages: dict[str, bytes] | None = None,
-    byteorder: bytes = b"little",
-    compression: int = zipfile.ZIP_STORED,
-) -> Path:
-    with zipfile.ZipFile(path, "w", compression) as archive:
-        archive.writestr("archive/data.pkl", data_pkl)
-        archive.writestr("archive/byteorder", byteorder)
-        for key, data in (storages or {}).items():
-            archive.writestr(f"archive/data/{key}", data)
-        archive.writestr("archive/version", "3\n")
-    return path
-
-
-def raw_pickle(*opcodes: bytes) -> bytes:
-    return pickle.PROTO + b"\x02" + b"".join(opcodes) + pickle.STOP
 
 
 def fragment(obj: object) -> bytes:
     """The opcodes that push obj, to splice into a raw pickle."""
     return pickle.dumps(obj, protocol=2)[2:-1]
-
-
-FLOATS = np.array([1.0, -2.0], dtype="<f4").tobytes()
-
-
-def warm_up(tmp_dir: Path) -> None:
-    """Load every fixture and every pickle protocol once: the first loads import what they need
-    (text codecs, for one), which nothing_runs() would otherwise report."""
-    for name in EXPECTED:
-        mx.eval(load_weights(FILES / name))
-    w = tensor(Storage("0", "FloatStorage", 2), (2,), (1,))
-    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-        # protocol 0 writes persistent ids as text, so no tensor: the load fails, after decoding
-        data = torch_pickle({"text": "é", **({"w": w} if protocol else {})}, protocol)
-        with suppress(WeightFileError):
-            load_weights(write_checkpoint(tmp_dir / f"{protocol}.pt", data, {"0": FLOATS}))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -134,20 +134,33 @@ class Engine:
         size = default_batch_size(g.n_images)
 
         def start(first: int) -> Denoising:
-            common = dict(
-                n_images=min(size, g.n_images - first),
+            n_images, seed = min(size, g.n_images - first), g.seed + first
+            if g.image is None:
+                return sd.generate_latents(
+                    g.text,
+                    n_images=n_images,
+                    num_steps=g.steps,
+                    cfg_weight=g.cfg,
+                    negative_text=g.negative_text,
+                    seed=seed,
+                    width=g.width,
+                    height=g.height,
+                    sampler=g.sampler,
+                )
+            return sd.generate_latents_from_image(
+                g.image,
+                g.text,
+                strength=g.strength,
+                n_images=n_images,
                 num_steps=g.steps,
                 cfg_weight=g.cfg,
                 negative_text=g.negative_text,
-                seed=g.seed + first,
+                seed=seed,
                 sampler=g.sampler,
             )
-            if g.image is None:
-                return sd.generate_latents(g.text, width=g.width, height=g.height, **common)
-            return sd.generate_latents_from_image(g.image, g.text, strength=g.strength, **common)
 
         batches = [start(first) for first in range(0, g.n_images, size)]
-        finals = []
+        finals: list[mx.array] = []
         with fast_cpu():
             for latents in batches:
                 for step, x in enumerate(latents, start=1):

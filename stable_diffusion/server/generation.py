@@ -98,7 +98,7 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
     width = plan.width or defaults.width
     height = plan.height or defaults.height
     # The LoRAs stay in the prompt as typed; A1111 adds their hashes (civitai reads them).
-    extras = ()
+    extras: tuple[tuple[str, str], ...] = ()
     if plan.loras:
         hashes = (f"{path.stem}: {lora_hash(path)}" for path, _ in plan.loras)
         extras = (("Lora hashes", ", ".join(hashes)),)

@@ -12,7 +12,7 @@ from stable_diffusion.cpu import kernels
 from stable_diffusion.cpu.layers import SUBCLASSES
 from stable_diffusion.loading.folder import load_text_encoder, load_unet
 from stable_diffusion.models import layers
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 
 def classes(model: nn.Module) -> dict[str, type]:

@@ -15,8 +15,8 @@ from stable_diffusion import fast_cpu
 from stable_diffusion.cpu import blas, kernels
 from stable_diffusion.loading.folder import load_text_encoder, load_unet, load_vae
 from stable_diffusion.models import layers
-from tests.conftest import FIXTURES
-from tests.test_models import (
+from tests.helpers import (
+    FIXTURES,
     MODELS,
     assert_close,
     assert_unet_matches,

@@ -1,0 +1,61 @@
+"""The architectures the benchmark measures: the user presets at full size, and small ones
+with the real structure for tests and quick runs (not user presets)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from stable_diffusion.config import (
+    PRESETS,
+    AutoencoderConfig,
+    PipelineConfig,
+    TextEncoderConfig,
+    UNetConfig,
+)
+
+CONTEXT_TOKENS = 77  # CLIP's context: the tokens of one prompt
+
+_TINY_TEXT = TextEncoderConfig(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    projection_dim=32,
+)  # fmt: skip
+_TINY_VAE = AutoencoderConfig(
+    block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64
+)
+TINY_PRESETS: dict[str, PipelineConfig] = {
+    "tiny": PipelineConfig(
+        UNetConfig(
+            block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            norm_num_groups=8,
+            sample_size=8,
+        ),
+        _TINY_VAE,
+        (_TINY_TEXT,),
+        PRESETS["sd-1.5"].scheduler,
+    ),
+    "tiny-xl": PipelineConfig(
+        UNetConfig(
+            block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            norm_num_groups=8,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            sample_size=8,
+        ),
+        _TINY_VAE,
+        (_TINY_TEXT, dataclasses.replace(_TINY_TEXT, with_projection=True, hidden_act="gelu")),
+        PRESETS["sdxl-turbo"].scheduler,
+        ("<|endoftext|>", "!"),
+    ),
+}
+ARCHITECTURES = {**PRESETS, **TINY_PRESETS}
