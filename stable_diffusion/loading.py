@@ -9,14 +9,23 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .clip import CLIPTextModel
-from .config import AutoencoderConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, read_json
+from .config import (
+    AutoencoderConfig,
+    SchedulerConfig,
+    TextEncoderConfig,
+    TinyAutoencoderConfig,
+    UNetConfig,
+    read_json,
+)
 from .hub import weight_files
+from .models.tiny_autoencoder import TinyAutoencoder
 from .samplers import default_sampler
 from .tokenizer import Tokenizer
 from .unet import UNetModel
 from .vae import Autoencoder
 from .weights import diffusers as diffusers_keys
 from .weights.files import load_weights
+from .weights.tiny_autoencoder import map_tiny_autoencoder
 
 Mapping = Callable[[dict[str, mx.array]], dict[str, mx.array]]
 
@@ -83,6 +92,13 @@ def load_vae(folder: Path, dtype: mx.Dtype) -> Autoencoder:
         dtype = mx.float32
     model = Autoencoder(config)
     return _load_component(folder, model, diffusers_keys.map_vae, dtype, dtype == mx.float16)
+
+
+def load_tiny_autoencoder(folder: Path, dtype: mx.Dtype) -> TinyAutoencoder:
+    """TAESD / TAESDXL from a diffusers AutoencoderTiny folder."""
+    config = TinyAutoencoderConfig.from_dict(_read_config(folder))
+    model = TinyAutoencoder(config)
+    return _load_component(folder, model, map_tiny_autoencoder, dtype, dtype == mx.float16)
 
 
 def load_text_encoder(folder: Path, dtype: mx.Dtype) -> CLIPTextModel:

@@ -5,6 +5,7 @@ import importlib
 
 SCRIPTS = [
     "tiny_models",
+    "tiny_autoencoder",
     "tokenizer_ids",
     "schedulers",
     "checkpoint_files",
