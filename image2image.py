@@ -37,7 +37,7 @@ def main() -> None:
         )
     except ValueError as e:
         p.error(str(e))
-    x = cli.denoise(sd, latents, args)
+    x = cli.denoise(sd, latents, args, output)
     height, width = image.shape[:2]
     parameters = cli.generation_parameters(sd, args, width, height, strength=args.strength)
     cli.decode_and_save(sd, x, args, output, parameters)

@@ -28,7 +28,7 @@ def main() -> None:
         )
     except ValueError as e:
         p.error(str(e))
-    x = cli.denoise(sd, latents, args)
+    x = cli.denoise(sd, latents, args, output)
     parameters = cli.generation_parameters(sd, args, width, height)
     cli.decode_and_save(sd, x, args, output, parameters)
 

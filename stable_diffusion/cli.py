@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import secrets
+import tempfile
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from .cpu_kernels import fast_cpu
 from .images import (
     GenerationParameters,
     check_output_path,
+    make_grid,
     read_parameters,
     save_images,
     validate_size,
@@ -83,6 +87,20 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     p.add_argument("--seed", type=int, default=None, help="-1 or none: random (printed)")
     p.add_argument("--decoding_batch_size", type=int, default=1)
     p.add_argument(
+        "--vae",
+        metavar="full|taesd|PATH",
+        help="the decoder: 'full' (default: the model's VAE), 'taesd' (the tiny autoencoder, "
+        "madebyollin/taesd or taesdxl for SDXL: far faster, a little less detail), or a "
+        "folder or repo id of a diffusers AutoencoderTiny",
+    )
+    p.add_argument(
+        "--preview",
+        type=int,
+        metavar="N",
+        help="write a preview next to the output (out.preview.png) every N steps: by the "
+        "tiny decoder with --vae taesd, else a cheap latent-to-RGB map",
+    )
+    p.add_argument(
         "-q",
         "--quantize",
         action="store_true",
@@ -138,6 +156,8 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
         "height": saved.height,
         "strength": saved.strength,
     }
+    if dict(saved.extras).get("VAE") in ("taesd", "taesdxl"):
+        values["vae"] = "taesd"
     for name, value in values.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, value)
@@ -166,6 +186,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Pat
         p.error(f"--steps must be at least 1 (got {args.steps})")
     if args.cfg is not None and args.cfg < 0:
         p.error(f"--cfg must be >= 0 (got {args.cfg})")
+    if args.preview is not None and args.preview < 1:
+        p.error(f"--preview must be at least 1 (got {args.preview})")
     if args.decoding_batch_size < 1:
         p.error("--decoding_batch_size must be at least 1")
     if not 0 <= getattr(args, "strength", 0) <= 1:
@@ -200,6 +222,7 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
             loras=args.lora,
             prediction_type=args.prediction_type,
             image_size=args.image_size,
+            decoder={None: "full", "taesd": "tiny"}.get(args.vae, args.vae),
         )
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
@@ -216,15 +239,36 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
     return sd
 
 
-def denoise(sd: StableDiffusion, latents: Denoising, args: argparse.Namespace) -> mx.array:
+def preview_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.preview.png")
+
+
+def write_preview(sd: StableDiffusion, latents: mx.array, path: Path, n_rows: int) -> None:
+    """Replace the preview image atomically: a viewer never reads a half-written file."""
+    grid = make_grid(sd.preview(latents), n_rows)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as f:
+        Image.fromarray(grid).save(f, format="PNG")
+    os.replace(f.name, path)
+
+
+def denoise(
+    sd: StableDiffusion, latents: Denoising, args: argparse.Namespace, output: Path | None = None
+) -> mx.array:
+    """The denoising loop; with --preview, a preview next to `output` every N steps."""
     start = time.perf_counter()
+    every = getattr(args, "preview", None) if output is not None else None
+    description = "Denoising"
+    if every:
+        description += f" (preview every {every} steps: {preview_path(output).name})"
     with fast_cpu():
         if not args.preload_models:
             # Lower peak memory: the text encoders are gone before the UNet's weights load.
             latents.compute_conditioning()
             sd.release_text_encoders()
-        for x in tqdm(latents, desc="Denoising"):
+        for step, x in enumerate(tqdm(latents, desc=description), start=1):
             mx.eval(x)
+            if every and step % every == 0:
+                write_preview(sd, x, preview_path(output), args.n_rows)
     if args.verbose:
         print(
             f"Denoised in {time.perf_counter() - start:.1f} s, "
@@ -272,6 +316,8 @@ def generation_parameters(
     sd: StableDiffusion, args: argparse.Namespace, width: int, height: int, **extra
 ) -> GenerationParameters:
     defaults = sd.defaults
+    if sd.vae_name is not None:
+        extra["extras"] = (*extra.get("extras", ()), ("VAE", sd.vae_name))
     return GenerationParameters(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt or "",

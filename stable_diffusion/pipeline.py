@@ -17,10 +17,12 @@ import numpy as np
 
 from . import loading, single_file
 from .config import PipelineConfig, UNetConfig, read_json
-from .hub import ALIASES, resolve_model
+from .hub import ALIASES, TINY_AUTOENCODERS, resolve_component, resolve_model
 from .images import validate_size
 from .layers import compute_dtype
 from .lora import AppliedLoras
+from .models.tiny_autoencoder import TinyAutoencoder
+from .preview import latent_rgb
 from .samplers import make_sampler
 
 # Per-model defaults for well-known repos; other models get their
@@ -117,6 +119,9 @@ class StableDiffusion:
     ("epsilon"/"v_prediction") and `image_size` (native size in pixels) override what the
     model says, or, for single files, what the keys cannot tell. `config` replaces the
     preset a single file's architecture picks (for models of non-standard sizes).
+    `decoder="tiny"` decodes with the tiny autoencoder (madebyollin/taesd, or taesdxl for
+    SDXL: far faster, a little less detail; images are still encoded by the full VAE);
+    a folder or repo id of another diffusers AutoencoderTiny works too.
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class StableDiffusion:
         prediction_type: str | None = None,
         image_size: int | None = None,
         config: PipelineConfig | None = None,
+        decoder: str = "full",
     ):
         if float16 is None:
             self.dtype = default_dtype(quantize)
@@ -144,6 +150,9 @@ class StableDiffusion:
                 raise ValueError("config is only for single-file checkpoints")
             self._load_folder(model, prediction_type)
         self.vae_dtype = self.vae.decoder.conv_in.weight.dtype
+        # The decoder other than the model's own VAE, as the PNG parameters name it.
+        self.vae_name: str | None = None
+        self.tiny_autoencoder = None if decoder == "full" else self._load_tiny(decoder)
         self.defaults = self._model_defaults(image_size)
         self._loras = AppliedLoras()
         for path, strength in loras:
@@ -202,6 +211,11 @@ class StableDiffusion:
         ]
         self.unet = loading.load_unet(folder / "unet", self.dtype)
         self.vae = loading.load_vae(folder / "vae", self.dtype)
+
+    def _load_tiny(self, decoder: str) -> TinyAutoencoder:
+        source = TINY_AUTOENCODERS[self.is_xl] if decoder == "tiny" else decoder
+        self.vae_name = os.path.basename(os.path.normpath(source))
+        return loading.load_tiny_autoencoder(resolve_component(source), self.dtype)
 
     def preload(self) -> None:
         """Read all weights now instead of at first use (they load lazily)."""
@@ -478,8 +492,27 @@ class StableDiffusion:
         return (mean.astype(mx.float32) - shift) * vae_config.scaling_factor
 
     def decode(self, latents: mx.array) -> mx.array:
-        """Latents -> (N, H, W, 3) images in [0, 1]."""
+        """Latents -> (N, H, W, 3) images in [0, 1], by the tiny autoencoder if chosen."""
+        if self.tiny_autoencoder is not None:
+            tiny = self.tiny_autoencoder
+            latents = latents / tiny.config.scaling_factor
+            images = tiny.decode(latents.astype(compute_dtype(self.dtype)))
+            return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
         vae_config = self.vae.config
         latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
         images = self.vae.decode(latents.astype(compute_dtype(self.vae_dtype)))
         return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
+
+    def preview(self, latents: mx.array) -> np.ndarray:
+        """A quick look at latents, e.g. each step's from `generate_latents`: (N, H, W, 3)
+        uint8 at the image's size. The tiny autoencoder's decoding when it is loaded
+        (`decoder="tiny"`), else a fixed linear map of the latent channels to RGB (see
+        `preview.py`: one pixel per latent, shown 8x8). Either costs little next to a step.
+        The latents of a step are still noisy: early previews show mostly noise."""
+        if self.tiny_autoencoder is not None:
+            images = self.decode(latents)
+        else:
+            images = latent_rgb(latents, self.is_xl)
+            scale = self.vae.downscale
+            images = mx.repeat(mx.repeat(images, scale, axis=1), scale, axis=2)
+        return np.array((images * 255).round().astype(mx.uint8))

@@ -13,12 +13,17 @@ import huggingface_hub.constants
 import mlx.core as mx
 import numpy as np
 import pytest
+from PIL import Image
 
-from stable_diffusion import loading
+from stable_diffusion import StableDiffusion, loading
 from stable_diffusion.config import TinyAutoencoderConfig
 from stable_diffusion.hub import ModelNotFoundError, resolve_component
+from stable_diffusion.images import read_parameters
 from tests.conftest import FIXTURES
+from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
+from tests.test_cli import run
 from tests.test_models import assert_close, nchw, nhwc
+from tests.test_pipeline import PIXEL_TOLERANCE, final
 
 TAESD = FIXTURES / "models" / "taesd"
 
@@ -77,3 +82,89 @@ def test_uncached_component_offline_names_the_fix(tmp_path, monkeypatch):
 def test_folder_without_config_is_refused(tmp_path):
     with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
         resolve_component(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def sd_tiny():
+    return StableDiffusion(str(FIXTURES / "models" / "tiny-sd1"), float16=False, decoder=str(TAESD))
+
+
+def test_txt2img_with_the_tiny_decoder_matches_diffusers(sd_tiny, ref):
+    """diffusers' pipeline with `pipe.vae = AutoencoderTiny(...)`, same noise, Euler."""
+    latents = sd_tiny.generate_latents(
+        PROMPTS,
+        negative_text=NEGATIVE_PROMPTS,
+        num_steps=4,
+        cfg_weight=7.5,
+        sampler="euler",
+        latents=nhwc(ref["txt2img.noise"]),
+    )
+    images = np.array(sd_tiny.decode(final(latents)))
+    np.testing.assert_allclose(images, ref["txt2img"], atol=PIXEL_TOLERANCE, rtol=0)
+    assert sd_tiny.vae_name == "taesd"
+
+
+def test_preview_is_the_tiny_decoding_when_loaded(sd_tiny, ref):
+    latents = nhwc(ref["latents"])
+    preview = sd_tiny.preview(latents)
+    assert preview.dtype == np.uint8 and preview.shape == (2, 64, 64, 3)
+    expected = np.round(np.array(sd_tiny.decode(latents)) * 255)
+    np.testing.assert_array_equal(preview, expected)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sdxl"])
+def test_cheap_preview_is_comfyuis_latent_to_rgb_map(model):
+    """Without the tiny decoder: ComfyUI's latent_rgb_factors (comfy/latent_formats.py),
+    each latent shown as an 8x8 block."""
+    sd = StableDiffusion(str(FIXTURES / "models" / model), float16=False)
+    # One latent per channel direction; rows of the published tables (SD15 / SDXL).
+    latents = mx.array(np.eye(4, dtype=np.float32).reshape(1, 2, 2, 4))
+    factors = {
+        "tiny-sd1": ([0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [0, 0, 0]),
+        "tiny-sdxl": (
+            [0.3651, 0.4232, 0.4341],
+            [-0.2533, -0.0042, 0.1068],
+            [0.1084, -0.0175, -0.0011],
+        ),
+    }[model]
+    first, second, bias = (np.array(f) for f in factors)
+    preview = sd.preview(latents)
+    assert preview.shape == (1, 16, 16, 3)
+    # The top-left latent is channel 0's unit vector, its right neighbour channel 1's.
+    for block, expected in (
+        (preview[0, :8, :8], first + bias),
+        (preview[0, :8, 8:], second + bias),
+    ):
+        assert (block == np.round((expected + 1) / 2 * 255)).all()
+
+
+def test_txt2image_with_tiny_decoder_and_previews(tmp_path):
+    output = tmp_path / "out.png"
+    result = run(
+        "txt2image.py",
+        "a cat",
+        "--model",
+        str(FIXTURES / "models" / "tiny-sd1"),
+        "--vae",
+        str(TAESD),
+        "--steps",
+        "2",
+        "--preview",
+        "1",
+        "--seed",
+        "3",
+        "--output",
+        str(output),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Denoising (preview every 1 steps: out.preview.png)" in result.stderr
+    assert ("VAE", "taesd") in read_parameters(output).extras
+    # The last preview is of the final latents, by the same decoder: the image itself.
+    with Image.open(output) as image, Image.open(tmp_path / "out.preview.png") as preview:
+        np.testing.assert_array_equal(np.array(preview), np.array(image))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "out.preview.png"]
+
+
+def test_bad_preview_interval_is_refused(tmp_path):
+    result = run("txt2image.py", "a cat", "--preview", "0", "--output", str(tmp_path / "o.png"))
+    assert result.returncode == 2 and "--preview must be at least 1" in result.stderr
