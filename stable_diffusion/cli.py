@@ -51,8 +51,8 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     p.add_argument(
         "--model",
         help="'sdxl' (default: stabilityai/sdxl-turbo), 'sd' (stabilityai/stable-diffusion-"
-        "2-1-base), 'sd-1.5', 'sd-2.1', a Hugging Face repo id, a local diffusers folder, "
-        "or a single-file checkpoint (.safetensors/.ckpt)",
+        "2-1-base), 'sd-1.5', 'sd-2.1', 'sd-turbo', a Hugging Face repo id, a local diffusers "
+        "folder, or a single-file checkpoint (.safetensors/.ckpt)",
     )
     p.add_argument(
         "--lora",

@@ -17,6 +17,7 @@ ALIASES = {
     "sd-2.1-base": "stabilityai/stable-diffusion-2-1-base",
     "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
     "sdxl-turbo": "stabilityai/sdxl-turbo",
+    "sd-turbo": "stabilityai/sd-turbo",
 }
 
 # The tiny autoencoders (diffusers AutoencoderTiny folders), by whether the model is SDXL.

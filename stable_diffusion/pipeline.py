@@ -26,10 +26,10 @@ from .preview import latent_rgb
 from .samplers import make_sampler
 
 # Per-model defaults for well-known repos; other models get their
-# architecture's defaults.
+# architecture's defaults. sd-turbo's model card: one step, no guidance.
 KNOWN_DEFAULTS = {
     "stabilityai/sdxl-turbo": {"steps": 2, "cfg": 0.0},
-    "stabilityai/sd-turbo": {"steps": 2, "cfg": 0.0},
+    "stabilityai/sd-turbo": {"steps": 1, "cfg": 0.0},
 }
 
 
