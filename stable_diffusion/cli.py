@@ -94,6 +94,12 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         "folder or repo id of a diffusers AutoencoderTiny",
     )
     p.add_argument(
+        "--tiled-vae",
+        action="store_true",
+        help="decode (and encode) in overlapping tiles, as diffusers' enable_tiling(): "
+        "bounded memory for large images (automatic where the untiled VAE would not fit)",
+    )
+    p.add_argument(
         "--preview",
         type=int,
         metavar="N",
@@ -223,6 +229,7 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
             prediction_type=args.prediction_type,
             image_size=args.image_size,
             decoder={None: "full", "taesd": "tiny"}.get(args.vae, args.vae),
+            tiled_vae=args.tiled_vae,
         )
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))

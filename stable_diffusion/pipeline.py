@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from . import loading, single_file
+from . import loading, single_file, tiling
 from .config import PipelineConfig, UNetConfig, read_json
 from .hub import ALIASES, TINY_AUTOENCODERS, resolve_component, resolve_model
 from .images import validate_size
@@ -83,9 +83,17 @@ def memory_size() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def attention_bytes(config: UNetConfig, downscale: int, width: int, height: int, batch: int) -> int:
-    """The largest attention score matrix (float32) of the UNet's denoising and of
-    one image's VAE decoding: what limits the image size (it grows with pixels²)."""
+def vae_attention_bytes(downscale: int, width: int, height: int) -> int:
+    """The VAE's attention score matrix (float32) for one untiled image."""
+    return ((width // downscale) * (height // downscale)) ** 2 * 4
+
+
+def attention_bytes(
+    config: UNetConfig, downscale: int, width: int, height: int, batch: int, vae: bool = True
+) -> int:
+    """The largest attention score matrix (float32) of the UNet's denoising and (unless
+    `vae` is False) of one image's untiled VAE decoding: what limits the image size (it
+    grows with pixels²)."""
     tokens = (width // downscale) * (height // downscale)
     unet = max(
         (
@@ -97,8 +105,7 @@ def attention_bytes(config: UNetConfig, downscale: int, width: int, height: int,
         ),
         default=0,
     )
-    vae = tokens**2 * 4
-    return max(unet, vae)
+    return max(unet, vae_attention_bytes(downscale, width, height) if vae else 0)
 
 
 def default_dtype(quantize: bool = False) -> mx.Dtype:
@@ -119,6 +126,8 @@ class StableDiffusion:
     ("epsilon"/"v_prediction") and `image_size` (native size in pixels) override what the
     model says, or, for single files, what the keys cannot tell. `config` replaces the
     preset a single file's architecture picks (for models of non-standard sizes).
+    `tiled_vae` decodes and encodes in tiles as diffusers' `enable_tiling()` does (bounded
+    memory; also chosen, per image, where the untiled VAE's attention would not fit).
     `decoder="tiny"` decodes with the tiny autoencoder (madebyollin/taesd, or taesdxl for
     SDXL: far faster, a little less detail; images are still encoded by the full VAE);
     a folder or repo id of another diffusers AutoencoderTiny works too.
@@ -134,6 +143,7 @@ class StableDiffusion:
         image_size: int | None = None,
         config: PipelineConfig | None = None,
         decoder: str = "full",
+        tiled_vae: bool = False,
     ):
         if float16 is None:
             self.dtype = default_dtype(quantize)
@@ -150,6 +160,7 @@ class StableDiffusion:
                 raise ValueError("config is only for single-file checkpoints")
             self._load_folder(model, prediction_type)
         self.vae_dtype = self.vae.decoder.conv_in.weight.dtype
+        self.tiled_vae = tiled_vae
         # The decoder other than the model's own VAE, as the PNG parameters name it.
         self.vae_name: str | None = None
         self.tiny_autoencoder = None if decoder == "full" else self._load_tiny(decoder)
@@ -471,10 +482,13 @@ class StableDiffusion:
     # -- VAE --------------------------------------------------------------------------
 
     def _check_size(self, width: int, height: int, batch: int) -> None:
-        """Refuse sizes the VAE cannot take, and sizes whose attention alone would
-        not fit in this machine's memory, before anything is computed."""
+        """Refuse sizes the VAE cannot take, and sizes whose UNet attention alone would
+        not fit in this machine's memory, before anything is computed (the VAE's is
+        tiled where it would not fit)."""
         validate_size(width, height, self.vae.downscale)
-        needed = attention_bytes(self.unet.config, self.vae.downscale, width, height, batch)
+        needed = attention_bytes(
+            self.unet.config, self.vae.downscale, width, height, batch, vae=False
+        )
         available = memory_size()
         if needed > available:
             raise ValueError(
@@ -484,10 +498,31 @@ class StableDiffusion:
                 f"{self.defaults.width}x{self.defaults.height}) or fewer images."
             )
 
+    def _vae_tiles(self, images_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """The (pixels, latents) sides of the VAE's tiles for images of this (NHWC) shape,
+        or None for no tiling: tiled when asked for, or when the untiled attention of the
+        batch would not fit."""
+        batch, height, width = images_shape[:3]
+        downscale = self.vae.downscale
+        needed = batch * vae_attention_bytes(downscale, width, height)
+        if self.tiled_vae or needed > memory_size():
+            # diffusers: tile_sample_min_size, tile_latent_min_size.
+            size = self.vae.config.sample_size
+            return size, int(size / downscale)
+        return None
+
     def encode_image(self, image: mx.array) -> mx.array:
         """(N, H, W, 3) images in [0, 1] -> scaled latents (posterior mean)."""
         vae_config = self.vae.config
-        mean, _ = self.vae.encode((2 * image - 1).astype(compute_dtype(self.vae_dtype)))
+
+        def posterior_mean(images: mx.array) -> mx.array:
+            return self.vae.encode(images)[0]
+
+        images = (2 * image - 1).astype(compute_dtype(self.vae_dtype))
+        tiles = self._vae_tiles(images.shape)
+        # The posterior mean is a slice of the moments diffusers blends: blending it alone
+        # is the same.
+        mean = tiling.tiled(posterior_mean, images, *tiles) if tiles else posterior_mean(images)
         shift = vae_config.shift_factor or 0.0
         return (mean.astype(mx.float32) - shift) * vae_config.scaling_factor
 
@@ -500,7 +535,14 @@ class StableDiffusion:
             return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
         vae_config = self.vae.config
         latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
-        images = self.vae.decode(latents.astype(compute_dtype(self.vae_dtype)))
+        latents = latents.astype(compute_dtype(self.vae_dtype))
+        batch, height, width = latents.shape[:3]
+        downscale = self.vae.downscale
+        tiles = self._vae_tiles((batch, height * downscale, width * downscale))
+        if tiles:
+            images = tiling.tiled(self.vae.decode, latents, tiles[1], tiles[0])
+        else:
+            images = self.vae.decode(latents)
         return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
 
     def preview(self, latents: mx.array) -> np.ndarray:

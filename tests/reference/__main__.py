@@ -6,6 +6,7 @@ import importlib
 SCRIPTS = [
     "tiny_models",
     "tiny_autoencoder",
+    "tiled_vae",
     "tokenizer_ids",
     "schedulers",
     "checkpoint_files",
