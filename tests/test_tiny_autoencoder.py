@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stable_diffusion import StableDiffusion, loading
+from stable_diffusion import StableDiffusion, fast_cpu, loading
 from stable_diffusion.config import TinyAutoencoderConfig
 from stable_diffusion.hub import ModelNotFoundError, resolve_component
 from stable_diffusion.images import read_parameters
@@ -168,3 +168,14 @@ def test_txt2image_with_tiny_decoder_and_previews(tmp_path):
 def test_bad_preview_interval_is_refused(tmp_path):
     result = run("txt2image.py", "a cat", "--preview", "0", "--output", str(tmp_path / "o.png"))
     assert result.returncode == 2 and "--preview must be at least 1" in result.stderr
+
+
+def test_by_winograd_matches_diffusers(taesd, ref, winograd_everywhere):
+    """Every 3x3 convolution by Winograd within `fast_cpu()`, as the scripts decode."""
+    with mx.stream(mx.cpu), fast_cpu():
+        decoded = taesd.decode(nhwc(ref["latents"]))
+        encoded = taesd.encode(nhwc(ref["images"]))
+        mx.eval(decoded, encoded)
+    assert winograd_everywhere
+    assert_close(mx.array(nchw(decoded)), ref["decoded"])
+    assert_close(mx.array(nchw(encoded)), ref["encoded"])

@@ -4,10 +4,12 @@ A distilled stand-in for the VAE: plain 3x3 convolutions and ReLUs, no norms or 
 so it decodes in a fraction of the full VAE's time and memory, at some cost in detail. Its
 latents are the full VAE's *scaled* latents (its scaling factor is 1.0).
 
-NHWC. The layers are lists indexed like diffusers' `nn.Sequential`s (activations and
-upsampling included) so that parameter names match diffusers' key for key
-(`encoder.layers.1.conv.0.weight`); `weights/tiny_autoencoder.py` only transposes the
-convolutions.
+NHWC. The convolutions are the package's `Conv2d`, for its CPU paths (Winograd within
+`fast_cpu()`): with `mlx.nn.Conv2d` a CPU decode took over twice the time and nine times
+the memory (measured in the commit that made the switch). The layers are lists indexed
+like diffusers' `nn.Sequential`s (activations and upsampling included) so that parameter
+names match diffusers' key for key (`encoder.layers.1.conv.0.weight`);
+`weights/tiny_autoencoder.py` only transposes the convolutions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import TinyAutoencoderConfig
+from ..layers import Conv2d
 
 
 def _run(layers: list[nn.Module], x: mx.array) -> mx.array:
@@ -44,11 +47,11 @@ class AutoencoderTinyBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = [
-            nn.Conv2d(channels, channels, 3, padding=1),
+            Conv2d(channels, channels, 3, padding=1),
             nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            Conv2d(channels, channels, 3, padding=1),
             nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1),
+            Conv2d(channels, channels, 3, padding=1),
         ]
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -62,14 +65,14 @@ class EncoderTiny(nn.Module):
         self.layers: list[nn.Module] = []
         for i, count in enumerate(config.num_encoder_blocks):
             if i == 0:
-                self.layers.append(nn.Conv2d(config.in_channels, channels[0], 3, padding=1))
+                self.layers.append(Conv2d(config.in_channels, channels[0], 3, padding=1))
             else:
                 # As diffusers: the stride-2 convolution keeps the block's own width.
                 self.layers.append(
-                    nn.Conv2d(channels[i], channels[i], 3, stride=2, padding=1, bias=False)
+                    Conv2d(channels[i], channels[i], 3, stride=2, padding=1, bias=False)
                 )
             self.layers += [AutoencoderTinyBlock(channels[i]) for _ in range(count)]
-        self.layers.append(nn.Conv2d(channels[-1], config.latent_channels, 3, padding=1))
+        self.layers.append(Conv2d(channels[-1], config.latent_channels, 3, padding=1))
 
     def __call__(self, images: mx.array) -> mx.array:
         return _run(self.layers, (images + 1) / 2)  # TAESD takes images in [0, 1]
@@ -80,7 +83,7 @@ class DecoderTiny(nn.Module):
         super().__init__()
         channels = config.decoder_block_out_channels
         self.layers: list[nn.Module] = [
-            nn.Conv2d(config.latent_channels, channels[0], 3, padding=1),
+            Conv2d(config.latent_channels, channels[0], 3, padding=1),
             nn.ReLU(),
         ]
         last = len(channels) - 1
@@ -89,7 +92,7 @@ class DecoderTiny(nn.Module):
             if i < last:
                 self.layers.append(NearestUpsample(config.upsampling_scaling_factor))
             out = config.out_channels if i == last else channels[i]
-            self.layers.append(nn.Conv2d(channels[i], out, 3, padding=1, bias=i == last))
+            self.layers.append(Conv2d(channels[i], out, 3, padding=1, bias=i == last))
 
     def __call__(self, latents: mx.array) -> mx.array:
         # tanh(x / 3) * 3 softly clamps the latents to (-3, 3), as TAESD does.
