@@ -287,6 +287,22 @@ class TinyAutoencoderConfig:
     scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            if field.type in ("int", "tuple[int, ...]") and not (
+                numbers and all(type(n) is int and n > 0 for n in numbers)
+            ):
+                raise ValueError(
+                    f"AutoencoderTiny config: {field.name} must be "
+                    f"{'positive integers' if isinstance(value, tuple) else 'a positive integer'}"
+                    f" (got {value!r})"
+                )
+        if not (isinstance(self.scaling_factor, int | float) and self.scaling_factor > 0):
+            raise ValueError(
+                f"AutoencoderTiny config: scaling_factor must be positive "
+                f"(got {self.scaling_factor!r})"
+            )
         if len(self.encoder_block_out_channels) != len(self.num_encoder_blocks):
             raise ValueError("AutoencoderTiny config: encoder channels and blocks differ in length")
         if len(self.decoder_block_out_channels) != len(self.num_decoder_blocks):

@@ -226,7 +226,14 @@ class StableDiffusion:
     def _load_tiny(self, decoder: str) -> TinyAutoencoder:
         source = TINY_AUTOENCODERS[self.is_xl] if decoder == "tiny" else decoder
         self.vae_name = os.path.basename(os.path.normpath(source))
-        return loading.load_tiny_autoencoder(resolve_component(source), self.dtype)
+        tiny = loading.load_tiny_autoencoder(resolve_component(source), self.dtype)
+        if tiny.config.latent_channels != self.vae.config.latent_channels:
+            raise ValueError(
+                f"the tiny autoencoder {source} takes {tiny.config.latent_channels}-channel "
+                f"latents, this model makes {self.vae.config.latent_channels}: use one made "
+                f"for it (madebyollin/{'taesdxl' if self.is_xl else 'taesd'})"
+            )
+        return tiny
 
     def preload(self) -> None:
         """Read all weights now instead of at first use (they load lazily)."""

@@ -7,6 +7,7 @@ pixels in [0, 1]: 2e-4."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import huggingface_hub.constants
@@ -16,9 +17,11 @@ import pytest
 from PIL import Image
 
 from stable_diffusion import StableDiffusion, fast_cpu, loading
+from stable_diffusion.cli import apply_saved_parameters
 from stable_diffusion.config import TinyAutoencoderConfig
 from stable_diffusion.hub import ModelNotFoundError, resolve_component
 from stable_diffusion.images import read_parameters
+from stable_diffusion.parameters import GenerationParameters
 from tests.conftest import FIXTURES
 from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
 from tests.test_cli import run
@@ -179,3 +182,66 @@ def test_by_winograd_matches_diffusers(taesd, ref, winograd_everywhere):
     assert winograd_everywhere
     assert_close(mx.array(nchw(decoded)), ref["decoded"])
     assert_close(mx.array(nchw(encoded)), ref["encoded"])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"latent_channels": "4"}, "latent_channels must be a positive integer"),
+        ({"latent_channels": True}, "latent_channels must be a positive integer"),
+        ({"num_decoder_blocks": [3, -1, 3, 1]}, "num_decoder_blocks must be positive integers"),
+        ({"encoder_block_out_channels": []}, "encoder_block_out_channels must be positive"),
+        ({"scaling_factor": "1"}, "scaling_factor must be positive"),
+        ({"num_encoder_blocks": [1, 3, 3]}, "encoder channels and blocks differ in length"),
+    ],
+)
+def test_hostile_configs_are_refused_with_the_field_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        TinyAutoencoderConfig.from_dict(values)
+
+
+def test_tiny_autoencoder_for_other_latents_is_refused(tmp_path):
+    """E.g. SD3's TAESD (16 channels) with an SD model: refused when loading, not after
+    the denoising."""
+    config = json.loads((TAESD / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "latent_channels": 16}))
+    weights = mx.load(str(TAESD / "diffusion_pytorch_model.safetensors"))
+    for key in ("encoder.layers.14.weight", "decoder.layers.0.weight"):
+        shape = list(weights[key].shape)
+        shape[0 if key.startswith("encoder") else 1] = 16
+        weights[key] = mx.zeros(shape, dtype=weights[key].dtype)
+    weights["encoder.layers.14.bias"] = mx.zeros((16,), dtype=mx.float16)
+    mx.save_safetensors(str(tmp_path / "diffusion_pytorch_model.safetensors"), weights)
+    with pytest.raises(ValueError, match="takes 16-channel latents, this model makes 4"):
+        StableDiffusion(str(FIXTURES / "models" / "tiny-sd1"), decoder=str(tmp_path))
+
+
+def test_missing_vae_folder_is_a_clear_cli_error(tmp_path):
+    result = run(
+        "txt2image.py",
+        "a cat",
+        "--model",
+        str(FIXTURES / "models" / "tiny-sd1"),
+        "--vae",
+        str(tmp_path / "nowhere"),
+        "--output",
+        str(tmp_path / "o.png"),
+    )
+    assert result.returncode == 2 and "no such component folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_rerun_from_an_image_keeps_the_tiny_decoder():
+    args = argparse.Namespace(vae=None, prompt=None)
+    saved = GenerationParameters(
+        prompt="a cat",
+        steps=1,
+        sampler="euler",
+        cfg_scale=0,
+        seed=1,
+        width=64,
+        height=64,
+        extras={"VAE": "taesd"},
+    )
+    apply_saved_parameters(args, saved)
+    assert args.vae == "taesd"
