@@ -251,11 +251,17 @@ def preview_path(output: Path) -> Path:
 
 
 def write_preview(sd: StableDiffusion, latents: mx.array, path: Path, n_rows: int) -> None:
-    """Replace the preview image atomically: a viewer never reads a half-written file."""
+    """Replace the preview image atomically: a viewer never reads a half-written file. A
+    preview that cannot be written (disk full) is reported and the generation goes on."""
     grid = make_grid(sd.preview(latents), n_rows)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as f:
-        Image.fromarray(grid).save(f, format="PNG")
-    os.replace(f.name, path)
+        temporary = Path(f.name)
+    try:
+        Image.fromarray(grid).save(temporary, format="PNG")
+        os.replace(temporary, path)
+    except OSError as e:
+        temporary.unlink(missing_ok=True)
+        tqdm.write(f"Could not write the preview {path}: {e.strerror or e}")
 
 
 def denoise(

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from stable_diffusion import StableDiffusion, fast_cpu, loading
-from stable_diffusion.cli import apply_saved_parameters
+from stable_diffusion.cli import apply_saved_parameters, write_preview
 from stable_diffusion.config import TinyAutoencoderConfig
 from stable_diffusion.hub import ModelNotFoundError, resolve_component
 from stable_diffusion.images import read_parameters
@@ -245,3 +245,13 @@ def test_rerun_from_an_image_keeps_the_tiny_decoder():
     )
     apply_saved_parameters(args, saved)
     assert args.vae == "taesd"
+
+
+def test_unwritable_preview_is_reported_and_leaves_no_file(sd_tiny, tmp_path, monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    write_preview(sd_tiny, mx.zeros((1, 8, 8, 4)), tmp_path / "out.preview.png", 1)
+    assert "No space left on device" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
