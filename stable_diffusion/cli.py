@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import secrets
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from typing import NoReturn
 
 import mlx.core as mx
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from . import distributed, prompts
@@ -97,8 +100,8 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     p.add_argument(
         "--model",
         help="'sdxl' (default: stabilityai/sdxl-turbo), 'sd' (stabilityai/stable-diffusion-"
-        "2-1-base), 'sd-1.5', 'sd-2.1', a Hugging Face repo id, a local diffusers folder, "
-        "or a single-file checkpoint (.safetensors/.ckpt)",
+        "2-1-base), 'sd-1.5', 'sd-2.1', 'sd-turbo', a Hugging Face repo id, a local diffusers "
+        "folder, or a single-file checkpoint (.safetensors/.ckpt)",
     )
     p.add_argument(
         "--lora",
@@ -175,6 +178,26 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     )
     p.add_argument("--decoding_batch_size", type=int, default=1, help=f"at most {MAX_IMAGES}")
     p.add_argument(
+        "--vae",
+        metavar="full|taesd|PATH",
+        help="the decoder: 'full' (default: the model's VAE), 'taesd' (the tiny autoencoder, "
+        "madebyollin/taesd or taesdxl for SDXL: far faster, a little less detail), or a "
+        "folder or repo id of a diffusers AutoencoderTiny",
+    )
+    p.add_argument(
+        "--tiled-vae",
+        action="store_true",
+        help="decode (and encode) in overlapping tiles, as diffusers' enable_tiling(): "
+        "bounded memory for large images (automatic where the untiled VAE would not fit)",
+    )
+    p.add_argument(
+        "--preview",
+        type=int,
+        metavar="N",
+        help="write a preview next to the output (out.preview.png) every N steps: by the "
+        "tiny decoder with --vae taesd, else a cheap latent-to-RGB map",
+    )
+    p.add_argument(
         "-q",
         "--quantize",
         action="store_true",
@@ -238,6 +261,8 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
         "strength": saved.strength,
         "clip_skip": saved.clip_skip,
     }
+    if dict(saved.extras).get("VAE") in ("taesd", "taesdxl"):
+        values["vae"] = "taesd"
     for name, value in values.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, value)
@@ -316,6 +341,8 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         fail(p, e)
     if args.n_rows < 1 or args.n_images % args.n_rows:
         fail(p, f"--n_images {args.n_images} is not divisible by --n_rows {args.n_rows}")
+    if args.preview is not None and args.preview < 1:
+        fail(p, f"--preview must be at least 1 (got {args.preview})")
     args.lora = args.lora or []
     for path, _ in args.lora:
         if not Path(path).is_file():
@@ -429,6 +456,8 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
             loras=args.lora,
             prediction_type=args.prediction_type,
             image_size=args.image_size,
+            decoder={None: "full", "taesd": "tiny"}.get(args.vae, args.vae),
+            tiled_vae=args.tiled_vae,
         )
     except (FileNotFoundError, ValueError) as e:
         fail(p, e)
@@ -452,17 +481,43 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
     return sd
 
 
+def preview_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.preview.png")
+
+
+def write_preview(sd: StableDiffusion, latents: mx.array, path: Path, n_rows: int) -> None:
+    """Replace the preview image atomically: a viewer never reads a half-written file. A
+    preview that cannot be written (disk full) is reported and the generation goes on."""
+    images = sd.preview(latents)
+    grid = make_grid(images, n_rows if len(images) % n_rows == 0 else 1)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as f:
+        temporary = Path(f.name)
+    try:
+        Image.fromarray(grid).save(temporary, format="PNG")
+        os.replace(temporary, path)
+    except OSError as e:
+        temporary.unlink(missing_ok=True)
+        tqdm.write(f"Could not write the preview {path}: {e.strerror or e}")
+
+
 def denoise(
     sd: StableDiffusion,
     batches: list[Denoising],
     args: argparse.Namespace,
     keep_models: bool = False,
     prefix: str = "",
+    output: Path | None = None,
 ) -> mx.array:
     """Every step of a job's batches, with a progress bar; their final latents, concatenated.
     Unless `keep_models` (more jobs follow) or --preload-models, the text encoders are freed
-    once every batch's conditioning is computed, before the UNet's weights load."""
+    once every batch's conditioning is computed, before the UNet's weights load. With
+    --preview, a preview next to `output` every N steps."""
     start = time.perf_counter()
+    every: int = getattr(args, "preview", None) or 0
+    preview = preview_path(output) if every and output is not None else None
+    description = f"{prefix}Denoising"
+    if preview is not None:
+        description += f" (preview every {every} steps: {preview.name})"
     finals = []
     with fast_cpu():
         if not (args.preload_models or keep_models):
@@ -470,8 +525,10 @@ def denoise(
                 batch.compute_conditioning()
             sd.release_text_encoders()
         for batch in batches:
-            for x in tqdm(batch, desc=f"{prefix}Denoising"):
+            for step, x in enumerate(tqdm(batch, desc=description), start=1):
                 mx.eval(x)
+                if preview is not None and step % every == 0:
+                    write_preview(sd, x, preview, args.n_rows)
             finals.append(x)
     if args.verbose:
         print(
@@ -533,13 +590,15 @@ def save(
 
 
 def image_parameters(
-    args: argparse.Namespace, settings: GenerationSettings
+    sd: StableDiffusion, args: argparse.Namespace, settings: GenerationSettings
 ) -> list[GenerationParameters]:
     """What each image's PNG records: the settings the generation ran with, its own seed,
-    the model as named on the command line, and the LoRAs by their file names without
-    extension (as A1111 names them)."""
+    the model as named on the command line, the LoRAs by their file names without
+    extension (as A1111 names them), and the decoder when it is not the model's VAE."""
     loras = tuple((Path(path).stem, strength) for path, strength in args.lora)
     first = settings.parameters(model=args.model, loras=loras)
+    if sd.vae_name is not None:
+        first = dataclasses.replace(first, extras=(*first.extras, ("VAE", sd.vae_name)))
     seeds = image_seeds(settings.seed, len(settings.prompts))
     return [dataclasses.replace(first, seed=seed) for seed in seeds]
 
@@ -657,8 +716,11 @@ def _make_images(
         ]
     except ValueError as e:
         fail(p, f"{ranks.prefix()}{e}")
-    x = denoise(sd, batches, job.args, keep_models, ranks.prefix())
-    parameters = [p for batch in batches for p in image_parameters(job.args, batch.settings)]
+    preview_next_to = job.output if ranks.is_main else None
+    x = denoise(sd, batches, job.args, keep_models, ranks.prefix(), preview_next_to)
+    parameters = [
+        p for batch in batches for p in image_parameters(sd, job.args, batch.settings)
+    ]
     return decode(sd, x, job.args, keep_models, ranks.prefix()), parameters
 
 

@@ -435,3 +435,51 @@ PRESETS: dict[str, PipelineConfig] = {
         _SDXL_PADS,
     ),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyAutoencoderConfig:
+    """diffusers' AutoencoderTiny config (TAESD, TAESDXL)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    encoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    decoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    act_fn: str = "relu"
+    upsample_fn: str = "nearest"
+    latent_channels: int = 4
+    upsampling_scaling_factor: int = 2
+    num_encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)
+    num_decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)
+    scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            if field.type in ("int", "tuple[int, ...]") and not (
+                numbers and all(type(n) is int and n > 0 for n in numbers)
+            ):
+                raise ValueError(
+                    f"AutoencoderTiny config: {field.name} must be "
+                    f"{'positive integers' if isinstance(value, tuple) else 'a positive integer'}"
+                    f" (got {value!r})"
+                )
+        if not (isinstance(self.scaling_factor, int | float) and self.scaling_factor > 0):
+            raise ValueError(
+                f"AutoencoderTiny config: scaling_factor must be positive "
+                f"(got {self.scaling_factor!r})"
+            )
+        if len(self.encoder_block_out_channels) != len(self.num_encoder_blocks):
+            raise ValueError("AutoencoderTiny config: encoder channels and blocks differ in length")
+        if len(self.decoder_block_out_channels) != len(self.num_decoder_blocks):
+            raise ValueError("AutoencoderTiny config: decoder channels and blocks differ in length")
+        if self.act_fn != "relu" or self.upsample_fn != "nearest":
+            raise ValueError(
+                f"AutoencoderTiny config: act_fn {self.act_fn!r} / upsample_fn "
+                f"{self.upsample_fn!r} are not supported (only relu / nearest, as TAESD ships)"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TinyAutoencoderConfig:
+        return _from_dict(cls, values)

@@ -14,24 +14,27 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from . import cpu, loading, prompts
+from . import cpu, loading, prompts, tiling
 from .config import PipelineConfig, UNetConfig
 from .embeddings import read_embedding
-from .loading.hub import ALIASES
+from .loading.folder import load_tiny_autoencoder
+from .loading.hub import ALIASES, TINY_AUTOENCODERS, resolve_component
 from .lora import AppliedLoras
 from .models.clip import CLIPTextModel
+from .models.tiny_autoencoder import TinyAutoencoder
 from .models.unet import UNetModel
 from .models.vae import Autoencoder
 from .noise import ImageNoise, image_seeds
+from .preview import latent_rgb
 from .samplers import make_sampler
 from .settings import GenerationSettings, check_arguments
 from .tokenizer import Tokenizer
 
 # Per-model defaults for well-known repos; other models get their
-# architecture's defaults.
+# architecture's defaults. sd-turbo's model card: one step, no guidance.
 KNOWN_DEFAULTS = {
     "stabilityai/sdxl-turbo": {"steps": 2, "cfg": 0.0},
-    "stabilityai/sd-turbo": {"steps": 2, "cfg": 0.0},
+    "stabilityai/sd-turbo": {"steps": 1, "cfg": 0.0},
 }
 
 
@@ -97,9 +100,17 @@ def memory_size() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def attention_bytes(config: UNetConfig, downscale: int, width: int, height: int, batch: int) -> int:
-    """The largest attention score matrix (float32) of the UNet's denoising and of
-    one image's VAE decoding: what limits the image size (it grows with pixels²)."""
+def vae_attention_bytes(downscale: int, width: int, height: int) -> int:
+    """The VAE's attention score matrix (float32) for one untiled image."""
+    return ((width // downscale) * (height // downscale)) ** 2 * 4
+
+
+def attention_bytes(
+    config: UNetConfig, downscale: int, width: int, height: int, batch: int, vae: bool = True
+) -> int:
+    """The largest attention score matrix (float32) of the UNet's denoising and (unless
+    `vae` is False) of one image's untiled VAE decoding: what limits the image size (it
+    grows with pixels²)."""
     tokens = (width // downscale) * (height // downscale)
     unet = max(
         (
@@ -111,8 +122,7 @@ def attention_bytes(config: UNetConfig, downscale: int, width: int, height: int,
         ),
         default=0,
     )
-    vae = tokens**2 * 4
-    return max(unet, vae)
+    return max(unet, vae_attention_bytes(downscale, width, height) if vae else 0)
 
 
 def default_batch_size(n_images: int) -> int:
@@ -141,6 +151,11 @@ class StableDiffusion:
     ("epsilon"/"v_prediction") and `image_size` (native size in pixels) override what the
     model says, or, for single files, what the keys cannot tell. `config` replaces the
     preset a single file's architecture picks (for models of non-standard sizes).
+    `tiled_vae` decodes and encodes in tiles as diffusers' `enable_tiling()` does (bounded
+    memory; also chosen, per image, where the untiled VAE's attention would not fit).
+    `decoder="tiny"` decodes with the tiny autoencoder (madebyollin/taesd, or taesdxl for
+    SDXL: far faster, a little less detail; images are still encoded by the full VAE);
+    a folder or repo id of another diffusers AutoencoderTiny works too.
     """
 
     def __init__(
@@ -152,6 +167,8 @@ class StableDiffusion:
         prediction_type: str | None = None,
         image_size: int | None = None,
         config: PipelineConfig | None = None,
+        decoder: str = "full",
+        tiled_vae: bool = False,
     ):
         if float16 is None:
             self.dtype = default_dtype(quantize)
@@ -163,6 +180,10 @@ class StableDiffusion:
             model, self.dtype, prediction_type=prediction_type, image_size=image_size, config=config
         )
         self.vae_dtype = self.vae.decoder.conv_in.weight.dtype
+        self.tiled_vae = tiled_vae
+        # The decoder other than the model's own VAE, as the PNG parameters name it.
+        self.vae_name: str | None = None
+        self.tiny_autoencoder = None if decoder == "full" else self._load_tiny(decoder)
         self.defaults = self._model_defaults()
         self._loras = AppliedLoras()
         for path, strength in loras:
@@ -194,6 +215,18 @@ class StableDiffusion:
     @property
     def is_xl(self) -> bool:
         return self.components.is_xl
+
+    def _load_tiny(self, decoder: str) -> TinyAutoencoder:
+        source = TINY_AUTOENCODERS[self.is_xl] if decoder == "tiny" else decoder
+        self.vae_name = os.path.basename(os.path.normpath(source))
+        tiny = load_tiny_autoencoder(resolve_component(source), self.dtype)
+        if tiny.config.latent_channels != self.vae.config.latent_channels:
+            raise ValueError(
+                f"the tiny autoencoder {source} takes {tiny.config.latent_channels}-channel "
+                f"latents, this model makes {self.vae.config.latent_channels}: use one made "
+                f"for it (madebyollin/{'taesdxl' if self.is_xl else 'taesd'})"
+            )
+        return tiny
 
     def preload(self) -> None:
         """Read all weights now instead of at first use (they load lazily)."""
@@ -568,11 +601,13 @@ class StableDiffusion:
     # -- VAE --------------------------------------------------------------------------
 
     def _check_size(self, settings: GenerationSettings) -> None:
-        """Refuse sizes whose attention alone would not fit in this machine's memory,
-        before anything is computed."""
+        """Refuse sizes whose UNet attention alone would not fit in this machine's memory,
+        before anything is computed (the VAE's is tiled where it would not fit)."""
         width, height = settings.width, settings.height
         batch = len(settings.prompts) * (2 if settings.uses_cfg else 1)
-        needed = attention_bytes(self.unet.config, self.vae.downscale, width, height, batch)
+        needed = attention_bytes(
+            self.unet.config, self.vae.downscale, width, height, batch, vae=False
+        )
         available = memory_size()
         if needed > available:
             raise ValueError(
@@ -582,22 +617,72 @@ class StableDiffusion:
                 f"{self.defaults.width}x{self.defaults.height}) or fewer images."
             )
 
+    def _vae_tiles(self, images_shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """The (pixels, latents) sides of the VAE's tiles for images of this (NHWC) shape,
+        or None for no tiling: tiled when asked for, or when the untiled attention of the
+        batch would not fit."""
+        batch, height, width = images_shape[:3]
+        downscale = self.vae.downscale
+        needed = batch * vae_attention_bytes(downscale, width, height)
+        if self.tiled_vae or needed > memory_size():
+            # diffusers: tile_sample_min_size, tile_latent_min_size.
+            size = self.vae.config.sample_size
+            return size, int(size / downscale)
+        return None
+
     def encode_image(self, image: mx.array) -> mx.array:
         """(N, H, W, 3) images in [0, 1] -> scaled latents (posterior mean)."""
         vae_config = self.vae.config
-        mean, _ = self.vae.encode((2 * image - 1).astype(cpu.compute_dtype(self.vae_dtype)))
+
+        def posterior_mean(images: mx.array) -> mx.array:
+            return self.vae.encode(images)[0]
+
+        images = (2 * image - 1).astype(cpu.compute_dtype(self.vae_dtype))
+        tiles = self._vae_tiles(images.shape)
+        # The posterior mean is a slice of the moments diffusers blends: blending it alone
+        # is the same.
+        mean = tiling.tiled(posterior_mean, images, *tiles) if tiles else posterior_mean(images)
         shift = vae_config.shift_factor or 0.0
         return (mean.astype(mx.float32) - shift) * vae_config.scaling_factor
 
     def decode(self, latents: mx.array) -> mx.array:
-        """Latents -> (N, H, W, 3) images in [0, 1], computed. Raises NonFiniteError,
-        naming the likely cause, for latents or images with NaN or infinite values."""
+        """Latents -> (N, H, W, 3) images in [0, 1], computed, by the tiny autoencoder if
+        chosen. Raises NonFiniteError, naming the likely cause, for latents or images with
+        NaN or infinite values."""
         self._check_finite(latents, "the denoised latents")
-        vae_config = self.vae.config
-        latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
-        images = self.vae.decode(latents.astype(cpu.compute_dtype(self.vae_dtype)))
+        if self.tiny_autoencoder is not None:
+            tiny = self.tiny_autoencoder
+            latents = latents / tiny.config.scaling_factor
+            images = tiny.decode(latents.astype(cpu.compute_dtype(self.dtype)))
+        else:
+            images = self._decode_by_vae(latents)
         self._check_finite(images, "the decoded images")
         return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
+
+    def _decode_by_vae(self, latents: mx.array) -> mx.array:
+        vae_config = self.vae.config
+        latents = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
+        latents = latents.astype(cpu.compute_dtype(self.vae_dtype))
+        batch, height, width = latents.shape[:3]
+        downscale = self.vae.downscale
+        tiles = self._vae_tiles((batch, height * downscale, width * downscale))
+        if tiles:
+            return tiling.tiled(self.vae.decode, latents, tiles[1], tiles[0])
+        return self.vae.decode(latents)
+
+    def preview(self, latents: mx.array) -> np.ndarray:
+        """A quick look at latents, e.g. each step's from `generate_latents`: (N, H, W, 3)
+        uint8 at the image's size. The tiny autoencoder's decoding when it is loaded
+        (`decoder="tiny"`), else a fixed linear map of the latent channels to RGB (see
+        `preview.py`: one pixel per latent, shown 8x8). Either costs little next to a step.
+        The latents of a step are still noisy: early previews show mostly noise."""
+        if self.tiny_autoencoder is not None:
+            images = self.decode(latents)
+        else:
+            images = latent_rgb(latents, self.is_xl)
+            scale = self.vae.downscale
+            images = mx.repeat(mx.repeat(images, scale, axis=1), scale, axis=2)
+        return np.array((images * 255).round().astype(mx.uint8))
 
     def _check_finite(self, x: mx.array, what: str) -> None:
         # One reduction over an array that is computed anyway (measured against a UNet

@@ -53,6 +53,15 @@ def reference(model: str) -> dict[str, np.ndarray]:
 
 
 MODELS = ["tiny-sd1", "tiny-sd2", "tiny-sdxl"]
+# Whole images against the reference, max |ours - reference| in [0, 1] pixels.
+PIXEL_TOLERANCE = 2e-4
+
+
+def final(latents) -> mx.array:
+    """The last of a generation's latents, every step computed."""
+    for x in latents:
+        mx.eval(x)
+    return x
 
 
 def assert_unet_matches(model: str, ref: dict[str, np.ndarray], unet=None) -> None:

@@ -17,21 +17,12 @@ from mlx.utils import tree_flatten
 
 from stable_diffusion import StableDiffusion, fast_cpu
 from stable_diffusion.models import layers
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, PIXEL_TOLERANCE, final
 from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
 
 MODELS = ["tiny-sd1", "tiny-sd2", "tiny-sdxl"]
-PIXEL_TOLERANCE = 2e-4
-
-
 def nhwc(x: np.ndarray) -> mx.array:
     return mx.array(x.transpose(0, 2, 3, 1))
-
-
-def final(latents) -> mx.array:
-    for x in latents:
-        mx.eval(x)
-    return x
 
 
 @pytest.fixture(scope="module", params=MODELS)

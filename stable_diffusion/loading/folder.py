@@ -10,14 +10,23 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import cpu
-from ..config import AutoencoderConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, read_json
+from ..config import (
+    AutoencoderConfig,
+    SchedulerConfig,
+    TextEncoderConfig,
+    TinyAutoencoderConfig,
+    UNetConfig,
+    read_json,
+)
 from ..models.clip import CLIPTextModel
+from ..models.tiny_autoencoder import TinyAutoencoder
 from ..models.unet import UNetModel
 from ..models.vae import Autoencoder
 from ..samplers import default_sampler
 from ..tokenizer import Tokenizer
 from ..weights import diffusers as diffusers_keys
 from ..weights.files import load_weights
+from ..weights.tiny_autoencoder import map_tiny_autoencoder
 from .components import Components, check_native_size
 from .hub import weight_files
 
@@ -87,6 +96,13 @@ def load_vae(folder: Path, dtype: mx.Dtype) -> Autoencoder:
         dtype = mx.float32
     model = Autoencoder(config)
     return _load_component(folder, model, diffusers_keys.map_vae, dtype, dtype == mx.float16)
+
+
+def load_tiny_autoencoder(folder: Path, dtype: mx.Dtype) -> TinyAutoencoder:
+    """TAESD / TAESDXL from a diffusers AutoencoderTiny folder."""
+    config = TinyAutoencoderConfig.from_dict(_read_config(folder))
+    model = TinyAutoencoder(config)
+    return _load_component(folder, model, map_tiny_autoencoder, dtype, dtype == mx.float16)
 
 
 def load_text_encoder(folder: Path, dtype: mx.Dtype) -> CLIPTextModel:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..text import printable
@@ -17,7 +19,11 @@ ALIASES = {
     "sd-2.1-base": "stabilityai/stable-diffusion-2-1-base",
     "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
     "sdxl-turbo": "stabilityai/sdxl-turbo",
+    "sd-turbo": "stabilityai/sd-turbo",
 }
+
+# The tiny autoencoders (diffusers AutoencoderTiny folders), by whether the model is SDXL.
+TINY_AUTOENCODERS = {False: "madebyollin/taesd", True: "madebyollin/taesdxl"}
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
@@ -102,8 +108,33 @@ def resolve_model(model: str, prefer_float16: bool = False) -> Path:
     return _snapshot(repo_id, prefer_float16)
 
 
-def _snapshot(repo_id: str, prefer_float16: bool) -> Path:
+def resolve_component(component: str) -> Path:
+    """A local folder for one component (config.json and safetensors weights, e.g.
+    `madebyollin/taesd`): an existing folder as is, else a hub repo id fetched through
+    the Hugging Face cache."""
+    path = Path(component).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a diffusers component (no config.json in it).")
+        return path
+    if _looks_like_a_path(component) or not _REPO_ID.fullmatch(component):
+        raise ModelNotFoundError(
+            f"no such component folder: {path} does not exist, and {component!r} is not a "
+            "Hugging Face repo id (owner/name)."
+        )
     from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", *(f"{stem}.safetensors" for stem in WEIGHT_STEMS)]
+    with _hub_errors(component, "--vae"):
+        folder = Path(snapshot_download(component, allow_patterns=patterns))
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"{component!r} is not a diffusers component (no config.json).")
+    return folder
+
+
+@contextmanager
+def _hub_errors(repo_id: str, option: str) -> Iterator[None]:
+    """The hub's exceptions as ModelNotFoundErrors that say what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -111,18 +142,14 @@ def _snapshot(repo_id: str, prefer_float16: bool) -> Path:
     )
 
     try:
-        folder = None
-        if prefer_float16:
-            folder = Path(snapshot_download(repo_id, allow_patterns=_download_patterns(".fp16")))
-        if folder is None or not any((folder / "unet").glob("*.fp16.safetensors")):
-            folder = Path(snapshot_download(repo_id, allow_patterns=_download_patterns("")))
+        yield
     except LocalEntryNotFoundError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
         raise ModelNotFoundError(
             f"model {repo_id!r} is not in the local Hugging Face cache and {why}. "
             "Download it once with network access (unset HF_HUB_OFFLINE), set HF_HOME to the "
-            "cache that has it, or pass a local diffusers folder to --model."
+            f"cache that has it, or pass a local diffusers folder to {option}."
         ) from e
     except GatedRepoError as e:
         raise ModelNotFoundError(
@@ -131,6 +158,17 @@ def _snapshot(repo_id: str, prefer_float16: bool) -> Path:
         ) from e
     except RepositoryNotFoundError as e:
         raise ModelNotFoundError(f"no model {repo_id!r} on the Hugging Face hub.") from e
+
+
+def _snapshot(repo_id: str, prefer_float16: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(repo_id, "--model"):
+        folder = None
+        if prefer_float16:
+            folder = Path(snapshot_download(repo_id, allow_patterns=_download_patterns(".fp16")))
+        if folder is None or not any((folder / "unet").glob("*.fp16.safetensors")):
+            folder = Path(snapshot_download(repo_id, allow_patterns=_download_patterns("")))
     if not (folder / "model_index.json").is_file():
         raise ModelNotFoundError(f"{repo_id!r} is not a diffusers pipeline (no model_index.json).")
     return folder

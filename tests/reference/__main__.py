@@ -5,6 +5,8 @@ import importlib
 
 SCRIPTS = [
     "tiny_models",
+    "tiny_autoencoder",
+    "tiled_vae",
     "tokenizer_ids",
     "schedulers",
     "checkpoint_files",
