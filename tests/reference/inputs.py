@@ -30,3 +30,11 @@ SAMPLER_PROMPT = "a watercolor of a fox in the snow"
 SAMPLER_NEGATIVE_PROMPT = "photo"
 SAMPLER_STEPS = 5
 SAMPLER_IMG2IMG_STRENGTH = 0.6
+
+# odd_sizes.py: a non-square size whose latent sides (9 x 11) neither tiny UNet's total
+# downsampling (2 for SD 1.x/2.x, 4 for SDXL) divides.
+ODD_WIDTH, ODD_HEIGHT = 72, 88
+ODD_PROMPT = "a lighthouse at dusk"
+ODD_NEGATIVE_PROMPT = "blurry"
+ODD_STEPS = 4
+ODD_IMG2IMG_STRENGTH = 0.75
