@@ -329,9 +329,13 @@ def _upsample2x_conv3x3(x: mx.array, weight: mx.array) -> mx.array:
 
 
 class Upsample2D(layers.Upsample2D):
-    def __call__(self, x: mx.array) -> mx.array:
-        upsampled = layers.upsample_nearest(x)
-        if (x.dtype == mx.float32 and x.shape[1] * x.shape[2] >= _UPSAMPLED_CONV_MIN_PIXELS
+    def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+        upsampled = layers.upsample_nearest(x, size)
+        # On the small image only for exactly 2x: its taps assume each pixel copied twice
+        # on every side, which the last row or column of an odd size is not.
+        exactly_2x = upsampled.shape[1:3] == (2 * x.shape[1], 2 * x.shape[2])
+        if (exactly_2x and x.dtype == mx.float32
+                and x.shape[1] * x.shape[2] >= _UPSAMPLED_CONV_MIN_PIXELS
                 and not self._by_winograd(upsampled)):
             return _upsample2x_conv3x3(x, self.conv.weight) + self.conv.bias
         return self.conv(upsampled)

@@ -157,11 +157,24 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
-def upsample_nearest(x: mx.array) -> mx.array:
-    """Nearest-neighbour 2x upsampling of an NHWC image."""
+def _nearest_indices(size: int, out_size: int) -> mx.array:
+    """The input index of each output index, as torch's nearest interpolation computes it:
+    floor(i * (size / out_size)) in float32."""
+    scale = mx.array(size, mx.float32) / out_size
+    indices = mx.floor(mx.arange(out_size, dtype=mx.float32) * scale).astype(mx.int32)
+    return mx.minimum(indices, size - 1)
+
+
+def upsample_nearest(x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+    """Nearest-neighbour upsampling of an NHWC image: 2x, or to `size` (height, width) as
+    torch's `F.interpolate(mode="nearest", size=size)`."""
     batch, height, width, channels = x.shape
-    x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
-    return x.reshape(batch, height * 2, width * 2, channels)
+    if size is None or tuple(size) == (2 * height, 2 * width):
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
+        return x.reshape(batch, height * 2, width * 2, channels)
+    rows, columns = (_nearest_indices(n, out) for n, out in zip((height, width), size,
+                                                                 strict=True))
+    return x[:, rows][:, :, columns]
 
 
 class Upsample2D(nn.Module):
@@ -169,5 +182,8 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(upsample_nearest(x))
+    def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+        """Upsampled 2x, or to `size` (height, width): the UNet passes its skip
+        connection's size, which is odd where the latent's side does not divide by the
+        UNet's total downsampling (as diffusers' `upsample_size`)."""
+        return self.conv(upsample_nearest(x, size))

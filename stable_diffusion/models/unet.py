@@ -263,6 +263,6 @@ class UNetModel(nn.Module):
                 x = mx.concatenate([x, skips.pop()], axis=-1)
                 x = _run(resnet, transformer, x, temb, context)
             if "upsamplers" in block:
-                x = block.upsamplers[0](x)
+                x = block.upsamplers[0](x, skips[-1].shape[1:3])
 
         return self.conv_out(self.conv_norm_out(x, silu_after=True))

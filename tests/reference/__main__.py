@@ -12,6 +12,7 @@ SCRIPTS = [
     "checkpoint_files",
     "long_prompts",
     "sampler_pipelines",
+    "odd_sizes",
     "single_file",
     "lora",
     "prompt_conventions",

@@ -131,3 +131,11 @@ def with_hub_scheduler(model: str, folder: Path) -> Path:
     index["scheduler"] = ["diffusers", config["_class_name"]]
     (copy / "model_index.json").write_text(json.dumps(index, indent=2))
     return copy
+
+# odd_sizes.py: a non-square size whose latent sides (9 x 11) neither tiny UNet's total
+# downsampling (2 for SD 1.x/2.x, 4 for SDXL) divides.
+ODD_WIDTH, ODD_HEIGHT = 72, 88
+ODD_PROMPT = "a lighthouse at dusk"
+ODD_NEGATIVE_PROMPT = "blurry"
+ODD_STEPS = 4
+ODD_IMG2IMG_STRENGTH = 0.75
