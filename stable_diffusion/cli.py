@@ -718,9 +718,7 @@ def _make_images(
         fail(p, f"{ranks.prefix()}{e}")
     preview_next_to = job.output if ranks.is_main else None
     x = denoise(sd, batches, job.args, keep_models, ranks.prefix(), preview_next_to)
-    parameters = [
-        p for batch in batches for p in image_parameters(sd, job.args, batch.settings)
-    ]
+    parameters = [p for batch in batches for p in image_parameters(sd, job.args, batch.settings)]
     return decode(sd, x, job.args, keep_models, ranks.prefix()), parameters
 
 

@@ -525,9 +525,7 @@ class StableDiffusion:
             height,
             clip_skip=clip_skip,
         )
-        run = make_sampler(settings.sampler, self.components.scheduler_config).start(
-            settings.steps
-        )
+        run = make_sampler(settings.sampler, self.components.scheduler_config).start(settings.steps)
         shape = (
             len(settings.prompts),
             settings.height // self.vae.downscale,

@@ -321,8 +321,7 @@ class Tokenizer:
             raise ValueError(f"the embedding name {name!r} has no tokens; give another name")
         if not 0 < count <= self.max_length - 2:
             raise ValueError(
-                f"embedding {name!r} has {count} vectors; a chunk takes 1 to "
-                f"{self.max_length - 2}"
+                f"embedding {name!r} has {count} vectors; a chunk takes 1 to {self.max_length - 2}"
             )
 
     def _token_groups(self, ids: list[int]) -> Iterator[list[int]]:

@@ -24,8 +24,9 @@ def winograd_everywhere(request, monkeypatch) -> list[tuple[int, ...]]:
     algorithm = getattr(winograd, request.param)
     monkeypatch.setattr(layers, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(layers, "_WINOGRAD_MIN_PIXELS", 1)
-    monkeypatch.setattr(layers, "_WINOGRAD_F4_MIN_PIXELS", 1 if algorithm is winograd.F4
-                        else float("inf"))
+    monkeypatch.setattr(
+        layers, "_WINOGRAD_F4_MIN_PIXELS", 1 if algorithm is winograd.F4 else float("inf")
+    )
     convolved = []
     conv3x3 = winograd.conv3x3
 

@@ -23,16 +23,50 @@ from stable_diffusion import fast_cpu
 from stable_diffusion.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
 from stable_diffusion.cpu import in_fast_cpu
 
-TABLE_COLUMNS = ["load s", "text s", "UNet step s", "UNet GFLOP/s", "% of matmul",
-                 "VAE decode s", "image s (1 steps, load included)", "peak GiB", "weights GiB"]
-ROW_FIELDS = ["load_s", "weights_gb", "text_s", "unet_step_s", "unet_gflops", "unet_matmul_pct",
-              "vae_decode_s", "vae_gflops", "image_s", "peak_gb"]
+TABLE_COLUMNS = [
+    "load s",
+    "text s",
+    "UNet step s",
+    "UNet GFLOP/s",
+    "% of matmul",
+    "VAE decode s",
+    "image s (1 steps, load included)",
+    "peak GiB",
+    "weights GiB",
+]
+ROW_FIELDS = [
+    "load_s",
+    "weights_gb",
+    "text_s",
+    "unet_step_s",
+    "unet_gflops",
+    "unet_matmul_pct",
+    "vae_decode_s",
+    "vae_gflops",
+    "image_s",
+    "peak_gb",
+]
 
 
 def run(tmp_path, capsys, *extra: str, dtypes: str = "float32") -> tuple[dict, str]:
     output = tmp_path / "results.json"
-    benchmark.main(["--models", "tiny", "--dtypes", dtypes, "--size", "64", "--steps", "1",
-                    "--repeats", "1", "--output", str(output), *extra])
+    benchmark.main(
+        [
+            "--models",
+            "tiny",
+            "--dtypes",
+            dtypes,
+            "--size",
+            "64",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--output",
+            str(output),
+            *extra,
+        ]
+    )
     return json.loads(output.read_text()), capsys.readouterr().out
 
 
@@ -44,7 +78,9 @@ def test_tiny_run_writes_the_results_and_prints_the_table(tmp_path, capsys):
     assert results["matmul_gflops"]["float32"] > 0
     assert {"cpu", "cores", "ram_gb", "mlx", "device"} <= results["machine"].keys()
     assert [(r["model"], r["dtype"], r["batch"]) for r in results["rows"]] == [
-        ("tiny", "float32", 1), ("tiny", "float32", 2)]
+        ("tiny", "float32", 1),
+        ("tiny", "float32", 2),
+    ]
     for row in results["rows"]:
         assert all(row[field] > 0 for field in ROW_FIELDS), row
     header = next(line for line in printed.splitlines() if line.startswith("| model"))
@@ -58,7 +94,8 @@ def test_float16_and_quantized_are_measured_in_full(tmp_path, capsys):
     # On a CPU they compute in float32, their weights converted as each layer runs.
     results, _ = run(tmp_path, capsys, dtypes="float32,float16,q8")
     assert [(r["dtype"], r["batch"]) for r in results["rows"]] == [
-        (dtype, batch) for dtype in ("float32", "float16", "q8") for batch in (1, 2)]
+        (dtype, batch) for dtype in ("float32", "float16", "q8") for batch in (1, 2)
+    ]
     for row in results["rows"]:
         assert all(row[field] > 0 for field in ROW_FIELDS), row
     weights = {r["dtype"]: r["weights_gb"] for r in results["rows"]}
@@ -68,8 +105,23 @@ def test_float16_and_quantized_are_measured_in_full(tmp_path, capsys):
 def test_the_command_runs_from_the_repository_root(tmp_path):
     # As the README gives it, in a process of its own.
     output = tmp_path / "results.json"
-    command = [sys.executable, "-m", "benchmarks.run", "--models", "tiny", "--dtypes", "float32",
-               "--size", "64", "--steps", "1", "--repeats", "1", "--output", str(output)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--models",
+        "tiny",
+        "--dtypes",
+        "float32",
+        "--size",
+        "64",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--output",
+        str(output),
+    ]
     ran = subprocess.run(
         command, check=True, cwd=Path(__file__).parent.parent, capture_output=True, text=True
     )
@@ -81,12 +133,19 @@ def test_too_little_disk_stops_before_measuring(tmp_path, monkeypatch):
     needed = weights_on_disk(ARCHITECTURES["tiny"], float16=True)
     assert needed == 6 * weights_on_disk(ARCHITECTURES["tiny"], False) // 4
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(benchmark.shutil, "disk_usage",
-                        lambda _: usage._replace(free=needed - 1))
+    monkeypatch.setattr(benchmark.shutil, "disk_usage", lambda _: usage._replace(free=needed - 1))
     monkeypatch.setattr(benchmark, "matmul_rates", lambda _: pytest.fail("measured"))
     with pytest.raises(SystemExit, match=r"tiny.s random weights need .* --workdir"):
-        benchmark.main(["--models", "tiny", "--dtypes", "float32,float16",
-                        "--workdir", str(tmp_path / "new" / "folder")])
+        benchmark.main(
+            [
+                "--models",
+                "tiny",
+                "--dtypes",
+                "float32,float16",
+                "--workdir",
+                str(tmp_path / "new" / "folder"),
+            ]
+        )
     assert not (tmp_path / "new").exists()
 
 
@@ -116,6 +175,7 @@ def test_each_phase_runs_in_a_fast_cpu_block_of_its_own(tmp_path, capsys, monkey
         def call(*args, **kwargs):
             phases.append((name, blocks[-1], in_fast_cpu()))
             return function(*args, **kwargs)
+
         return call
 
     monkeypatch.setattr(measure, "fast_cpu", counted)
@@ -149,59 +209,91 @@ def test_reference_run_checks_the_same_weights_and_prints_the_speed_ups(
     assert reference["vae_max_rel_error"] < 1e-4
     # On a CPU PyTorch runs in float32 only.
     timings = {key for key in reference if key.startswith("float")}
-    assert timings == {"float32_unet_step_s_batch1", "float32_unet_step_s_batch2",
-                       "float32_vae_decode_s"}
+    assert timings == {
+        "float32_unet_step_s_batch1",
+        "float32_unet_step_s_batch2",
+        "float32_vae_decode_s",
+    }
     assert all(reference[key] > 0 for key in timings)
     assert "PyTorch UNet step s" in printed
-    assert sum(line.startswith("| tiny | ") and line.endswith("|")
-               for line in printed.split("PyTorch UNet step s")[1].splitlines()) == 2
+    assert (
+        sum(
+            line.startswith("| tiny | ") and line.endswith("|")
+            for line in printed.split("PyTorch UNet step s")[1].splitlines()
+        )
+        == 2
+    )
 
 
 def test_unet_flops_match_a_count_by_hand():
     # One level of 8 channels, one resnet per block, on 2x2 latents with 3 context tokens
     # of width 4: every multiply-add below is counted by hand.
-    config = UNetConfig(block_out_channels=(8,), down_block_types=("DownBlock2D",),
-                        up_block_types=("UpBlock2D",), layers_per_block=1,
-                        cross_attention_dim=4, attention_head_dim=1, norm_num_groups=4)
+    config = UNetConfig(
+        block_out_channels=(8,),
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        layers_per_block=1,
+        cross_attention_dim=4,
+        attention_head_dim=1,
+        norm_num_groups=4,
+    )
     pixels, time_dims = 4, 32
     time_embedding = 8 * time_dims + time_dims * time_dims
     conv_in = pixels * 4 * 8 * 9
     resnet_8_8 = 2 * pixels * 8 * 8 * 9 + time_dims * 8
     transformer = (
         2 * pixels * 8 * 8  # proj_in, proj_out
-        + 4 * pixels * 8 * 8 + 2 * pixels * pixels * 8  # self-attention: q k v out, QK^T and PV
-        + 2 * pixels * 8 * 8 + 2 * 3 * 4 * 8 + 2 * pixels * 3 * 8  # cross-attention
-        + pixels * 8 * 64 + pixels * 32 * 8  # GEGLU (8 -> 2 x 32) and 32 -> 8
+        + 4 * pixels * 8 * 8
+        + 2 * pixels * pixels * 8  # self-attention: q k v out, QK^T and PV
+        + 2 * pixels * 8 * 8
+        + 2 * 3 * 4 * 8
+        + 2 * pixels * 3 * 8  # cross-attention
+        + pixels * 8 * 64
+        + pixels * 32 * 8  # GEGLU (8 -> 2 x 32) and 32 -> 8
     )
     # Up block: two resnets of 16 (8 + skip) -> 8 channels, with a 1x1 shortcut.
     resnet_16_8 = pixels * 16 * 8 * 9 + pixels * 8 * 8 * 9 + pixels * 16 * 8 + time_dims * 8
     conv_out = pixels * 8 * 4 * 9
-    macs = (time_embedding + conv_in + resnet_8_8  # down block
-            + 2 * resnet_8_8 + transformer  # mid block
-            + 2 * resnet_16_8 + conv_out)
+    macs = (
+        time_embedding
+        + conv_in
+        + resnet_8_8  # down block
+        + 2 * resnet_8_8
+        + transformer  # mid block
+        + 2 * resnet_16_8
+        + conv_out
+    )
     assert flops.unet_flops(config, 1, 2, 2, context_tokens=3) == 2 * macs
     assert flops.unet_flops(config, 2, 2, 2, context_tokens=3) == 4 * macs
 
 
 def test_vae_and_text_encoder_flops_match_a_count_by_hand():
-    vae = AutoencoderConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
-                            norm_num_groups=4)
+    vae = AutoencoderConfig(
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4
+    )
     small, large = 4, 16  # pixels before and after the one upsampling
     decoder = (
         small * 4 * 4  # post_quant_conv
         + small * 4 * 16 * 9  # conv_in
         + 2 * 2 * small * 16 * 16 * 9  # mid resnets
-        + 4 * small * 16 * 16 + 2 * small * small * 16  # mid attention
+        + 4 * small * 16 * 16
+        + 2 * small * small * 16  # mid attention
         + 2 * 2 * small * 16 * 16 * 9  # up block 0: two resnets 16 -> 16
         + large * 16 * 16 * 9  # its upsampler's convolution
-        + large * 9 * (16 * 8 + 8 * 8) + large * 16 * 8  # up block 1: resnet 16 -> 8 ...
+        + large * 9 * (16 * 8 + 8 * 8)
+        + large * 16 * 8  # up block 1: resnet 16 -> 8 ...
         + large * 9 * (8 * 8 + 8 * 8)  # ... and resnet 8 -> 8
         + large * 8 * 3 * 9  # conv_out
     )
     assert flops.vae_decode_flops(vae, 1, 2, 2) == 2 * decoder
 
-    text = TextEncoderConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                             projection_dim=4, with_projection=True)
+    text = TextEncoderConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        projection_dim=4,
+        with_projection=True,
+    )
     layer = 4 * 5 * 8 * 8 + 2 * 5 * 5 * 8 + 2 * 5 * 8 * 16
     assert flops.text_encoder_flops(text, 3, tokens=5) == 2 * 3 * (2 * layer + 8 * 4)
 
@@ -217,27 +309,42 @@ def test_on_a_gpu_pytorch_also_runs_float16(monkeypatch):
 
 def test_the_comparison_table_has_a_row_per_dtype_pytorch_ran():
     row = {"model": "tiny", "load_s": 1.0, "weights_gb": 0.1, "vae_decode_s": 2.0}
-    rows = [{**row, "dtype": dtype, "batch": batch, "unet_step_s": step}
-            for dtype, step in (("float32", 1.0), ("float16", 0.5), ("q8", 0.6))
-            for batch in (1, 2)]
+    rows = [
+        {**row, "dtype": dtype, "batch": batch, "unet_step_s": step}
+        for dtype, step in (("float32", 1.0), ("float16", 0.5), ("q8", 0.6))
+        for batch in (1, 2)
+    ]
     reference = {"model": "tiny", "unet_max_rel_error": 1e-6, "vae_max_rel_error": 2e-6}
     for dtype, seconds in (("float32", 2.0), ("float16", 1.5)):
-        reference |= {f"{dtype}_unet_step_s_batch1": seconds,
-                      f"{dtype}_unet_step_s_batch2": 2 * seconds,
-                      f"{dtype}_vae_decode_s": 3.0}
-    results = {"settings": {"steps": 1, "size": 512, "lazy": False},
-               "machine": {"cpu": "x", "cores": 16, "ram_gb": 128, "mlx": "0",
-                           "device": "Device(gpu, 0)",
-                           "gpu": "H200"},
-               "matmul_gflops": {"float32": 1000.0, "float16": 5000.0},
-               "rows": rows, "reference": [reference]}
+        reference |= {
+            f"{dtype}_unet_step_s_batch1": seconds,
+            f"{dtype}_unet_step_s_batch2": 2 * seconds,
+            f"{dtype}_vae_decode_s": 3.0,
+        }
+    results = {
+        "settings": {"steps": 1, "size": 512, "lazy": False},
+        "machine": {
+            "cpu": "x",
+            "cores": 16,
+            "ram_gb": 128,
+            "mlx": "0",
+            "device": "Device(gpu, 0)",
+            "gpu": "H200",
+        },
+        "matmul_gflops": {"float32": 1000.0, "float16": 5000.0},
+        "rows": rows,
+        "reference": [reference],
+    }
     table = report.markdown_tables(results)
     assert "on Device(gpu, 0) (H200)" in table and "5000 GFLOP/s in float16" in table
     assert "fast_cpu" not in table  # it changes nothing on a GPU
     comparison = table.split("PyTorch UNet step s")[1].splitlines()
     assert [line.split(" | ")[1:4] for line in comparison if line.startswith("| tiny")] == [
-        ["float32", "1", "1.00"], ["float32", "2", "1.00"],
-        ["float16", "1", "0.500"], ["float16", "2", "0.500"]]
+        ["float32", "1", "1.00"],
+        ["float32", "2", "1.00"],
+        ["float16", "1", "0.500"],
+        ["float16", "2", "0.500"],
+    ]
     assert "| 1.00 | 2.00 | 2.00x |" in table and "| 0.500 | 3.00 | 6.00x |" in table
 
 
@@ -257,32 +364,59 @@ def test_rounds_alternate_both_sides_float32_timings(tmp_path, capsys):
     assert first["pytorch"]["vae_decode_s"] == reference["float32_vae_decode_s"]
     for each in reference["rounds"]:
         for side in ("mlx", "pytorch"):
-            assert sorted(each[side]) == ["unet_step_s_batch1", "unet_step_s_batch2",
-                                          "vae_decode_s"]
+            assert sorted(each[side]) == [
+                "unet_step_s_batch1",
+                "unet_step_s_batch2",
+                "vae_decode_s",
+            ]
             assert all(seconds > 0 for seconds in each[side].values())
     assert "round 2 of 2" in printed and "over 2 rounds" in printed
 
 
 def test_the_comparison_table_takes_medians_over_rounds():
-    row = {"model": "tiny", "dtype": "float32", "load_s": 1.0, "weights_gb": 0.1,
-           "vae_decode_s": 9.0, "unet_step_s": 9.0}
+    row = {
+        "model": "tiny",
+        "dtype": "float32",
+        "load_s": 1.0,
+        "weights_gb": 0.1,
+        "vae_decode_s": 9.0,
+        "unet_step_s": 9.0,
+    }
     rows = [{**row, "batch": batch} for batch in (1, 2)]
-    seconds = {"unet_step_s_batch1": [(1.0, 2.0), (2.0, 2.2), (1.5, 3.3)],  # MLX, PyTorch
-               "unet_step_s_batch2": [(2.0, 3.0), (2.0, 3.0), (2.0, 3.0)],
-               "vae_decode_s": [(4.0, 4.0), (4.0, 5.0), (5.0, 4.0)]}
-    rounds = [{side: {key: pairs[i][j] for key, pairs in seconds.items()}
-               for j, side in enumerate(("mlx", "pytorch"))} for i in range(3)]
-    reference = {"model": "tiny", "unet_max_rel_error": 1e-6, "vae_max_rel_error": 2e-6,
-                 "float32_unet_step_s_batch1": 9.0, "float32_unet_step_s_batch2": 9.0,
-                 "float32_vae_decode_s": 9.0, "rounds": rounds}
-    results = {"settings": {"steps": 1, "size": 512, "lazy": False},
-               "machine": {"cpu": "x", "cores": 2, "ram_gb": 24, "mlx": "0",
-                           "device": "Device(cpu, 0)"},
-               "matmul_gflops": {"float32": 200.0}, "rows": rows, "reference": [reference]}
+    seconds = {
+        "unet_step_s_batch1": [(1.0, 2.0), (2.0, 2.2), (1.5, 3.3)],  # MLX, PyTorch
+        "unet_step_s_batch2": [(2.0, 3.0), (2.0, 3.0), (2.0, 3.0)],
+        "vae_decode_s": [(4.0, 4.0), (4.0, 5.0), (5.0, 4.0)],
+    }
+    rounds = [
+        {
+            side: {key: pairs[i][j] for key, pairs in seconds.items()}
+            for j, side in enumerate(("mlx", "pytorch"))
+        }
+        for i in range(3)
+    ]
+    reference = {
+        "model": "tiny",
+        "unet_max_rel_error": 1e-6,
+        "vae_max_rel_error": 2e-6,
+        "float32_unet_step_s_batch1": 9.0,
+        "float32_unet_step_s_batch2": 9.0,
+        "float32_vae_decode_s": 9.0,
+        "rounds": rounds,
+    }
+    results = {
+        "settings": {"steps": 1, "size": 512, "lazy": False},
+        "machine": {"cpu": "x", "cores": 2, "ram_gb": 24, "mlx": "0", "device": "Device(cpu, 0)"},
+        "matmul_gflops": {"float32": 200.0},
+        "rows": rows,
+        "reference": [reference],
+    }
     table = report.markdown_tables(results)
     # Medians of each side (1.5 and 2.2 s), and of the rounds' ratios (2.0, 1.1, 2.2).
-    assert ("| tiny | float32 | 1 | 1.50 | 2.20 | 2.00x (2.00 / 1.10 / 2.20) "
-            "| 4.00 | 4.00 | 1.00x (1.00 / 1.25 / 0.80) |") in table
+    assert (
+        "| tiny | float32 | 1 | 1.50 | 2.20 | 2.00x (2.00 / 1.10 / 2.20) "
+        "| 4.00 | 4.00 | 1.00x (1.00 / 1.25 / 0.80) |"
+    ) in table
     assert "| tiny | float32 | 2 | 2.00 | 3.00 | 1.50x (1.50 / 1.50 / 1.50) |" in table
     assert "over 3 rounds" in table
 

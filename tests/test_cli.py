@@ -249,8 +249,9 @@ def test_from_image_without_parameters_is_a_clear_error(tmp_path):
 
 def test_random_seed_is_printed_and_recorded(tmp_path):
     output = tmp_path / "out.png"
-    result = run("txt2image.py", "a cat", "--model", TINY_SD2, "--steps", "1", "--output",
-                 str(output))
+    result = run(
+        "txt2image.py", "a cat", "--model", TINY_SD2, "--steps", "1", "--output", str(output)
+    )
     assert result.returncode == 0, result.stderr
     printed = [line for line in result.stdout.splitlines() if line.startswith("Seed: ")]
     assert printed == [f"Seed: {read_parameters(output).seed}"]
@@ -262,8 +263,15 @@ def test_from_image_names_its_model_but_does_not_load_it(tmp_path, monkeypatch):
     sequences, and loads the default model, here not in the (empty, offline) cache."""
     image = tmp_path / "made.png"
     parameters = GenerationParameters(
-        prompt="a cat", steps=2, sampler="euler", cfg_scale=7.0, seed=3, width=64, height=64,
-        model="evil/repo\x1b]0;owned\x07\x1b[8m", loras=(("detail\x1b[2J", 0.5),),
+        prompt="a cat",
+        steps=2,
+        sampler="euler",
+        cfg_scale=7.0,
+        seed=3,
+        width=64,
+        height=64,
+        model="evil/repo\x1b]0;owned\x07\x1b[8m",
+        loras=(("detail\x1b[2J", 0.5),),
     )
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters.to_text())
@@ -282,11 +290,14 @@ def test_from_image_names_its_model_but_does_not_load_it(tmp_path, monkeypatch):
 def test_from_image_with_another_model_uses_that_one(tmp_path):
     first = tmp_path / "first.png"
     args = ["--steps", "1", "--seed", "2"]
-    assert run("txt2image.py", "a cat", "--model", TINY_SD2, *args, "--output",
-               str(first)).returncode == 0
+    assert (
+        run("txt2image.py", "a cat", "--model", TINY_SD2, *args, "--output", str(first)).returncode
+        == 0
+    )
     again = tmp_path / "again.png"
-    result = run("txt2image.py", "--from-image", str(first), "--model", TINY_SDXL, "--output",
-                 str(again))
+    result = run(
+        "txt2image.py", "--from-image", str(first), "--model", TINY_SDXL, "--output", str(again)
+    )
     assert result.returncode == 0, result.stderr
     assert f"made with the model '{TINY_SD2}'; using --model {TINY_SDXL}" in result.stdout
     assert read_parameters(again).model == TINY_SDXL
@@ -296,8 +307,10 @@ def test_from_image_with_another_model_uses_that_one(tmp_path):
     ("args", "message"),
     [
         (["a cat", "--use-saved-model"], "--use-saved-model goes with --from-image"),
-        (["--from-image", "IMAGE", "--use-saved-model", "--model", TINY_SD2],
-         "--use-saved-model goes with --from-image, and without --model"),
+        (
+            ["--from-image", "IMAGE", "--use-saved-model", "--model", TINY_SD2],
+            "--use-saved-model goes with --from-image, and without --model",
+        ),
     ],
 )
 def test_use_saved_model_needs_an_image_and_no_model(tmp_path, args, message):
@@ -329,8 +342,19 @@ def poisoned_model(tmp_path: Path, component: str, key: str) -> Path:
 def test_non_finite_result_is_an_error_and_saves_nothing(tmp_path, component, key, message):
     model = poisoned_model(tmp_path, component, key)
     output = tmp_path / "out.png"
-    result = run("txt2image.py", "a cat", "--model", str(model), "--steps", "2", "--seed", "0",
-                 "--output", str(output), "--save-individual")
+    result = run(
+        "txt2image.py",
+        "a cat",
+        "--model",
+        str(model),
+        "--steps",
+        "2",
+        "--seed",
+        "0",
+        "--output",
+        str(output),
+        "--save-individual",
+    )
     assert result.returncode == 1
     assert message in result.stderr
     assert "weights with NaN or infinite values" in result.stderr
@@ -342,9 +366,21 @@ def test_non_finite_result_is_an_error_and_saves_nothing(tmp_path, component, ke
 def test_ctrl_c_ends_with_one_line_and_saves_nothing(tmp_path):
     output = tmp_path / "out.png"
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "txt2image.py"), "a cat", "--model", TINY_SD2,
-         "--steps", "1000", "--output", str(output)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "txt2image.py"),
+            "a cat",
+            "--model",
+            TINY_SD2,
+            "--steps",
+            "1000",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -376,9 +412,11 @@ def test_entry_points_run_the_scripts_mains():
 def test_sampler_list_prints_every_name():
     result = run("txt2image.py", "--sampler", "list")
     assert result.returncode == 0, result.stderr
-    for row in ("euler_a        Euler a        euler_ancestral  karras, exponential",
-                "dpm++2m_sde    DPM++ 2M SDE   dpmpp_2m_sde     karras, exponential",
-                "ddim           DDIM           ddim             -"):
+    for row in (
+        "euler_a        Euler a        euler_ancestral  karras, exponential",
+        "dpm++2m_sde    DPM++ 2M SDE   dpmpp_2m_sde     karras, exponential",
+        "ddim           DDIM           ddim             -",
+    ):
         assert row in result.stdout
 
 

@@ -39,18 +39,28 @@ def final(latents) -> mx.array:
 @pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sd2", "tiny-sdxl"])
 def test_odd_latent_sizes_match_diffusers(model, fast, winograd_everywhere):
     sd = StableDiffusion(str(FIXTURES / "models" / model), float16=False)
-    common = dict(negative_text=ODD_NEGATIVE_PROMPT, num_steps=ODD_STEPS, cfg_weight=7.5,
-                  sampler="euler")
+    common = dict(
+        negative_text=ODD_NEGATIVE_PROMPT, num_steps=ODD_STEPS, cfg_weight=7.5, sampler="euler"
+    )
     with fast_cpu() if fast else mx.stream(mx.cpu):
-        txt2img = sd.generate_latents(ODD_PROMPT, width=ODD_WIDTH, height=ODD_HEIGHT,
-                                      latents=nhwc(REFERENCE["noise"]), **common)
+        txt2img = sd.generate_latents(
+            ODD_PROMPT,
+            width=ODD_WIDTH,
+            height=ODD_HEIGHT,
+            latents=nhwc(REFERENCE["noise"]),
+            **common,
+        )
         images = np.array(sd.decode(final(txt2img)))
         img2img = sd.generate_latents_from_image(
-            REFERENCE["image"].astype(np.float32) / 255, ODD_PROMPT,
-            strength=ODD_IMG2IMG_STRENGTH, noise=nhwc(REFERENCE["img2img_noise"]), **common)
+            REFERENCE["image"].astype(np.float32) / 255,
+            ODD_PROMPT,
+            strength=ODD_IMG2IMG_STRENGTH,
+            noise=nhwc(REFERENCE["img2img_noise"]),
+            **common,
+        )
         from_image = np.array(sd.decode(final(img2img)))
-    np.testing.assert_allclose(images, REFERENCE[f"{model}.txt2img"], atol=PIXEL_TOLERANCE,
-                               rtol=0)
-    np.testing.assert_allclose(from_image, REFERENCE[f"{model}.img2img"],
-                               atol=PIXEL_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(images, REFERENCE[f"{model}.txt2img"], atol=PIXEL_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(
+        from_image, REFERENCE[f"{model}.img2img"], atol=PIXEL_TOLERANCE, rtol=0
+    )
     assert bool(winograd_everywhere) == fast

@@ -21,6 +21,8 @@ from tests.helpers import FIXTURES, PIXEL_TOLERANCE, final
 from tests.reference.inputs import NEGATIVE_PROMPTS, PROMPTS
 
 MODELS = ["tiny-sd1", "tiny-sd2", "tiny-sdxl"]
+
+
 def nhwc(x: np.ndarray) -> mx.array:
     return mx.array(x.transpose(0, 2, 3, 1))
 
@@ -77,9 +79,14 @@ def test_steps_in_fast_cpu_project_the_text_context_once(model, monkeypatch):
         return linear_call(self, x)
 
     monkeypatch.setattr(layers.Linear, "__call__", counted)
-    latents = sd.generate_latents(PROMPTS, negative_text=NEGATIVE_PROMPTS, num_steps=4,
-                                  cfg_weight=7.5, sampler="euler",
-                                  latents=nhwc(ref["txt2img.noise"]))
+    latents = sd.generate_latents(
+        PROMPTS,
+        negative_text=NEGATIVE_PROMPTS,
+        num_steps=4,
+        cfg_weight=7.5,
+        sampler="euler",
+        latents=nhwc(ref["txt2img.noise"]),
+    )
     latents.compute_conditioning()
     per_step = []
     with mx.stream(mx.cpu), fast_cpu():
@@ -129,8 +136,7 @@ def test_text_encoders_can_go_before_the_first_step(name):
     expected = np.array(final(kept.generate_latents("a cat", num_steps=2, cfg_weight=5.0, seed=3)))
     sd = StableDiffusion(folder, float16=False)
     sd.preload()
-    encoder_bytes = sum(v.nbytes for e in sd.text_encoders
-                        for _, v in tree_flatten(e.parameters()))
+    encoder_bytes = sum(v.nbytes for e in sd.text_encoders for _, v in tree_flatten(e.parameters()))
     latents = sd.generate_latents("a cat", num_steps=2, cfg_weight=5.0, seed=3)
     before = mx.get_active_memory()
     latents.compute_conditioning()
@@ -158,7 +164,9 @@ def test_denoising_carries_the_settings_it_runs_with(model):
     assert settings.prompts == ("a cat", "a cat")
     assert settings.negative_prompts == ("blurry", "blurry")
     assert (settings.steps, settings.cfg, settings.sampler) == (
-        3, sd.defaults.cfg, sd.defaults.sampler
+        3,
+        sd.defaults.cfg,
+        sd.defaults.sampler,
     )
     assert (settings.width, settings.height) == (sd.defaults.width, sd.defaults.height)
     assert 0 <= settings.seed < 2**31 and settings.strength is None
@@ -166,13 +174,19 @@ def test_denoising_carries_the_settings_it_runs_with(model):
         settings.seed = 1
     parameters = settings.parameters(model="m", loras=(("detail", 0.5),))
     assert (parameters.prompt, parameters.negative_prompt, parameters.seed) == (
-        "a cat", "blurry", settings.seed
+        "a cat",
+        "blurry",
+        settings.seed,
     )
-    assert (parameters.model, parameters.loras, parameters.strength) == ("m", (("detail", 0.5),),
-                                                                         None)
+    assert (parameters.model, parameters.loras, parameters.strength) == (
+        "m",
+        (("detail", 0.5),),
+        None,
+    )
     # The seed drawn reproduces the run.
-    again = sd.generate_latents("a cat", n_images=2, negative_text="blurry", num_steps=3,
-                                seed=settings.seed)
+    again = sd.generate_latents(
+        "a cat", n_images=2, negative_text="blurry", num_steps=3, seed=settings.seed
+    )
     np.testing.assert_array_equal(np.array(final(latents)), np.array(final(again)))
 
 

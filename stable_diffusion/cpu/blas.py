@@ -88,8 +88,16 @@ def _mlx_runs_on_cuda() -> bool:
 
 def _bind(library: ctypes.CDLL) -> None:
     matrix, size = ctypes.c_void_p, ctypes.c_int
-    library.cblas_sgemm.argtypes = [size] * 6 + [ctypes.c_float, matrix, size, matrix, size,
-                                                  ctypes.c_float, matrix, size]
+    library.cblas_sgemm.argtypes = [size] * 6 + [
+        ctypes.c_float,
+        matrix,
+        size,
+        matrix,
+        size,
+        ctypes.c_float,
+        matrix,
+        size,
+    ]
     library.cblas_sgemm.restype = None
     library.openblas_get_num_threads.restype = size
     library.openblas_set_num_threads.argtypes = [size]
@@ -97,8 +105,10 @@ def _bind(library: ctypes.CDLL) -> None:
 
 def _row_stride(matrix: np.ndarray) -> int:
     if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.strides[1] != 4:
-        raise ValueError(f"need a float32 matrix with contiguous rows, got {matrix.dtype} "
-                         f"{matrix.shape} with strides {matrix.strides}")
+        raise ValueError(
+            f"need a float32 matrix with contiguous rows, got {matrix.dtype} "
+            f"{matrix.shape} with strides {matrix.strides}"
+        )
     return matrix.strides[0] // 4
 
 
@@ -116,9 +126,22 @@ def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray, scale: float = 1.
         raise ValueError(f"cannot multiply {a.shape} by {b.shape} into {out.shape}")
     b_transposed = b.ndim == 2 and b.strides[0] == 4 and b.strides[1] != 4
     strides = _row_stride(a), _row_stride(b.T if b_transposed else b), _row_stride(out)
-    _openblas.cblas_sgemm(_ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE if b_transposed else _NO_TRANSPOSE,
-                          a.shape[0], b.shape[1], a.shape[1], scale, a.ctypes.data, strides[0],
-                          b.ctypes.data, strides[1], 0.0, out.ctypes.data, strides[2])
+    _openblas.cblas_sgemm(
+        _ROW_MAJOR,
+        _NO_TRANSPOSE,
+        _TRANSPOSE if b_transposed else _NO_TRANSPOSE,
+        a.shape[0],
+        b.shape[1],
+        a.shape[1],
+        scale,
+        a.ctypes.data,
+        strides[0],
+        b.ctypes.data,
+        strides[1],
+        0.0,
+        out.ctypes.data,
+        strides[2],
+    )
 
 
 @contextmanager

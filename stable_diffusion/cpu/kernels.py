@@ -67,8 +67,10 @@ def _split_over_cores(kernel: Callable[..., object], *arrays: np.ndarray) -> Non
     """kernel(*parts) on all cores, the arrays split alike along their first axis, into as
     many parts as there are cores (or rows)."""
     parts = min(_CORES, len(arrays[0]))
-    _on_all_cores(lambda part: kernel(*part),
-                  list(zip(*(np.array_split(array, parts) for array in arrays), strict=True)))
+    _on_all_cores(
+        lambda part: kernel(*part),
+        list(zip(*(np.array_split(array, parts) for array in arrays), strict=True)),
+    )
 
 
 def _exponentiate_exactly(scores: np.ndarray) -> None:
@@ -85,9 +87,16 @@ def _mask_future(scores: np.ndarray, first_row: int) -> None:
     scores[..., future] = -np.inf
 
 
-def _attend_exactly(queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
-                    out: np.ndarray, first_row: int, causal: bool, scale: float,
-                    dim: int) -> None:
+def _attend_exactly(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    out: np.ndarray,
+    first_row: int,
+    causal: bool,
+    scale: float,
+    dim: int,
+) -> None:
     """out = softmax(scale * queries @ keys^T) @ values, in powers of two, for one block of
     rows of a group of heads; all four are column views of the (B, L, heads * dim)
     projections, `dim` columns per head."""
@@ -102,8 +111,9 @@ def _attend_exactly(queries: np.ndarray, keys: np.ndarray, values: np.ndarray,
     for head_scores, head in zip(scores, columns, strict=True):
         blas.matmul_into(head_scores, values[:, head], out[:, head])
     # out with its heads as an axis of their own: a view, so the division lands in place.
-    by_head = np.lib.stride_tricks.as_strided(out, (rows, len(columns), dim),
-                                              (out.strides[0], dim * out.itemsize, out.itemsize))
+    by_head = np.lib.stride_tricks.as_strided(
+        out, (rows, len(columns), dim), (out.strides[0], dim * out.itemsize, out.itemsize)
+    )
     by_head /= scores.sum(axis=-1).T[..., None]
 
 
@@ -120,8 +130,14 @@ def _score_shifts(queries: mx.array, keys: mx.array) -> mx.array:
     return mx.maximum(bounds - _EXP_HEADROOM, 0)[..., None]
 
 
-def _attend(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray,
-            first_row: int, causal: bool) -> None:
+def _attend(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    out: np.ndarray,
+    first_row: int,
+    causal: bool,
+) -> None:
     """out = softmax(queries @ keys) @ values for one block of one head's queries, the
     scores in powers of two, the queries carrying their shift column (see `_score_shifts`)
     and the values a column of ones, whose output is the row sums of the powers: no
@@ -165,8 +181,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     return attend(q, k, v, heads, causal)
 
 
-def _in_blocks(attend: Callable[[int, slice, slice], None], batch: int, heads: int,
-               q_len: int, k_len: int) -> None:
+def _in_blocks(
+    attend: Callable[[int, slice, slice], None], batch: int, heads: int, q_len: int, k_len: int
+) -> None:
     """attend(entry, heads, rows) for every block of rows of every group of an entry's heads,
     on all cores. A block holds up to `_SCORE_BLOCK_ELEMENTS` scores, of as many heads as
     fit while every core gets a block: on short sequences (SDXL's 256 tokens, SD's 77-token
@@ -174,18 +191,19 @@ def _in_blocks(attend: Callable[[int, slice, slice], None], batch: int, heads: i
     threads mostly wait for each other's calls (SDXL's 256x77 cross-attention runs about
     twice as fast by groups of 20 heads: docs/performance.md)."""
     rows = min(q_len, max(1, _SCORE_BLOCK_ELEMENTS // k_len))
-    group = max(1, min(_SCORE_BLOCK_ELEMENTS // (rows * k_len),
-                       math.ceil(batch * heads / _CORES)))
+    group = max(1, min(_SCORE_BLOCK_ELEMENTS // (rows * k_len), math.ceil(batch * heads / _CORES)))
     group = math.ceil(heads / math.ceil(heads / group))  # as many groups, as even as can be
-    jobs = [(entry, slice(first, min(first + group, heads)), slice(start, start + rows))
-            for entry in range(batch) for first in range(0, heads, group)
-            for start in range(0, q_len, rows)]
+    jobs = [
+        (entry, slice(first, min(first + group, heads)), slice(start, start + rows))
+        for entry in range(batch)
+        for first in range(0, heads, group)
+        for start in range(0, q_len, rows)
+    ]
     with blas.one_thread_per_call():
         _on_all_cores(lambda job: attend(*job), jobs)
 
 
-def _exact_attention(q: mx.array, k: mx.array, v: mx.array, heads: int,
-                     causal: bool) -> mx.array:
+def _exact_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -> mx.array:
     """Each block reads its head's columns of the projections in place and writes its
     output into place: no copies."""
     dtype = v.dtype
@@ -199,15 +217,22 @@ def _exact_attention(q: mx.array, k: mx.array, v: mx.array, heads: int,
 
     def attend(entry: int, group: slice, rows: slice) -> None:
         columns = slice(group.start * dim, group.stop * dim)
-        _attend_exactly(q[entry, rows, columns], k[entry, :, columns], v[entry, :, columns],
-                        out[entry, rows, columns], rows.start, causal, scale, dim)
+        _attend_exactly(
+            q[entry, rows, columns],
+            k[entry, :, columns],
+            v[entry, :, columns],
+            out[entry, rows, columns],
+            rows.start,
+            causal,
+            scale,
+            dim,
+        )
 
     _in_blocks(attend, batch, heads, q_len, k.shape[1])
     return mx.array(out).astype(dtype)
 
 
-def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int,
-                       causal: bool) -> mx.array:
+def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -> mx.array:
     """Each head's operands gathered with the shift column and row of ones that `_attend`
     needs."""
     batch, q_len, width = q.shape
@@ -230,8 +255,9 @@ def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int,
 
     def attend(entry: int, group: slice, rows: slice) -> None:
         for head in range(entry * heads + group.start, entry * heads + group.stop):
-            _attend(queries[head, rows], keys[head], values[head], out[head, rows],
-                    rows.start, causal)
+            _attend(
+                queries[head, rows], keys[head], values[head], out[head, rows], rows.start, causal
+            )
 
     _in_blocks(attend, batch, heads, q_len, k_len)
     result = mx.array(out[..., :dim]).reshape(batch, heads, q_len, dim)
@@ -243,8 +269,8 @@ def _silu_in_place(values: np.ndarray) -> None:
     # exp(-x) overflows to inf for x < -88: x / inf = -0, SiLU's limit.
     with np.errstate(over="ignore"):
         for start in range(0, values.size, _SILU_CHUNK):
-            chunk = values[start:start + _SILU_CHUNK]
-            denominator = scratch[:chunk.size]
+            chunk = values[start : start + _SILU_CHUNK]
+            denominator = scratch[: chunk.size]
             np.negative(chunk, out=denominator)
             np.exp(denominator, out=denominator)
             denominator += 1
@@ -263,24 +289,33 @@ def silu_(x: mx.array) -> mx.array:
 # t = 1 / (1 + p z): Abramowitz and Stegun's 7.1.26 (error at most 1.5e-7). Folded in: z =
 # g / sqrt 2 (into p and the exponent), the halving (into the coefficients) and e = 2^(...).
 _ERF_P = 0.3275911 / math.sqrt(2)
-_HALF_ERF_COEFFICIENTS = tuple(0.5 * a for a in (  # a5 .. a1
-    1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))
+_HALF_ERF_COEFFICIENTS = tuple(
+    0.5 * a
+    for a in (  # a5 .. a1
+        1.061405429,
+        -1.453152027,
+        1.421413741,
+        -0.284496736,
+        0.254829592,
+    )
+)
 _GAUSSIAN_EXPONENT = -_LOG2_E / 2  # e^(-g^2 / 2) = 2^(g^2 * this)
 # Elements per GEGLU chunk: numpy's ~20 calls per chunk cost little against its work
 # (smaller chunks ran slower: docs/performance.md), and its buffers stay in the L3 cache.
 _GEGLU_CHUNK = 1 << 17
 
 
-def _geglu_rows(hidden: np.ndarray, gate: np.ndarray, hidden_bias: np.ndarray,
-                gate_bias: np.ndarray) -> None:
+def _geglu_rows(
+    hidden: np.ndarray, gate: np.ndarray, hidden_bias: np.ndarray, gate_bias: np.ndarray
+) -> None:
     """hidden = (hidden + hidden_bias) * GELU(gate + gate_bias) over (rows, width) arrays."""
     step = max(1, _GEGLU_CHUNK // hidden.shape[1])
     buffers = [np.empty((step, hidden.shape[1]), np.float32) for _ in range(4)]
     for start in range(0, len(hidden), step):
-        out = hidden[start:start + step]
-        g, t, polynomial, tail = (buffer[:len(out)] for buffer in buffers)
+        out = hidden[start : start + step]
+        g, t, polynomial, tail = (buffer[: len(out)] for buffer in buffers)
         out += hidden_bias
-        np.add(gate[start:start + step], gate_bias, out=g)
+        np.add(gate[start : start + step], gate_bias, out=g)
         np.abs(g, out=t)
         t *= _ERF_P
         t += 1
@@ -303,8 +338,9 @@ def _geglu_rows(hidden: np.ndarray, gate: np.ndarray, hidden_bias: np.ndarray,
         out *= g
 
 
-def geglu_(hidden: mx.array, gate: mx.array, hidden_bias: mx.array,
-           gate_bias: mx.array) -> mx.array:
+def geglu_(
+    hidden: mx.array, gate: mx.array, hidden_bias: mx.array, gate_bias: mx.array
+) -> mx.array:
     """(hidden + hidden_bias) * GELU(gate + gate_bias) (the exact, erf GELU, to 1.5e-7),
     computed into hidden's buffer: hidden must be a fresh, unshared float32 result."""
     hidden, gate = mx.contiguous(hidden), mx.contiguous(gate)
@@ -313,9 +349,11 @@ def geglu_(hidden: mx.array, gate: mx.array, hidden_bias: mx.array,
     hidden_rows = np.asarray(hidden).reshape(-1, width)
     gate_rows = np.asarray(gate).reshape(-1, width)
     biases = np.asarray(hidden_bias, np.float32), np.asarray(gate_bias, np.float32)
-    _split_over_cores(lambda hidden_part, gate_part: _geglu_rows(hidden_part, gate_part,
-                                                                 *biases),
-                      hidden_rows, gate_rows)
+    _split_over_cores(
+        lambda hidden_part, gate_part: _geglu_rows(hidden_part, gate_part, *biases),
+        hidden_rows,
+        gate_rows,
+    )
     return hidden
 
 
@@ -324,13 +362,14 @@ def geglu_(hidden: mx.array, gate: mx.array, hidden_bias: mx.array,
 _LAYER_NORM_CHUNK = 1 << 18
 
 
-def _layer_norm_rows(rows: np.ndarray, out: np.ndarray, weight: np.ndarray,
-                     bias: np.ndarray, eps: float) -> None:
+def _layer_norm_rows(
+    rows: np.ndarray, out: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float
+) -> None:
     """out = (rows - mean) / sqrt(variance + eps) * weight + bias, row by row."""
     width = rows.shape[1]
     step = max(1, _LAYER_NORM_CHUNK // width)
     for start in range(0, len(rows), step):
-        x, y = rows[start:start + step], out[start:start + step]
+        x, y = rows[start : start + step], out[start : start + step]
         mean = np.add.reduce(x, axis=1, keepdims=True)
         mean *= 1 / width
         np.subtract(x, mean, out=y)
@@ -354,6 +393,7 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
     width = x.shape[-1]
     rows, out_rows = np.asarray(x).reshape(-1, width), np.asarray(out).reshape(-1, width)
     weight, bias = np.asarray(weight, np.float32), np.asarray(bias, np.float32)
-    _split_over_cores(lambda part, out_part: _layer_norm_rows(part, out_part, weight, bias, eps),
-                      rows, out_rows)
+    _split_over_cores(
+        lambda part, out_part: _layer_norm_rows(part, out_part, weight, bias, eps), rows, out_rows
+    )
     return out

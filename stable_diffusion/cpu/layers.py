@@ -29,16 +29,37 @@ from .store import kept
 # 4e-7 against float64, as exact as MLX's own float32 kernels for the tests' tolerances.
 
 _TANH_CLAMP = 7.90531110763549805  # tanh rounds to +-1 in float32 beyond this
-_TANH_NUMERATOR = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
-                   5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
-                   4.89352455891786e-03)
-_TANH_DENOMINATOR = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
-                     4.89352518554385e-03)
-_ERF_NUMERATOR = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
-                  -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-                  -1.60960333262415e-02)
-_ERF_DENOMINATOR = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-                    -7.37332916720468e-03, -1.42647390514189e-02)
+_TANH_NUMERATOR = (
+    -2.76076847742355e-16,
+    2.00018790482477e-13,
+    -8.60467152213735e-11,
+    5.12229709037114e-08,
+    1.48572235717979e-05,
+    6.37261928875436e-04,
+    4.89352455891786e-03,
+)
+_TANH_DENOMINATOR = (
+    1.19825839466702e-06,
+    1.18534705686654e-04,
+    2.26843463243900e-03,
+    4.89352518554385e-03,
+)
+_ERF_NUMERATOR = (
+    -2.72614225801306e-10,
+    2.77068142495902e-08,
+    -2.10102402082508e-06,
+    -5.69250639462346e-05,
+    -7.34990630326855e-04,
+    -2.95459980854025e-03,
+    -1.60960333262415e-02,
+)
+_ERF_DENOMINATOR = (
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
+)
 
 
 def _polynomial(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
@@ -49,8 +70,9 @@ def _polynomial(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
     return result
 
 
-def _odd_rational(x: mx.array, numerator: tuple[float, ...],
-                  denominator: tuple[float, ...]) -> mx.array:
+def _odd_rational(
+    x: mx.array, numerator: tuple[float, ...], denominator: tuple[float, ...]
+) -> mx.array:
     x2 = x * x
     return x * _polynomial(x2, numerator) / _polynomial(x2, denominator)
 
@@ -74,8 +96,7 @@ def quick_gelu(x: mx.array) -> mx.array:
 
 
 @mx.compile
-def geglu(hidden: mx.array, gate: mx.array, hidden_bias: mx.array,
-          gate_bias: mx.array) -> mx.array:
+def geglu(hidden: mx.array, gate: mx.array, hidden_bias: mx.array, gate_bias: mx.array) -> mx.array:
     """(hidden + hidden_bias) * gelu(gate + gate_bias) in one fused pass."""
     return (hidden + hidden_bias) * gelu(gate + gate_bias)
 
@@ -157,8 +178,11 @@ class Attention(unet.Attention):
     def context_keys_values(self, context: mx.array) -> tuple[mx.array, mx.array]:
         """The text context is the same at every step: within a `fast_cpu()` block its keys
         and values are computed once."""
-        return kept(self, (context, self.to_k.weight, self.to_v.weight),
-                    lambda: super(Attention, self).context_keys_values(context))
+        return kept(
+            self,
+            (context, self.to_k.weight, self.to_v.weight),
+            lambda: super(Attention, self).context_keys_values(context),
+        )
 
 
 # -- linear ---------------------------------------------------------------------------------
@@ -184,8 +208,14 @@ def dequantize(layer: nn.QuantizedLinear) -> mx.array:
     its bytes: faster on the CPU than mx.dequantize (which computes in the scales' float16
     there), and exact."""
     if layer.mode != "affine" or layer.bits not in (4, 8):
-        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"),
-                             group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+        return mx.dequantize(
+            layer.weight,
+            layer.scales,
+            layer.get("biases"),
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
     rows = layer.weight.shape[0]
     packed = mx.view(layer.weight, mx.uint8)  # little-endian: the first element lowest
     if layer.bits == 4:
@@ -218,8 +248,9 @@ def _padded_rows(x: mx.array) -> mx.array:
     return mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(x.shape[0], -1, x.shape[-1])
 
 
-def _shifted_matmuls(padded: mx.array, height: int, width: int,
-                     taps: Iterable[tuple[int, int, mx.array]]) -> mx.array:
+def _shifted_matmuls(
+    padded: mx.array, height: int, width: int, taps: Iterable[tuple[int, int, mx.array]]
+) -> mx.array:
     """The sum over `taps` (dy, dx, (out, in) weight) of the image shifted by (dy - 1,
     dx - 1) times the weight, from `_padded_rows` of a (batch, height, width, in) image.
 
@@ -230,7 +261,7 @@ def _shifted_matmuls(padded: mx.array, height: int, width: int,
     row = width + 2
     out = None
     for dy, dx, weight in taps:
-        view = padded[:, dy * row + dx:dy * row + dx + height * row]
+        view = padded[:, dy * row + dx : dy * row + dx + height * row]
         out = view @ weight.T if out is None else mx.addmm(out, view, weight.T)
     return out.reshape(padded.shape[0], height, row, -1)[:, :, :width]
 
@@ -258,17 +289,22 @@ class Conv2d(layers.Conv2d):
         """The weight's Winograd transform, made at the layer's first call in a `fast_cpu()`
         block and kept until the block ends: 16/9 or 4 times the weight's size, too much to
         keep for good; making it at every call would cost more than the convolution saves."""
-        return kept(self, (self.weight, algorithm),
-                    lambda: winograd.transform_kernel(self.weight, algorithm))
+        return kept(
+            self,
+            (self.weight, algorithm),
+            lambda: winograd.transform_kernel(self.weight, algorithm),
+        )
 
     def _winograd_algorithm(self, x: mx.array) -> winograd.Algorithm | None:
         """For a float32 image (checked by the caller) that `__call__` convolves 3x3: the
         Winograd algorithm to run, if any."""
         out_channels, _, _, in_channels = self.weight.shape
         pixels = x.shape[1] * x.shape[2]
-        if (self.weight.dtype != mx.float32
-                or min(in_channels, out_channels) < _WINOGRAD_MIN_CHANNELS
-                or pixels < _WINOGRAD_MIN_PIXELS):
+        if (
+            self.weight.dtype != mx.float32
+            or min(in_channels, out_channels) < _WINOGRAD_MIN_CHANNELS
+            or pixels < _WINOGRAD_MIN_PIXELS
+        ):
             return None
         return winograd.F4 if pixels >= _WINOGRAD_F4_MIN_PIXELS else winograd.F2
 
@@ -283,8 +319,9 @@ class Conv2d(layers.Conv2d):
         if shape == ((3, 3), (1, 1)):
             algorithm = self._winograd_algorithm(x)
             if algorithm is not None:
-                return winograd.conv3x3(x, self._winograd_kernel(algorithm), self.get("bias"),
-                                        algorithm)
+                return winograd.conv3x3(
+                    x, self._winograd_kernel(algorithm), self.get("bias"), algorithm
+                )
             if x.shape[1] * x.shape[2] >= _SHIFTED_CONV_MIN_PIXELS:
                 return self._with_bias(_conv3x3_shifted(x, self.weight))
         return super().__call__(x)
@@ -319,10 +356,19 @@ def _upsample2x_conv3x3(x: mx.array, weight: mx.array) -> mx.array:
     padded = _padded_rows(x)
     weight = weight.astype(x.dtype)  # sums of float16 entries would round twice
     parities = [
-        _shifted_matmuls(padded, height, width, [
-            (dy, dx, sum(weight[:, ky, kx] for ky in kernel_rows for kx in kernel_columns))
-            for dy, kernel_rows in row_taps for dx, kernel_columns in column_taps])
-        for row_taps in _UPSAMPLED_TAPS for column_taps in _UPSAMPLED_TAPS]
+        _shifted_matmuls(
+            padded,
+            height,
+            width,
+            [
+                (dy, dx, sum(weight[:, ky, kx] for ky in kernel_rows for kx in kernel_columns))
+                for dy, kernel_rows in row_taps
+                for dx, kernel_columns in column_taps
+            ],
+        )
+        for row_taps in _UPSAMPLED_TAPS
+        for column_taps in _UPSAMPLED_TAPS
+    ]
     # (a, b, batch, y, x, c) -> (batch, 2y + a, 2x + b, c)
     out = mx.stack(parities).reshape(2, 2, batch, height, width, -1)
     return out.transpose(2, 3, 0, 4, 1, 5).reshape(batch, 2 * height, 2 * width, -1)
@@ -334,22 +380,37 @@ class Upsample2D(layers.Upsample2D):
         # On the small image only for exactly 2x: its taps assume each pixel copied twice
         # on every side, which the last row or column of an odd size is not.
         exactly_2x = upsampled.shape[1:3] == (2 * x.shape[1], 2 * x.shape[2])
-        if (exactly_2x and x.dtype == mx.float32
-                and x.shape[1] * x.shape[2] >= _UPSAMPLED_CONV_MIN_PIXELS
-                and not self._by_winograd(upsampled)):
+        if (
+            exactly_2x
+            and x.dtype == mx.float32
+            and x.shape[1] * x.shape[2] >= _UPSAMPLED_CONV_MIN_PIXELS
+            and not self._by_winograd(upsampled)
+        ):
             return _upsample2x_conv3x3(x, self.conv.weight) + self.conv.bias
         return self.conv(upsampled)
 
     def _by_winograd(self, upsampled: mx.array) -> bool:
         """For a float32 image: whether the convolution runs by Winograd on the upsampled
         image (see `_UPSAMPLED_WINOGRAD_MAX_PIXELS`)."""
-        return (upsampled.shape[1] * upsampled.shape[2] <= _UPSAMPLED_WINOGRAD_MAX_PIXELS
-                and self.conv._winograd_algorithm(upsampled) is not None)
+        return (
+            upsampled.shape[1] * upsampled.shape[2] <= _UPSAMPLED_WINOGRAD_MAX_PIXELS
+            and self.conv._winograd_algorithm(upsampled) is not None
+        )
 
 
 # Each model class -> the CPU subclass that `fast_cpu()` gives its instances.
 SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {
     cpu_class.__base__: cpu_class
-    for cpu_class in (GELU, QuickGELU, GEGLU, LayerNorm, GroupNorm, Attention, Linear,
-                      QuantizedLinear, Conv2d, Upsample2D)
+    for cpu_class in (
+        GELU,
+        QuickGELU,
+        GEGLU,
+        LayerNorm,
+        GroupNorm,
+        Attention,
+        Linear,
+        QuantizedLinear,
+        Conv2d,
+        Upsample2D,
+    )
 }

@@ -11,8 +11,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 # The current `fast_cpu()` block's store; None outside one.
-_BLOCK_STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fast_cpu",
-                                                                         default=None)
+_BLOCK_STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fast_cpu", default=None)
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,11 @@ def kept(owner: object, sources: tuple[object, ...], make: Callable[[], T]) -> T
     if store is None:
         return make()
     entry = store.get(id(owner))
-    if (entry is None or len(entry.sources) != len(sources)
-            or any(old is not new for old, new in zip(entry.sources, sources, strict=True))):
+    if (
+        entry is None
+        or len(entry.sources) != len(sources)
+        or any(old is not new for old, new in zip(entry.sources, sources, strict=True))
+    ):
         # The entry holds its sources, so no new array can take their ids meanwhile.
         entry = store[id(owner)] = _Kept(sources, make())
     return entry.value

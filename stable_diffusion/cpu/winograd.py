@@ -107,8 +107,7 @@ def transform_kernel(weight: mx.array, algorithm: Algorithm) -> mx.array:
     return (algorithm.kernel_on_tiles @ taps).reshape(-1, in_channels, out_channels)
 
 
-def conv3x3(x: mx.array, kernel: mx.array, bias: mx.array | None,
-            algorithm: Algorithm) -> mx.array:
+def conv3x3(x: mx.array, kernel: mx.array, bias: mx.array | None, algorithm: Algorithm) -> mx.array:
     """A 3x3, stride-1, padding-1 convolution of an NHWC image, from its
     `transform_kernel` by the same algorithm.
 
@@ -117,17 +116,26 @@ def conv3x3(x: mx.array, kernel: mx.array, bias: mx.array | None,
     batch, height, width, channels = x.shape
     output_tile, input_tile = algorithm.output_tile, algorithm.input_tile
     tiles_down, tiles_across = -(-height // output_tile), -(-width // output_tile)
-    padded = mx.pad(x, [(0, 0), (1, 1 + tiles_down * output_tile - height),
-                        (1, 1 + tiles_across * output_tile - width), (0, 0)])
+    padded = mx.pad(
+        x,
+        [
+            (0, 0),
+            (1, 1 + tiles_down * output_tile - height),
+            (1, 1 + tiles_across * output_tile - width),
+            (0, 0),
+        ],
+    )
     row = padded.shape[2] * channels
     # (tile row, tile column, batch, tile index down, across, channel): overlapping tiles
     # read straight from the padded image, copied once by the transform's matmul.
     tiles = mx.as_strided(
-        padded, (input_tile, input_tile, batch, tiles_down, tiles_across, channels),
-        (row, channels, padded.shape[1] * row, output_tile * row, output_tile * channels, 1))
-    transformed = algorithm.input_on_tiles @ tiles.reshape(input_tile ** 2, -1)
-    products = transformed.reshape(input_tile ** 2, -1, channels) @ kernel
-    outputs = algorithm.output_on_tiles @ products.reshape(input_tile ** 2, -1)
+        padded,
+        (input_tile, input_tile, batch, tiles_down, tiles_across, channels),
+        (row, channels, padded.shape[1] * row, output_tile * row, output_tile * channels, 1),
+    )
+    transformed = algorithm.input_on_tiles @ tiles.reshape(input_tile**2, -1)
+    products = transformed.reshape(input_tile**2, -1, channels) @ kernel
+    outputs = algorithm.output_on_tiles @ products.reshape(input_tile**2, -1)
     outputs = outputs.reshape(output_tile, output_tile, batch, tiles_down, tiles_across, -1)
     # Each tile's outputs into place: one copy, which adding the bias makes anyway.
     outputs = outputs.transpose(2, 3, 0, 4, 1, 5)

@@ -81,9 +81,7 @@ class CLIPEmbeddings(nn.Module):
         first = self.vocab_size + (0 if self._added_tokens is None else len(self._added_tokens))
         vectors = vectors.astype(mx.float32)
         self._added_tokens = (
-            vectors
-            if self._added_tokens is None
-            else mx.concatenate([self._added_tokens, vectors])
+            vectors if self._added_tokens is None else mx.concatenate([self._added_tokens, vectors])
         )
         return list(range(first, first + len(vectors)))
 
@@ -121,9 +119,7 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
         if config.with_projection:
-            self.text_projection = Linear(
-                config.hidden_size, config.projection_dim, bias=False
-            )
+            self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def __call__(self, input_ids: mx.array, dtype: mx.Dtype | None = None) -> TextEncoderOutput:
         """The hidden states of `input_ids`, computed in `dtype` (default: the weights')."""

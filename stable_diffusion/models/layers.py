@@ -60,8 +60,9 @@ class GroupNorm(nn.GroupNorm):
 AttentionBackend = Callable[[mx.array, mx.array, mx.array, int, bool], mx.array]
 
 
-def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, heads: int,
-                                 causal: bool) -> mx.array:
+def scaled_dot_product_attention(
+    q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool
+) -> mx.array:
     """MLX's fused attention over (B, L, heads * dim) inputs."""
     batch, q_len, width = q.shape
     dim = width // heads
@@ -88,8 +89,7 @@ def attention_backend(backend: AttentionBackend) -> Iterator[None]:
         _ATTENTION_BACKEND.reset(token)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, heads: int,
-              causal: bool = False) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool = False) -> mx.array:
     """Multi-head softmax attention over (B, L, heads * dim) inputs, by the current
     backend (`scaled_dot_product_attention` unless `attention_backend` chose another)."""
     return _ATTENTION_BACKEND.get()(q, k, v, heads, causal)
@@ -99,8 +99,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int,
 
 
 class Linear(nn.Linear):
-    def to_quantized(self, group_size: int | None = None, bits: int | None = None,
-                     mode: str = "affine") -> QuantizedLinear:
+    def to_quantized(
+        self, group_size: int | None = None, bits: int | None = None, mode: str = "affine"
+    ) -> QuantizedLinear:
         """What `nn.quantize` turns this layer into."""
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
@@ -172,8 +173,7 @@ def upsample_nearest(x: mx.array, size: tuple[int, int] | None = None) -> mx.arr
     if size is None or tuple(size) == (2 * height, 2 * width):
         x = mx.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
         return x.reshape(batch, height * 2, width * 2, channels)
-    rows, columns = (_nearest_indices(n, out) for n, out in zip((height, width), size,
-                                                                 strict=True))
+    rows, columns = (_nearest_indices(n, out) for n, out in zip((height, width), size, strict=True))
     return x[:, rows][:, :, columns]
 
 

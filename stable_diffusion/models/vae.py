@@ -92,9 +92,7 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(channels[0], groups, config.mid_block_add_attention)
         self.up_blocks = []
         for i, cout in enumerate(channels):
-            block = ResnetStack(
-                channels[max(i - 1, 0)], cout, config.layers_per_block + 1, groups
-            )
+            block = ResnetStack(channels[max(i - 1, 0)], cout, config.layers_per_block + 1, groups)
             if i < len(channels) - 1:
                 block.upsamplers = [Upsample2D(cout)]
             self.up_blocks.append(block)

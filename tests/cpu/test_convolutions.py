@@ -26,7 +26,7 @@ def conv3x3_float64(image: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> 
     out = np.zeros((*image.shape[:3], weight.shape[0]))
     for dy in range(3):
         for dx in range(3):
-            out += padded[:, dy:dy + height, dx:dx + width] @ weight[:, dy, dx].T
+            out += padded[:, dy : dy + height, dx : dx + width] @ weight[:, dy, dx].T
     return out + bias
 
 
@@ -36,24 +36,32 @@ def random_conv(rng: np.random.Generator, channels: int, out_channels: int, dtyp
     return mx.array(weight).astype(dtype), mx.array(bias).astype(dtype)
 
 
-def upsample(monkeypatch, shape: tuple[int, ...], weight_dtype: mx.Dtype,
-             ) -> tuple[np.ndarray, np.ndarray, bool]:
+def upsample(
+    monkeypatch,
+    shape: tuple[int, ...],
+    weight_dtype: mx.Dtype,
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """An upsampler's output on a random image, the float64 convolution of the image
     upsampled, and whether the convolution ran on the small image."""
     computed_on_small_image = []
     small_image_path = cpu_layers._upsample2x_conv3x3
-    monkeypatch.setattr(cpu_layers, "_upsample2x_conv3x3",
-                        lambda *a: computed_on_small_image.append(1) or small_image_path(*a))
+    monkeypatch.setattr(
+        cpu_layers,
+        "_upsample2x_conv3x3",
+        lambda *a: computed_on_small_image.append(1) or small_image_path(*a),
+    )
     rng = np.random.default_rng(0)
     upsample = layers.Upsample2D(shape[-1])
-    upsample.conv.weight, upsample.conv.bias = random_conv(rng, shape[-1], shape[-1],
-                                                           weight_dtype)
+    upsample.conv.weight, upsample.conv.bias = random_conv(rng, shape[-1], shape[-1], weight_dtype)
     x = rng.standard_normal(shape).astype(np.float32)
     with mx.stream(mx.cpu), fast_cpu(upsample):
         out = np.array(upsample(mx.array(x)))
     upsampled = x.repeat(2, axis=1).repeat(2, axis=2)
-    expected = conv3x3_float64(upsampled, np.array(upsample.conv.weight.astype(mx.float32)),
-                               np.array(upsample.conv.bias.astype(mx.float32)))
+    expected = conv3x3_float64(
+        upsampled,
+        np.array(upsample.conv.weight.astype(mx.float32)),
+        np.array(upsample.conv.bias.astype(mx.float32)),
+    )
     assert out.shape == expected.shape
     return out, expected, bool(computed_on_small_image)
 
@@ -61,21 +69,24 @@ def upsample(monkeypatch, shape: tuple[int, ...], weight_dtype: mx.Dtype,
 @pytest.mark.parametrize("weight_dtype", [mx.float32, mx.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 5, 7, 6), (1, 16, 9, 8)])
 @pytest.mark.parametrize("on_small_image", [True, False])  # False: MLX's convolution
-def test_upsampling_convolution_matches_float64(monkeypatch, shape, weight_dtype,
-                                                on_small_image):
+def test_upsampling_convolution_matches_float64(monkeypatch, shape, weight_dtype, on_small_image):
     monkeypatch.setattr(cpu_layers, "_UPSAMPLED_CONV_MIN_PIXELS", 1 if on_small_image else 10**9)
     out, expected, computed_on_small_image = upsample(monkeypatch, shape, weight_dtype)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     assert computed_on_small_image == on_small_image
 
 
-@pytest.mark.parametrize(("weight_dtype", "max_pixels", "by_winograd"), [
-    (mx.float32, 10 * 14, True),
-    (mx.float16, 10 * 14, False),  # float16 weights: no Winograd
-    (mx.float32, 10 * 14 - 1, False),  # an upsampled image above the limit
-])
+@pytest.mark.parametrize(
+    ("weight_dtype", "max_pixels", "by_winograd"),
+    [
+        (mx.float32, 10 * 14, True),
+        (mx.float16, 10 * 14, False),  # float16 weights: no Winograd
+        (mx.float32, 10 * 14 - 1, False),  # an upsampled image above the limit
+    ],
+)
 def test_upsampling_convolution_by_winograd_where_it_applies(
-        winograd_everywhere, monkeypatch, weight_dtype, max_pixels, by_winograd):
+    winograd_everywhere, monkeypatch, weight_dtype, max_pixels, by_winograd
+):
     """Where the upsampler's convolution runs by Winograd, on upsampled images up to the
     limit, it runs on the upsampled image (fewer multiply-adds than on the small one);
     otherwise on the small image."""
@@ -135,14 +146,17 @@ def test_winograd_matrices_are_exact(algorithm):
     any kernel g: for each output i, kernel tap k and input position s, the transforms
     combine d[s] g[k] exactly when s = i + k."""
     output, kernel, input_ = algorithm.output, algorithm.kernel, algorithm.input
-    assert (len(output), len(kernel), len(input_)) == (algorithm.output_tile,
-                                                       algorithm.input_tile,
-                                                       algorithm.input_tile)
+    assert (len(output), len(kernel), len(input_)) == (
+        algorithm.output_tile,
+        algorithm.input_tile,
+        algorithm.input_tile,
+    )
     for i in range(algorithm.output_tile):
         for k in range(3):
             for s in range(algorithm.input_tile):
-                weight = sum(output[i][j] * kernel[j][k] * input_[j][s]
-                             for j in range(algorithm.input_tile))
+                weight = sum(
+                    output[i][j] * kernel[j][k] * input_[j][s] for j in range(algorithm.input_tile)
+                )
                 assert weight == (1 if s == i + k else 0), (i, k, s)
 
 
@@ -190,8 +204,9 @@ def transforms(monkeypatch) -> list[int]:
     """One entry per Winograd kernel made."""
     made = []
     transform = winograd.transform_kernel
-    monkeypatch.setattr(winograd, "transform_kernel",
-                        lambda w, algorithm: made.append(1) or transform(w, algorithm))
+    monkeypatch.setattr(
+        winograd, "transform_kernel", lambda w, algorithm: made.append(1) or transform(w, algorithm)
+    )
     return made
 
 
@@ -248,13 +263,16 @@ def test_winograd_kernel_follows_the_image_size(monkeypatch, transforms):
     assert len(transforms) == 3
 
 
-@pytest.mark.parametrize(("case", "side", "channels_short", "algorithm"), [
-    ("large image", 32, 0, winograd.F4),
-    ("16x16 latents", 16, 0, winograd.F2),
-    ("float16 weight", 32, 0, None),
-    ("few channels", 32, 1, None),
-    ("8x8 latents", 8, 0, None),
-])
+@pytest.mark.parametrize(
+    ("case", "side", "channels_short", "algorithm"),
+    [
+        ("large image", 32, 0, winograd.F4),
+        ("16x16 latents", 16, 0, winograd.F2),
+        ("float16 weight", 32, 0, None),
+        ("few channels", 32, 1, None),
+        ("8x8 latents", 8, 0, None),
+    ],
+)
 def test_winograd_only_where_it_pays(case, side, channels_short, algorithm):
     """float16 weights (a float32 kernel would double their memory) take the other paths;
     so do the convolutions the thresholds leave out."""

@@ -42,6 +42,7 @@ def test_fast_cpu_swaps_every_layer_and_restores_it(model):
 
 def test_outside_fast_cpu_the_models_stay_lazy(monkeypatch):
     """No eager kernel runs outside a block: MLX's own attention, layer norm and GEGLU."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("an eager kernel ran outside fast_cpu()")
 

@@ -38,8 +38,7 @@ def test_cpu_paths_match_reference(model):
         for name, encoder in zip(names, encoders, strict=True):
             output = encoder(mx.array(ref[f"{name}.input_ids"]))
             assert_close(output.last_hidden_state, ref[f"{name}.last_hidden_state"])
-            assert_close(output.penultimate_hidden_state,
-                         ref[f"{name}.penultimate_hidden_state"])
+            assert_close(output.penultimate_hidden_state, ref[f"{name}.penultimate_hidden_state"])
             assert_close(output.pooled, ref[f"{name}.pooled"])
         assert_unet_matches(model, ref, unet)
         assert_vae_matches(model, ref, vae)
@@ -134,8 +133,9 @@ def shifted(request, monkeypatch) -> bool:
     ran = []
     for name in ("_attend", "_attend_exactly"):
         kernel = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name,
-                            lambda *a, name=name, kernel=kernel: ran.append(name) or kernel(*a))
+        monkeypatch.setattr(
+            kernels, name, lambda *a, name=name, kernel=kernel: ran.append(name) or kernel(*a)
+        )
     yield shifted
     assert set(ran) == {"_attend" if shifted else "_attend_exactly"}
 
@@ -145,8 +145,7 @@ def shifted(request, monkeypatch) -> bool:
 # 3 heads, all 3 heads together.
 @pytest.mark.parametrize("block_rows", [1, 5, 64, 200])
 @pytest.mark.parametrize("openblas", [True, False])  # False: numpy's matmul, as on macOS
-def test_blocked_cpu_attention_matches_float64(monkeypatch, shifted, causal, block_rows,
-                                               openblas):
+def test_blocked_cpu_attention_matches_float64(monkeypatch, shifted, causal, block_rows, openblas):
     q_len = k_len = 23
     monkeypatch.setattr(kernels, "_SCORE_BLOCK_ELEMENTS", block_rows * k_len)
     if not openblas:
@@ -176,8 +175,11 @@ def test_cpu_attention_with_extreme_scores_matches_float64(monkeypatch, shifted,
     v = rng.standard_normal((1, length, dim)).astype(np.float32)
     recomputed = []
     exactly = kernels._exponentiate_exactly
-    monkeypatch.setattr(kernels, "_exponentiate_exactly",
-                        lambda s: recomputed.append(s.size // s.shape[-1]) or exactly(s))
+    monkeypatch.setattr(
+        kernels,
+        "_exponentiate_exactly",
+        lambda s: recomputed.append(s.size // s.shape[-1]) or exactly(s),
+    )
     with mx.stream(mx.cpu):
         out = kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, causal)
     expected = softmax_attention_float64(q, k, v, 1, causal)
@@ -230,8 +232,12 @@ def test_one_thread_per_call_restores_the_thread_count():
 def test_numpy_silu_matches_float64():
     # Over several chunks and threads, with the tails where exp(-x) overflows.
     rng = np.random.default_rng(1)
-    x = np.concatenate([[-1000.0, -89.0, -20.0, 0.0, 20.0, 1000.0],
-                        10 * rng.standard_normal(3 * kernels._SILU_CHUNK + 7)])
+    x = np.concatenate(
+        [
+            [-1000.0, -89.0, -20.0, 0.0, 20.0, 1000.0],
+            10 * rng.standard_normal(3 * kernels._SILU_CHUNK + 7),
+        ]
+    )
     x = x.astype(np.float32)
     with mx.stream(mx.cpu):
         out = np.array(kernels.silu_(mx.array(x) + 0))
@@ -250,8 +256,11 @@ def test_numpy_geglu_matches_float64(rows):
     gate *= np.linspace(0.1, 12, width, dtype=np.float32)
     hidden_bias, gate_bias = (rng.standard_normal(width).astype(np.float32) for _ in range(2))
     with mx.stream(mx.cpu):
-        out = np.array(kernels.geglu_(mx.array(hidden) + 0, mx.array(gate),
-                                          mx.array(hidden_bias), mx.array(gate_bias)))
+        out = np.array(
+            kernels.geglu_(
+                mx.array(hidden) + 0, mx.array(gate), mx.array(hidden_bias), mx.array(gate_bias)
+            )
+        )
     gate64 = gate.astype(np.float64) + gate_bias
     erf = np.frompyfunc(math.erf, 1, 1)
     gelu = 0.5 * gate64 * (1 + erf(gate64 / math.sqrt(2)).astype(np.float64))

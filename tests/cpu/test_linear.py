@@ -37,8 +37,13 @@ def test_cpu_dequantization_is_exact(bits, dtype):
     layer.set_dtype(dtype)
     quantized = layer.to_quantized(group_size=64, bits=bits)
     # The exact values: mx.dequantize with the scales and biases in float32.
-    expected = mx.dequantize(quantized.weight, quantized.scales.astype(mx.float32),
-                             quantized.biases.astype(mx.float32), group_size=64, bits=bits)
+    expected = mx.dequantize(
+        quantized.weight,
+        quantized.scales.astype(mx.float32),
+        quantized.biases.astype(mx.float32),
+        group_size=64,
+        bits=bits,
+    )
     with mx.stream(mx.cpu):
         ours = cpu_layers.dequantize(quantized)
     assert ours.dtype == mx.float32

@@ -39,8 +39,14 @@ WEIGHTED_PROMPT = "a (red:1.5) fox in [the snow], ((sunset)) BREAK oil painting"
 # What A1111's rules make of it (tests/test_prompts.py checks our parser gives exactly this):
 # the reference encodes these fragments, so that it does not rely on our parser.
 WEIGHTED_FRAGMENTS = [
-    [("a ", 1.0), ("red", 1.5), (" fox in ", 1.0), ("the snow", 1 / 1.1), (", ", 1.0),
-     ("sunset", 1.1 * 1.1)],
+    [
+        ("a ", 1.0),
+        ("red", 1.5),
+        (" fox in ", 1.0),
+        ("the snow", 1 / 1.1),
+        (", ", 1.0),
+        ("sunset", 1.1 * 1.1),
+    ],
     [("oil painting", 1.0)],
 ]
 WEIGHTED_NEGATIVE_PROMPT = "(blurry:1.3), low [quality]"
@@ -131,6 +137,7 @@ def with_hub_scheduler(model: str, folder: Path) -> Path:
     index["scheduler"] = ["diffusers", config["_class_name"]]
     (copy / "model_index.json").write_text(json.dumps(index, indent=2))
     return copy
+
 
 # odd_sizes.py: a non-square size whose latent sides (9 x 11) neither tiny UNet's total
 # downsampling (2 for SD 1.x/2.x, 4 for SDXL) divides.
