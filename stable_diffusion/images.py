@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import itertools
 import math
 import os
@@ -32,6 +33,7 @@ __all__ = [
     "MAX_INPUT_PIXELS",
     "GenerationParameters",
     "check_output_path",
+    "encode_png",
     "load_image",
     "make_grid",
     "read_parameters",
@@ -391,18 +393,26 @@ def save_image(
     return _write_png(pixels, parameters, path, overwrite)
 
 
+def encode_png(pixels: np.ndarray, parameters: GenerationParameters) -> bytes:
+    """An (H, W, 3) uint8 image as PNG bytes carrying `parameters` in A1111's chunk: what
+    `save_images` writes, for callers that send the file rather than save it."""
+    info = PngImagePlugin.PngInfo()
+    # Lone surrogates (e.g. from undecodable command-line bytes) cannot be stored as UTF-8;
+    # escape them rather than lose the image.
+    text = parameters.to_text().encode("utf-8", "backslashreplace").decode("utf-8")
+    info.add_text(_PARAMETERS_KEY, text)  # tEXt, or iTXt beyond Latin-1, as A1111 does
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 def _write_png(
     pixels: np.ndarray, parameters: GenerationParameters, path: Path, overwrite: bool
 ) -> Path:
     """Write the PNG atomically: into a temporary file in the target folder, flushed to
     disk, then moved into place, so that a full disk or an I/O error leaves no partial file
     and never damages the file `overwrite` replaces. Raises ValueError saying what failed."""
-    info = PngImagePlugin.PngInfo()
-    # Lone surrogates (e.g. from undecodable command-line bytes) cannot be stored as UTF-8;
-    # escape them rather than lose the image.
-    text = parameters.to_text().encode("utf-8", "backslashreplace").decode("utf-8")
-    info.add_text(_PARAMETERS_KEY, text)  # tEXt, or iTXt beyond Latin-1, as A1111 does
-    image = Image.fromarray(pixels)
+    data = encode_png(pixels, parameters)
     try:
         descriptor, temporary = tempfile.mkstemp(
             dir=path.parent, prefix=f".{path.stem}-", suffix=".png.partial"
@@ -412,7 +422,7 @@ def _write_png(
     try:
         os.fchmod(descriptor, 0o666 & ~_UMASK)  # mkstemp's 0o600 would hide the image
         with os.fdopen(descriptor, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         if overwrite:

@@ -6,24 +6,20 @@ model; `run` runs on the worker thread."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
 
-from ..images import GenerationParameters, save_images, validate_size
+from ..images import GenerationParameters, encode_png, save_images, validate_size
 from ..prompts import extract_loras
 from . import names
 from .catalog import Catalog, lora_hash
 from .engine import Engine, Generation
 from .jobs import Cancelled, Job
 from .models import Img2ImgRequest, Txt2ImgRequest
-
-_PARAMETERS_KEY = "parameters"  # A1111's PNG text chunk, as images.save_images writes it
 
 
 @dataclass(frozen=True)
@@ -145,7 +141,8 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
                 path = output_dir / f"{plan.kind}-{seed + index}.png"
                 save_images(image[None], path, parameters)
             if plan.send_images:
-                images.append(base64.b64encode(png_bytes(image, text)).decode("ascii"))
+                png = encode_png(image, parameters)
+                images.append(base64.b64encode(png).decode("ascii"))
             infotexts.append(text)
             seeds.append(seed + index)
     info = {
@@ -172,17 +169,6 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
         "interrupted": job.interrupted,
     }
     return images, info
-
-
-def png_bytes(image: np.ndarray, parameters_text: str) -> bytes:
-    """A (H, W, 3) uint8 image as PNG bytes with the ``parameters`` chunk: the same pixels
-    and text as `images.save_images` writes."""
-    pixels = image
-    info = PngImagePlugin.PngInfo()
-    info.add_text(_PARAMETERS_KEY, parameters_text.encode("utf-8", "backslashreplace").decode())
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 def info_json(info: dict) -> str:
