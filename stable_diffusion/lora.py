@@ -84,6 +84,12 @@ class LoraLayer:
     up: mx.array | None = None
     alpha: float | None = None
 
+    def pair(self) -> tuple[mx.array, mx.array]:
+        """(down, up): both present in every layer `read_lora` returns."""
+        if self.down is None or self.up is None:
+            raise ValueError(f"LoRA layer {self.name} lacks its down or up weight")
+        return self.down, self.up
+
 
 def _examples(names: list[str], n: int = 3) -> str:
     more = f" (and {len(names) - n} more)" if len(names) > n else ""
@@ -218,7 +224,7 @@ def read_lora(path: str | os.PathLike[str]) -> list[LoraLayer]:
 
 
 def _check_finite(path: str | os.PathLike[str], layers: list[LoraLayer]) -> None:
-    arrays = [a for layer in layers for a in (layer.down, layer.up)]
+    arrays = [a for layer in layers for a in layer.pair()]
     finite = mx.stack([mx.all(mx.isfinite(a.astype(mx.float32))) for a in arrays])
     if not mx.all(finite).item():
         raise ValueError(f"{path}: the LoRA weights contain NaN or infinite values")
@@ -275,7 +281,7 @@ def _weight_shape(module: nn.Module) -> tuple[int, ...]:
 
 def _delta(layer: LoraLayer, module: nn.Module, path: str) -> mx.array:
     """up @ down in float32, in the module's own weight layout; the scale is applied later."""
-    down, up = layer.down.astype(mx.float32), layer.up.astype(mx.float32)
+    down, up = (a.astype(mx.float32) for a in layer.pair())
     expected = _weight_shape(module)
     if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[2:] not in ((), (1, 1)):
         raise ValueError(
@@ -369,7 +375,7 @@ class AppliedLoras:
             except ValueError as e:
                 misfits.append(str(e))
                 continue
-            rank = layer.down.shape[0]
+            rank = layer.pair()[0].shape[0]
             scale = strength * (rank if layer.alpha is None else layer.alpha) / rank
             updates.append((layer.component, module_path, module, delta * scale))
             matched.append(layer)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, TypeGuard, cast
 
 import mlx.core as mx
 import numpy as np
@@ -88,7 +88,8 @@ def _load_safetensors(path: Path) -> dict[str, mx.array]:
     # would only fail later, deep inside MLX. Check everything it will rely on first.
     _check_safetensors_header(path)
     try:
-        return mx.load(str(path), format="safetensors")
+        # A safetensors file loads as a dict (arrays alone are .npy files).
+        return cast(dict[str, mx.array], mx.load(str(path), format="safetensors"))
     except (RuntimeError, ValueError) as error:
         raise _corrupt(path, str(error)) from error
 
@@ -182,7 +183,7 @@ def _reject_json_constant(constant: str) -> None:
     raise ValueError(f"{constant} is not valid JSON")
 
 
-def _is_int(value: object, low: int, high: int) -> bool:
+def _is_int(value: object, low: int, high: int) -> TypeGuard[int]:
     return type(value) is int and low <= value <= high  # bool is an int subclass: excluded
 
 
@@ -295,7 +296,10 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"): _Inert,
 }
 
-_Opcode = Callable[["_RestrictedUnpickler"], None]
+# An opcode's handler, as pickle's dispatch tables hold them. typeshed types the table with
+# the C Unpickler, which lacks the pure-Python one's stack and memo: Any lets the handlers
+# below reach those through the attributes _RestrictedUnpickler declares.
+_Opcode = Callable[[Any], None]
 
 
 def _counting_tuples(load_tuple: _Opcode) -> _Opcode:
@@ -333,10 +337,13 @@ def _counting_memo(load: _Opcode) -> _Opcode:
     return counted
 
 
+_PLAIN_MARK: _Opcode = pickle._Unpickler.dispatch[pickle.MARK[0]]
+
+
 def _load_mark(unpickler: _RestrictedUnpickler) -> None:
     if len(unpickler.metastack) >= limits.MAX_PICKLE_NESTING:
         raise _BudgetError(f"containers nested more than {limits.MAX_PICKLE_NESTING} deep")
-    pickle._Unpickler.dispatch[pickle.MARK[0]](unpickler)
+    _PLAIN_MARK(unpickler)
 
 
 def _load_build(unpickler: _RestrictedUnpickler) -> None:
@@ -375,7 +382,7 @@ _BOOKKEEPING_OPCODES = (
 
 
 def _restricted_dispatch() -> dict[int, _Opcode]:
-    table = dict(pickle._Unpickler.dispatch)
+    table: dict[int, _Opcode] = dict(pickle._Unpickler.dispatch)
     for opcode in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3):
         table[opcode[0]] = _counting_tuples(table[opcode[0]])
     bookkeeping = {opcode[0] for opcode in _BOOKKEEPING_OPCODES}
@@ -414,6 +421,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
     """
 
     dispatch: ClassVar[dict[int, _Opcode]] = _restricted_dispatch()
+    # The pure-Python unpickler's state, which typeshed does not declare.
+    stack: list[Any]
+    metastack: list[list[Any]]
+    memo: dict[int, Any]
 
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: Path) -> None:
         super().__init__(io.BytesIO(data))

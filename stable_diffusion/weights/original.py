@@ -101,9 +101,9 @@ def unet_key(key: str, config: UNetConfig) -> str:
                 if layer is not None and part == 1:
                     return _join(f"{prefix}.attentions.{layer}", rest)
         else:
-            positions = _output_block_positions(config)
-            if index < len(positions):
-                block, layer = positions[index]
+            up_positions = _output_block_positions(config)
+            if index < len(up_positions):
+                block, layer = up_positions[index]
                 prefix = f"up_blocks.{block}"
                 # The upsampler follows the resnet, and the transformer if the block has one.
                 if part in (1, 2) and (rest or "").startswith("conv"):
