@@ -33,22 +33,25 @@ class Run(ABC):
         self,
         timesteps: np.ndarray,
         init_noise_sigma: float,
-        first_scales: tuple[float, float],
         prediction_type: str,
     ) -> None:
         self.timesteps: list[float] = [float(t) for t in timesteps]
         self.init_noise_sigma = init_noise_sigma
-        # x = signal·x0 + noise·ε at timesteps[0]: what img2img must start from.
-        self._first_scales = first_scales
         self.prediction_type = prediction_type
 
     def initial_latents(self, noise: mx.array) -> mx.array:
         """txt2img's starting latent from standard normal `noise`."""
         return (noise.astype(mx.float32) * self.init_noise_sigma).astype(noise.dtype)
 
-    def noised_latents(self, x0: mx.array, noise: mx.array) -> mx.array:
-        """img2img's starting latent: clean latent `x0` noised to timesteps[0]."""
-        signal, sigma = self._first_scales
+    @abstractmethod
+    def noise_scales(self, i: int) -> tuple[float, float]:
+        """(signal, noise) of step `i`'s input latent x = signal·x0 + noise·ε, as the
+        diffusers scheduler's `add_noise` at timesteps[i]."""
+
+    def noised_latents(self, x0: mx.array, noise: mx.array, i: int = 0) -> mx.array:
+        """Clean latent `x0` noised to step `i`'s level: img2img's starting latent (i = 0),
+        and inpainting's unmasked region before each later step."""
+        signal, sigma = self.noise_scales(i)
         x = x0.astype(mx.float32) * signal + noise.astype(mx.float32) * sigma
         return x.astype(x0.dtype)
 
@@ -80,9 +83,12 @@ class SigmaRun(Run):
         init_noise_sigma: float,
         prediction_type: str,
     ) -> None:
-        super().__init__(timesteps, init_noise_sigma, (1.0, float(sigmas[0])), prediction_type)
+        super().__init__(timesteps, init_noise_sigma, prediction_type)
         self.sigmas = sigmas
         self.clip_range: float | None = None  # Heun's clip_sample
+
+    def noise_scales(self, i: int) -> tuple[float, float]:
+        return 1.0, float(self.sigmas[i])
 
     def scale_model_input(self, x: mx.array, i: int) -> mx.array:
         sigma = self.sigmas[i]

@@ -21,11 +21,14 @@ class DDIMRun(Run):
         prediction_type: str,
         clip_range: float | None,
     ) -> None:
-        a = alpha_prods[0]
-        super().__init__(timesteps, 1.0, (float(a**0.5), float((1 - a) ** 0.5)), prediction_type)
+        super().__init__(timesteps, 1.0, prediction_type)
         self.alpha_prods = alpha_prods
         self.prev_alpha_prods = prev_alpha_prods
         self.clip_range = clip_range
+
+    def noise_scales(self, i: int) -> tuple[float, float]:
+        a = self.alpha_prods[i]
+        return float(a**0.5), float((1 - a) ** 0.5)
 
     def step(
         self, model_output: mx.array, x: mx.array, i: int, noise: mx.array | None = None

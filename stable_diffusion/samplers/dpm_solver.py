@@ -41,11 +41,13 @@ class DPMSolverRun(Run):
         self.vp_sigmas = sigmas * self.alphas
         with np.errstate(divide="ignore"):  # λ = +inf at the final σ = 0
             self.lambdas = np.log(self.alphas) - np.log(self.vp_sigmas)
-        first = (float(self.alphas[0]), float(self.vp_sigmas[0]))
-        super().__init__(timesteps, 1.0, first, prediction_type)
+        super().__init__(timesteps, 1.0, prediction_type)
         self.stochastic = sde
         self._second_order_last = second_order_last
         self._previous_x0: mx.array | None = None
+
+    def noise_scales(self, i: int) -> tuple[float, float]:
+        return float(self.alphas[i]), float(self.vp_sigmas[i])
 
     def step(
         self, model_output: mx.array, x: mx.array, i: int, noise: mx.array | None = None

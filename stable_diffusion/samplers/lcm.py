@@ -22,11 +22,14 @@ class LCMRun(Run):
         prediction_type: str,
         clip_range: float | None,
     ) -> None:
-        a = alphas_cumprod[timesteps[0]]
-        super().__init__(timesteps, 1.0, (float(a**0.5), float((1 - a) ** 0.5)), prediction_type)
+        super().__init__(timesteps, 1.0, prediction_type)
         self.alphas_cumprod = alphas_cumprod
         self.timestep_scaling = timestep_scaling
         self.clip_range = clip_range
+
+    def noise_scales(self, i: int) -> tuple[float, float]:
+        a = self.alphas_cumprod[int(self.timesteps[i])]
+        return float(a**0.5), float((1 - a) ** 0.5)
 
     def step(
         self, model_output: mx.array, x: mx.array, i: int, noise: mx.array | None = None
