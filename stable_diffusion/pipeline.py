@@ -17,6 +17,7 @@ import numpy as np
 from . import cpu, loading, prompts, tiling
 from .config import PipelineConfig, UNetConfig
 from .embeddings import read_embedding
+from .inpainting import check_masked_content, fill
 from .loading.folder import load_tiny_autoencoder
 from .loading.hub import ALIASES, TINY_AUTOENCODERS, resolve_component
 from .lora import AppliedLoras
@@ -45,6 +46,19 @@ class Defaults:
     steps: int
     cfg: float
     sampler: str
+
+
+@dataclass
+class Inpainting:
+    """What inpainting adds to the denoising (latent-sized, NHWC): the mask (1 = repaint)
+    and, for an inpainting UNet, the masked image's latents it takes with the latents;
+    for other UNets, the image's latents and the noise that bring the unmasked region back
+    after every step."""
+
+    mask: mx.array
+    masked_latents: mx.array | None = None
+    x0: mx.array | None = None
+    noise: mx.array | None = None
 
 
 @dataclass
@@ -416,10 +430,15 @@ class StableDiffusion:
         conditioning: Conditioning,
         settings: GenerationSettings,
         noise_source: ImageNoise,
+        inpainting: Inpainting | None = None,
     ) -> Iterator[mx.array]:
         use_cfg, cfg_weight = settings.uses_cfg, settings.cfg
+        dtype = cpu.compute_dtype(self.dtype)
         for i, t in enumerate(run.timesteps):
-            x_in = run.scale_model_input(x, i).astype(cpu.compute_dtype(self.dtype))
+            x_in = run.scale_model_input(x, i).astype(dtype)
+            if inpainting is not None and inpainting.masked_latents is not None:
+                extra = [inpainting.mask, inpainting.masked_latents]
+                x_in = mx.concatenate([x_in, *(e.astype(dtype) for e in extra)], axis=-1)
             if use_cfg:
                 x_in = mx.concatenate([x_in, x_in])
             prediction = self.unet(
@@ -436,7 +455,19 @@ class StableDiffusion:
             if run.stochastic:
                 noise = noise_source.draw(x.shape[1:])
             x = run.step(prediction, x, i, noise=noise)
+            if inpainting is not None and inpainting.x0 is not None:
+                x = self._keep_unmasked(x, run, i, inpainting)
             yield x
+
+    @staticmethod
+    def _keep_unmasked(x: mx.array, run, i: int, inpainting: Inpainting) -> mx.array:
+        """As diffusers' inpainting pipelines with a 4-channel UNet: after step i, the
+        unmasked region is the image's latents noised to the next step's level (clean
+        after the last step)."""
+        x0, mask = inpainting.x0, inpainting.mask
+        if i + 1 < len(run.timesteps):
+            x0 = run.noised_latents(x0, inpainting.noise, i + 1)
+        return ((1 - mask) * x0 + mask * x.astype(mx.float32)).astype(x.dtype)
 
     def _prepare(
         self,
@@ -508,9 +539,10 @@ class StableDiffusion:
         clip_skip: int = 1,
     ) -> Denoising:
         """Lazily yield the latent after each denoising step (nothing is computed
-        until `mx.eval`). `latents` gives the initial noise (NHWC, standard normal)
-        to reproduce a run exactly; otherwise image i's is drawn from seed `seed + i` (as are
-        its stochastic samplers' step noises), whatever the batch. Arguments are
+        until `mx.eval`). Not for inpainting models (`is_inpainting`), which need an image
+        and a mask (`generate_latents_from_image`). `latents` gives the initial noise (NHWC,
+        standard normal) to reproduce a run exactly; otherwise image i's is drawn from seed
+        `seed + i` (as are its stochastic samplers' step noises), whatever the batch. Arguments are
         checked at the call, before anything is computed. Prompts are in A1111's syntax
         (prompts.py); `clip_skip` is A1111's (1: the last layer, 2: the penultimate)."""
         settings = self._prepare(
@@ -525,12 +557,18 @@ class StableDiffusion:
             height,
             clip_skip=clip_skip,
         )
+        if self.is_inpainting:
+            raise ValueError(
+                "this is an inpainting model (its UNet takes 9 input channels): it repaints "
+                "the masked part of an image; give it an image and a mask (image2image.py "
+                "--mask, or generate_latents_from_image(..., mask=...))"
+            )
         run = make_sampler(settings.sampler, self.components.scheduler_config).start(settings.steps)
         shape = (
             len(settings.prompts),
             settings.height // self.vae.downscale,
             settings.width // self.vae.downscale,
-            self.unet.config.in_channels,
+            self.vae.config.latent_channels,
         )
         noise_source = ImageNoise(image_seeds(settings.seed, len(settings.prompts)))
         initial = noise_source.draw(shape[1:])
@@ -557,15 +595,43 @@ class StableDiffusion:
         original_size: tuple[int, int] | None = None,
         crop: tuple[int, int] = (0, 0),
         clip_skip: int = 1,
+        mask: mx.array | np.ndarray | None = None,
+        masked_content: str = "original",
     ) -> Denoising:
         """img2img: noise the image's latents to `strength` (0 keeps the image, 1
         replaces it) and denoise them. `image` is (H, W, 3) or (N, H, W, 3) in [0, 1].
         At least one denoising step always runs. Prompts and `clip_skip` as in
-        `generate_latents`."""
+        `generate_latents`.
+
+        Inpainting: `mask` (H, W) or (N, H, W) in [0, 1], 1 (white) = repaint, is
+        binarized at 0.5 and brought to the latent size as diffusers'
+        StableDiffusion(XL)InpaintPipeline does (nearest: each 8x8 block's top-left
+        pixel). An inpainting UNet (9 channels) sees it with the latents of the image
+        with the masked part gray; with another UNet, the unmasked region is put back after
+        every step. At strength 1 the latents start from pure noise. `masked_content`
+        is what the masked area starts from, as A1111's "inpainting fill": "original",
+        "fill" (the colors around it, blurred), "latent noise" or "latent nothing". The
+        decoded images are not the input outside the mask (the VAE's round trip);
+        `inpainting.apply_overlay` pastes the input's pixels back."""
         image = mx.array(image, dtype=mx.float32)
         if image.ndim == 3:
             image = image[None]
         height, width = image.shape[1:3]
+        if mask is None and self.is_inpainting:
+            raise ValueError(
+                "this is an inpainting model (its UNet takes 9 input channels): give a mask "
+                "of what to repaint (image2image.py --mask, or mask=...)"
+            )
+        if mask is not None:
+            check_masked_content(masked_content)
+            mask = mx.array(mask, dtype=mx.float32)
+            if mask.ndim == 2:
+                mask = mask[None]
+            if mask.ndim != 3 or mask.shape[1:] != image.shape[1:3]:
+                raise ValueError(
+                    f"the mask is {'x'.join(map(str, mask.shape[::-1][:2]))} but the image is "
+                    f"{width}x{height}: give a mask of the image's size"
+                )
         settings = self._prepare(
             text,
             n_images,
@@ -583,18 +649,62 @@ class StableDiffusion:
         batch = len(settings.prompts)
         if image.shape[0] not in (1, batch):
             raise ValueError(f"give one image or one per generated image ({batch})")
+        if mask is not None and mask.shape[0] not in (1, batch):
+            raise ValueError(f"give one mask or one per generated image ({batch})")
+        if mask is not None and masked_content == "fill":
+            filled = [fill(np.array(im), np.array(m)) for im, m in zip(image, mask, strict=False)]
+            image = mx.array(np.stack(filled))
         x0 = self.encode_image(image)
         x0 = mx.broadcast_to(x0, (batch, *x0.shape[1:]))
         if strength == 0:
             return Denoising(iter([x0]), 1, settings)
         noise_source = ImageNoise(image_seeds(settings.seed, batch))
         initial = noise_source.draw(x0.shape[1:])
-        noise = initial if noise is None else noise
+        noise = (initial if noise is None else noise).astype(mx.float32)
         conditioning = self._conditioning(settings, original_size, crop)
         run = chosen_sampler.start(settings.steps, strength=strength)
-        x = run.noised_latents(x0, noise.astype(mx.float32))
-        steps = self._denoise(x, run, conditioning, settings, noise_source)
+        inpainting = None
+        if mask is None:
+            x = run.noised_latents(x0, noise)
+        else:
+            inpainting, x0 = self._inpainting(image, mask, x0, noise, masked_content, batch)
+            # diffusers' inpainting pipelines start from pure noise at strength 1.
+            x = run.initial_latents(noise) if strength == 1 else run.noised_latents(x0, noise)
+        steps = self._denoise(x, run, conditioning, settings, noise_source, inpainting)
         return Denoising(steps, len(run.timesteps), settings, conditioning)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """Whether the UNet is an inpainting one: it takes the mask and the masked image's
+        latents with the latents (9 input channels)."""
+        return self.unet is not None and self.unet.config.in_channels != (
+            self.vae.config.latent_channels
+        )
+
+    def _inpainting(
+        self,
+        image: mx.array,
+        mask: mx.array,
+        x0: mx.array,
+        noise: mx.array,
+        masked_content: str,
+        batch: int,
+    ) -> tuple[Inpainting, mx.array]:
+        """The mask's latent-sized form and what the UNet or the steps need of the image,
+        as diffusers prepares them; and the image's latents with the masked content."""
+        binary = (mask >= 0.5).astype(mx.float32)
+        scale = self.vae.downscale
+        latent_mask = mx.broadcast_to(binary[:, ::scale, ::scale, None], (batch, *x0.shape[1:3], 1))
+        if masked_content == "latent noise":  # A1111 fills with the seeds' own noise
+            x0 = x0 * (1 - latent_mask) + noise * latent_mask
+        elif masked_content == "latent nothing":
+            x0 = x0 * (1 - latent_mask)
+        if not self.is_inpainting:
+            return Inpainting(latent_mask, x0=x0, noise=noise), x0
+        # diffusers: the image in [-1, 1] times (mask < 0.5), so 0 (gray) where masked.
+        masked = self._encode((2 * image - 1) * (1 - binary[..., None]))
+        masked = mx.broadcast_to(masked, (batch, *masked.shape[1:]))
+        return Inpainting(latent_mask, masked_latents=masked), x0
 
     # -- VAE --------------------------------------------------------------------------
 
@@ -630,12 +740,16 @@ class StableDiffusion:
 
     def encode_image(self, image: mx.array) -> mx.array:
         """(N, H, W, 3) images in [0, 1] -> scaled latents (posterior mean)."""
+        return self._encode(2 * image - 1)
+
+    def _encode(self, images: mx.array) -> mx.array:
+        """(N, H, W, 3) images in [-1, 1] -> scaled latents (posterior mean)."""
         vae_config = self.vae.config
 
         def posterior_mean(images: mx.array) -> mx.array:
             return self.vae.encode(images)[0]
 
-        images = (2 * image - 1).astype(cpu.compute_dtype(self.vae_dtype))
+        images = images.astype(cpu.compute_dtype(self.vae_dtype))
         tiles = self._vae_tiles(images.shape)
         # The posterior mean is a slice of the moments diffusers blends: blending it alone
         # is the same.

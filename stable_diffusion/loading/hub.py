@@ -20,6 +20,10 @@ ALIASES = {
     "sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0",
     "sdxl-turbo": "stabilityai/sdxl-turbo",
     "sd-turbo": "stabilityai/sd-turbo",
+    # Inpainting models (UNet with 9 input channels): image2image.py --mask.
+    "sd-1.5-inpainting": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+    "sd-2-inpainting": "stabilityai/stable-diffusion-2-inpainting",
+    "sdxl-inpainting": "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
 }
 
 # The tiny autoencoders (diffusers AutoencoderTiny folders), by whether the model is SDXL.

@@ -35,6 +35,9 @@ SDXL_TEXT = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.mo
 ARCHITECTURES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
+# An inpainting UNet's input: the latents, the mask and the masked image's latents.
+INPAINTING_CHANNELS = 9
+
 # 256 byte tokens, their 256 end-of-word variants, and the two special tokens.
 _CLIP_NON_MERGE_TOKENS = 514
 
@@ -98,13 +101,13 @@ def detect_architecture(weights: dict[str, mx.array]) -> str:
             f"its UNet is not in the original SD layout ({_examples(unet)}); only SD 1.x, "
             "SD 2.x and SDXL UNets are supported"
         )
-    conv_in = weights.get(f"{UNET}input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != 4:
-        kind = {9: "an inpainting model", 8: "an instruct-pix2pix (image editing) model"}
+    channels = unet_input_channels(weights)
+    if channels not in (4, INPAINTING_CHANNELS):
+        kind = {8: "an instruct-pix2pix (image editing) model"}
         raise SingleFileError(
-            f"its UNet takes {conv_in.shape[1]} input channels "
-            f"({kind.get(conv_in.shape[1], 'not a text-to-image model')}); only text-to-image "
-            "models (4 latent channels) are supported"
+            f"its UNet takes {channels} input channels "
+            f"({kind.get(channels, 'not a text-to-image model')}); only text-to-image models "
+            f"(4 latent channels) and inpainting models ({INPAINTING_CHANNELS}) are supported"
         )
     if having("conditioner.embedders.0.model.") and not having(SDXL_TEXT[1]):
         raise SingleFileError(
@@ -128,6 +131,13 @@ def detect_architecture(weights: dict[str, mx.array]) -> str:
             "UNet-only files are not supported"
         )
     return architecture
+
+
+def unet_input_channels(weights: dict[str, mx.array]) -> int:
+    """The UNet's input channels, from its first convolution (4 when the key is missing,
+    which loading then reports)."""
+    conv_in = weights.get(f"{UNET}input_blocks.0.0.weight")
+    return conv_in.shape[1] if conv_in is not None and conv_in.ndim == 4 else 4
 
 
 def preset_for(architecture: str, prediction_type: str | None = None) -> PipelineConfig:
@@ -214,6 +224,9 @@ def load_single_file(
             f"{len(config.text_encoders)} text encoder(s)"
         )
     config = with_overrides(config, prediction_type, image_size)
+    # Inpainting checkpoints differ from their architecture's preset by this alone.
+    unet_config = dataclasses.replace(config.unet, in_channels=unet_input_channels(weights))
+    config = dataclasses.replace(config, unet=unet_config)
 
     def build(model: nn.Module, mapped: dict[str, mx.array], what: str, dtype: mx.Dtype):
         try:

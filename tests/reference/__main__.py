@@ -14,6 +14,7 @@ SCRIPTS = [
     "sampler_pipelines",
     "odd_sizes",
     "single_file",
+    "inpainting",
     "lora",
     "prompt_conventions",
 ]

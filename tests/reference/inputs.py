@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MODELS = FIXTURES / "models"
 REFERENCE = FIXTURES / "reference"
@@ -146,3 +148,36 @@ ODD_PROMPT = "a lighthouse at dusk"
 ODD_NEGATIVE_PROMPT = "blurry"
 ODD_STEPS = 4
 ODD_IMG2IMG_STRENGTH = 0.75
+
+
+# inpainting.py: tiny inpainting UNets (9 input channels) with the other components of a
+# tiny model; only their UNet folders are stored (tests/fixtures/inpainting/<name>/unet).
+INPAINTING = FIXTURES / "inpainting"
+INPAINTING_MODELS = {"tiny-sd1-inpainting": "tiny-sd1", "tiny-sdxl-inpainting": "tiny-sdxl"}
+INPAINT_PROMPT = "a red door in a stone wall"
+INPAINT_NEGATIVE_PROMPT = "blurry"
+INPAINT_STEPS = 4
+INPAINT_STRENGTHS = [1.0, 0.6]
+# Samplers run with the 4-channel SD 1.x model at the lower strength: each has its own
+# noise levels for the unmasked region.
+INPAINT_SAMPLERS = ["euler", "heun", "ddim", "dpm++2m"]
+
+
+def inpainting_model(name: str, folder: Path) -> Path:
+    """The tiny inpainting model `name` as a diffusers folder in `folder`: its base model's
+    components with the stored inpainting UNet."""
+    copy = Path(shutil.copytree(MODELS / INPAINTING_MODELS[name], folder / name))
+    shutil.rmtree(copy / "unet")
+    shutil.copytree(INPAINTING / name / "unet", copy / "unet")
+    return copy
+
+
+def inpainting_mask() -> np.ndarray:
+    """A uint8 (IMAGE_SIZE, IMAGE_SIZE) mask that no 8x8 grid aligns with, with gray levels
+    on both sides of the 0.5 threshold (127 and 128 among them)."""
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    mask[13:45, 21:53] = 255
+    mask[13:45, 17:21] = 127
+    mask[45:50, 21:53] = 128
+    mask[50:58, 30:40] = 200
+    return mask
