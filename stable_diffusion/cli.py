@@ -36,6 +36,16 @@ from .images import (
     save_images,
     to_uint8,
 )
+from .inpainting import (
+    MASKED_CONTENT,
+    apply_overlay,
+    blur_mask,
+    load_mask,
+    oriented_size,
+    outpaint,
+    parameters_extras,
+    parse_outpaint,
+)
 from .noise import image_seeds
 from .pipeline import Denoising, NonFiniteError, StableDiffusion, default_batch_size
 from .prompts_file import PromptLine, read_prompts_file
@@ -72,7 +82,36 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         p.add_argument(
             "--strength",
             type=float,
-            help="how much to change the image: 0 keeps it, 1 replaces it (default 0.5)",
+            help="how much to change the image: 0 keeps it, 1 replaces it (default 0.5; "
+            "0.75 with --mask or --outpaint, as A1111)",
+        )
+        p.add_argument(
+            "--mask",
+            metavar="PNG",
+            help="inpaint: repaint where the mask (the image's size) is white and keep where it "
+            "is black; a mask with transparency: its opaque part (A1111's conventions)",
+        )
+        p.add_argument("--invert-mask", action="store_true", help="repaint where the mask is black")
+        p.add_argument(
+            "--mask-blur",
+            type=int,
+            default=4,
+            metavar="N",
+            help="blur the mask's edge by a Gaussian of N pixels, to blend the repainted part "
+            "into the kept one (default 4, as A1111; 0: none)",
+        )
+        p.add_argument(
+            "--outpaint",
+            metavar="L,R,T,B",
+            help="extend the canvas by these pixels left, right, top and bottom (multiples of "
+            "8) and paint the new border (with --mask: also the masked part)",
+        )
+        p.add_argument(
+            "--masked-content",
+            choices=[c.replace(" ", "-") for c in MASKED_CONTENT],
+            help="what the masked part starts from, as A1111's: the image as it is "
+            "('original', default with --mask), the colors around it blurred ('fill', default "
+            "with --outpaint), noise ('latent-noise') or nothing ('latent-nothing')",
         )
     else:
         for side in ("--width", "--height"):
@@ -282,6 +321,39 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
         print(f"Note: the image was made with LoRAs ({used}); pass --lora to use them again")
 
 
+def inpainting(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "mask", None) or getattr(args, "outpaint", None))
+
+
+def check_inpainting_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The mask options: only with a mask or outpainting, in range; the outpainting sides
+    parsed. Sets the masked content's default and what the PNG parameters record."""
+    given = [
+        option
+        for option, value in (
+            ("--invert-mask", args.invert_mask),
+            ("--masked-content", args.masked_content),
+        )
+        if value
+    ]
+    if not inpainting(args) and given:
+        fail(p, f"{', '.join(given)} goes with --mask or --outpaint")
+    if args.mask_blur < 0 or args.mask_blur > 64:
+        fail(p, f"--mask-blur must be 0 to 64 pixels, got {args.mask_blur}")
+    if args.outpaint:
+        try:
+            args.outpaint = parse_outpaint(args.outpaint)
+        except ValueError as e:
+            fail(p, e)
+    content = args.masked_content or ("fill" if args.outpaint else "original")
+    args.masked_content = content.replace("-", " ")
+    args.mask_extras = (
+        parameters_extras(args.mask_blur, args.masked_content, args.invert_mask)
+        if inpainting(args)
+        else ()
+    )
+
+
 def _is_sampler(name: str) -> bool:
     try:
         split_name(name)
@@ -320,7 +392,9 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         fail(p, "give a prompt, or --from-image with an image generated before")
     args.model = args.model or DEFAULT_MODEL
     if hasattr(args, "strength") and args.strength is None:
-        args.strength = 0.5
+        args.strength = 0.75 if inpainting(args) else 0.5
+    if hasattr(args, "mask"):
+        check_inpainting_options(p, args)
     if args.seed is not None and args.seed < 0:
         args.seed = None  # -1 (any negative seed): random
     try:
@@ -597,6 +671,7 @@ def image_parameters(
     extension (as A1111 names them), and the decoder when it is not the model's VAE."""
     loras = tuple((Path(path).stem, strength) for path, strength in args.lora)
     first = settings.parameters(model=args.model, loras=loras)
+    first = dataclasses.replace(first, extras=(*first.extras, *getattr(args, "mask_extras", ())))
     if sd.vae_name is not None:
         first = dataclasses.replace(first, extras=(*first.extras, ("VAE", sd.vae_name)))
     seeds = image_seeds(settings.seed, len(settings.prompts))
@@ -607,6 +682,8 @@ def image_parameters(
 
 # What a script generates: `n_images` images from their first seed, with `args`' options.
 Start = Callable[[StableDiffusion, argparse.Namespace, int, int], Denoising]
+# What is done to the decoded uint8 images before saving (inpainting's overlay).
+Finish = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -703,6 +780,7 @@ def _make_images(
     seed: int,
     keep_models: bool,
     ranks: Ranks,
+    finish: Finish | None = None,
 ) -> tuple[np.ndarray, list[GenerationParameters]]:
     """Images `images` of a job as uint8, `--batch_size` per UNet call, image i drawn from
     seed + i; with their parameters. None: an empty (0, 8, 8, 3) array."""
@@ -719,11 +797,16 @@ def _make_images(
     preview_next_to = job.output if ranks.is_main else None
     x = denoise(sd, batches, job.args, keep_models, ranks.prefix(), preview_next_to)
     parameters = [p for batch in batches for p in image_parameters(sd, job.args, batch.settings)]
-    return decode(sd, x, job.args, keep_models, ranks.prefix()), parameters
+    pixels = decode(sd, x, job.args, keep_models, ranks.prefix())
+    return (pixels if finish is None else finish(pixels)), parameters
 
 
 def generate(
-    p: argparse.ArgumentParser, args: argparse.Namespace, output: Path, start: Start
+    p: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    output: Path,
+    start: Start,
+    finish: Finish | None = None,
 ) -> None:
     """Load the model and make the run's images, in one process or over the ranks
     `mlx.launch` started: one prompt's images in contiguous blocks per rank, or a prompts
@@ -738,7 +821,7 @@ def generate(
         if ranks.is_main:
             print(f"Seed: {seed}")
         mine = distributed.shard(job.args.n_images, ranks.rank, ranks.size)
-        pixels, parameters = _make_images(p, sd, start, job, mine, seed, False, ranks)
+        pixels, parameters = _make_images(p, sd, start, job, mine, seed, False, ranks, finish)
         if ranks.size == 1:
             save(pixels, job.args, job.output, parameters)
         else:
@@ -751,7 +834,9 @@ def generate(
             job = jobs[index]
             print(f"{ranks.prefix()}Line {job.line}: seed {seeds[index]}")
             images = range(job.args.n_images)
-            pixels, parameters = _make_images(p, sd, start, job, images, seeds[index], True, ranks)
+            pixels, parameters = _make_images(
+                p, sd, start, job, images, seeds[index], True, ranks, finish
+            )
         results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
         if ranks.is_main:
             for job_index, result in zip(range(first, len(jobs)), results, strict=False):
@@ -834,6 +919,13 @@ def image2image_main(argv: Sequence[str] | None = None) -> None:
             fail(p, e)
         if message:
             print(printable(message))
+        mask, finish = None, None
+        if inpainting(args):
+            image, mask = inpainting_inputs(p, args, image)
+            original = to_uint8(image)[0]
+
+            def finish(pixels: np.ndarray) -> np.ndarray:
+                return apply_overlay(pixels, original, mask)
 
         def start(sd: StableDiffusion, args: argparse.Namespace, n_images: int, seed: int):
             return sd.generate_latents_from_image(
@@ -847,6 +939,30 @@ def image2image_main(argv: Sequence[str] | None = None) -> None:
                 seed=seed,
                 sampler=args.sampler,
                 clip_skip=args.clip_skip,
+                mask=mask,
+                masked_content=args.masked_content,
             )
 
-        generate(p, args, output, start)
+        generate(p, args, output, start, finish)
+
+
+def inpainting_inputs(
+    p: argparse.ArgumentParser, args: argparse.Namespace, image: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image (on its grown canvas with --outpaint) and the blurred mask, from --mask
+    (read at the input's size, brought to the image's), --invert-mask, --outpaint and
+    --mask-blur, in A1111's order."""
+    mask = None
+    try:
+        if args.mask:
+            size = oriented_size(args.image)
+            mask = load_mask(args.mask, size, (image.shape[1], image.shape[0]))
+            if args.invert_mask:
+                mask = 1 - mask
+        if args.outpaint:
+            image, mask = outpaint(image, mask, args.outpaint)
+            check_arguments(width=image.shape[1], height=image.shape[0], names=OPTION_NAMES)
+    except ValueError as e:
+        fail(p, f"{'--outpaint: the canvas: ' if args.outpaint else ''}{e}")
+    assert mask is not None  # a mask or outpainting: `inpainting(args)`
+    return image, blur_mask(mask, args.mask_blur)
