@@ -59,10 +59,20 @@ def load_mask(
                 f"{image_size[0]}x{image_size[1]}; give a mask of the image's size"
             )
         mask = mask_from_image(image)
-    if mask.shape[::-1] != tuple(target):
-        resized = ImageOps.fit(Image.fromarray(mask, mode="F"), target, Image.Resampling.LANCZOS)
-        mask = np.clip(np.asarray(resized, dtype=np.float32), 0, 1)
-    return mask
+    return fit_mask(mask, target)
+
+
+def fit_mask(mask: np.ndarray, target: tuple[int, int], crop: bool = True) -> np.ndarray:
+    """The mask at `target` (width, height): resized and center-cropped as `load_image`
+    does to images (stretched instead with `crop` False)."""
+    if mask.shape[::-1] == tuple(target):
+        return mask
+    image = Image.fromarray(mask, mode="F")
+    if crop:
+        resized = ImageOps.fit(image, target, Image.Resampling.LANCZOS)
+    else:
+        resized = image.resize(target, Image.Resampling.LANCZOS)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0, 1)
 
 
 def oriented_size(path: str | os.PathLike[str]) -> tuple[int, int]:

@@ -190,6 +190,62 @@ def test_img2img_equals_the_script(api, tmp_path):
         assert parameters_text(image) == parameters_text(expected)
 
 
+@pytest.mark.parametrize(
+    ("options", "fill", "invert"),
+    [([], 1, 0), (["--masked-content", "fill", "--invert-mask", "--mask-blur", "2"], 0, 1)],
+)
+def test_inpainting_equals_the_script(api, tmp_path, options, fill, invert):
+    """A1111's mask, mask_blur, inpainting_fill and inpainting_mask_invert, as the script's
+    --mask options: the same pixels (the input's outside the mask) and parameters."""
+    source, mask_path = tmp_path / "input.png", tmp_path / "mask.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(source)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:40, 20:60] = 255
+    Image.fromarray(mask).save(mask_path)
+    common = ["--model", TINY_SD1, "--strength", "0.6", "--steps", "3", "--seed", "4"]
+    common += ["--sampler", "dpm++2m_karras"]
+    script = run_script(
+        tmp_path,
+        "image2image.py",
+        str(source),
+        "a door",
+        "--mask",
+        str(mask_path),
+        *common,
+        *options,
+    )
+    result = api.img2img(
+        images=[Image.open(source)],
+        mask_image=Image.open(mask_path),
+        mask_blur=2 if invert else 4,
+        inpainting_fill=fill,
+        inpainting_mask_invert=invert,
+        inpaint_full_res=False,
+        prompt="a door",
+        denoising_strength=0.6,
+        steps=3,
+        seed=4,
+        sampler_name="DPM++ 2M Karras",
+        cfg_scale=7.5,
+        width=64,
+        height=64,
+    )
+    (image,) = result.images
+    with Image.open(script) as expected:
+        np.testing.assert_array_equal(pixels(image), pixels(expected))
+        assert parameters_text(image) == parameters_text(expected)
+    source_pixels = pixels(Image.open(source))
+    far = np.zeros((64, 64), bool)
+    if invert:
+        far[14:34, 26:54] = True  # inside the white part, beyond the blur
+    else:
+        far[48:, :10] = True  # far from the white part
+    np.testing.assert_array_equal(pixels(image)[far], source_pixels[far])
+    repainted = (mask == 0) if invert else (mask == 255)
+    assert np.abs(pixels(image)[repainted].astype(int) - source_pixels[repainted]).mean() > 10
+
+
 def test_batches_and_iterations(api, tmp_path):
     """Image i of the run has seed 10 + i, as in A1111 and `txt2image.py --n_images`."""
     result = api.txt2img(
@@ -474,7 +530,34 @@ BAD_REQUESTS = [
         "init_images[0]: cannot open the image",
     ),
     ("img2img", {"prompt": "x", "init_images": ["A" * (44 * 2**20)]}, 413, "over 32 MiB"),
-    ("img2img", {"prompt": "x", "mask": "abc", "init_images": ["x"]}, 422, "inpainting"),
+    (
+        "img2img",
+        {"prompt": "x", "mask": "abc", "init_images": ["x"], "inpaint_full_res": True},
+        422,
+        "inpaint_full_res (A1111's 'Only masked' inpaint area) is not supported",
+    ),
+    (
+        "img2img",
+        {"prompt": "x", "mask": "abc", "init_images": ["x"], "inpainting_fill": 4},
+        422,
+        "inpainting_fill: Input should be less than or equal to 3",
+    ),
+    (
+        "img2img",
+        {"prompt": "x", "mask": "!!", "init_images": [_b64_png(Image.new("RGB", (64, 64)))]},
+        422,
+        "mask: not valid base64",
+    ),
+    (
+        "img2img",
+        {
+            "prompt": "x",
+            "mask": _b64_png(Image.new("L", (32, 64))),
+            "init_images": [_b64_png(Image.new("RGB", (64, 64)))],
+        },
+        422,
+        "mask: the mask is 32x64 but the image is 64x64",
+    ),
     ("png-info", {"image": "@@@"}, 422, "not valid base64"),
 ]
 

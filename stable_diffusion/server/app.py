@@ -28,6 +28,7 @@ from ..images import (
     read_parameters,
     validate_size,
 )
+from ..inpainting import blur_mask, fit_mask, load_mask, oriented_size
 from . import generation, names
 from .catalog import Catalog
 from .engine import Engine, preview_png
@@ -115,14 +116,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         sd = engine.sd
         return sd.defaults.sampler if sd is not None else "euler"
 
-    def plan(body, image: np.ndarray | None = None) -> generation.Plan:
+    def plan(body, image: np.ndarray | None = None, mask=None) -> generation.Plan:
         try:
-            return generation.plan(body, catalog, default_sampler(), image)
+            return generation.plan(body, catalog, default_sampler(), image, mask)
         except ValueError as e:
             raise ClientError(str(e)) from None
 
-    async def generate(request: Request, body, image=None) -> dict[str, Any]:
-        p = plan(body, image)
+    async def generate(request: Request, body, image=None, mask=None) -> dict[str, Any]:
+        p = plan(body, image, mask)
         images, info = await run_job(
             request, lambda job: generation.run(engine, p, job, config.output_dir)
         )
@@ -145,7 +146,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                 f"not {len(body.init_images)}"
             )
         image = await run_in_threadpool(_init_images, body)
-        return await generate(request, body, image)
+        mask = await run_in_threadpool(_mask, body, image) if body.mask else None
+        return await generate(request, body, image, mask)
 
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
     async def progress(skip_current_image: bool = False) -> ProgressResponse:
@@ -425,6 +427,32 @@ def _init_images(body: Img2ImgRequest) -> np.ndarray:
     if len({image.shape for image in images}) > 1:
         raise ClientError("the init images have different sizes; give width and height")
     return images[0] if len(images) == 1 else np.stack(images)
+
+
+def _mask(body: Img2ImgRequest, image: np.ndarray) -> np.ndarray:
+    """The request's mask, blurred, at the init image's size: checked against the first
+    init image as sent, then resized as it was (`_init_images`), inverted and blurred as
+    image2image.py does."""
+    assert body.mask is not None
+    with (
+        tempfile.NamedTemporaryFile(suffix=".img") as init,
+        tempfile.NamedTemporaryFile(suffix=".img") as mask_file,
+    ):
+        init.write(_base64_image(body.init_images[0], "init_images[0]"))
+        mask_file.write(_base64_image(body.mask, "mask"))
+        init.flush()
+        mask_file.flush()
+        try:
+            size = oriented_size(init.name)
+            mask = load_mask(mask_file.name, size, size)
+        except ValueError as e:
+            message = str(e).replace(mask_file.name, "mask").replace(init.name, "init_images[0]")
+            raise ClientError(message) from None
+    crop = body.resize_mode == 1 or (body.width is None and body.height is None)
+    mask = fit_mask(mask, (image.shape[-2], image.shape[-3]), crop)
+    if body.inpainting_mask_invert:
+        mask = 1 - mask
+    return blur_mask(mask, body.mask_blur)
 
 
 def _png_info(data: bytes) -> dict[str, Any]:

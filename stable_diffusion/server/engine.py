@@ -72,6 +72,8 @@ class Generation:
     height: int
     image: np.ndarray | None = None  # img2img: (H, W, 3) in [0, 1]
     strength: float = 0.0
+    mask: np.ndarray | None = None  # inpainting: (H, W) in [0, 1], blurred
+    masked_content: str = "original"
 
 
 # Called after each step with (step, steps, latents); returns True to stop there.
@@ -157,6 +159,8 @@ class Engine:
                 negative_text=g.negative_text,
                 seed=seed,
                 sampler=g.sampler,
+                mask=g.mask,
+                masked_content=g.masked_content,
             )
 
         batches = [start(first) for first in range(0, g.n_images, size)]

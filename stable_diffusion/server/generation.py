@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import GenerationParameters, encode_png, save_images, validate_size
+from ..images import GenerationParameters, encode_png, save_images, to_uint8, validate_size
+from ..inpainting import MASKED_CONTENT, apply_overlay, parameters_extras
 from ..prompts import extract_loras
 from . import names
 from .catalog import Catalog, lora_hash
@@ -44,6 +45,10 @@ class Plan:
     strength: float | None = None
     send_images: bool = True
     save_images: bool = False
+    # Inpainting: the blurred mask (H, W), A1111's masked content, the parameters' fields.
+    mask: np.ndarray | None = None
+    masked_content: str = "original"
+    mask_extras: tuple[tuple[str, str], ...] = ()
 
 
 def plan(
@@ -51,8 +56,10 @@ def plan(
     catalog: Catalog,
     default_sampler: str,
     image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
 ) -> Plan:
-    """Raises ValueError with a message for the client."""
+    """Raises ValueError with a message for the client. `mask` is the img2img request's,
+    read and blurred."""
     text, tags = extract_loras(request.prompt)
     loras = tuple((catalog.find_lora(name).path, weight) for name, weight in tags)
     # Checked now with the current model's default; resolved again when the job runs.
@@ -80,7 +87,17 @@ def plan(
         strength=getattr(request, "denoising_strength", None) if image is not None else None,
         send_images=request.send_images,
         save_images=request.save_images,
+        **(_inpainting(request, mask) if isinstance(request, Img2ImgRequest) else {}),
     )
+
+
+def _inpainting(request: Img2ImgRequest, mask: np.ndarray | None) -> dict:
+    if mask is None:
+        return {}
+    content = MASKED_CONTENT[request.inpainting_fill]  # in A1111's order
+    inverted = bool(request.inpainting_mask_invert)
+    extras = parameters_extras(request.mask_blur, content, inverted)
+    return {"mask": mask, "masked_content": content, "mask_extras": extras}
 
 
 def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[str], dict]:
@@ -117,11 +134,16 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
             height=height,
             image=plan.image,
             strength=plan.strength or 0.0,
+            mask=plan.mask,
+            masked_content=plan.masked_content,
         )
         latents = engine.denoise(generation, job.step)
         if job.cancelled:
             raise Cancelled
         pixels = engine.decode(latents)
+        if plan.mask is not None and plan.image is not None:
+            # As the script: the input's pixels where the blurred mask is 0.
+            pixels = apply_overlay(pixels, to_uint8(plan.image)[: len(pixels)], plan.mask)
         for index, image in enumerate(pixels):
             parameters = GenerationParameters(
                 prompt=plan.prompt,
@@ -134,7 +156,7 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
                 height=height,
                 model=engine.model_title,
                 strength=plan.strength,
-                extras=extras,
+                extras=extras + plan.mask_extras,
             )
             text = parameters.to_text()
             if plan.save_images:

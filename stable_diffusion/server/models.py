@@ -2,7 +2,7 @@
 
 Fields A1111 has and this server does not use (`eta`, `s_churn`, `hr_upscaler`, ...) are
 ignored, as A1111 ignores unknown fields; fields that would change the result in a way
-not supported here (`enable_hr`, `restore_faces`, `tiling`, `styles`, `mask`, ...) are
+not supported here (`enable_hr`, `restore_faces`, `tiling`, `styles`, ...) are
 refused with a message rather than silently dropped. Numbers are bounded so that one
 request cannot ask for hours of work or more memory than a model could use."""
 
@@ -27,7 +27,6 @@ _UNSUPPORTED = {
     "styles": "styles are not supported; put their text in the prompt",
     "subseed_strength": "variation seeds (subseed_strength > 0) are not supported",
     "script_name": "scripts (script_name) are not supported",
-    "mask": "inpainting (mask) is not supported yet",
 }
 
 
@@ -76,8 +75,23 @@ class Img2ImgRequest(_Request):
     resize_mode: int = Field(
         0, ge=0, le=1, description="0: just resize, 1: crop and resize (others unsupported)"
     )
-    mask: str | None = None
+    mask: str | None = Field(None, description="inpainting: white repaints, black keeps")
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(
+        0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing"
+    )
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    inpaint_full_res: bool = Field(False, description="'Only masked': unsupported")
     include_init_images: bool = False
+
+    @model_validator(mode="after")
+    def _refuse_only_masked(self):
+        if self.mask and self.inpaint_full_res:
+            raise ValueError(
+                "inpaint_full_res (A1111's 'Only masked' inpaint area) is not supported: pass "
+                "inpaint_full_res false to inpaint at the whole picture's size"
+            )
+        return self
 
 
 class GenerationResponse(BaseModel):
