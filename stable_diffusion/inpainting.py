@@ -99,8 +99,7 @@ def blur_mask(mask: np.ndarray, radius: int) -> np.ndarray:
             continue
         pad = [(0, 0), (0, 0)]
         pad[axis] = (half, half)
-        # Reflecting more than the side's length would fail: repeat the reflection.
-        padded = np.pad(levels, pad, mode="symmetric" if levels.shape[axis] <= half else "reflect")
+        padded = np.pad(levels, pad, mode="reflect")  # OpenCV's BORDER_REFLECT_101
         levels = sum(
             kernel[i] * np.take(padded, range(i, i + levels.shape[axis]), axis=axis)
             for i in range(kernel.size)

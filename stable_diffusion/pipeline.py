@@ -27,7 +27,7 @@ from .models.unet import UNetModel
 from .models.vae import Autoencoder
 from .noise import ImageNoise, image_seeds
 from .preview import latent_rgb
-from .samplers import make_sampler
+from .samplers import Run, make_sampler
 from .settings import GenerationSettings, check_arguments
 from .tokenizer import Tokenizer
 
@@ -460,7 +460,7 @@ class StableDiffusion:
             yield x
 
     @staticmethod
-    def _keep_unmasked(x: mx.array, run, i: int, inpainting: Inpainting) -> mx.array:
+    def _keep_unmasked(x: mx.array, run: Run, i: int, inpainting: Inpainting) -> mx.array:
         """As diffusers' inpainting pipelines with a 4-channel UNet: after step i, the
         unmasked region is the image's latents noised to the next step's level (clean
         after the last step)."""
@@ -627,7 +627,9 @@ class StableDiffusion:
             mask = mx.array(mask, dtype=mx.float32)
             if mask.ndim == 2:
                 mask = mask[None]
-            if mask.ndim != 3 or mask.shape[1:] != image.shape[1:3]:
+            if mask.ndim != 3:
+                raise ValueError(f"the mask must be (H, W) or (N, H, W), got shape {mask.shape}")
+            if mask.shape[1:] != image.shape[1:3]:
                 raise ValueError(
                     f"the mask is {'x'.join(map(str, mask.shape[::-1][:2]))} but the image is "
                     f"{width}x{height}: give a mask of the image's size"
@@ -652,7 +654,9 @@ class StableDiffusion:
         if mask is not None and mask.shape[0] not in (1, batch):
             raise ValueError(f"give one mask or one per generated image ({batch})")
         if mask is not None and masked_content == "fill":
-            filled = [fill(np.array(im), np.array(m)) for im, m in zip(image, mask, strict=False)]
+            n = max(image.shape[0], mask.shape[0])
+            images, masks = np.array(image), np.array(mask)
+            filled = [fill(images[i % len(images)], masks[i % len(masks)]) for i in range(n)]
             image = mx.array(np.stack(filled))
         x0 = self.encode_image(image)
         x0 = mx.broadcast_to(x0, (batch, *x0.shape[1:]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -117,6 +118,10 @@ def test_mask_errors(folders):
     image = np.zeros((64, 64, 3), np.float32)
     with pytest.raises(ValueError, match="mask is 64x32 but the image is 64x64"):
         sd.generate_latents_from_image(image, "a cat", mask=np.zeros((32, 64)))
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(N, H, W\), got shape \(1, 64, 64, 1\)"):
+        sd.generate_latents_from_image(image, "a cat", mask=np.zeros((1, 64, 64, 1)))
+    with pytest.raises(ValueError, match=r"one mask or one per generated image \(1\)"):
+        sd.generate_latents_from_image(image, "a cat", mask=np.zeros((2, 64, 64)))
     with pytest.raises(ValueError, match=r"masked content 'blur'.*latent noise"):
         sd.generate_latents_from_image(
             image, "a cat", mask=np.zeros((64, 64)), masked_content="blur"
@@ -191,3 +196,30 @@ def test_mask_blur_is_a1111s_gaussian():
     row = np.round(np.round(255 * kernel[10] * kernel)) / 255
     np.testing.assert_allclose(blurred[20], np.pad(row, 10), atol=1.5 / 255)
     assert blur_mask(mask, 0) is mask
+
+
+def test_one_mask_per_image_with_fill(folders):
+    """Each generated image filled and inpainted with its own mask (one input image)."""
+    sd = StableDiffusion(str(folders["tiny-sd1"]), float16=False)
+    masks = np.zeros((2, 64, 64), np.float32)
+    masks[0, :, :32] = 1
+    masks[1, :, 32:] = 1
+    latents = sd.generate_latents_from_image(
+        REF["image"].astype(np.float32) / 255,
+        INPAINT_PROMPT,
+        n_images=2,
+        strength=0.6,
+        num_steps=2,
+        seed=1,
+        mask=masks,
+        masked_content="fill",
+    )
+    image = REF["image"].astype(np.float32) / 255
+    filled = np.stack([fill(image, mask) for mask in masks])
+    x0 = np.array(sd.encode_image(mx.array(filled)))
+    result = np.array(final(latents))
+    # With a 4-channel model each image's unmasked half ends as its filled input's latents.
+    np.testing.assert_allclose(result[0, :, 4:], x0[0, :, 4:], atol=1e-5)
+    np.testing.assert_allclose(result[1, :, :4], x0[1, :, :4], atol=1e-5)
+    assert np.abs(result[0, :, :4] - x0[0, :, :4]).max() > 1e-2
+    assert np.abs(result[1, :, 4:] - x0[1, :, 4:]).max() > 1e-2
