@@ -1,6 +1,7 @@
 """A1111's "Inpaint area: Only masked" (inpaint_full_res): the crop region's arithmetic
 against hand-computed cases of A1111's formulas, the crop's resizing and the paste back,
-and the infotext fields."""
+the infotext fields, and `image2image.py --only-masked` on the tiny model: only the
+masked area changes, at the input's size."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stable_diffusion.images import read_parameters
 from stable_diffusion.inpainting import (
     blur_mask,
     crop_masked_area,
@@ -16,6 +18,7 @@ from stable_diffusion.inpainting import (
     parameters_extras,
 )
 from stable_diffusion.parameters import GenerationParameters
+from tests.test_inpainting_cli import image2image, pixels
 
 LANCZOS = Image.Resampling.LANCZOS
 
@@ -161,3 +164,77 @@ def test_only_masked_parameters_round_trip():
         )
         with pytest.raises(ValueError, match="Masked area padding"):
             odd.only_masked_padding()
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A 150x100 input (not multiples of 64: processed at 128x128) and masks."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (100, 150, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    for name, box in (("mask", (60, 30, 90, 60)), ("corner", (120, 70, 150, 100))):
+        mask = box_mask(100, 150, *box)
+        Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
+    Image.new("L", (150, 100)).save(tmp_path / "empty.png")
+    return tmp_path, image
+
+
+@pytest.mark.parametrize("name", ["mask", "corner"])
+def test_only_masked_changes_only_the_masked_area(inputs, name):
+    tmp, image = inputs
+    mask_path = tmp / f"{name}.png"
+    result, output = image2image(tmp, "--mask", str(mask_path), "--only-masked")
+    assert result.returncode == 0, result.stderr
+    assert "Only masked: repainting" in result.stdout
+    out = pixels(output)
+    assert out.shape == image.shape  # the input's size, not rounded
+    with Image.open(mask_path) as m:
+        mask = np.asarray(m, np.float32) / 255
+    kept = blur_mask(mask, 4) == 0
+    np.testing.assert_array_equal(out[kept], image[kept])
+    assert np.abs(out[mask == 1].astype(int) - image[mask == 1]).mean() > 10
+    saved = read_parameters(output)
+    assert (saved.width, saved.height) == (128, 128)  # the processing size, as A1111
+    extras = dict(saved.extras)
+    assert extras["Inpaint area"] == "Only masked" and extras["Masked area padding"] == "32"
+
+
+def test_from_image_brings_only_masked_back(inputs):
+    """The saved "Inpaint area" and padding come back with --from-image and --mask: the
+    same image again."""
+    tmp, _ = inputs
+    mask = str(tmp / "mask.png")
+    result, first = image2image(tmp, "--mask", mask, "--only-masked", "--only-masked-padding", "8")
+    assert result.returncode == 0, result.stderr
+    again = tmp / "again.png"
+    result, _ = image2image(tmp, "--from-image", str(first), "--mask", mask, "--output", str(again))
+    assert result.returncode == 0, result.stderr
+    assert read_parameters(again) == read_parameters(first)
+    assert dict(read_parameters(again).extras)["Masked area padding"] == "8"
+    np.testing.assert_array_equal(pixels(again), pixels(first))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--only-masked"], "--only-masked goes with --mask, and not with --outpaint"),
+        (
+            ["--mask", "mask.png", "--only-masked", "--outpaint", "0,8,0,0"],
+            "--only-masked goes with --mask, and not with --outpaint",
+        ),
+        (["--mask", "mask.png", "--only-masked-padding", "8"], "goes with --only-masked"),
+        (
+            ["--mask", "mask.png", "--only-masked", "--only-masked-padding", "-1"],
+            "--only-masked-padding must be 0 to 4096",
+        ),
+        (["--mask", "empty.png", "--only-masked"], "--mask: the mask is empty"),
+    ],
+)
+def test_only_masked_errors_before_loading(inputs, args, message):
+    tmp, _ = inputs
+    args = [str(tmp / a) if a.endswith(".png") else a for a in args]
+    result, output = image2image(tmp, *args, model="/no/such/model")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and "no such model" not in result.stderr
+    assert not output.exists()
