@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..images import GenerationParameters, encode_png, save_images, to_uint8, validate_size
-from ..inpainting import MASKED_CONTENT, apply_overlay, parameters_extras
+from ..inpainting import MASKED_CONTENT, MaskedArea, apply_overlay, parameters_extras
 from ..prompts import extract_loras
 from . import names
 from .catalog import Catalog, lora_hash
@@ -49,6 +49,7 @@ class Plan:
     mask: np.ndarray | None = None
     masked_content: str = "original"
     mask_extras: tuple[tuple[str, str], ...] = ()
+    area: MaskedArea | None = None  # "Only masked": the crop denoised, pasted back
 
 
 def plan(
@@ -57,9 +58,12 @@ def plan(
     default_sampler: str,
     image: np.ndarray | None = None,
     mask: np.ndarray | None = None,
+    area: MaskedArea | None = None,
 ) -> Plan:
     """Raises ValueError with a message for the client. `mask` is the img2img request's,
-    read and blurred."""
+    read and blurred; with "Only masked", `area` holds the crops denoised instead."""
+    if area is not None:
+        image, mask = area.image, area.mask
     text, tags = extract_loras(request.prompt)
     loras = tuple((catalog.find_lora(name).path, weight) for name, weight in tags)
     # Checked now with the current model's default; resolved again when the job runs.
@@ -87,17 +91,18 @@ def plan(
         strength=getattr(request, "denoising_strength", None) if image is not None else None,
         send_images=request.send_images,
         save_images=request.save_images,
-        **(_inpainting(request, mask) if isinstance(request, Img2ImgRequest) else {}),
+        **(_inpainting(request, mask, area) if isinstance(request, Img2ImgRequest) else {}),
     )
 
 
-def _inpainting(request: Img2ImgRequest, mask: np.ndarray | None) -> dict:
+def _inpainting(request: Img2ImgRequest, mask: np.ndarray | None, area: MaskedArea | None) -> dict:
     if mask is None:
         return {}
     content = MASKED_CONTENT[request.inpainting_fill]  # in A1111's order
     inverted = bool(request.inpainting_mask_invert)
-    extras = parameters_extras(request.mask_blur, content, inverted)
-    return {"mask": mask, "masked_content": content, "mask_extras": extras}
+    padding = request.inpaint_full_res_padding if area is not None else None
+    extras = parameters_extras(request.mask_blur, content, inverted, padding)
+    return {"mask": mask, "masked_content": content, "mask_extras": extras, "area": area}
 
 
 def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[str], dict]:
@@ -141,7 +146,9 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
         if job.cancelled:
             raise Cancelled
         pixels = engine.decode(latents)
-        if plan.mask is not None and plan.image is not None:
+        if plan.area is not None:
+            pixels = plan.area.paste(pixels)  # into the whole input, as the script
+        elif plan.mask is not None and plan.image is not None:
             # As the script: the input's pixels where the blurred mask is 0.
             pixels = apply_overlay(pixels, to_uint8(plan.image)[: len(pixels)], plan.mask)
         for index, image in enumerate(pixels):
