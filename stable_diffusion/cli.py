@@ -320,9 +320,10 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
     }
     if dict(saved.extras).get("VAE") in ("taesd", "taesdxl"):
         values["vae"] = "taesd"
-    # The mask is not in the image: "Only masked" comes back with a --mask given again.
+    # The mask is not in the image: "Only masked" comes back with a --mask given again,
+    # unless --no-only-masked.
     padding = saved.only_masked_padding() if getattr(args, "mask", None) else None
-    if padding is not None:
+    if padding is not None and args.only_masked is not False:
         values.update(only_masked=True, only_masked_padding=padding)
     for name, value in values.items():
         if hasattr(args, name) and getattr(args, name) is None:

@@ -201,7 +201,7 @@ def test_only_masked_changes_only_the_masked_area(inputs, name):
 
 def test_from_image_brings_only_masked_back(inputs):
     """The saved "Inpaint area" and padding come back with --from-image and --mask: the
-    same image again."""
+    same image again; not with --no-only-masked."""
     tmp, _ = inputs
     mask = str(tmp / "mask.png")
     result, first = image2image(tmp, "--mask", mask, "--only-masked", "--only-masked-padding", "8")
@@ -212,6 +212,13 @@ def test_from_image_brings_only_masked_back(inputs):
     assert read_parameters(again) == read_parameters(first)
     assert dict(read_parameters(again).extras)["Masked area padding"] == "8"
     np.testing.assert_array_equal(pixels(again), pixels(first))
+    whole = tmp / "whole.png"
+    result, _ = image2image(
+        tmp, "--from-image", str(first), "--mask", mask, "--no-only-masked", "--output", str(whole)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Inpaint area" not in dict(read_parameters(whole).extras)
+    assert pixels(whole).shape == (128, 128, 3)  # the whole picture, rounded
 
 
 @pytest.mark.parametrize(
