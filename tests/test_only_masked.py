@@ -121,6 +121,23 @@ def test_paste_changes_only_the_masked_area(box):
         np.testing.assert_array_equal(pasted[index][full], back[full])
 
 
+def test_each_image_is_cropped_and_pasted_into_its_own():
+    """Several inputs (the server's init images) share the mask's region: crop i comes
+    from image i, and generated image i goes back into image i."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    mask = box_mask(40, 40, 10, 10, 20, 20)
+    area = crop_masked_area(images.astype(np.float32) / 255, mask, (16, 16), 2)
+    assert area.region == (8, 8, 22, 22) and area.image.shape == (2, 16, 16, 3)
+    for index in range(2):
+        crop = Image.fromarray(images[index]).crop(area.region).resize((16, 16), LANCZOS)
+        np.testing.assert_array_equal(np.round(area.image[index] * 255), np.asarray(crop))
+    pasted = area.paste(np.zeros((2, 16, 16, 3), np.uint8))
+    for index in range(2):
+        np.testing.assert_array_equal(pasted[index][mask == 0], images[index][mask == 0])
+        assert (pasted[index][mask == 1] == 0).all()
+
+
 def test_paste_back_crops_to_the_region():
     """Mode 1 ("crop and resize") when the region has not the processing's ratio (the image
     was too short): 64x64 back into 100x50 is scaled to 100x100 and its middle kept."""
