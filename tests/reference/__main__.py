@@ -16,6 +16,7 @@ SCRIPTS = [
     "single_file",
     "lora",
     "prompt_conventions",
+    "hires_fix",
 ]
 
 for name in SCRIPTS:
