@@ -10,10 +10,13 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from PIL import Image
 
-from stable_diffusion import StableDiffusion, tiling, upscale
+from stable_diffusion import StableDiffusion, cli, fast_cpu, tiling, upscale
+from stable_diffusion.images import read_parameters, to_uint8
+from stable_diffusion.parameters import GenerationParameters
 from stable_diffusion.settings import HiresFix
-from tests.helpers import FIXTURES, PIXEL_TOLERANCE, assert_close, final, nchw, nhwc
+from tests.helpers import FIXTURES, PIXEL_TOLERANCE, assert_close, final, nchw, nhwc, run
 from tests.reference.inputs import (
     HIRES_CASES,
     HIRES_NEGATIVE_PROMPT,
@@ -171,3 +174,96 @@ def test_hires_resize_crops_to_the_size_asked_for(pipelines):
     up = sd.upscale_latents(x, 48, 32, "latent-nearest", crop_to=(32, 16))
     # Nearest: rows 0 0 1 1 and columns 0 0 1 1 2 2, less a latent each side (1 row each).
     np.testing.assert_array_equal(np.array(up)[0, :, :, 0], [[0, 1, 1, 2], [3, 4, 4, 5]])
+
+
+# -- the script ------------------------------------------------------------------------------
+
+
+def test_script_makes_the_librarys_images_and_from_image_makes_them_again(pipelines, tmp_path):
+    """--hires-* as the library's generate_latents_hires, pixel for pixel (Lanczos with the
+    tiled VAE: decode, encode and final decode through the tiles); the PNG records A1111's
+    fields, and --from-image makes the same file again."""
+    output = tmp_path / "hires.png"
+    options = ["--model", str(FIXTURES / "models" / "tiny-sd1"), "--tiled-vae", "--n_images", "2"]
+    options += ["--steps", "3", "--sampler", "euler", "--save-individual"]
+    result = run(
+        "txt2image.py",
+        "a castle",
+        *options,
+        "--seed",
+        "7",
+        "--hires-scale",
+        "2",
+        "--hires-steps",
+        "2",
+        "--hires-strength",
+        "0.6",
+        "--hires-upscaler",
+        "LANCZOS",
+        "--output",
+        str(output),
+    )
+    assert result.returncode == 0, result.stderr
+    sd = pipelines("tiny-sd1", tiled=True)
+    hires = HiresFix(scale=2, steps=2, strength=0.6, upscaler="Lanczos")
+    for i in range(2):
+        latents = sd.generate_latents_hires(
+            "a castle", hires, num_steps=3, seed=7 + i, sampler="euler"
+        )
+        with fast_cpu():  # as the script runs
+            expected = to_uint8(sd.decode(final(latents)))[0]
+        saved = tmp_path / f"hires-{i}.png"
+        np.testing.assert_array_equal(np.array(Image.open(saved)), expected)
+        assert (
+            read_parameters(saved)
+            .to_text()
+            .endswith(
+                f"Seed: {7 + i}, Size: 64x64, Model: {FIXTURES / 'models' / 'tiny-sd1'}, "
+                "Denoising strength: 0.6, Hires upscale: 2, Hires steps: 2, Hires upscaler: Lanczos"
+            )
+        )
+    again = tmp_path / "again.png"
+    result = run("txt2image.py", "--from-image", str(output), *options, "--output", str(again))
+    assert result.returncode == 0, result.stderr
+    assert again.read_bytes() == output.read_bytes()
+
+
+def test_from_image_takes_an_a1111_hires_fix():
+    """A1111 leaves `Hires upscaler` out when the API was not given one: its default,
+    Latent, is what runs; options on the command line win."""
+    text = (
+        "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x768, "
+        "Denoising strength: 0.45, Hires upscale: 1.5, Hires steps: 12"
+    )
+    p = cli.parser("txt2img")
+    args = p.parse_args(["--hires-steps", "3"])
+    cli.apply_saved_parameters(args, GenerationParameters.from_text(text))
+    assert cli.hires_fix(args) == HiresFix(scale=1.5, steps=3, strength=0.45, upscaler="Latent")
+    args = p.parse_args(["--hires-resize", "1024x0"])
+    cli.apply_saved_parameters(args, GenerationParameters.from_text(text))
+    assert cli.hires_fix(args) == HiresFix(resize=(1024, 0))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hires-scale", "0.5"], "--hires-scale must be between 1 and 8"),
+        (["--hires-scale", "nan"], "--hires-scale must be a finite number"),
+        (["--hires-scale", "1.3"], "--hires-scale makes 512x512 into 665x665"),
+        (["--hires-scale", "2", "--width", "8192"], "makes 8192x512 into 16384x1024"),
+        (["--hires-scale", "2", "--hires-steps", "1001"], "--hires-steps must be at most 1000"),
+        (["--hires-scale", "2", "--hires-strength", "2"], "--hires-strength must be between 0"),
+        (["--hires-scale", "2", "--hires-strength", "inf"], "--hires-strength must be a finite"),
+        (["--hires-scale", "2", "--hires-upscaler", "R-ESRGAN"], "unknown hires upscaler"),
+        (["--hires-steps", "3"], "--hires-steps need --hires-scale (or --hires-resize)"),
+        (["--hires-resize", "1024"], "'1024' is not WxH"),
+        (["--hires-resize", "0x0"], "--hires-resize 0x0 gives no size"),
+        (["--hires-resize", "1024x0", "--hires-scale", "2"], "not both"),
+    ],
+)
+def test_bad_hires_options_are_refused_before_loading(tmp_path, args, message):
+    defaults = ["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o.png")]
+    result = run("txt2image.py", "a cat", "--width", "512", "--height", "512", *defaults, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
