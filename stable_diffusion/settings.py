@@ -117,11 +117,11 @@ class GenerationSettings:
             model=model,
             loras=loras,
             clip_skip=self.clip_skip,
-            **_strength_parameters(self.strength, self.hires),
+            **strength_parameters(self.strength, self.hires),
         )
 
 
-def _strength_parameters(strength: float | None, hires: HiresFix | None) -> dict[str, Any]:
+def strength_parameters(strength: float | None, hires: HiresFix | None) -> dict[str, Any]:
     """img2img's strength, or the hires fix (A1111 records its strength as the same field)."""
     if hires is None:
         return {"strength": strength}

@@ -19,6 +19,7 @@ from PIL import Image
 from ..cpu import fast_cpu
 from ..images import to_uint8
 from ..pipeline import Defaults, Denoising, StableDiffusion, default_batch_size
+from ..settings import HiresFix
 
 # Latent-to-RGB projections for the progress preview, the cheap approximation A1111 and
 # ComfyUI show while sampling: rgb = (latent @ F + 1) / 2. The factors are ComfyUI's
@@ -72,6 +73,7 @@ class Generation:
     height: int
     image: np.ndarray | None = None  # img2img: (H, W, 3) in [0, 1]
     strength: float = 0.0
+    hires: HiresFix | None = None  # txt2img's hires fix
 
 
 # Called after each step with (step, steps, latents); returns True to stop there.
@@ -135,6 +137,19 @@ class Engine:
 
         def start(first: int) -> Denoising:
             n_images, seed = min(size, g.n_images - first), g.seed + first
+            if g.hires is not None:
+                return sd.generate_latents_hires(
+                    g.text,
+                    g.hires,
+                    n_images=n_images,
+                    num_steps=g.steps,
+                    cfg_weight=g.cfg,
+                    negative_text=g.negative_text,
+                    seed=seed,
+                    width=g.width,
+                    height=g.height,
+                    sampler=g.sampler,
+                )
             if g.image is None:
                 return sd.generate_latents(
                     g.text,
