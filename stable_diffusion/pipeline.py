@@ -27,7 +27,7 @@ from .models.unet import UNetModel
 from .models.vae import Autoencoder
 from .noise import ImageNoise, image_seeds
 from .preview import latent_rgb
-from .samplers import make_sampler
+from .samplers import Sampler, make_sampler
 from .settings import GenerationSettings, HiresFix, check_arguments
 from .tokenizer import Tokenizer
 
@@ -634,7 +634,7 @@ class StableDiffusion:
         noise: mx.array | None,
         original_size: tuple[int, int] | None,
         crop: tuple[int, int],
-        chosen_sampler,
+        chosen_sampler: Sampler,
         conditioning: Conditioning | None = None,
     ) -> Denoising:
         """Noise the latents `x0` to the settings' strength and denoise them (`conditioning`:
