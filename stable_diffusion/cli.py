@@ -333,16 +333,15 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
     }
     if dict(saved.extras).get("VAE") in ("taesd", "taesdxl"):
         values["vae"] = "taesd"
-    hires = saved.hires_scale is not None or saved.hires_resize is not None
-    hires_given = getattr(args, "hires_scale", None) or getattr(args, "hires_resize", None)
-    if hires and hasattr(args, "hires_scale") and not hires_given:
+    if saved.hires_scale is not None or saved.hires_resize is not None:
         values.update(
-            hires_scale=saved.hires_scale,
-            hires_resize=saved.hires_resize,
             hires_steps=saved.hires_steps,
             hires_strength=saved.strength,
             hires_upscaler=saved.hires_upscaler,
         )
+        # The size goes by --hires-scale or --hires-resize: either given replaces both.
+        if getattr(args, "hires_scale", None) is None and args.hires_resize is None:
+            values.update(hires_scale=saved.hires_scale, hires_resize=saved.hires_resize)
     for name, value in values.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, value)

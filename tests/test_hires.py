@@ -239,9 +239,12 @@ def test_from_image_takes_an_a1111_hires_fix():
     args = p.parse_args(["--hires-steps", "3"])
     cli.apply_saved_parameters(args, GenerationParameters.from_text(text))
     assert cli.hires_fix(args) == HiresFix(scale=1.5, steps=3, strength=0.45, upscaler="Latent")
+    # Either size option replaces the image's size; the rest still comes from the image.
     args = p.parse_args(["--hires-resize", "1024x0"])
     cli.apply_saved_parameters(args, GenerationParameters.from_text(text))
-    assert cli.hires_fix(args) == HiresFix(resize=(1024, 0))
+    assert cli.hires_fix(args) == HiresFix(
+        steps=12, strength=0.45, upscaler="Latent", resize=(1024, 0)
+    )
 
 
 @pytest.mark.parametrize(
