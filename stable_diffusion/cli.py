@@ -50,8 +50,16 @@ from .noise import image_seeds
 from .pipeline import Denoising, NonFiniteError, StableDiffusion, default_batch_size
 from .prompts_file import PromptLine, read_prompts_file
 from .samplers import describe_samplers, join_name, split_name
-from .settings import MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings, check_arguments
+from .settings import (
+    MAX_IMAGES,
+    MAX_SIDE,
+    MAX_STEPS,
+    GenerationSettings,
+    HiresFix,
+    check_arguments,
+)
 from .text import printable
+from .upscale import upscaler_name
 from .weights.files import SUPPORTED_SUFFIXES
 
 DEFAULT_MODEL = "sdxl"
@@ -65,7 +73,12 @@ OPTION_NAMES = {
     "height": "--height",
     "strength": "--strength",
     "decoding_batch_size": "--decoding_batch_size",
+    "hires_scale": "--hires-scale",
+    "hires_resize": "--hires-resize",
+    "hires_steps": "--hires-steps",
+    "hires_strength": "--hires-strength",
 }
+HIRES_OPTIONS = ("hires_scale", "hires_resize", "hires_steps", "hires_strength", "hires_upscaler")
 # The exit status of a program ended by SIGINT, as shells report it (128 + 2).
 INTERRUPTED = 130
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -123,6 +136,7 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
             "... --seed N --steps N --cfg_scale X --width N --height N --sampler_name NAME "
             "--batch_size N); what a line leaves out comes from the command line",
         )
+        add_hires_options(p)
     p.add_argument("prompt", nargs="?", help="what to generate (optional with --from-image)")
     p.add_argument(
         "--from-image",
@@ -265,6 +279,62 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     return p
 
 
+def add_hires_options(p: argparse.ArgumentParser) -> None:
+    hires = p.add_argument_group(
+        "hires fix",
+        "A1111's hires fix: generate at --width x --height, upscale, then denoise again "
+        "(img2img) with the same prompt and seed",
+    )
+    hires.add_argument(
+        "--hires-scale", type=float, metavar="X", help="upscale by X (1 to 8, e.g. 2)"
+    )
+    hires.add_argument(
+        "--hires-resize",
+        type=hires_size,
+        metavar="WxH",
+        help="upscale to cover W x H and center-crop to it (0 for a side: keep the aspect "
+        "ratio), instead of --hires-scale",
+    )
+    hires.add_argument(
+        "--hires-steps", type=int, metavar="N", help="second pass steps (default 0: as --steps)"
+    )
+    hires.add_argument(
+        "--hires-strength",
+        type=float,
+        metavar="X",
+        help="the second pass's denoising strength, 0 to 1 (default 0.7)",
+    )
+    hires.add_argument(
+        "--hires-upscaler",
+        metavar="NAME",
+        help="latent (default: bilinear), latent-antialiased, latent-bicubic, "
+        "latent-bicubic-antialiased, latent-nearest, latent-nearest-exact, or lanczos (decode, "
+        "resize the image, encode); A1111's names ('Latent (nearest)') work too",
+    )
+
+
+def hires_size(value: str) -> tuple[int, int]:
+    width, _, height = value.lower().partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not WxH (e.g. 1024x0)") from None
+
+
+def hires_fix(args: argparse.Namespace) -> HiresFix | None:
+    """The hires fix the options ask for, or None."""
+    if args.hires_scale is None and args.hires_resize is None:
+        return None
+    given = {
+        "scale": args.hires_scale,
+        "resize": args.hires_resize,
+        "steps": args.hires_steps,
+        "strength": args.hires_strength,
+        "upscaler": args.hires_upscaler,
+    }
+    return HiresFix(**{name: value for name, value in given.items() if value is not None})
+
+
 def lora_spec(value: str) -> tuple[str, float]:
     """PATH or PATH:STRENGTH. The strength is what follows the last colon only if that is a
     number, so Windows paths (C:\\loras\\x.safetensors) work without one."""
@@ -288,7 +358,7 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
     """Fill the options not given on the command line from an image's parameters. The
     model an image names is untrusted (any path or hub repo): it is used only with
     --use-saved-model, otherwise named and left alone."""
-    values = {
+    values: dict[str, object] = {
         "prompt": saved.prompt,
         "negative_prompt": saved.negative_prompt or None,
         "steps": saved.steps,
@@ -302,6 +372,15 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
     }
     if dict(saved.extras).get("VAE") in ("taesd", "taesdxl"):
         values["vae"] = "taesd"
+    if saved.hires_scale is not None or saved.hires_resize is not None:
+        values.update(
+            hires_steps=saved.hires_steps,
+            hires_strength=saved.strength,
+            hires_upscaler=saved.hires_upscaler,
+        )
+        # The size goes by --hires-scale or --hires-resize: either given replaces both.
+        if getattr(args, "hires_scale", None) is None and args.hires_resize is None:
+            values.update(hires_scale=saved.hires_scale, hires_resize=saved.hires_resize)
     for name, value in values.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, value)
@@ -391,6 +470,7 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.prompt is None and not from_file:
         fail(p, "give a prompt, or --from-image with an image generated before")
     args.model = args.model or DEFAULT_MODEL
+    check_hires_options(p, args)
     if hasattr(args, "strength") and args.strength is None:
         args.strength = 0.75 if inpainting(args) else 0.5
     if hasattr(args, "mask"):
@@ -407,6 +487,10 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
             height=getattr(args, "height", None),
             strength=getattr(args, "strength", None),
             decoding_batch_size=args.decoding_batch_size,
+            hires_scale=getattr(args, "hires_scale", None),
+            hires_resize=getattr(args, "hires_resize", None),
+            hires_steps=getattr(args, "hires_steps", None),
+            hires_strength=getattr(args, "hires_strength", None),
             names=OPTION_NAMES,
         )
         if args.batch_size is not None:
@@ -436,6 +520,23 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         return check_output_path(args.output, overwrite=args.overwrite, individual=individual)
     except ValueError as e:
         fail(p, e)
+
+
+def check_hires_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The hires options go together; the upscaler becomes A1111's name for it."""
+    if not hasattr(args, "hires_scale"):
+        return
+    if args.hires_scale is not None and args.hires_resize is not None:
+        fail(p, "give --hires-scale or --hires-resize, not both")
+    if args.hires_scale is None and args.hires_resize is None:
+        given = [f"--{name.replace('_', '-')}" for name in HIRES_OPTIONS if getattr(args, name)]
+        if given:
+            fail(p, f"{', '.join(given)} need --hires-scale (or --hires-resize)")
+    if args.hires_upscaler is not None:
+        try:
+            args.hires_upscaler = upscaler_name(args.hires_upscaler)
+        except ValueError as e:
+            fail(p, f"--hires-upscaler: {e}")
 
 
 def prompt_loras(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -886,6 +987,21 @@ def txt2image_main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     def start(sd: StableDiffusion, args: argparse.Namespace, n_images: int, seed: int):
+        hires = hires_fix(args)
+        if hires is not None:
+            return sd.generate_latents_hires(
+                args.prompt,
+                hires,
+                n_images=n_images,
+                num_steps=args.steps,
+                cfg_weight=args.cfg,
+                negative_text=args.negative_prompt,
+                seed=seed,
+                width=args.width,
+                height=args.height,
+                sampler=args.sampler,
+                clip_skip=args.clip_skip,
+            )
         return sd.generate_latents(
             args.prompt,
             n_images=n_images,

@@ -145,6 +145,70 @@ def test_txt2img_equals_the_script(api, tmp_path):
     assert sampler.prompts[0].value == "a red cube"
 
 
+@pytest.mark.parametrize(
+    ("script_options", "request_fields", "size"),
+    [
+        (
+            ["--hires-scale", "2", "--hires-steps", "3", "--hires-upscaler", "latent-nearest"],
+            {"hr_scale": 2, "hr_second_pass_steps": 3, "hr_upscaler": "Latent (nearest)"},
+            (128, 96),
+        ),
+        # A1111's hr_resize (0: the aspect ratio kept), its default upscaler (Latent).
+        (["--hires-resize", "96x0"], {"hr_resize_x": 96, "hr_upscaler": None}, (96, 72)),
+    ],
+)
+def test_txt2img_hires_fix_equals_the_script(api, tmp_path, script_options, request_fields, size):
+    script = run_script(
+        tmp_path,
+        "txt2image.py",
+        "a red cube",
+        "--model",
+        TINY_SD1,
+        "--steps",
+        "4",
+        "--seed",
+        "9",
+        "--sampler",
+        "euler_a",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--hires-strength",
+        "0.6",
+        *script_options,
+    )
+    result = api.txt2img(
+        prompt="a red cube",
+        steps=4,
+        seed=9,
+        sampler_name="Euler a",
+        cfg_scale=7.5,
+        width=64,
+        height=48,
+        enable_hr=True,
+        denoising_strength=0.6,
+        **request_fields,
+    )
+    (image,) = result.images
+    assert image.size == size
+    with Image.open(script) as expected:
+        np.testing.assert_array_equal(pixels(image), pixels(expected))
+        assert parameters_text(image) == parameters_text(expected)
+    assert "Size: 64x48, " in parameters_text(image)
+    assert (result.info["width"], result.info["height"]) == (64, 48)
+    assert result.info["denoising_strength"] == 0.6
+    extra = result.info["extra_generation_params"]
+    assert extra["Hires upscaler"] == (request_fields["hr_upscaler"] or "Latent")
+    if "hr_scale" in request_fields:
+        assert (extra["Hires upscale"], extra["Hires steps"]) == (2, 3)
+    else:
+        assert extra["Hires resize"] == "96x0" and "Hires steps" not in extra
+    info = api.png_info(image)  # A1111's parsed fields
+    assert info.parameters["Denoising strength"] == "0.6"
+    assert info.parameters["Hires upscaler"] == extra["Hires upscaler"]
+
+
 def _pnginfo(image: Image.Image):
     from PIL import PngImagePlugin
 
@@ -510,7 +574,39 @@ BAD_REQUESTS = [
     ("txt2img", {"prompt": "x", "batch_size": 1000}, 422, "batch_size"),
     ("txt2img", {"prompt": "x", "sampler_name": "Foo"}, 422, "Unknown sampler 'Foo'"),
     ("txt2img", {"prompt": "x", "scheduler": "Beta"}, 422, "Unknown schedule 'Beta'"),
-    ("txt2img", {"prompt": "x", "enable_hr": True}, 422, "hires fix"),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_scale": 0.5}, 422, "hr_scale"),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_scale": "NaN"}, 422, "hr_scale"),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_second_pass_steps": 151}, 422, "hr_second"),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "denoising_strength": 2}, 422, "denoising"),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_resize_x": 10**6}, 422, "hr_resize_x"),
+    (
+        "txt2img",
+        {"prompt": "x", "enable_hr": True, "width": 64, "height": 64, "hr_scale": 1.3},
+        422,
+        "hr_scale makes 64x64 into 83x83",
+    ),
+    # The model's default size, known when the job runs: refused before any step.
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_scale": 1.3}, 422, "into 83x83"),
+    (
+        "txt2img",
+        {"prompt": "x", "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"},
+        422,
+        "unknown hires upscaler",
+    ),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_prompt": "y"}, 422, "another prompt"),
+    (
+        "txt2img",
+        {"prompt": "x", "enable_hr": True, "hr_checkpoint_name": "m"},
+        422,
+        "another model",
+    ),
+    (
+        "txt2img",
+        {"prompt": "x", "enable_hr": True, "hr_sampler_name": "DDIM"},
+        422,
+        "another sampler",
+    ),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "firstphase_width": 64}, 422, "firstphase"),
     ("txt2img", {"prompt": "x <lora:nope:1>"}, 422, "unknown LoRA 'nope'"),
     ("txt2img", {"prompt": "x <lora:../loras/sd1_kohya:1>"}, 422, "unknown LoRA"),
     ("txt2img", {"prompt": "x <lora:escape:1>"}, 422, "unknown LoRA 'escape'"),

@@ -495,5 +495,14 @@ def _parameters_dict(p: GenerationParameters) -> dict[str, Any]:
         fields["Model"] = p.model
     if p.strength is not None:
         fields["Denoising strength"] = str(p.strength)
+    if p.hires_resize is not None:
+        fields["Hires resize-1"], fields["Hires resize-2"] = map(str, p.hires_resize)
+    elif p.hires_scale is not None:
+        scale = p.hires_scale  # as the text writes it
+        fields["Hires upscale"] = str(int(scale)) if scale.is_integer() else repr(scale)
+    if p.hires_steps:
+        fields["Hires steps"] = str(p.hires_steps)
+    if p.hires_upscaler is not None:
+        fields["Hires upscaler"] = p.hires_upscaler
     fields.update(dict(p.extras))
     return fields

@@ -19,6 +19,7 @@ from PIL import Image
 from ..cpu import fast_cpu
 from ..images import to_uint8
 from ..pipeline import Defaults, Denoising, StableDiffusion, default_batch_size
+from ..settings import HiresFix
 
 # Latent-to-RGB projections for the progress preview, the cheap approximation A1111 and
 # ComfyUI show while sampling: rgb = (latent @ F + 1) / 2. The factors are ComfyUI's
@@ -74,6 +75,7 @@ class Generation:
     strength: float = 0.0
     mask: np.ndarray | None = None  # inpainting: (H, W) in [0, 1], blurred
     masked_content: str = "original"
+    hires: HiresFix | None = None  # txt2img's hires fix
 
 
 # Called after each step with (step, steps, latents); returns True to stop there.
@@ -137,6 +139,19 @@ class Engine:
 
         def start(first: int) -> Denoising:
             n_images, seed = min(size, g.n_images - first), g.seed + first
+            if g.hires is not None:
+                return sd.generate_latents_hires(
+                    g.text,
+                    g.hires,
+                    n_images=n_images,
+                    num_steps=g.steps,
+                    cfg_weight=g.cfg,
+                    negative_text=g.negative_text,
+                    seed=seed,
+                    width=g.width,
+                    height=g.height,
+                    sampler=g.sampler,
+                )
             if g.image is None:
                 return sd.generate_latents(
                     g.text,

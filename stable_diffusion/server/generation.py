@@ -6,21 +6,34 @@ model; `run` runs on the worker thread."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..images import GenerationParameters, encode_png, save_images, to_uint8, validate_size
 from ..inpainting import MASKED_CONTENT, apply_overlay, parameters_extras
 from ..prompts import extract_loras
+from ..settings import API_NAMES, HiresFix, check_arguments, strength_parameters
+from ..upscale import upscaler_name
 from . import names
 from .catalog import Catalog, lora_hash
 from .engine import Engine, Generation
 from .jobs import Cancelled, Job
 from .models import Img2ImgRequest, Txt2ImgRequest
+
+# How the request names the hires fix's numbers (`settings.check_arguments`).
+HIRES_NAMES = {
+    **API_NAMES,
+    "hires_scale": "hr_scale",
+    "hires_resize": "hr_resize_x/hr_resize_y",
+    "hires_steps": "hr_second_pass_steps",
+    "hires_strength": "denoising_strength",
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,7 @@ class Plan:
     height: int | None
     image: np.ndarray | None = None
     strength: float | None = None
+    hires: HiresFix | None = None
     send_images: bool = True
     save_images: bool = False
     # Inpainting: the blurred mask (H, W), A1111's masked content, the parameters' fields.
@@ -64,10 +78,20 @@ def plan(
     loras = tuple((catalog.find_lora(name).path, weight) for name, weight in tags)
     # Checked now with the current model's default; resolved again when the job runs.
     names.resolve_sampler(request.sampler(), request.scheduler, default_sampler)
+    hires = request.hires() if isinstance(request, Txt2ImgRequest) else None
     if image is None:
         sizes = [request.width, request.height]
         if any(size is not None for size in sizes):
             validate_size(*(8 if size is None else size for size in sizes))
+    if hires is not None:
+        hires = dataclasses.replace(hires, upscaler=upscaler_name(hires.upscaler))
+        check_arguments(
+            hires_scale=hires.scale,
+            hires_resize=hires.resize,
+            width=request.width,
+            height=request.height,
+            names=HIRES_NAMES,
+        )
     return Plan(
         kind="txt2img" if image is None else "img2img",
         prompt=request.prompt,
@@ -85,6 +109,7 @@ def plan(
         height=request.height if image is None else image.shape[-3],
         image=image,
         strength=getattr(request, "denoising_strength", None) if image is not None else None,
+        hires=hires,
         send_images=request.send_images,
         save_images=request.save_images,
         **(_inpainting(request, mask) if isinstance(request, Img2ImgRequest) else {}),
@@ -136,6 +161,7 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
             strength=plan.strength or 0.0,
             mask=plan.mask,
             masked_content=plan.masked_content,
+            hires=plan.hires,
         )
         latents = engine.denoise(generation, job.step)
         if job.cancelled:
@@ -155,8 +181,8 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
                 width=width,
                 height=height,
                 model=engine.model_title,
-                strength=plan.strength,
                 extras=extras + plan.mask_extras,
+                **strength_parameters(plan.strength, plan.hires),
             )
             text = parameters.to_text()
             if plan.save_images:
@@ -183,7 +209,8 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
         "cfg_scale": cfg,
         "steps": steps,
         "batch_size": plan.batch_size,
-        "denoising_strength": plan.strength,
+        "denoising_strength": plan.hires.strength if plan.hires else plan.strength,
+        "extra_generation_params": _extra_generation_params(plan.hires, extras),
         "sd_model_name": engine.model_title,
         "loras": [[path.stem, weight] for path, weight in plan.loras],
         "index_of_first_image": 0,
@@ -191,6 +218,22 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
         "interrupted": job.interrupted,
     }
     return images, info
+
+
+def _extra_generation_params(
+    hires: HiresFix | None, extras: tuple[tuple[str, str], ...]
+) -> dict[str, Any]:
+    """A1111's `extra_generation_params`: its hires fields, and the LoRAs' hashes."""
+    fields: dict[str, Any] = {}
+    if hires is not None:
+        if hires.resize is None:
+            fields["Hires upscale"] = hires.scale
+        else:
+            fields["Hires resize"] = "{}x{}".format(*hires.resize)
+        if hires.steps:
+            fields["Hires steps"] = hires.steps
+        fields["Hires upscaler"] = hires.upscaler
+    return {**fields, **dict(extras)}
 
 
 def info_json(info: dict) -> str:
