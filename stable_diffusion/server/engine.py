@@ -72,6 +72,7 @@ class Generation:
     height: int
     image: np.ndarray | None = None  # img2img: (H, W, 3) in [0, 1]
     strength: float = 0.0
+    clip_skip: int = 1  # A1111's numbering: 1 is the last layer
 
 
 # Called after each step with (step, steps, latents); returns True to stop there.
@@ -96,6 +97,16 @@ class Engine:
         sd = StableDiffusion(str(model), float16=self.float16, quantize=self.quantize)
         sd.preload()
         self.sd, self.model_title = sd, title
+
+    def use_model(self, model: str | os.PathLike[str], title: str) -> None:
+        """Load `model` unless it is the one loaded. Raises ValueError naming it if it does not
+        load (no model is loaded then)."""
+        if self.sd is not None and self.model_title == title:
+            return
+        try:
+            self.load(model, title)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"cannot load {title}: {e}") from None
 
     @property
     def defaults(self) -> Defaults:
@@ -146,6 +157,7 @@ class Engine:
                     width=g.width,
                     height=g.height,
                     sampler=g.sampler,
+                    clip_skip=g.clip_skip,
                 )
             return sd.generate_latents_from_image(
                 g.image,
@@ -157,6 +169,7 @@ class Engine:
                 negative_text=g.negative_text,
                 seed=seed,
                 sampler=g.sampler,
+                clip_skip=g.clip_skip,
             )
 
         batches = [start(first) for first in range(0, g.n_images, size)]

@@ -8,18 +8,19 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..images import GenerationParameters, encode_png, save_images, validate_size
 from ..prompts import extract_loras
-from . import names
+from . import names, options
 from .catalog import Catalog, lora_hash
 from .engine import Engine, Generation
 from .jobs import Cancelled, Job
 from .models import Img2ImgRequest, Txt2ImgRequest
+from .options import Options, Overrides
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Plan:
     strength: float | None = None
     send_images: bool = True
     save_images: bool = False
+    overrides: Overrides = field(default_factory=Overrides)  # override_settings
+    keep_overrides: bool = False  # override_settings_restore_afterwards: false
 
 
 def plan(
@@ -53,6 +56,10 @@ def plan(
     image: np.ndarray | None = None,
 ) -> Plan:
     """Raises ValueError with a message for the client."""
+    try:
+        overrides = options.read(request.override_settings, catalog)
+    except ValueError as e:
+        raise ValueError(f"override_settings: {e}") from None
     text, tags = extract_loras(request.prompt)
     loras = tuple((catalog.find_lora(name).path, weight) for name, weight in tags)
     # Checked now with the current model's default; resolved again when the job runs.
@@ -80,12 +87,21 @@ def plan(
         strength=getattr(request, "denoising_strength", None) if image is not None else None,
         send_images=request.send_images,
         save_images=request.save_images,
+        overrides=overrides,
+        keep_overrides=not request.override_settings_restore_afterwards,
     )
 
 
-def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[str], dict]:
-    """(base64 PNGs, A1111's info) for `plan`. Image i of the run has seed seed + i, as in
-    A1111 and `txt2image.py --n_images`: batch k's image j uses seed + k * batch_size + j."""
+def run(
+    engine: Engine, plan: Plan, job: Job, output_dir: Path, settings: Options
+) -> tuple[list[str], dict]:
+    """(base64 PNGs, A1111's info) for `plan`, with the server's options `settings` and the
+    request's overrides. Image i of the run has seed seed + i, as in A1111 and
+    `txt2image.py --n_images`: batch k's image j uses seed + k * batch_size + j."""
+    model, clip_skip = settings.resolve(plan.overrides)
+    engine.use_model(model.path, model.title)
+    if plan.keep_overrides:
+        settings.apply(plan.overrides)
     engine.use_loras(plan.loras)
     defaults = engine.defaults
     sampler = names.resolve_sampler(plan.sampler_name, plan.scheduler, defaults.sampler)
@@ -117,6 +133,7 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
             height=height,
             image=plan.image,
             strength=plan.strength or 0.0,
+            clip_skip=clip_skip,
         )
         latents = engine.denoise(generation, job.step)
         if job.cancelled:
@@ -134,6 +151,7 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
                 height=height,
                 model=engine.model_title,
                 strength=plan.strength,
+                clip_skip=clip_skip,
                 extras=extras,
             )
             text = parameters.to_text()
@@ -163,6 +181,7 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
         "batch_size": plan.batch_size,
         "denoising_strength": plan.strength,
         "sd_model_name": engine.model_title,
+        "clip_skip": clip_skip,
         "loras": [[path.stem, weight] for path, weight in plan.loras],
         "index_of_first_image": 0,
         "infotexts": infotexts,
