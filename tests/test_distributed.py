@@ -260,6 +260,9 @@ def test_a_rank_that_dies_stops_the_run_and_rank_0_keeps_its_images(tmp_path):
         RANK0_SAVES=str(tmp_path / "out-1.png"),
     )
     assert "rank 1 exited with code -9" in result.stdout + result.stderr
+    # mlx.launch (MLX 0.32.4) exits 0 even so, and a rank's own status cannot change that
+    # (README): the missing grid, written only once every image arrived, is the sign.
+    assert result.returncode == 0
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == ["out-0.png", "out-1.png"], saved
     assert [read_parameters(tmp_path / name).seed for name in saved] == [7, 8]
