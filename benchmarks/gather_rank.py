@@ -42,7 +42,7 @@ def main() -> None:
         if not np.array_equal(result.images, image(rank, size)):
             raise SystemExit(f"rank {ranks.rank}: rank {rank}'s image arrived damaged")
     if ranks.is_main:
-        quantiles = statistics.quantiles(seconds, n=10)
+        quantiles = statistics.quantiles(seconds, n=10, method="inclusive")
         report = {
             "ranks": ranks.size,
             "image_bytes": mine.nbytes,
