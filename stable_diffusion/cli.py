@@ -752,12 +752,23 @@ def generate(
             print(f"{ranks.prefix()}Line {job.line}: seed {seeds[index]}")
             images = range(job.args.n_images)
             pixels, parameters = _make_images(p, sd, start, job, images, seeds[index], True, ranks)
-        results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+        results = _gather(ranks, pixels, parameters)
         if ranks.is_main:
             for job_index, result in zip(range(first, len(jobs)), results, strict=False):
                 job = jobs[job_index]
                 texts = [GenerationParameters.from_text(text) for text in result.texts]
                 save(result.images, job.args, job.output, texts)
+
+
+def _gather(
+    ranks: Ranks, pixels: np.ndarray, parameters: list[GenerationParameters]
+) -> list[distributed.Result]:
+    """Every rank's images and parameters; a rank lost meanwhile ends the run with one line
+    (`mlx.launch` has stopped or is stopping the others; the images saved so far stay)."""
+    try:
+        return distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+    except distributed.RankLost as e:
+        sys.exit(f"{ranks.prefix()}error: {e}; the images saved so far stay")
 
 
 def _save_gathered(
@@ -775,7 +786,7 @@ def _save_gathered(
         individual = [grid_path.with_name(f"{grid_path.stem}-{i}.png") for i in range(n)]
         for i, image in enumerate(pixels):
             saved(image, individual[i], parameters[i])
-    results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+    results = _gather(ranks, pixels, parameters)
     if not ranks.is_main:
         return
     everything = distributed.in_rank_order(results)
