@@ -477,7 +477,7 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
         sd.preload()
     if args.verbose:
         seconds = time.perf_counter() - start
-        print(f"Model loaded in {seconds:.1f} s ({printable(sd.components.path)})")
+        print(f"Model loaded in {seconds:.2f} s ({printable(sd.components.path)})")
     return sd
 
 
@@ -532,7 +532,7 @@ def denoise(
             finals.append(x)
     if args.verbose:
         print(
-            f"{prefix}Denoised in {time.perf_counter() - start:.1f} s, "
+            f"{prefix}Denoised in {time.perf_counter() - start:.2f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
     return finals[0] if len(finals) == 1 else mx.concatenate(finals)
@@ -562,7 +562,7 @@ def decode(
             decoded.append(to_uint8(images))
     if args.verbose:
         print(
-            f"{prefix}Decoded in {time.perf_counter() - start:.1f} s, "
+            f"{prefix}Decoded in {time.perf_counter() - start:.2f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
     return np.concatenate(decoded)

@@ -448,7 +448,7 @@ def test_server_benchmark_times_both_sides_and_finds_the_same_pixels(tmp_path, c
     assert len(scripts) == 2 and len(server["requests_s"]) == 2
     for run_ in scripts:
         # The script's own report: a load and a generation inside the run's wall time.
-        assert 0 < run_["load_s"] + run_["generation_s"] <= run_["wall_s"] + 0.1
+        assert 0 <= run_["load_s"] + run_["generation_s"] <= run_["wall_s"] + 0.1
     assert server["startup_s"] > 0 and all(s > 0 for s in server["requests_s"])
     summary = results["summary"]
     assert summary["server, load excluded"] == [
@@ -499,7 +499,8 @@ def test_ranks_benchmark_measures_both_runs_the_gather_and_the_scaling(tmp_path,
     assert results["equal"] is True
     for row in (results["one_process"], results["ranks"]):
         assert row["images_per_s"] == pytest.approx(3 / row["wall_s"])
-        assert row["generation_s"] > 0 and row["load_s"] > 0
+        # The scripts print their timings to 0.01 s: a tiny model's load may print 0.00.
+        assert row["generation_s"] > 0 and row["load_s"] >= 0
     gather = results["gather"]
     assert gather["ranks"] == 2 and gather["repeats"] == 10
     assert gather["image_bytes"] == 64 * 64 * 3
