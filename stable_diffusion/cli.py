@@ -652,7 +652,7 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
         sd.preload()
     if args.verbose:
         seconds = time.perf_counter() - start
-        print(f"Model loaded in {seconds:.1f} s ({printable(sd.components.path)})")
+        print(f"Model loaded in {seconds:.2f} s ({printable(sd.components.path)})")
     return sd
 
 
@@ -707,7 +707,7 @@ def denoise(
             finals.append(x)
     if args.verbose:
         print(
-            f"{prefix}Denoised in {time.perf_counter() - start:.1f} s, "
+            f"{prefix}Denoised in {time.perf_counter() - start:.2f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
     return finals[0] if len(finals) == 1 else mx.concatenate(finals)
@@ -737,7 +737,7 @@ def decode(
             decoded.append(to_uint8(images))
     if args.verbose:
         print(
-            f"{prefix}Decoded in {time.perf_counter() - start:.1f} s, "
+            f"{prefix}Decoded in {time.perf_counter() - start:.2f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
     return np.concatenate(decoded)
@@ -938,12 +938,23 @@ def generate(
             pixels, parameters = _make_images(
                 p, sd, start, job, images, seeds[index], True, ranks, finish
             )
-        results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+        results = _gather(ranks, pixels, parameters)
         if ranks.is_main:
             for job_index, result in zip(range(first, len(jobs)), results, strict=False):
                 job = jobs[job_index]
                 texts = [GenerationParameters.from_text(text) for text in result.texts]
                 save(result.images, job.args, job.output, texts)
+
+
+def _gather(
+    ranks: Ranks, pixels: np.ndarray, parameters: list[GenerationParameters]
+) -> list[distributed.Result]:
+    """Every rank's images and parameters; a rank lost meanwhile ends the run with one line
+    (`mlx.launch` has stopped or is stopping the others; the images saved so far stay)."""
+    try:
+        return distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+    except distributed.RankLost as e:
+        sys.exit(f"{ranks.prefix()}error: {e}; the images saved so far stay")
 
 
 def _save_gathered(
@@ -961,7 +972,7 @@ def _save_gathered(
         individual = [grid_path.with_name(f"{grid_path.stem}-{i}.png") for i in range(n)]
         for i, image in enumerate(pixels):
             saved(image, individual[i], parameters[i])
-    results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+    results = _gather(ranks, pixels, parameters)
     if not ranks.is_main:
         return
     everything = distributed.in_rank_order(results)

@@ -76,6 +76,7 @@ class Generation:
     mask: np.ndarray | None = None  # inpainting: (H, W) in [0, 1], blurred
     masked_content: str = "original"
     hires: HiresFix | None = None  # txt2img's hires fix
+    clip_skip: int = 1  # A1111's numbering: 1 is the last layer
 
 
 # Called after each step with (step, steps, latents); returns True to stop there.
@@ -100,6 +101,16 @@ class Engine:
         sd = StableDiffusion(str(model), float16=self.float16, quantize=self.quantize)
         sd.preload()
         self.sd, self.model_title = sd, title
+
+    def use_model(self, model: str | os.PathLike[str], title: str) -> None:
+        """Load `model` unless it is the one loaded. Raises ValueError naming it if it does not
+        load (no model is loaded then)."""
+        if self.sd is not None and self.model_title == title:
+            return
+        try:
+            self.load(model, title)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"cannot load {title}: {e}") from None
 
     @property
     def defaults(self) -> Defaults:
@@ -151,6 +162,7 @@ class Engine:
                     width=g.width,
                     height=g.height,
                     sampler=g.sampler,
+                    clip_skip=g.clip_skip,
                 )
             if g.image is None:
                 return sd.generate_latents(
@@ -163,6 +175,7 @@ class Engine:
                     width=g.width,
                     height=g.height,
                     sampler=g.sampler,
+                    clip_skip=g.clip_skip,
                 )
             return sd.generate_latents_from_image(
                 g.image,
@@ -176,6 +189,7 @@ class Engine:
                 sampler=g.sampler,
                 mask=g.mask,
                 masked_content=g.masked_content,
+                clip_skip=g.clip_skip,
             )
 
         batches = [start(first) for first in range(0, g.n_images, size)]

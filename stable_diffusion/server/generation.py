@@ -9,7 +9,7 @@ import base64
 import dataclasses
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ from ..inpainting import MASKED_CONTENT, apply_overlay, parameters_extras
 from ..prompts import extract_loras
 from ..settings import API_NAMES, HiresFix, check_arguments, strength_parameters
 from ..upscale import upscaler_name
-from . import names
+from . import names, options
 from .catalog import Catalog, lora_hash
 from .engine import Engine, Generation
 from .jobs import Cancelled, Job
 from .models import Img2ImgRequest, Txt2ImgRequest
+from .options import Options, Overrides
 
 # How the request names the hires fix's numbers (`settings.check_arguments`).
 HIRES_NAMES = {
@@ -63,6 +64,8 @@ class Plan:
     mask: np.ndarray | None = None
     masked_content: str = "original"
     mask_extras: tuple[tuple[str, str], ...] = ()
+    overrides: Overrides = field(default_factory=Overrides)  # override_settings
+    keep_overrides: bool = False  # override_settings_restore_afterwards: false
 
 
 def plan(
@@ -74,6 +77,10 @@ def plan(
 ) -> Plan:
     """Raises ValueError with a message for the client. `mask` is the img2img request's,
     read and blurred."""
+    try:
+        overrides = options.read(request.override_settings, catalog)
+    except ValueError as e:
+        raise ValueError(f"override_settings: {e}") from None
     text, tags = extract_loras(request.prompt)
     loras = tuple((catalog.find_lora(name).path, weight) for name, weight in tags)
     # Checked now with the current model's default; resolved again when the job runs.
@@ -112,6 +119,8 @@ def plan(
         hires=hires,
         send_images=request.send_images,
         save_images=request.save_images,
+        overrides=overrides,
+        keep_overrides=not request.override_settings_restore_afterwards,
         **(_inpainting(request, mask) if isinstance(request, Img2ImgRequest) else {}),
     )
 
@@ -125,9 +134,16 @@ def _inpainting(request: Img2ImgRequest, mask: np.ndarray | None) -> dict:
     return {"mask": mask, "masked_content": content, "mask_extras": extras}
 
 
-def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[str], dict]:
-    """(base64 PNGs, A1111's info) for `plan`. Image i of the run has seed seed + i, as in
-    A1111 and `txt2image.py --n_images`: batch k's image j uses seed + k * batch_size + j."""
+def run(
+    engine: Engine, plan: Plan, job: Job, output_dir: Path, settings: Options
+) -> tuple[list[str], dict]:
+    """(base64 PNGs, A1111's info) for `plan`, with the server's options `settings` and the
+    request's overrides. Image i of the run has seed seed + i, as in A1111 and
+    `txt2image.py --n_images`: batch k's image j uses seed + k * batch_size + j."""
+    model, clip_skip = settings.resolve(plan.overrides)
+    engine.use_model(model.path, model.title)
+    if plan.keep_overrides:
+        settings.apply(plan.overrides)
     engine.use_loras(plan.loras)
     defaults = engine.defaults
     sampler = names.resolve_sampler(plan.sampler_name, plan.scheduler, defaults.sampler)
@@ -162,6 +178,7 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
             mask=plan.mask,
             masked_content=plan.masked_content,
             hires=plan.hires,
+            clip_skip=clip_skip,
         )
         latents = engine.denoise(generation, job.step)
         if job.cancelled:
@@ -181,6 +198,7 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
                 width=width,
                 height=height,
                 model=engine.model_title,
+                clip_skip=clip_skip,
                 extras=extras + plan.mask_extras,
                 **strength_parameters(plan.strength, plan.hires),
             )
@@ -212,6 +230,7 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
         "denoising_strength": plan.hires.strength if plan.hires else plan.strength,
         "extra_generation_params": _extra_generation_params(plan.hires, extras),
         "sd_model_name": engine.model_title,
+        "clip_skip": clip_skip,
         "loras": [[path.stem, weight] for path, weight in plan.loras],
         "index_of_first_image": 0,
         "infotexts": infotexts,

@@ -53,6 +53,13 @@ class _Request(BaseModel):
     script_name: str | None = Field(None, max_length=100)
     send_images: bool = True
     save_images: bool = False
+    override_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=200,
+        description="A1111 options for this request (see server/options.py for the keys "
+        "that take effect)",
+    )
+    override_settings_restore_afterwards: bool = True
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
