@@ -58,4 +58,10 @@ TINY_PRESETS: dict[str, PipelineConfig] = {
         ("<|endoftext|>", "!"),
     ),
 }
-ARCHITECTURES = {**PRESETS, **TINY_PRESETS}
+# stabilityai/sd-turbo: SD 2.1 base's architecture, its timesteps spaced "trailing" (made for
+# one step without guidance; the benchmarks pass --steps 1 --cfg 0 as its model card says).
+SD_TURBO = dataclasses.replace(
+    PRESETS["sd-2.1-base"],
+    scheduler=dataclasses.replace(PRESETS["sd-2.1-base"].scheduler, timestep_spacing="trailing"),
+)
+ARCHITECTURES = {**PRESETS, "sd-turbo": SD_TURBO, **TINY_PRESETS}

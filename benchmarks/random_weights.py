@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import json
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -214,6 +215,20 @@ def write_random_pipeline(
     )
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
+
+
+def reuse_or_write(config: PipelineConfig, folder: Path, seed: int = 0) -> bool:
+    """Make `folder` a random-weight pipeline for `config`, unless a complete one is there
+    already (from an earlier run: `model_index.json` is written last, into a folder renamed
+    into place once complete). Whether it was written now."""
+    if (folder / "model_index.json").is_file():
+        return False
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_random_pipeline(config, partial, seed)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return True
 
 
 def weights_on_disk(config: PipelineConfig, float16: bool) -> int:

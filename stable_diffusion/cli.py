@@ -54,8 +54,16 @@ from .noise import image_seeds
 from .pipeline import Denoising, NonFiniteError, StableDiffusion, default_batch_size
 from .prompts_file import PromptLine, read_prompts_file
 from .samplers import describe_samplers, join_name, split_name
-from .settings import MAX_IMAGES, MAX_SIDE, MAX_STEPS, GenerationSettings, check_arguments
+from .settings import (
+    MAX_IMAGES,
+    MAX_SIDE,
+    MAX_STEPS,
+    GenerationSettings,
+    HiresFix,
+    check_arguments,
+)
 from .text import printable
+from .upscale import upscaler_name
 from .weights.files import SUPPORTED_SUFFIXES
 
 DEFAULT_MODEL = "sdxl"
@@ -69,7 +77,12 @@ OPTION_NAMES = {
     "height": "--height",
     "strength": "--strength",
     "decoding_batch_size": "--decoding_batch_size",
+    "hires_scale": "--hires-scale",
+    "hires_resize": "--hires-resize",
+    "hires_steps": "--hires-steps",
+    "hires_strength": "--hires-strength",
 }
+HIRES_OPTIONS = ("hires_scale", "hires_resize", "hires_steps", "hires_strength", "hires_upscaler")
 # The exit status of a program ended by SIGINT, as shells report it (128 + 2).
 INTERRUPTED = 130
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -141,6 +154,7 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
             "... --seed N --steps N --cfg_scale X --width N --height N --sampler_name NAME "
             "--batch_size N); what a line leaves out comes from the command line",
         )
+        add_hires_options(p)
     p.add_argument("prompt", nargs="?", help="what to generate (optional with --from-image)")
     p.add_argument(
         "--from-image",
@@ -283,6 +297,62 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     return p
 
 
+def add_hires_options(p: argparse.ArgumentParser) -> None:
+    hires = p.add_argument_group(
+        "hires fix",
+        "A1111's hires fix: generate at --width x --height, upscale, then denoise again "
+        "(img2img) with the same prompt and seed",
+    )
+    hires.add_argument(
+        "--hires-scale", type=float, metavar="X", help="upscale by X (1 to 8, e.g. 2)"
+    )
+    hires.add_argument(
+        "--hires-resize",
+        type=hires_size,
+        metavar="WxH",
+        help="upscale to cover W x H and center-crop to it (0 for a side: keep the aspect "
+        "ratio), instead of --hires-scale",
+    )
+    hires.add_argument(
+        "--hires-steps", type=int, metavar="N", help="second pass steps (default 0: as --steps)"
+    )
+    hires.add_argument(
+        "--hires-strength",
+        type=float,
+        metavar="X",
+        help="the second pass's denoising strength, 0 to 1 (default 0.7)",
+    )
+    hires.add_argument(
+        "--hires-upscaler",
+        metavar="NAME",
+        help="latent (default: bilinear), latent-antialiased, latent-bicubic, "
+        "latent-bicubic-antialiased, latent-nearest, latent-nearest-exact, or lanczos (decode, "
+        "resize the image, encode); A1111's names ('Latent (nearest)') work too",
+    )
+
+
+def hires_size(value: str) -> tuple[int, int]:
+    width, _, height = value.lower().partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not WxH (e.g. 1024x0)") from None
+
+
+def hires_fix(args: argparse.Namespace) -> HiresFix | None:
+    """The hires fix the options ask for, or None."""
+    if args.hires_scale is None and args.hires_resize is None:
+        return None
+    given = {
+        "scale": args.hires_scale,
+        "resize": args.hires_resize,
+        "steps": args.hires_steps,
+        "strength": args.hires_strength,
+        "upscaler": args.hires_upscaler,
+    }
+    return HiresFix(**{name: value for name, value in given.items() if value is not None})
+
+
 def lora_spec(value: str) -> tuple[str, float]:
     """PATH or PATH:STRENGTH. The strength is what follows the last colon only if that is a
     number, so Windows paths (C:\\loras\\x.safetensors) work without one."""
@@ -306,7 +376,7 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
     """Fill the options not given on the command line from an image's parameters. The
     model an image names is untrusted (any path or hub repo): it is used only with
     --use-saved-model, otherwise named and left alone."""
-    values = {
+    values: dict[str, object] = {
         "prompt": saved.prompt,
         "negative_prompt": saved.negative_prompt or None,
         "steps": saved.steps,
@@ -325,6 +395,15 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
     padding = saved.only_masked_padding() if getattr(args, "mask", None) else None
     if padding is not None and args.only_masked is not False:
         values.update(only_masked=True, only_masked_padding=padding)
+    if saved.hires_scale is not None or saved.hires_resize is not None:
+        values.update(
+            hires_steps=saved.hires_steps,
+            hires_strength=saved.strength,
+            hires_upscaler=saved.hires_upscaler,
+        )
+        # The size goes by --hires-scale or --hires-resize: either given replaces both.
+        if getattr(args, "hires_scale", None) is None and args.hires_resize is None:
+            values.update(hires_scale=saved.hires_scale, hires_resize=saved.hires_resize)
     for name, value in values.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, value)
@@ -427,6 +506,7 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.prompt is None and not from_file:
         fail(p, "give a prompt, or --from-image with an image generated before")
     args.model = args.model or DEFAULT_MODEL
+    check_hires_options(p, args)
     if hasattr(args, "strength") and args.strength is None:
         args.strength = 0.75 if inpainting(args) else 0.5
     if hasattr(args, "mask"):
@@ -443,6 +523,10 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
             height=getattr(args, "height", None),
             strength=getattr(args, "strength", None),
             decoding_batch_size=args.decoding_batch_size,
+            hires_scale=getattr(args, "hires_scale", None),
+            hires_resize=getattr(args, "hires_resize", None),
+            hires_steps=getattr(args, "hires_steps", None),
+            hires_strength=getattr(args, "hires_strength", None),
             names=OPTION_NAMES,
         )
         if args.batch_size is not None:
@@ -472,6 +556,23 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         return check_output_path(args.output, overwrite=args.overwrite, individual=individual)
     except ValueError as e:
         fail(p, e)
+
+
+def check_hires_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The hires options go together; the upscaler becomes A1111's name for it."""
+    if not hasattr(args, "hires_scale"):
+        return
+    if args.hires_scale is not None and args.hires_resize is not None:
+        fail(p, "give --hires-scale or --hires-resize, not both")
+    if args.hires_scale is None and args.hires_resize is None:
+        given = [f"--{name.replace('_', '-')}" for name in HIRES_OPTIONS if getattr(args, name)]
+        if given:
+            fail(p, f"{', '.join(given)} need --hires-scale (or --hires-resize)")
+    if args.hires_upscaler is not None:
+        try:
+            args.hires_upscaler = upscaler_name(args.hires_upscaler)
+        except ValueError as e:
+            fail(p, f"--hires-upscaler: {e}")
 
 
 def prompt_loras(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -587,7 +688,7 @@ def load_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> StableDi
         sd.preload()
     if args.verbose:
         seconds = time.perf_counter() - start
-        print(f"Model loaded in {seconds:.1f} s ({printable(sd.components.path)})")
+        print(f"Model loaded in {seconds:.2f} s ({printable(sd.components.path)})")
     return sd
 
 
@@ -642,7 +743,7 @@ def denoise(
             finals.append(x)
     if args.verbose:
         print(
-            f"{prefix}Denoised in {time.perf_counter() - start:.1f} s, "
+            f"{prefix}Denoised in {time.perf_counter() - start:.2f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
     return finals[0] if len(finals) == 1 else mx.concatenate(finals)
@@ -672,7 +773,7 @@ def decode(
             decoded.append(to_uint8(images))
     if args.verbose:
         print(
-            f"{prefix}Decoded in {time.perf_counter() - start:.1f} s, "
+            f"{prefix}Decoded in {time.perf_counter() - start:.2f} s, "
             f"peak memory {mx.get_peak_memory() / 2**30:.2f} GiB"
         )
     return np.concatenate(decoded)
@@ -873,12 +974,23 @@ def generate(
             pixels, parameters = _make_images(
                 p, sd, start, job, images, seeds[index], True, ranks, finish
             )
-        results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+        results = _gather(ranks, pixels, parameters)
         if ranks.is_main:
             for job_index, result in zip(range(first, len(jobs)), results, strict=False):
                 job = jobs[job_index]
                 texts = [GenerationParameters.from_text(text) for text in result.texts]
                 save(result.images, job.args, job.output, texts)
+
+
+def _gather(
+    ranks: Ranks, pixels: np.ndarray, parameters: list[GenerationParameters]
+) -> list[distributed.Result]:
+    """Every rank's images and parameters; a rank lost meanwhile ends the run with one line
+    (`mlx.launch` has stopped or is stopping the others; the images saved so far stay)."""
+    try:
+        return distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+    except distributed.RankLost as e:
+        sys.exit(f"{ranks.prefix()}error: {e}; the images saved so far stay")
 
 
 def _save_gathered(
@@ -896,7 +1008,7 @@ def _save_gathered(
         individual = [grid_path.with_name(f"{grid_path.stem}-{i}.png") for i in range(n)]
         for i, image in enumerate(pixels):
             saved(image, individual[i], parameters[i])
-    results = distributed.gather(ranks, pixels, [p.to_text() for p in parameters])
+    results = _gather(ranks, pixels, parameters)
     if not ranks.is_main:
         return
     everything = distributed.in_rank_order(results)
@@ -922,6 +1034,21 @@ def txt2image_main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     def start(sd: StableDiffusion, args: argparse.Namespace, n_images: int, seed: int):
+        hires = hires_fix(args)
+        if hires is not None:
+            return sd.generate_latents_hires(
+                args.prompt,
+                hires,
+                n_images=n_images,
+                num_steps=args.steps,
+                cfg_weight=args.cfg,
+                negative_text=args.negative_prompt,
+                seed=seed,
+                width=args.width,
+                height=args.height,
+                sampler=args.sampler,
+                clip_skip=args.clip_skip,
+            )
         return sd.generate_latents(
             args.prompt,
             n_images=n_images,

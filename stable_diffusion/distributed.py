@@ -11,15 +11,26 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from .settings import MAX_IMAGES, MAX_SIDE
+
 # What `mlx.launch` sets for each rank: MLX_RANK for the ring and JACCL backends, MPI's own
 # variables for the MPI backend.
 _LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# A rank's PNG texts in one gather: far beyond any real parameters (a few kB per image).
+_MAX_TEXT_BYTES = 64 * 2**20
+
+
+class RankLost(RuntimeError):
+    """A gather failed: another rank stopped (or its link did). When a rank dies mid-gather,
+    MLX's ring backend fails the collective or hands back what its buffers held, so what
+    arrived is checked (shapes within bounds, a checksum per rank) before it is used."""
 
 
 @dataclass(frozen=True)
@@ -79,30 +90,56 @@ def gather(ranks: Ranks, images: np.ndarray, texts: Sequence[str]) -> list[Resul
     order, on every rank. Ranks may hold different counts and sizes (prompts-file lines of
     other sizes), or nothing ((0, ...) images).
 
-    Two collectives: each rank's shape and text length, then its pixels and text, padded
-    to the largest."""
+    Two collectives: each rank's shape, text length and checksum, then its pixels and text,
+    padded to the largest. Raises RankLost if a rank stopped meanwhile (what arrived is
+    checked: never another rank's garbage for images)."""
     payload = np.frombuffer(json.dumps(list(texts)).encode(), np.uint8)
     if ranks.group is None:
         return [Result(images, list(texts))]
-    header = np.array([*images.shape, payload.size], dtype=np.int32)
-    headers = np.array(_all_gather(ranks, header))
-    sizes = [int(np.prod(h[:4])) + int(h[4]) for h in headers]
+    checksum = _checksum(images, payload)
+    header = np.array([*images.shape, payload.size, checksum], dtype=np.int32)
+    headers = [[int(v) for v in h] for h in _all_gather(ranks, header)]
+    for rank, h in enumerate(headers):
+        n, height, width, channels, text = h[:5]
+        if not (
+            0 <= n <= MAX_IMAGES
+            and 0 <= height <= MAX_SIDE
+            and 0 <= width <= MAX_SIDE
+            and channels == 3
+            and 0 < text <= _MAX_TEXT_BYTES
+        ):
+            raise RankLost(f"rank {rank}'s images did not arrive (another rank stopped?)")
+    sizes = [int(np.prod(h[:4])) + h[4] for h in headers]
     flat = np.zeros(max(sizes), np.uint8)
     flat[: images.size] = images.reshape(-1)
     flat[images.size : images.size + payload.size] = payload
-    gathered = np.array(_all_gather(ranks, flat))
+    gathered = _all_gather(ranks, flat)
     results = []
-    for row, h in zip(gathered, headers, strict=True):
+    for rank, (row, h) in enumerate(zip(gathered, headers, strict=True)):
         n_pixels = int(np.prod(h[:4]))
-        pixels = row[:n_pixels].reshape(tuple(int(d) for d in h[:4]))
-        text = row[n_pixels : n_pixels + int(h[4])].tobytes().decode()
-        results.append(Result(pixels, json.loads(text)))
+        pixels, text = row[:n_pixels], row[n_pixels : n_pixels + h[4]]
+        if _checksum(pixels, text) != h[5]:
+            raise RankLost(f"rank {rank}'s images arrived damaged (another rank stopped?)")
+        results.append(Result(pixels.reshape(h[:4]), json.loads(text.tobytes().decode())))
     return results
 
 
-def _all_gather(ranks: Ranks, values: np.ndarray) -> mx.array:
-    """(size, *values.shape): every rank's `values`, which must have one shape."""
-    return mx.distributed.all_gather(mx.array(values)[None], group=ranks.group, stream=mx.cpu)
+def _checksum(pixels: np.ndarray, text: np.ndarray) -> int:
+    """CRC-32 of a rank's pixels and text, in 31 bits (an int32 of the header)."""
+    crc = zlib.crc32(np.ascontiguousarray(pixels).data)
+    return zlib.crc32(np.ascontiguousarray(text).data, crc) & 0x7FFFFFFF
+
+
+def _all_gather(ranks: Ranks, values: np.ndarray) -> np.ndarray:
+    """(size, *values.shape): every rank's `values`, which must have one shape. RankLost if
+    the collective fails."""
+    try:
+        gathered = mx.distributed.all_gather(
+            mx.array(values)[None], group=ranks.group, stream=mx.cpu
+        )
+        return np.array(gathered)
+    except RuntimeError as e:  # the ring backend's "connection to a peer was lost"
+        raise RankLost(f"another rank stopped ({e})") from None
 
 
 def in_rank_order(results: Sequence[Result]) -> Result:

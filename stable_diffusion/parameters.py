@@ -25,7 +25,9 @@ Choices made here, so that ``from_text(p.to_text()) == p`` for every valid ``p``
   ``Lora: "<lora:name:0.8>, <lora:other:1.0>"``, rather than into the prompt, so the
   prompt comes back exactly as the user typed it.
 * ``Clip skip`` is written, as A1111 does, only when above 1.
-* Fields that this module does not model (``Hires upscale``, ...) are
+* The hires fix is A1111's ``Hires upscale`` (or ``Hires resize: 1024x0``), ``Hires
+  steps`` (only when not 0), ``Hires upscaler`` and ``Denoising strength``.
+* Fields that this module does not model (``Hires sampler``, ...) are
   kept, in order, in `GenerationParameters.extras` and written back unchanged.
 """
 
@@ -67,6 +69,10 @@ _RESERVED_KEYS = frozenset(
         "Denoising strength",
         "Lora",
         "Clip skip",
+        "Hires upscale",
+        "Hires resize",
+        "Hires steps",
+        "Hires upscaler",
     }
 )
 _SCHEDULE_TYPE = "Schedule type"
@@ -79,7 +85,9 @@ class GenerationParameters:
 
     `sampler` is an internal name (``"euler_a"``); A1111 display names given here are
     converted to it, and unknown samplers (from other tools' images) are kept as given.
-    `strength` is img2img's denoising strength, None for txt2img.  `extras` holds other
+    `strength` is img2img's denoising strength, or the hires fix's, None for txt2img
+    without it.  The hires fix is on when `hires_scale` or `hires_resize` is set
+    (settings.HiresFix).  `extras` holds other
     ``(field, value)`` pairs; a mapping is accepted and stored as a tuple.
     """
 
@@ -95,6 +103,10 @@ class GenerationParameters:
     loras: tuple[tuple[str, float], ...] = ()
     strength: float | None = None
     clip_skip: int = 1
+    hires_scale: float | None = None
+    hires_resize: tuple[int, int] | None = None
+    hires_steps: int = 0
+    hires_upscaler: str | None = None
     extras: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -111,7 +123,11 @@ class GenerationParameters:
         set_(self, "loras", tuple((str(name), float(s)) for name, s in self.loras))
         if self.strength is not None:
             set_(self, "strength", float(self.strength))
-        for name in ("steps", "seed", "width", "height", "clip_skip"):
+        if self.hires_scale is not None:
+            set_(self, "hires_scale", float(self.hires_scale))
+        if self.hires_resize is not None:
+            set_(self, "hires_resize", tuple(operator.index(v) for v in self.hires_resize))
+        for name in ("steps", "seed", "width", "height", "clip_skip", "hires_steps"):
             value = getattr(self, name)
             try:
                 set_(self, name, operator.index(value))  # accepts NumPy integers, not floats
@@ -139,6 +155,7 @@ class GenerationParameters:
             raise ValueError(f"cfg_scale must be finite, got {self.cfg_scale}")
         if self.strength is not None and not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be between 0 and 1, got {self.strength}")
+        self._validate_hires()
         for name, strength in self.loras:
             if not name or any(c in name for c in "<>\n") or not math.isfinite(strength):
                 raise ValueError(
@@ -173,6 +190,25 @@ class GenerationParameters:
             raise ValueError(f"generation parameters: Masked area padding is negative: {padding}")
         return padding
 
+    def _validate_hires(self) -> None:
+        if self.hires_scale is not None and not (
+            math.isfinite(self.hires_scale) and self.hires_scale > 0
+        ):
+            raise ValueError(f"the hires scale must be a positive number, got {self.hires_scale}")
+        if self.hires_resize is not None and (
+            len(self.hires_resize) != 2 or min(self.hires_resize) < 0
+        ):
+            raise ValueError(f"the hires resize must be two sizes >= 0, got {self.hires_resize}")
+        if self.hires_steps < 0:
+            raise ValueError(f"hires steps must be >= 0, got {self.hires_steps}")
+        hires = self.hires_scale is not None or self.hires_resize is not None
+        if not hires and (self.hires_steps or self.hires_upscaler is not None):
+            raise ValueError("hires steps and upscaler need a hires scale or resize")
+        if self.hires_upscaler is not None and (
+            not self.hires_upscaler or "\n" in self.hires_upscaler
+        ):
+            raise ValueError(f"invalid hires upscaler {self.hires_upscaler!r}")
+
     def to_text(self) -> str:
         """The A1111 ``parameters`` text (see the module docstring)."""
         sampler, schedule_type = _a1111_sampler(self.sampler)
@@ -190,6 +226,15 @@ class GenerationParameters:
             fields.append(("Denoising strength", repr(self.strength)))
         if self.clip_skip > 1:  # A1111 writes it only then
             fields.append(("Clip skip", str(self.clip_skip)))
+        if self.hires_resize is not None:
+            fields.append(("Hires resize", "{}x{}".format(*self.hires_resize)))
+        elif self.hires_scale is not None:
+            scale = self.hires_scale
+            fields.append(("Hires upscale", str(int(scale)) if scale.is_integer() else repr(scale)))
+        if self.hires_steps:  # A1111 writes it only then
+            fields.append(("Hires steps", str(self.hires_steps)))
+        if self.hires_upscaler is not None:
+            fields.append(("Hires upscaler", self.hires_upscaler))
         if self.loras:
             lora_tags = (f"<lora:{name}:{strength!r}>" for name, strength in self.loras)
             fields.append(("Lora", ", ".join(lora_tags)))
@@ -244,6 +289,14 @@ class GenerationParameters:
         if size is None:
             raise ValueError("generation parameters: Size must look like 512x768")
         strength = fields.pop("Denoising strength", None)
+        hires_scale = fields.pop("Hires upscale", None)
+        hires_resize = fields.pop("Hires resize", None)
+        resize = None
+        if hires_resize is not None:
+            match = _SIZE.fullmatch(hires_resize)
+            if match is None:
+                raise ValueError("generation parameters: Hires resize must look like 1024x0")
+            resize = int(match[1]), int(match[2])
         return cls(
             prompt=prompt,
             negative_prompt=negative,
@@ -259,6 +312,12 @@ class GenerationParameters:
             strength=None
             if strength is None
             else _to_number(float, "Denoising strength", strength),
+            hires_scale=None
+            if hires_scale is None
+            else _to_number(float, "Hires upscale", hires_scale),
+            hires_resize=resize,
+            hires_steps=_to_number(int, "Hires steps", fields.pop("Hires steps", "0")),
+            hires_upscaler=fields.pop("Hires upscaler", None),
             extras=tuple(fields.items()),
         )
 

@@ -6,6 +6,7 @@ pooled text and size conditioning."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 from collections.abc import Iterator, Sequence
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from . import cpu, loading, prompts, tiling
+from . import cpu, loading, prompts, tiling, upscale
 from .config import PipelineConfig, UNetConfig
 from .embeddings import read_embedding
 from .inpainting import check_masked_content, fill
@@ -27,8 +28,8 @@ from .models.unet import UNetModel
 from .models.vae import Autoencoder
 from .noise import ImageNoise, image_seeds
 from .preview import latent_rgb
-from .samplers import Run, make_sampler
-from .settings import GenerationSettings, check_arguments
+from .samplers import Run, Sampler, make_sampler
+from .settings import GenerationSettings, HiresFix, check_arguments
 from .tokenizer import Tokenizer
 
 # Per-model defaults for well-known repos; other models get their
@@ -659,21 +660,88 @@ class StableDiffusion:
             filled = [fill(images[i % len(images)], masks[i % len(masks)]) for i in range(n)]
             image = mx.array(np.stack(filled))
         x0 = self.encode_image(image)
+        inpainting_input = None if mask is None else (image, mask, masked_content)
+        return self._img2img(
+            x0, settings, noise, original_size, crop, chosen_sampler, None, inpainting_input
+        )
+
+    def generate_latents_from_latents(
+        self,
+        latents: mx.array,
+        text: str | list[str],
+        strength: float = 0.8,
+        n_images: int = 1,
+        num_steps: int | None = None,
+        cfg_weight: float | None = None,
+        negative_text: str | list[str] | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        noise: mx.array | None = None,
+        original_size: tuple[int, int] | None = None,
+        crop: tuple[int, int] = (0, 0),
+        clip_skip: int = 1,
+    ) -> Denoising:
+        """img2img from latents (NHWC, as `generate_latents` yields them, e.g. upscaled by
+        `upscale_latents`): the image is (h * 8) x (w * 8). Arguments as in
+        `generate_latents_from_image`."""
+        downscale = self.vae.downscale
+        settings = self._prepare(
+            text,
+            n_images,
+            negative_text,
+            num_steps,
+            cfg_weight,
+            sampler,
+            seed,
+            latents.shape[2] * downscale,
+            latents.shape[1] * downscale,
+            strength,
+            clip_skip,
+        )
+        chosen_sampler = make_sampler(settings.sampler, self.components.scheduler_config)
+        if latents.shape[0] not in (1, len(settings.prompts)):
+            raise ValueError(
+                f"give one latent or one per generated image ({len(settings.prompts)})"
+            )
+        return self._img2img(latents, settings, noise, original_size, crop, chosen_sampler)
+
+    def _img2img(
+        self,
+        x0: mx.array,
+        settings: GenerationSettings,
+        noise: mx.array | None,
+        original_size: tuple[int, int] | None,
+        crop: tuple[int, int],
+        chosen_sampler: Sampler,
+        conditioning: Conditioning | None = None,
+        inpainting_input: tuple[mx.array, mx.array, str] | None = None,
+    ) -> Denoising:
+        """Noise the latents `x0` to the settings' strength and denoise them (`conditioning`:
+        already computed, for the hires fix's second pass; `inpainting_input`: the image,
+        mask and masked content that `x0` was encoded from, when inpainting)."""
+        batch = len(settings.prompts)
         x0 = mx.broadcast_to(x0, (batch, *x0.shape[1:]))
-        if strength == 0:
+        if settings.strength == 0:
             return Denoising(iter([x0]), 1, settings)
         noise_source = ImageNoise(image_seeds(settings.seed, batch))
         initial = noise_source.draw(x0.shape[1:])
         noise = (initial if noise is None else noise).astype(mx.float32)
-        conditioning = self._conditioning(settings, original_size, crop)
-        run = chosen_sampler.start(settings.steps, strength=strength)
+        if noise.shape != x0.shape:
+            raise ValueError(f"the noise has shape {noise.shape}, expected {x0.shape}")
+        if conditioning is None:
+            conditioning = self._conditioning(settings, original_size, crop)
+        run = chosen_sampler.start(settings.steps, strength=settings.strength)
         inpainting = None
-        if mask is None:
+        if inpainting_input is None:
             x = run.noised_latents(x0, noise)
         else:
+            image, mask, masked_content = inpainting_input
             inpainting, x0 = self._inpainting(image, mask, x0, noise, masked_content, batch)
             # diffusers' inpainting pipelines start from pure noise at strength 1.
-            x = run.initial_latents(noise) if strength == 1 else run.noised_latents(x0, noise)
+            if settings.strength == 1:
+                x = run.initial_latents(noise)
+            else:
+                x = run.noised_latents(x0, noise)
         steps = self._denoise(x, run, conditioning, settings, noise_source, inpainting)
         return Denoising(steps, len(run.timesteps), settings, conditioning)
 
@@ -709,6 +777,118 @@ class StableDiffusion:
         masked = self._encode((2 * image - 1) * (1 - binary[..., None]))
         masked = mx.broadcast_to(masked, (batch, *masked.shape[1:]))
         return Inpainting(latent_mask, masked_latents=masked), x0
+
+    # -- hires fix --------------------------------------------------------------------
+
+    def generate_latents_hires(
+        self,
+        text: str | list[str],
+        hires: HiresFix,
+        n_images: int = 1,
+        num_steps: int | None = None,
+        cfg_weight: float | None = None,
+        negative_text: str | list[str] | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        sampler: str | None = None,
+        latents: mx.array | None = None,
+        noise: mx.array | None = None,
+        clip_skip: int = 1,
+    ) -> Denoising:
+        """txt2img with A1111's hires fix: `generate_latents` at width x height, the latents
+        upscaled by `upscale_latents`, then img2img at `hires.strength` over `hires.steps`
+        steps (0: `num_steps`) with the same prompts, and image i's noise drawn again from
+        seed + i at the new size (`noise` gives it, as `latents` gives the first pass's).
+        Yields every step of both passes; the settings record `hires`."""
+        first = self.generate_latents(
+            text,
+            n_images,
+            num_steps,
+            cfg_weight,
+            negative_text,
+            seed,
+            width,
+            height,
+            sampler,
+            latents,
+            clip_skip=clip_skip,
+        )
+        settings = first.settings
+        check_arguments(
+            n_images=n_images,
+            hires_scale=hires.scale,
+            hires_resize=hires.resize,
+            hires_steps=hires.steps,
+            hires_strength=hires.strength,
+            width=settings.width,
+            height=settings.height,
+            multiple=self.vae.downscale,
+        )
+        upscaler = upscale.upscaler_name(hires.upscaler)
+        upscaled, (final_width, final_height) = hires.sizes(settings.width, settings.height)
+        second = dataclasses.replace(
+            settings,
+            steps=hires.steps or settings.steps,
+            width=final_width,
+            height=final_height,
+            strength=hires.strength,
+        )
+        self._check_size(second)
+        conditioning = first._conditioning
+        if conditioning is not None and conditioning.time_ids is not None:
+            # SDXL's size conditioning is the second pass's size, as in A1111.
+            size = [second.height, second.width]
+            time_ids = mx.array([*size, 0, 0, *size], dtype=mx.float32)
+            time_ids = mx.broadcast_to(time_ids, conditioning.time_ids.shape)
+            conditioning = dataclasses.replace(conditioning, time_ids=time_ids)
+        chosen_sampler = make_sampler(second.sampler, self.components.scheduler_config)
+        second_steps = 1
+        if second.strength:
+            second_steps = len(
+                chosen_sampler.start(second.steps, strength=second.strength).timesteps
+            )
+
+        def both_passes() -> Iterator[mx.array]:
+            for x in first:
+                yield x
+            x = self.upscale_latents(x, *upscaled, upscaler, crop_to=(final_width, final_height))
+            yield from self._img2img(x, second, noise, None, (0, 0), chosen_sampler, conditioning)
+
+        hires = dataclasses.replace(hires, upscaler=upscaler)
+        settings = dataclasses.replace(settings, hires=hires, strength=None)
+        return Denoising(both_passes(), len(first) + second_steps, settings, first._conditioning)
+
+    def upscale_latents(
+        self,
+        latents: mx.array,
+        width: int,
+        height: int,
+        upscaler: str = "Latent",
+        crop_to: tuple[int, int] | None = None,
+    ) -> mx.array:
+        """Latents (NHWC) upscaled to those of a width x height image, then center-cropped to
+        those of `crop_to` (width, height) as A1111 crops for `Hires resize`. `upscaler` is
+        an A1111 name (upscale.UPSCALERS) or its simple spelling: a "Latent" mode resizes
+        the latents; "Lanczos" decodes them (tiled where the VAE would not fit), resizes
+        the image and encodes it again."""
+        upscaler = upscale.upscaler_name(upscaler)
+        downscale = self.vae.downscale
+        if upscale.is_latent(upscaler):
+            x = upscale.resize_latents(latents, height // downscale, width // downscale, upscaler)
+        else:
+            images = np.array(self.decode(latents))
+            x = self.encode_image(mx.array(upscale.lanczos(images, height, width)))
+        if crop_to is None:
+            return x
+        # A1111's truncate_x/y, in latents.
+        cut_x = (width - crop_to[0]) // downscale
+        cut_y = (height - crop_to[1]) // downscale
+        return x[
+            :,
+            cut_y // 2 : x.shape[1] - (cut_y + 1) // 2,
+            cut_x // 2 : x.shape[2] - (cut_x + 1) // 2,
+        ]
 
     # -- VAE --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import numbers
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .images import validate_size
 from .parameters import GenerationParameters
@@ -37,7 +38,43 @@ API_NAMES: Mapping[str, str] = {
     "height": "height",
     "strength": "strength",
     "decoding_batch_size": "decoding batch size",
+    "hires_scale": "hires scale",
+    "hires_resize": "hires resize",
+    "hires_steps": "hires steps",
+    "hires_strength": "hires strength",
 }
+# A1111's slider goes up to 4; larger factors are refused by the size limit anyway.
+MAX_HIRES_SCALE = 8
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's hires fix: upscale the first pass's latents by `scale` (or to `resize`,
+    width x height, 0 keeping the aspect ratio, then center-cropped) with `upscaler`, then
+    denoise them again at `strength` over `steps` steps (0: as many as the first pass)."""
+
+    scale: float = 2.0
+    steps: int = 0
+    strength: float = 0.7  # A1111's default in its page
+    upscaler: str = "Latent"
+    resize: tuple[int, int] | None = None
+
+    def sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((width, height) upscaled to, (width, height) cropped to), as A1111 works them
+        out (`calculate_target_resolution`)."""
+        if self.resize is None:
+            upscaled = int(width * self.scale), int(height * self.scale)
+            return upscaled, upscaled
+        resize_x, resize_y = self.resize
+        if resize_y == 0:
+            upscaled = resize_x, resize_x * height // width
+            return upscaled, upscaled
+        if resize_x == 0:
+            upscaled = resize_y * width // height, resize_y
+            return upscaled, upscaled
+        if width / height < resize_x / resize_y:
+            return (resize_x, resize_x * height // width), self.resize
+        return (resize_y * width // height, resize_y), self.resize
 
 
 @dataclass(frozen=True)
@@ -54,6 +91,7 @@ class GenerationSettings:
     height: int
     strength: float | None = None  # img2img only
     clip_skip: int = 1  # A1111's numbering: 1 is the last layer
+    hires: HiresFix | None = None  # txt2img's second pass; width, height: the first's
 
     @property
     def uses_cfg(self) -> bool:
@@ -78,9 +116,22 @@ class GenerationSettings:
             height=self.height,
             model=model,
             loras=loras,
-            strength=self.strength,
             clip_skip=self.clip_skip,
+            **strength_parameters(self.strength, self.hires),
         )
+
+
+def strength_parameters(strength: float | None, hires: HiresFix | None) -> dict[str, Any]:
+    """img2img's strength, or the hires fix (A1111 records its strength as the same field)."""
+    if hires is None:
+        return {"strength": strength}
+    return {
+        "strength": hires.strength,
+        "hires_scale": None if hires.resize else hires.scale,
+        "hires_resize": hires.resize,
+        "hires_steps": hires.steps,
+        "hires_upscaler": hires.upscaler,
+    }
 
 
 def check_arguments(
@@ -94,6 +145,10 @@ def check_arguments(
     height: object = None,
     strength: object = None,
     decoding_batch_size: object = None,
+    hires_scale: object = None,
+    hires_resize: object = None,
+    hires_steps: object = None,
+    hires_strength: object = None,
     multiple: int = 8,
     names: Mapping[str, str] = API_NAMES,
 ) -> None:
@@ -123,8 +178,8 @@ def check_arguments(
     if decoding_batch_size is not None:
         # A decoding batch is some of the call's images: more than MAX_IMAGES decodes no more.
         _integer(names["decoding_batch_size"], decoding_batch_size, 1, MAX_IMAGES)
+    sides: dict[str, int | None] = {"width": None, "height": None}
     if width is not None or height is not None:
-        sides: dict[str, int | None] = {"width": None, "height": None}
         for side, value in (("width", width), ("height", height)):
             if value is not None:
                 # validate_size refuses sides below 1, suggesting the nearest valid ones.
@@ -135,6 +190,64 @@ def check_arguments(
             multiple if sides["height"] is None else sides["height"],
             multiple,
         )
+    _check_hires(
+        names,
+        hires_scale,
+        hires_resize,
+        hires_steps,
+        hires_strength,
+        sides["width"],
+        sides["height"],
+        multiple,
+    )
+
+
+def _check_hires(
+    names: Mapping[str, str],
+    scale: object,
+    resize: object,
+    steps: object,
+    strength: object,
+    width: int | None,
+    height: int | None,
+    multiple: int,
+) -> None:
+    """The hires fix's numbers, and the size it makes when the first pass's is known."""
+    if steps is not None:
+        _integer(names["hires_steps"], steps, 0, MAX_STEPS, " (0: as many as the first pass)")
+    if strength is not None:
+        strength = _real(names["hires_strength"], strength)
+        if not 0 <= strength <= 1:
+            raise ValueError(f"{names['hires_strength']} must be between 0 and 1 (got {strength})")
+    factor = None
+    if scale is not None:
+        factor = _real(names["hires_scale"], scale)
+        if not 1 <= factor <= MAX_HIRES_SCALE:
+            raise ValueError(
+                f"{names['hires_scale']} must be between 1 and {MAX_HIRES_SCALE} (got {factor})"
+            )
+    size = None
+    if resize is not None:
+        if not isinstance(resize, tuple) or len(resize) != 2:
+            raise ValueError(f"{names['hires_resize']} must be a (width, height) pair")
+        hint = " (0 keeps the aspect ratio)"
+        size = (
+            _integer(names["hires_resize"], resize[0], 0, MAX_SIDE, hint),
+            _integer(names["hires_resize"], resize[1], 0, MAX_SIDE, hint),
+        )
+        if size == (0, 0):
+            raise ValueError(f"{names['hires_resize']} 0x0 gives no size; give a width or height")
+    if (factor is None and size is None) or width is None or height is None:
+        return
+    upscaled, cropped = HiresFix(scale=factor or 1.0, resize=size).sizes(width, height)
+    name = names["hires_resize" if resize is not None else "hires_scale"]
+    for w, h in {upscaled, cropped}:
+        if w % multiple or h % multiple or not 0 < w <= MAX_SIDE or not 0 < h <= MAX_SIDE:
+            raise ValueError(
+                f"{name} makes {width}x{height} into {w}x{h}: the hires size must be "
+                f"multiples of {multiple} between {multiple} and {MAX_SIDE}; choose a factor or "
+                "size that gives one"
+            )
 
 
 def _integer(name: str, value: object, low: int | None, high: int, hint: str = "") -> int:

@@ -15,10 +15,13 @@ import pytest
 
 import benchmarks.reference
 from benchmarks import flops, measure, report
+from benchmarks import ranks as ranks_benchmark
 from benchmarks import run as benchmark
+from benchmarks import server as server_benchmark
 from benchmarks.architectures import ARCHITECTURES
 from benchmarks.random_weights import weights_on_disk
 from benchmarks.reference import reference_dtypes
+from benchmarks.scripts import Run
 from stable_diffusion import fast_cpu
 from stable_diffusion.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
 from stable_diffusion.cpu import in_fast_cpu
@@ -426,3 +429,104 @@ def test_rounds_need_the_reference_and_at_least_one(extra, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--models", "tiny", *extra])
     assert "--rounds" in capsys.readouterr().err
+
+
+# -- whole runs: the server against the scripts, one process against ranks -------------------
+
+TINY_RUN = ("--model", "tiny", "--size", "64", "--steps", "2", "--cfg", "7.5")
+
+
+def test_server_benchmark_times_both_sides_and_finds_the_same_pixels(tmp_path, capsys):
+    """Issue 21's measurement on the tiny architecture: the real server on a loopback port,
+    the real script in fresh processes; the model folder is written once and reused."""
+    workdir = tmp_path / "models"
+    output = tmp_path / "server.json"
+    results = server_benchmark.main([*TINY_RUN, "--workdir", str(workdir), "--output", str(output)])
+    assert json.loads(output.read_text()) == results
+    assert results["equal"] == [True, True]
+    scripts, server = results["scripts"], results["server"]
+    assert len(scripts) == 2 and len(server["requests_s"]) == 2
+    for run_ in scripts:
+        # The script's own report: a load and a generation inside the run's wall time.
+        assert 0 <= run_["load_s"] + run_["generation_s"] <= run_["wall_s"] + 0.1
+    assert server["startup_s"] > 0 and all(s > 0 for s in server["requests_s"])
+    summary = results["summary"]
+    assert summary["server, load excluded"] == [
+        server["requests_s"][0],
+        server["requests_s"][0] + server["requests_s"][1],
+    ]
+    assert summary["scripts, load included"][1] == scripts[0]["wall_s"] + scripts[1]["wall_s"]
+    printed = capsys.readouterr().out
+    assert "| server, load included |" in printed and "Same pixels on both sides." in printed
+
+    written = workdir / "tiny" / "unet" / "diffusion_pytorch_model.safetensors"
+    stamp = written.stat().st_mtime_ns
+    server_benchmark.main([*TINY_RUN, "--workdir", str(workdir), "--output", str(output)])
+    assert written.stat().st_mtime_ns == stamp  # reused, not written again
+    assert "Reusing the random-weight model" in capsys.readouterr().out
+
+
+def test_server_benchmark_fails_when_the_pixels_differ(tmp_path, monkeypatch, capsys):
+    real = server_benchmark.txt2img
+
+    def darker(port, payload, timeout):
+        seconds, image = real(port, payload, timeout)
+        return seconds, image // 2
+
+    monkeypatch.setattr(server_benchmark, "txt2img", darker)
+    with pytest.raises(SystemExit, match="the server's images differ from the scripts'"):
+        server_benchmark.main(
+            [*TINY_RUN, "--workdir", str(tmp_path), "--output", str(tmp_path / "r.json")]
+        )
+    assert "THE IMAGES DIFFER" in capsys.readouterr().out
+
+
+def test_ranks_benchmark_measures_both_runs_the_gather_and_the_scaling(tmp_path, capsys):
+    output = tmp_path / "ranks.json"
+    results = ranks_benchmark.main(
+        [
+            *TINY_RUN,
+            "--n-images",
+            "3",
+            "--repeats",
+            "10",
+            "--workdir",
+            str(tmp_path),
+            "--output",
+            str(output),
+        ]
+    )
+    assert results["equal"] is True
+    for row in (results["one_process"], results["ranks"]):
+        assert row["images_per_s"] == pytest.approx(3 / row["wall_s"])
+        # The scripts print their timings to 0.01 s: a tiny model's load may print 0.00.
+        assert row["generation_s"] > 0 and row["load_s"] >= 0
+    gather = results["gather"]
+    assert gather["ranks"] == 2 and gather["repeats"] == 10
+    assert gather["image_bytes"] == 64 * 64 * 3
+    assert 0 < gather["p10_s"] <= gather["median_s"] <= gather["p90_s"]
+    c, s = results["per_image_s"], results["save_s"]
+    assert c == pytest.approx(results["one_process"]["generation_s"] / 3) and s > 0
+    for link, rows in results["scaling"].items():
+        bandwidth = ranks_benchmark.BANDWIDTHS[link]
+        assert [r["machines"] for r in rows] == [1, 2, 4, 8, 16]
+        assert rows[0]["images_per_s"] == pytest.approx(1 / (c + s))
+        t = 64 * 64 * 3 / bandwidth
+        assert rows[2]["images_per_s"] == pytest.approx(4 / (c + 4 * s + 3 * t))
+    printed = capsys.readouterr().out
+    assert "| mlx.launch -n 2 --backend ring |" in printed and "Same pixels" in printed
+
+
+def test_expected_rate_follows_the_formula_by_hand():
+    # c = 10 s per image, s = 0.5 s per save, 1 s per image over the link: N = 4 makes an
+    # image every (10 + 4 * 0.5 + 3 * 1) / 4 = 3.75 s.
+    assert ranks_benchmark.expected_rate(4, 10.0, 0.5, 1.0) == pytest.approx(1 / 3.75)
+    assert ranks_benchmark.expected_rate(1, 10.0, 0.5, 1.0) == pytest.approx(1 / 10.5)
+
+
+def test_a_failed_rank_fails_the_ranks_benchmark():
+    # mlx.launch itself exits 0 when a rank fails; its warning is what the benchmark reads.
+    output = "[rank 0] Denoising\n[WARN] Node with rank 1 exited with code -9\n"
+    with pytest.raises(SystemExit, match=r"a rank failed:\n.*rank 1 exited with code -9"):
+        ranks_benchmark.check_ranks(Run(1.0, {}, output, 0))
+    ranks_benchmark.check_ranks(Run(1.0, {}, "[rank 0] Denoising\n", 0))

@@ -382,6 +382,9 @@ def test_ctrl_c_ends_with_one_line_and_saves_nothing(tmp_path):
         text=True,
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # As from a terminal: a shell without job control starts background commands (and
+        # so this test, under some runners) with SIGINT ignored, which children inherit.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # The seed is printed once the model is loaded, as denoising starts.

@@ -19,6 +19,7 @@ from stable_diffusion.images import (
     validate_size,
 )
 from stable_diffusion.parameters import GenerationParameters
+from stable_diffusion.upscale import UPSCALERS
 
 
 def read_back(path) -> Image.Image:
@@ -126,7 +127,11 @@ def test_values_needing_quotes_round_trip():
         model='C:\\models\\my, "best" model.safetensors',
         sampler="Some: new, sampler",
         loras=(("C:\\loras\\a, b.safetensors", -0.25), ("hub/repo", 1.0)),
-        extras=(("Hires upscale", "2"), ("Note", ' spaced, "quoted"\nmulti-line '), ("Empty", "")),
+        extras=(
+            ("Hires sampler", "Euler"),
+            ("Note", ' spaced, "quoted"\nmulti-line '),
+            ("Empty", ""),
+        ),
         strength=1.0,
         clip_skip=2,
         seed=2**63 + 5,
@@ -148,14 +153,56 @@ def test_parses_real_a1111_text_with_unknown_fields():
     assert p.negative_prompt == "(worst quality:1.4), EasyNegative"
     assert (p.steps, p.sampler, p.cfg_scale, p.seed) == (30, "dpm++2m_karras", 7.0, 3923453)
     assert (p.width, p.height, p.model, p.strength) == (512, 768, "anything-v5", 0.4)
-    assert p.clip_skip == 2
+    assert (p.clip_skip, p.hires_scale, p.hires_steps, p.hires_upscaler) == (2, 2.0, 0, None)
     assert dict(p.extras) == {
         "Model hash": "7f96a1a9ca",
-        "Hires upscale": "2",
         "Lora hashes": "add_detail: 7c6bad76eb54",
         "Version": "v1.6.0",
     }
     assert GenerationParameters.from_text(p.to_text()) == p
+
+
+def test_hires_fix_is_written_with_a1111_fields():
+    p = params(strength=0.5, hires_scale=2, hires_steps=10, hires_upscaler="Latent")
+    assert p.to_text().endswith(
+        "Size: 64x64, Model: stabilityai/sdxl-turbo, Denoising strength: 0.5, "
+        "Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent"
+    )
+    assert GenerationParameters.from_text(p.to_text()) == p
+    # Hires steps only when not 0, as A1111; a resize instead of a factor; quoted names.
+    p = params(strength=0.7, hires_resize=(1024, 0), hires_upscaler="Latent (nearest-exact)")
+    assert p.to_text().endswith(
+        "Denoising strength: 0.7, Hires resize: 1024x0, Hires upscaler: Latent (nearest-exact)"
+    )
+    assert GenerationParameters.from_text(p.to_text()) == p
+    assert "Hires upscale: 1.5," in params(hires_scale=1.5, hires_steps=3).to_text()
+
+
+@given(
+    scale=st.floats(1, 8),
+    steps=st.integers(0, 1000),
+    strength=st.floats(0, 1),
+    upscaler=st.sampled_from([None, *UPSCALERS, "R-ESRGAN 4x+", "SwinIR_4x"]),
+)
+def test_hires_parameters_round_trip(scale, steps, strength, upscaler):
+    p = params(hires_scale=scale, hires_steps=steps, strength=strength, hires_upscaler=upscaler)
+    assert GenerationParameters.from_text(p.to_text()) == p
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("Hires upscale: nan", "Hires upscale must be finite"),
+        ("Hires upscale: -2", "hires scale must be a positive number"),
+        ("Hires upscale: 2, Hires steps: 1.5", "Hires steps is not a number"),
+        ("Hires upscale: 2, Hires steps: -1", "hires steps must be >= 0"),
+        ("Hires resize: 1024", "Hires resize must look like 1024x0"),
+        ("Hires steps: 10", "hires steps and upscaler need a hires scale or resize"),
+    ],
+)
+def test_bad_hires_fields_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationParameters.from_text(f"{params().to_text()}, {fields}")
 
 
 def test_clip_skip_is_written_as_a1111_does():

@@ -145,6 +145,70 @@ def test_txt2img_equals_the_script(api, tmp_path):
     assert sampler.prompts[0].value == "a red cube"
 
 
+@pytest.mark.parametrize(
+    ("script_options", "request_fields", "size"),
+    [
+        (
+            ["--hires-scale", "2", "--hires-steps", "3", "--hires-upscaler", "latent-nearest"],
+            {"hr_scale": 2, "hr_second_pass_steps": 3, "hr_upscaler": "Latent (nearest)"},
+            (128, 96),
+        ),
+        # A1111's hr_resize (0: the aspect ratio kept), its default upscaler (Latent).
+        (["--hires-resize", "96x0"], {"hr_resize_x": 96, "hr_upscaler": None}, (96, 72)),
+    ],
+)
+def test_txt2img_hires_fix_equals_the_script(api, tmp_path, script_options, request_fields, size):
+    script = run_script(
+        tmp_path,
+        "txt2image.py",
+        "a red cube",
+        "--model",
+        TINY_SD1,
+        "--steps",
+        "4",
+        "--seed",
+        "9",
+        "--sampler",
+        "euler_a",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--hires-strength",
+        "0.6",
+        *script_options,
+    )
+    result = api.txt2img(
+        prompt="a red cube",
+        steps=4,
+        seed=9,
+        sampler_name="Euler a",
+        cfg_scale=7.5,
+        width=64,
+        height=48,
+        enable_hr=True,
+        denoising_strength=0.6,
+        **request_fields,
+    )
+    (image,) = result.images
+    assert image.size == size
+    with Image.open(script) as expected:
+        np.testing.assert_array_equal(pixels(image), pixels(expected))
+        assert parameters_text(image) == parameters_text(expected)
+    assert "Size: 64x48, " in parameters_text(image)
+    assert (result.info["width"], result.info["height"]) == (64, 48)
+    assert result.info["denoising_strength"] == 0.6
+    extra = result.info["extra_generation_params"]
+    assert extra["Hires upscaler"] == (request_fields["hr_upscaler"] or "Latent")
+    if "hr_scale" in request_fields:
+        assert (extra["Hires upscale"], extra["Hires steps"]) == (2, 3)
+    else:
+        assert extra["Hires resize"] == "96x0" and "Hires steps" not in extra
+    info = api.png_info(image)  # A1111's parsed fields
+    assert info.parameters["Denoising strength"] == "0.6"
+    assert info.parameters["Hires upscaler"] == extra["Hires upscaler"]
+
+
 def _pnginfo(image: Image.Image):
     from PIL import PngImagePlugin
 
@@ -499,6 +563,91 @@ def test_model_switch(api, server, folders, tmp_path):
     assert api.util_get_current_model() == TINY_SD1
 
 
+CLIP_SKIP_JOB = dict(
+    prompt="a quiet harbor",
+    steps=3,
+    seed=6,
+    sampler_name="Euler",
+    cfg_scale=7.5,
+    width=64,
+    height=64,
+)
+CLIP_SKIP_SCRIPT = (
+    "a quiet harbor",
+    *("--steps", "3", "--seed", "6", "--sampler", "euler"),
+    *("--width", "64", "--height", "64"),
+)
+
+
+def test_override_settings_clip_skip_for_one_request(api, tmp_path):
+    """A1111's override_settings: clip skip for this request only, as `--clip-skip 2`."""
+    plain = api.txt2img(**CLIP_SKIP_JOB).images[0]
+    result = api.txt2img(**CLIP_SKIP_JOB, override_settings={"CLIP_stop_at_last_layers": 2})
+    (skipped,) = result.images
+    script = run_script(
+        tmp_path, "txt2image.py", *CLIP_SKIP_SCRIPT, "--model", TINY_SD1, "--clip-skip", "2"
+    )
+    with Image.open(script) as expected:
+        np.testing.assert_array_equal(pixels(skipped), pixels(expected))
+        assert parameters_text(skipped) == parameters_text(expected)
+    assert "Clip skip: 2" in parameters_text(skipped) and result.info["clip_skip"] == 2
+    assert not np.array_equal(pixels(skipped), pixels(plain))
+    # Restored afterwards (A1111's default): the server's option is unchanged.
+    assert api.get_options()["CLIP_stop_at_last_layers"] == 1
+    after = api.txt2img(**CLIP_SKIP_JOB).images[0]
+    np.testing.assert_array_equal(pixels(after), pixels(plain))
+    assert "Clip skip" not in parameters_text(after)
+
+
+def test_override_settings_kept_when_not_restored(api):
+    plain = api.txt2img(**CLIP_SKIP_JOB).images[0]
+    try:
+        kept = api.txt2img(
+            **CLIP_SKIP_JOB,
+            override_settings={"CLIP_stop_at_last_layers": 2},
+            override_settings_restore_afterwards=False,
+        ).images[0]
+        assert api.get_options()["CLIP_stop_at_last_layers"] == 2
+        later = api.txt2img(**CLIP_SKIP_JOB).images[0]
+        np.testing.assert_array_equal(pixels(later), pixels(kept))
+        assert "Clip skip: 2" in parameters_text(later)
+    finally:
+        api.set_options({"CLIP_stop_at_last_layers": 1})
+    assert api.get_options()["CLIP_stop_at_last_layers"] == 1
+    back = api.txt2img(**CLIP_SKIP_JOB).images[0]
+    np.testing.assert_array_equal(pixels(back), pixels(plain))
+
+
+def test_override_settings_model_for_one_request(api, folders, tmp_path):
+    """sd_model_checkpoint in override_settings loads that model for the request; the next
+    request without it runs on the server's model again."""
+    job = dict(
+        prompt="a hill", steps=3, seed=4, sampler_name="Euler", cfg_scale=7.5, width=64, height=64
+    )
+    before = api.txt2img(**job).images[0]
+    (image,) = api.txt2img(**job, override_settings={"sd_model_checkpoint": "tiny-sd2"}).images
+    assert "Model: tiny-sd2" in parameters_text(image)
+    script = run_script(
+        tmp_path,
+        "txt2image.py",
+        "a hill",
+        "--model",
+        str(folders["models"] / "tiny-sd2"),
+        "--steps",
+        "3",
+        "--seed",
+        "4",
+        "--sampler",
+        "euler",
+    )
+    with Image.open(script) as expected:
+        np.testing.assert_array_equal(pixels(image), pixels(expected))
+    assert api.util_get_current_model() == TINY_SD1
+    after = api.txt2img(**job).images[0]
+    assert f"Model: {TINY_SD1}" in parameters_text(after)
+    np.testing.assert_array_equal(pixels(after), pixels(before))
+
+
 def test_lora_then_plain_request(api, tmp_path):
     plain = dict(steps=3, seed=2, sampler_name="Euler", cfg_scale=7.5, width=64, height=64)
     before = api.txt2img(prompt="a tree ", **plain).images[0]
@@ -579,7 +728,39 @@ BAD_REQUESTS = [
     ("txt2img", {"prompt": "x", "batch_size": 1000}, 422, "batch_size"),
     ("txt2img", {"prompt": "x", "sampler_name": "Foo"}, 422, "Unknown sampler 'Foo'"),
     ("txt2img", {"prompt": "x", "scheduler": "Beta"}, 422, "Unknown schedule 'Beta'"),
-    ("txt2img", {"prompt": "x", "enable_hr": True}, 422, "hires fix"),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_scale": 0.5}, 422, "hr_scale"),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_scale": "NaN"}, 422, "hr_scale"),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_second_pass_steps": 151}, 422, "hr_second"),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "denoising_strength": 2}, 422, "denoising"),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_resize_x": 10**6}, 422, "hr_resize_x"),
+    (
+        "txt2img",
+        {"prompt": "x", "enable_hr": True, "width": 64, "height": 64, "hr_scale": 1.3},
+        422,
+        "hr_scale makes 64x64 into 83x83",
+    ),
+    # The model's default size, known when the job runs: refused before any step.
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_scale": 1.3}, 422, "into 83x83"),
+    (
+        "txt2img",
+        {"prompt": "x", "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"},
+        422,
+        "unknown hires upscaler",
+    ),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "hr_prompt": "y"}, 422, "another prompt"),
+    (
+        "txt2img",
+        {"prompt": "x", "enable_hr": True, "hr_checkpoint_name": "m"},
+        422,
+        "another model",
+    ),
+    (
+        "txt2img",
+        {"prompt": "x", "enable_hr": True, "hr_sampler_name": "DDIM"},
+        422,
+        "another sampler",
+    ),
+    ("txt2img", {"prompt": "x", "enable_hr": True, "firstphase_width": 64}, 422, "firstphase"),
     ("txt2img", {"prompt": "x <lora:nope:1>"}, 422, "unknown LoRA 'nope'"),
     ("txt2img", {"prompt": "x <lora:../loras/sd1_kohya:1>"}, 422, "unknown LoRA"),
     ("txt2img", {"prompt": "x <lora:escape:1>"}, 422, "unknown LoRA 'escape'"),
@@ -590,6 +771,20 @@ BAD_REQUESTS = [
     ("options", {"sd_model_checkpoint": str(ROOT / TINY_SD1)}, 422, "unknown model"),
     ("options", {"sd_model_checkpoint": "escape"}, 422, "unknown model 'escape'"),
     ("options", {"sd_model_checkpoint": 3}, 422, "sd_model_checkpoint"),
+    ("options", {"CLIP_stop_at_last_layers": 0}, 422, "CLIP_stop_at_last_layers must be"),
+    *(
+        ("txt2img", {"prompt": "x", "override_settings": settings}, 422, message)
+        for settings, message in [
+            ({"CLIP_stop_at_last_layers": "two"}, "CLIP_stop_at_last_layers must be"),
+            ({"CLIP_stop_at_last_layers": 13}, "from 1 (the last layer) to 12"),
+            ({"CLIP_stop_at_last_layers": True}, "CLIP_stop_at_last_layers must be"),
+            ({"sd_model_checkpoint": "nope"}, "override_settings: unknown model 'nope'"),
+            ({"sd_model_checkpoint": "escape"}, "unknown model 'escape'"),
+            ({"sd_vae": "vae-ft-mse.safetensors"}, "the model's own VAE only"),
+            ({"eta_noise_seed_delta": 31337}, "eta_noise_seed_delta 31337"),
+        ]
+    ),
+    ("txt2img", {"prompt": "x", "override_settings": [1]}, 422, "override_settings"),
     ("img2img", {"prompt": "x"}, 422, "init_images"),
     ("img2img", {"prompt": "x", "init_images": ["!!not base64!!"]}, 422, "not valid base64"),
     (
@@ -697,6 +892,13 @@ def test_unknown_fields_are_ignored(server):
             "height": 64,
             "eta": 0.5,
             "some_extension_field": {"a": 1},
+            # Options this server knows at their defaults, and ones it does not know.
+            "override_settings": {
+                "sd_vae": "Automatic",
+                "eta_noise_seed_delta": 0,
+                "samples_format": "jpg",
+                "some_extension_option": [1, 2],
+            },
         },
     )
     assert response.status_code == 200

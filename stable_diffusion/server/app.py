@@ -37,7 +37,7 @@ from ..inpainting import (
     load_mask,
     oriented_size,
 )
-from . import generation, names
+from . import generation, names, options
 from .catalog import Catalog
 from .engine import Engine, preview_png
 from .jobs import Cancelled, Job, QueueFull, Worker
@@ -97,6 +97,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     # No /docs: FastAPI's docs page loads its scripts from a CDN; /openapi.json stays.
     app = FastAPI(title="mlx-stable-diffusion", docs_url=None, redoc_url=None)
     app.state.engine, app.state.worker, app.state.catalog = engine, worker, catalog
+    settings = options.Options(startup)
     _install_guards(app, config)
 
     async def run_job(request: Request, task: Callable[[Job], T]) -> T:
@@ -133,7 +134,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def generate(request: Request, body, image=None, mask=None, area=None) -> dict[str, Any]:
         p = plan(body, image, mask, area)
         images, info = await run_job(
-            request, lambda job: generation.run(engine, p, job, config.output_dir)
+            request, lambda job: generation.run(engine, p, job, config.output_dir, settings)
         )
         parameters = body.model_dump(exclude={"init_images"})
         return {"images": images, "parameters": parameters, "info": generation.info_json(info)}
@@ -237,35 +238,30 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/options")
     async def get_options() -> dict:
-        return {
-            "sd_model_checkpoint": engine.model_title,
-            "sd_checkpoint_hash": None,
-            "samples_format": "png",
-        }
+        return settings.as_a1111()
 
     @app.post("/sdapi/v1/options")
-    async def set_options(options: Annotated[dict[str, Any], Body()]) -> None:
-        # Unknown options are ignored, as A1111 ignores them.
-        name = options.get("sd_model_checkpoint")
-        if name is None:
-            return None
-        if not isinstance(name, str):
-            raise ClientError("sd_model_checkpoint must be a model title from /sdapi/v1/sd-models")
+    async def set_options(values: Annotated[dict[str, Any], Body()]) -> None:
+        # Unknown options are ignored, as A1111 ignores them (options.py).
         try:
-            entry = catalog.find_model(name)
+            update = options.read(values, catalog)
         except ValueError as e:
             raise ClientError(str(e)) from None
-        if entry.title == engine.model_title:
+        if update.clip_skip is not None:
+            settings.clip_skip = update.clip_skip
+        entry = update.model
+        if entry is None or (entry.title == settings.model.title == engine.model_title):
             return None
 
         def switch(job: Job) -> None:
-            previous = catalog.find_model(engine.model_title) if engine.model_title else None
+            previous = settings.model
             try:
-                engine.load(entry.path, entry.title)
-            except (ValueError, FileNotFoundError) as e:
-                if previous is not None:
-                    engine.load(previous.path, previous.title)
-                raise ValueError(f"cannot load {entry.title}: {e}") from None
+                engine.use_model(entry.path, entry.title)
+            except ValueError:
+                # The server's model again (the next request would load it otherwise).
+                engine.use_model(previous.path, previous.title)
+                raise
+            settings.model = entry
 
         # Once started, a switch completes even if its client goes away.
         try:
@@ -527,5 +523,14 @@ def _parameters_dict(p: GenerationParameters) -> dict[str, Any]:
         fields["Model"] = p.model
     if p.strength is not None:
         fields["Denoising strength"] = str(p.strength)
+    if p.hires_resize is not None:
+        fields["Hires resize-1"], fields["Hires resize-2"] = map(str, p.hires_resize)
+    elif p.hires_scale is not None:
+        scale = p.hires_scale  # as the text writes it
+        fields["Hires upscale"] = str(int(scale)) if scale.is_integer() else repr(scale)
+    if p.hires_steps:
+        fields["Hires steps"] = str(p.hires_steps)
+    if p.hires_upscaler is not None:
+        fields["Hires upscaler"] = p.hires_upscaler
     fields.update(dict(p.extras))
     return fields

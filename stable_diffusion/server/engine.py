@@ -19,6 +19,7 @@ from PIL import Image
 from ..cpu import fast_cpu
 from ..images import to_uint8
 from ..pipeline import Defaults, Denoising, StableDiffusion, default_batch_size
+from ..settings import HiresFix
 
 # Latent-to-RGB projections for the progress preview, the cheap approximation A1111 and
 # ComfyUI show while sampling: rgb = (latent @ F + 1) / 2. The factors are ComfyUI's
@@ -74,6 +75,8 @@ class Generation:
     strength: float = 0.0
     mask: np.ndarray | None = None  # inpainting: (H, W) in [0, 1], blurred
     masked_content: str = "original"
+    hires: HiresFix | None = None  # txt2img's hires fix
+    clip_skip: int = 1  # A1111's numbering: 1 is the last layer
 
 
 # Called after each step with (step, steps, latents); returns True to stop there.
@@ -98,6 +101,16 @@ class Engine:
         sd = StableDiffusion(str(model), float16=self.float16, quantize=self.quantize)
         sd.preload()
         self.sd, self.model_title = sd, title
+
+    def use_model(self, model: str | os.PathLike[str], title: str) -> None:
+        """Load `model` unless it is the one loaded. Raises ValueError naming it if it does not
+        load (no model is loaded then)."""
+        if self.sd is not None and self.model_title == title:
+            return
+        try:
+            self.load(model, title)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"cannot load {title}: {e}") from None
 
     @property
     def defaults(self) -> Defaults:
@@ -137,6 +150,20 @@ class Engine:
 
         def start(first: int) -> Denoising:
             n_images, seed = min(size, g.n_images - first), g.seed + first
+            if g.hires is not None:
+                return sd.generate_latents_hires(
+                    g.text,
+                    g.hires,
+                    n_images=n_images,
+                    num_steps=g.steps,
+                    cfg_weight=g.cfg,
+                    negative_text=g.negative_text,
+                    seed=seed,
+                    width=g.width,
+                    height=g.height,
+                    sampler=g.sampler,
+                    clip_skip=g.clip_skip,
+                )
             if g.image is None:
                 return sd.generate_latents(
                     g.text,
@@ -148,6 +175,7 @@ class Engine:
                     width=g.width,
                     height=g.height,
                     sampler=g.sampler,
+                    clip_skip=g.clip_skip,
                 )
             return sd.generate_latents_from_image(
                 g.image,
@@ -161,6 +189,7 @@ class Engine:
                 sampler=g.sampler,
                 mask=g.mask,
                 masked_content=g.masked_content,
+                clip_skip=g.clip_skip,
             )
 
         batches = [start(first) for first in range(0, g.n_images, size)]

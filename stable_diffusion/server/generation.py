@@ -6,21 +6,35 @@ model; `run` runs on the worker thread."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..images import GenerationParameters, encode_png, save_images, to_uint8, validate_size
 from ..inpainting import MASKED_CONTENT, MaskedArea, apply_overlay, parameters_extras
 from ..prompts import extract_loras
-from . import names
+from ..settings import API_NAMES, HiresFix, check_arguments, strength_parameters
+from ..upscale import upscaler_name
+from . import names, options
 from .catalog import Catalog, lora_hash
 from .engine import Engine, Generation
 from .jobs import Cancelled, Job
 from .models import Img2ImgRequest, Txt2ImgRequest
+from .options import Options, Overrides
+
+# How the request names the hires fix's numbers (`settings.check_arguments`).
+HIRES_NAMES = {
+    **API_NAMES,
+    "hires_scale": "hr_scale",
+    "hires_resize": "hr_resize_x/hr_resize_y",
+    "hires_steps": "hr_second_pass_steps",
+    "hires_strength": "denoising_strength",
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,7 @@ class Plan:
     height: int | None
     image: np.ndarray | None = None
     strength: float | None = None
+    hires: HiresFix | None = None
     send_images: bool = True
     save_images: bool = False
     # Inpainting: the blurred mask (H, W), A1111's masked content, the parameters' fields.
@@ -50,6 +65,8 @@ class Plan:
     masked_content: str = "original"
     mask_extras: tuple[tuple[str, str], ...] = ()
     area: MaskedArea | None = None  # "Only masked": the crop denoised, pasted back
+    overrides: Overrides = field(default_factory=Overrides)  # override_settings
+    keep_overrides: bool = False  # override_settings_restore_afterwards: false
 
 
 def plan(
@@ -64,14 +81,28 @@ def plan(
     read and blurred; with "Only masked", `area` holds the crops denoised instead."""
     if area is not None:
         image, mask = area.image, area.mask
+    try:
+        overrides = options.read(request.override_settings, catalog)
+    except ValueError as e:
+        raise ValueError(f"override_settings: {e}") from None
     text, tags = extract_loras(request.prompt)
     loras = tuple((catalog.find_lora(name).path, weight) for name, weight in tags)
     # Checked now with the current model's default; resolved again when the job runs.
     names.resolve_sampler(request.sampler(), request.scheduler, default_sampler)
+    hires = request.hires() if isinstance(request, Txt2ImgRequest) else None
     if image is None:
         sizes = [request.width, request.height]
         if any(size is not None for size in sizes):
             validate_size(*(8 if size is None else size for size in sizes))
+    if hires is not None:
+        hires = dataclasses.replace(hires, upscaler=upscaler_name(hires.upscaler))
+        check_arguments(
+            hires_scale=hires.scale,
+            hires_resize=hires.resize,
+            width=request.width,
+            height=request.height,
+            names=HIRES_NAMES,
+        )
     return Plan(
         kind="txt2img" if image is None else "img2img",
         prompt=request.prompt,
@@ -89,8 +120,11 @@ def plan(
         height=request.height if image is None else image.shape[-3],
         image=image,
         strength=getattr(request, "denoising_strength", None) if image is not None else None,
+        hires=hires,
         send_images=request.send_images,
         save_images=request.save_images,
+        overrides=overrides,
+        keep_overrides=not request.override_settings_restore_afterwards,
         **(_inpainting(request, mask, area) if isinstance(request, Img2ImgRequest) else {}),
     )
 
@@ -105,9 +139,16 @@ def _inpainting(request: Img2ImgRequest, mask: np.ndarray | None, area: MaskedAr
     return {"mask": mask, "masked_content": content, "mask_extras": extras, "area": area}
 
 
-def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[str], dict]:
-    """(base64 PNGs, A1111's info) for `plan`. Image i of the run has seed seed + i, as in
-    A1111 and `txt2image.py --n_images`: batch k's image j uses seed + k * batch_size + j."""
+def run(
+    engine: Engine, plan: Plan, job: Job, output_dir: Path, settings: Options
+) -> tuple[list[str], dict]:
+    """(base64 PNGs, A1111's info) for `plan`, with the server's options `settings` and the
+    request's overrides. Image i of the run has seed seed + i, as in A1111 and
+    `txt2image.py --n_images`: batch k's image j uses seed + k * batch_size + j."""
+    model, clip_skip = settings.resolve(plan.overrides)
+    engine.use_model(model.path, model.title)
+    if plan.keep_overrides:
+        settings.apply(plan.overrides)
     engine.use_loras(plan.loras)
     defaults = engine.defaults
     sampler = names.resolve_sampler(plan.sampler_name, plan.scheduler, defaults.sampler)
@@ -141,6 +182,8 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
             strength=plan.strength or 0.0,
             mask=plan.mask,
             masked_content=plan.masked_content,
+            hires=plan.hires,
+            clip_skip=clip_skip,
         )
         latents = engine.denoise(generation, job.step)
         if job.cancelled:
@@ -162,8 +205,9 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
                 width=width,
                 height=height,
                 model=engine.model_title,
-                strength=plan.strength,
+                clip_skip=clip_skip,
                 extras=extras + plan.mask_extras,
+                **strength_parameters(plan.strength, plan.hires),
             )
             text = parameters.to_text()
             if plan.save_images:
@@ -190,14 +234,32 @@ def run(engine: Engine, plan: Plan, job: Job, output_dir: Path) -> tuple[list[st
         "cfg_scale": cfg,
         "steps": steps,
         "batch_size": plan.batch_size,
-        "denoising_strength": plan.strength,
+        "denoising_strength": plan.hires.strength if plan.hires else plan.strength,
+        "extra_generation_params": _extra_generation_params(plan.hires, extras),
         "sd_model_name": engine.model_title,
+        "clip_skip": clip_skip,
         "loras": [[path.stem, weight] for path, weight in plan.loras],
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "interrupted": job.interrupted,
     }
     return images, info
+
+
+def _extra_generation_params(
+    hires: HiresFix | None, extras: tuple[tuple[str, str], ...]
+) -> dict[str, Any]:
+    """A1111's `extra_generation_params`: its hires fields, and the LoRAs' hashes."""
+    fields: dict[str, Any] = {}
+    if hires is not None:
+        if hires.resize is None:
+            fields["Hires upscale"] = hires.scale
+        else:
+            fields["Hires resize"] = "{}x{}".format(*hires.resize)
+        if hires.steps:
+            fields["Hires steps"] = hires.steps
+        fields["Hires upscaler"] = hires.upscaler
+    return {**fields, **dict(extras)}
 
 
 def info_json(info: dict) -> str:

@@ -1,8 +1,8 @@
 """Request and response bodies with AUTOMATIC1111's field names (its modules/api/models.py).
 
-Fields A1111 has and this server does not use (`eta`, `s_churn`, `hr_upscaler`, ...) are
-ignored, as A1111 ignores unknown fields; fields that would change the result in a way
-not supported here (`enable_hr`, `restore_faces`, `tiling`, `styles`, ...) are
+Fields A1111 has and this server does not use (`eta`, `s_churn`, ...) are ignored, as
+A1111 ignores unknown fields; fields that would change the result in a way not supported
+here (`restore_faces`, `tiling`, `styles`, a hires fix's own prompt, ...) are
 refused with a message rather than silently dropped. Numbers are bounded so that one
 request cannot ask for hours of work or more memory than a model could use."""
 
@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..inpainting import MAX_PADDING
+from ..settings import MAX_HIRES_SCALE, HiresFix
 
 MAX_PROMPT_CHARS = 20_000
 MAX_BATCH_SIZE = 8
@@ -23,7 +24,6 @@ MAX_CFG = 30.0  # A1111's UI maximum
 MAX_SEED = 2**32 - 1
 
 _UNSUPPORTED = {
-    "enable_hr": "hires fix (enable_hr) is not supported yet",
     "restore_faces": "restore_faces is not supported",
     "tiling": "tiling is not supported",
     "styles": "styles are not supported; put their text in the prompt",
@@ -54,6 +54,13 @@ class _Request(BaseModel):
     script_name: str | None = Field(None, max_length=100)
     send_images: bool = True
     save_images: bool = False
+    override_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=200,
+        description="A1111 options for this request (see server/options.py for the keys "
+        "that take effect)",
+    )
+    override_settings_restore_afterwards: bool = True
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
@@ -68,7 +75,58 @@ class _Request(BaseModel):
 
 class Txt2ImgRequest(_Request):
     enable_hr: bool = False
-    denoising_strength: float | None = Field(None, ge=0, le=1, description="hires fix only")
+    # A1111's defaults (StableDiffusionProcessingTxt2Img).
+    denoising_strength: float = Field(0.75, ge=0, le=1, description="hires fix only")
+    hr_scale: float = Field(2.0, ge=1, le=MAX_HIRES_SCALE)
+    hr_upscaler: str | None = Field(None, max_length=100, description="default: Latent")
+    hr_second_pass_steps: int = Field(0, ge=0, le=MAX_STEPS, description="0: steps")
+    hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE, description="0: from hr_scale")
+    hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE, description="0: from hr_scale")
+    hr_checkpoint_name: str | None = Field(None, max_length=1000)
+    hr_sampler_name: str | None = Field(None, max_length=100)
+    hr_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    hr_negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+
+    @model_validator(mode="after")
+    def _refuse_unsupported_hires(self):
+        if not self.enable_hr:
+            return self
+        different = {
+            "hr_checkpoint_name": "another model for the hires pass",
+            "hr_sampler_name": "another sampler for the hires pass",
+            "hr_prompt": "another prompt for the hires pass",
+            "hr_negative_prompt": "another negative prompt for the hires pass",
+        }
+        same_as = {
+            "hr_sampler_name": self.sampler(),
+            "hr_prompt": self.prompt,
+            "hr_negative_prompt": self.negative_prompt,
+        }
+        for name, what in different.items():
+            value = getattr(self, name)
+            if value and value != same_as.get(name):
+                raise ValueError(f"{what} ({name}) is not supported")
+        if self.firstphase_width or self.firstphase_height:
+            raise ValueError(
+                "firstphase_width/height (the old hires fix) are not supported: give width, "
+                "height and hr_scale or hr_resize_x/hr_resize_y"
+            )
+        return self
+
+    def hires(self) -> HiresFix | None:
+        """The hires fix asked for (upscaler not yet checked), or None."""
+        if not self.enable_hr:
+            return None
+        resize = (self.hr_resize_x, self.hr_resize_y)
+        return HiresFix(
+            scale=self.hr_scale,
+            steps=self.hr_second_pass_steps,
+            strength=self.denoising_strength,
+            upscaler=self.hr_upscaler or "Latent",  # A1111's latent_upscale_default_mode
+            resize=None if resize == (0, 0) else resize,
+        )
 
 
 class Img2ImgRequest(_Request):

@@ -17,6 +17,7 @@ SCRIPTS = [
     "inpainting",
     "lora",
     "prompt_conventions",
+    "hires_fix",
 ]
 
 for name in SCRIPTS:

@@ -181,3 +181,36 @@ def inpainting_mask() -> np.ndarray:
     mask[45:50, 21:53] = 128
     mask[50:58, 30:40] = 200
     return mask
+
+
+# hires_fix.py: txt2img at IMAGE_SIZE, upscaled, then img2img with the same prompt.
+HIRES_PROMPT = "a castle on a hill at sunset"
+HIRES_NEGATIVE_PROMPT = "blurry"
+HIRES_STEPS = 4  # both passes; the second runs int(4 * strength) of them
+HIRES_STRENGTH = 0.5
+# (model, A1111 upscaler, scale, tiled VAE): every latent mode the hires fix documents, and
+# Lanczos (decode, resize, encode) untiled and with diffusers' tiling on the 2x image.
+HIRES_CASES = [
+    ("tiny-sd1", "Latent", 2.0, False),
+    ("tiny-sd1", "Latent", 1.5, False),
+    ("tiny-sd1", "Latent (nearest)", 2.0, False),
+    ("tiny-sd1", "Latent (nearest-exact)", 1.5, False),
+    ("tiny-sd1", "Lanczos", 2.0, False),
+    ("tiny-sd1", "Lanczos", 2.0, True),
+    ("tiny-sdxl", "Latent", 2.0, False),
+    ("tiny-sdxl", "Lanczos", 2.0, False),
+]
+# The latent modes of PyTorch's `interpolate` that A1111 offers (shared.latent_upscale_modes).
+LATENT_UPSCALE_MODES = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+LATENT_UPSCALE_SIZES = [(18, 22), (13, 17), (27, 33)]
+
+
+def hires_case_name(model: str, upscaler: str, scale: float, tiled: bool) -> str:
+    return f"{model}.{upscaler}.x{scale}" + (".tiled" if tiled else "")
