@@ -32,14 +32,18 @@ from .images import (
     load_image,
     make_grid,
     read_parameters,
+    rounded_size,
     save_image,
     save_images,
     to_uint8,
 )
 from .inpainting import (
     MASKED_CONTENT,
+    MAX_PADDING,
+    ONLY_MASKED_PADDING,
     apply_overlay,
     blur_mask,
+    crop_masked_area,
     load_mask,
     oriented_size,
     outpaint,
@@ -125,6 +129,20 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
             help="what the masked part starts from, as A1111's: the image as it is "
             "('original', default with --mask), the colors around it blurred ('fill', default "
             "with --outpaint), noise ('latent-noise') or nothing ('latent-nothing')",
+        )
+        p.add_argument(
+            "--only-masked",
+            action=argparse.BooleanOptionalAction,
+            help="with --mask: repaint a crop around the mask, scaled up to the image's size "
+            "(rounded to multiples of 64), and paste it back; the rest of the image stays as "
+            "it is, at its own size (A1111's 'Inpaint area: Only masked')",
+        )
+        p.add_argument(
+            "--only-masked-padding",
+            type=int,
+            metavar="N",
+            help=f"pixels of context around the mask for --only-masked (default "
+            f"{ONLY_MASKED_PADDING}, as A1111)",
         )
     else:
         for side in ("--width", "--height"):
@@ -372,6 +390,11 @@ def apply_saved_parameters(args: argparse.Namespace, saved: GenerationParameters
     }
     if dict(saved.extras).get("VAE") in ("taesd", "taesdxl"):
         values["vae"] = "taesd"
+    # The mask is not in the image: "Only masked" comes back with a --mask given again,
+    # unless --no-only-masked.
+    padding = saved.only_masked_padding() if getattr(args, "mask", None) else None
+    if padding is not None and args.only_masked is not False:
+        values.update(only_masked=True, only_masked_padding=padding)
     if saved.hires_scale is not None or saved.hires_resize is not None:
         values.update(
             hires_steps=saved.hires_steps,
@@ -419,6 +442,14 @@ def check_inpainting_options(p: argparse.ArgumentParser, args: argparse.Namespac
         fail(p, f"{', '.join(given)} goes with --mask or --outpaint")
     if args.mask_blur < 0 or args.mask_blur > 64:
         fail(p, f"--mask-blur must be 0 to 64 pixels, got {args.mask_blur}")
+    if args.only_masked_padding is not None and not args.only_masked:
+        fail(p, "--only-masked-padding goes with --only-masked")
+    if args.only_masked and (not args.mask or args.outpaint):
+        fail(p, "--only-masked goes with --mask, and not with --outpaint")
+    if args.only_masked_padding is None and args.only_masked:
+        args.only_masked_padding = ONLY_MASKED_PADDING
+    if args.only_masked and not 0 <= args.only_masked_padding <= MAX_PADDING:
+        fail(p, f"--only-masked-padding must be 0 to {MAX_PADDING} pixels")
     if args.outpaint:
         try:
             args.outpaint = parse_outpaint(args.outpaint)
@@ -427,7 +458,9 @@ def check_inpainting_options(p: argparse.ArgumentParser, args: argparse.Namespac
     content = args.masked_content or ("fill" if args.outpaint else "original")
     args.masked_content = content.replace("-", " ")
     args.mask_extras = (
-        parameters_extras(args.mask_blur, args.masked_content, args.invert_mask)
+        parameters_extras(
+            args.mask_blur, args.masked_content, args.invert_mask, args.only_masked_padding
+        )
         if inpainting(args)
         else ()
     )
@@ -455,7 +488,10 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
             fail(p, e)
         if args.use_saved_model and saved.model is None:
             fail(p, f"{args.from_image} names no model; pass --model instead of --use-saved-model")
-        apply_saved_parameters(args, saved)
+        try:
+            apply_saved_parameters(args, saved)
+        except ValueError as e:
+            fail(p, f"{args.from_image}: {e}")
     try:
         # One of our names; with --schedule alone, checked on a sampler taking them all.
         if args.sampler is not None:
@@ -1041,7 +1077,8 @@ def image2image_main(argv: Sequence[str] | None = None) -> None:
     with exit_on_interrupt():
         output = check_command_line(p, args)
         try:
-            image, message = load_image(args.image, multiple=64)
+            # --only-masked keeps the image at its size: only the crop is denoised.
+            image, message = load_image(args.image, multiple=1 if args.only_masked else 64)
         except ValueError as e:
             fail(p, e)
         if message:
@@ -1049,10 +1086,13 @@ def image2image_main(argv: Sequence[str] | None = None) -> None:
         mask, finish = None, None
         if inpainting(args):
             image, mask = inpainting_inputs(p, args, image)
-            original = to_uint8(image)[0]
+            if args.only_masked:
+                image, mask, finish = only_masked_inputs(p, args, image, mask)
+            else:
+                original = to_uint8(image)[0]
 
-            def finish(pixels: np.ndarray) -> np.ndarray:
-                return apply_overlay(pixels, original, mask)
+                def finish(pixels: np.ndarray) -> np.ndarray:
+                    return apply_overlay(pixels, original, mask)
 
         def start(sd: StableDiffusion, args: argparse.Namespace, n_images: int, seed: int):
             return sd.generate_latents_from_image(
@@ -1093,3 +1133,19 @@ def inpainting_inputs(
         fail(p, f"{'--outpaint: the canvas: ' if args.outpaint else ''}{e}")
     assert mask is not None  # a mask or outpainting: `inpainting(args)`
     return image, blur_mask(mask, args.mask_blur)
+
+
+def only_masked_inputs(
+    p: argparse.ArgumentParser, args: argparse.Namespace, image: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, Finish]:
+    """--only-masked: the crop of the image and of the (blurred) mask to denoise, at the
+    image's size rounded as other runs round it (multiples of 64), and what pastes the
+    decoded crops back into the image."""
+    size = rounded_size((image.shape[1], image.shape[0]))
+    try:
+        area = crop_masked_area(image, mask, size, args.only_masked_padding)
+    except ValueError as e:
+        fail(p, f"--mask: {e}")
+    x1, y1, x2, y2 = area.region
+    print(f"Only masked: repainting {x2 - x1}x{y2 - y1} at ({x1}, {y1}) at {size[0]}x{size[1]}")
+    return area.image, area.mask, area.paste

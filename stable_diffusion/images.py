@@ -192,6 +192,13 @@ def read_parameters(path: str | os.PathLike[str]) -> GenerationParameters:
         raise ValueError(f"{path}: {e}") from None
 
 
+def rounded_size(size: tuple[int, int], multiple: int = 64) -> tuple[int, int]:
+    """(width, height) with each side rounded to the nearest multiple of `multiple` (at
+    least one): the size `load_image` gives an image."""
+    width, height = (max(multiple, math.floor(s / multiple + 0.5) * multiple) for s in size)
+    return width, height
+
+
 def load_image(
     path: str | os.PathLike[str], *, multiple: int = 64
 ) -> tuple[np.ndarray, str | None]:
@@ -224,7 +231,7 @@ def load_image(
         notes.append("transparent areas were filled with white")
 
     w, h = rgb.size
-    target = tuple(max(multiple, math.floor(s / multiple + 0.5) * multiple) for s in (w, h))
+    target = rounded_size((w, h), multiple)
     if target != (w, h):
         rgb = ImageOps.fit(rgb, target, Image.Resampling.LANCZOS)
         cropped = " and center-cropped" if w * target[1] != h * target[0] else ""

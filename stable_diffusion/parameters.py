@@ -178,6 +178,18 @@ class GenerationParameters:
         if len(set(keys)) != len(keys):
             raise ValueError(f"extra field names must be unique, got {keys}")
 
+    def only_masked_padding(self) -> int | None:
+        """The "Masked area padding" of an image A1111 inpainted with "Inpaint area: Only
+        masked" (its UI's default, 32, where the padding is not recorded); None for other
+        images. Raises ValueError when the padding is not a whole number of 0 or more."""
+        fields = dict(self.extras)
+        if fields.get("Inpaint area") != "Only masked":
+            return None
+        padding = _to_number(int, "Masked area padding", fields.get("Masked area padding", "32"))
+        if padding < 0:
+            raise ValueError(f"generation parameters: Masked area padding is negative: {padding}")
+        return padding
+
     def _validate_hires(self) -> None:
         if self.hires_scale is not None and not (
             math.isfinite(self.hires_scale) and self.hires_scale > 0

@@ -310,6 +310,75 @@ def test_inpainting_equals_the_script(api, tmp_path, options, fill, invert):
     assert np.abs(pixels(image)[repainted].astype(int) - source_pixels[repainted]).mean() > 10
 
 
+def test_only_masked_equals_the_script(api, server, tmp_path):
+    """A1111's "Only masked" (inpaint_full_res, webuiapi's default and A1111's API default
+    for a request that leaves it out) as `image2image.py --only-masked`: the same pixels and
+    parameters; the input's size kept, its pixels outside the blurred mask unchanged."""
+    source, mask_path = tmp_path / "input.png", tmp_path / "mask.png"
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)).save(source)
+    mask = np.zeros((70, 100), np.uint8)
+    mask[10:30, 60:90] = 255
+    Image.fromarray(mask).save(mask_path)
+    script = run_script(
+        tmp_path,
+        "image2image.py",
+        str(source),
+        "a window",
+        "--mask",
+        str(mask_path),
+        "--only-masked",
+        "--only-masked-padding",
+        "0",
+        "--masked-content",
+        "fill",
+        *("--model", TINY_SD1, "--steps", "3", "--seed", "6", "--sampler", "euler"),
+    )
+    # webuiapi's defaults: inpaint_full_res=True, inpaint_full_res_padding=0, and the
+    # size, given as the script's (100x70 rounded to 128x64).
+    result = api.img2img(
+        images=[Image.open(source)],
+        mask_image=Image.open(mask_path),
+        prompt="a window",
+        steps=3,
+        seed=6,
+        sampler_name="Euler",
+        cfg_scale=7.5,
+        width=128,
+        height=64,
+    )
+    # Plain HTTP leaving out inpaint_full_res, its padding and the size.
+    response = server.post(
+        "img2img",
+        {
+            "prompt": "a window",
+            "init_images": [_b64_png(Image.open(source))],
+            "mask": _b64_png(Image.open(mask_path)),
+            "steps": 3,
+            "seed": 6,
+            "sampler_name": "Euler",
+            "cfg_scale": 7.5,
+        },
+    )
+    assert response.status_code == 200, response.text
+    (encoded,) = response.json()["images"]
+    plain = Image.open(io.BytesIO(base64.b64decode(encoded)))
+    source_pixels = pixels(Image.open(source))
+    with Image.open(script) as expected:
+        assert expected.size == (100, 70)
+        for image in (result.images[0], plain):
+            np.testing.assert_array_equal(pixels(image), pixels(expected))
+            assert parameters_text(image) == parameters_text(expected)
+    text = parameters_text(plain)
+    assert "Size: 128x64" in text
+    assert "Mask blur: 4, Masked content: fill, Inpaint area: Only masked" in text
+    assert "Masked area padding: 0" in text
+    kept = np.ones((70, 100), bool)
+    kept[:45, 45:] = False  # the mask's box (60..90, 10..30) and its blur, with room
+    np.testing.assert_array_equal(pixels(plain)[kept], source_pixels[kept])
+    assert np.abs(pixels(plain)[mask == 255].astype(int) - source_pixels[mask == 255]).mean() > 10
+
+
 def test_batches_and_iterations(api, tmp_path):
     """Image i of the run has seed 10 + i, as in A1111 and `txt2image.py --n_images`."""
     result = api.txt2img(
@@ -727,9 +796,30 @@ BAD_REQUESTS = [
     ("img2img", {"prompt": "x", "init_images": ["A" * (44 * 2**20)]}, 413, "over 32 MiB"),
     (
         "img2img",
-        {"prompt": "x", "mask": "abc", "init_images": ["x"], "inpaint_full_res": True},
+        {
+            "prompt": "x",
+            "mask": _b64_png(Image.new("L", (64, 64))),
+            "init_images": [_b64_png(Image.new("RGB", (64, 64)))],
+        },
         422,
-        "inpaint_full_res (A1111's 'Only masked' inpaint area) is not supported",
+        "mask: the mask is empty (black everywhere, after inverting): nothing to inpaint",
+    ),
+    (
+        "img2img",
+        {
+            "prompt": "x",
+            "mask": _b64_png(Image.new("L", (64, 64), 255)),
+            "init_images": [_b64_png(Image.new("RGB", (64, 64)))],
+            "width": 33,
+        },
+        422,
+        "width 33 is not a positive multiple of 8",
+    ),
+    (
+        "img2img",
+        {"prompt": "x", "init_images": ["x"], "inpaint_full_res_padding": -1},
+        422,
+        "inpaint_full_res_padding: Input should be greater than or equal to 0",
     ),
     (
         "img2img",

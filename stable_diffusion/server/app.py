@@ -26,9 +26,17 @@ from ..images import (
     GenerationParameters,
     load_image,
     read_parameters,
+    rounded_size,
     validate_size,
 )
-from ..inpainting import blur_mask, fit_mask, load_mask, oriented_size
+from ..inpainting import (
+    MaskedArea,
+    blur_mask,
+    crop_masked_area,
+    fit_mask,
+    load_mask,
+    oriented_size,
+)
 from . import generation, names, options
 from .catalog import Catalog
 from .engine import Engine, preview_png
@@ -117,14 +125,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         sd = engine.sd
         return sd.defaults.sampler if sd is not None else "euler"
 
-    def plan(body, image: np.ndarray | None = None, mask=None) -> generation.Plan:
+    def plan(body, image: np.ndarray | None = None, mask=None, area=None) -> generation.Plan:
         try:
-            return generation.plan(body, catalog, default_sampler(), image, mask)
+            return generation.plan(body, catalog, default_sampler(), image, mask, area)
         except ValueError as e:
             raise ClientError(str(e)) from None
 
-    async def generate(request: Request, body, image=None, mask=None) -> dict[str, Any]:
-        p = plan(body, image, mask)
+    async def generate(request: Request, body, image=None, mask=None, area=None) -> dict[str, Any]:
+        p = plan(body, image, mask, area)
         images, info = await run_job(
             request, lambda job: generation.run(engine, p, job, config.output_dir, settings)
         )
@@ -148,7 +156,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             )
         image = await run_in_threadpool(_init_images, body)
         mask = await run_in_threadpool(_mask, body, image) if body.mask else None
-        return await generate(request, body, image, mask)
+        area = None
+        if mask is not None and body.inpaint_full_res:
+            area = await run_in_threadpool(_only_masked, body, image, mask)
+        return await generate(request, body, image, mask, area)
 
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
     async def progress(skip_current_image: bool = False) -> ProgressResponse:
@@ -400,7 +411,10 @@ def _init_images(body: Img2ImgRequest) -> np.ndarray:
     """The init images as (N, H, W, 3) in [0, 1]: at width x height when asked (A1111's
     resize_mode 0 stretches, 1 crops to the aspect ratio first), else as image2image.py
     reads them (sides rounded to multiples of 64)."""
-    size = None if body.width is None and body.height is None else (body.width, body.height)
+    # "Only masked" keeps the images at their size: only the crop is resized (`_only_masked`).
+    keep = bool(body.mask) and body.inpaint_full_res
+    no_size = keep or (body.width is None and body.height is None)
+    size = None if no_size else (body.width, body.height)
     if size is not None:
         try:
             validate_size(*(8 if side is None else side for side in size))
@@ -409,7 +423,8 @@ def _init_images(body: Img2ImgRequest) -> np.ndarray:
     images = []
     for i, value in enumerate(body.init_images):
         field = f"init_images[{i}]"
-        pixels = _read_image(_base64_image(value, field), field, 64 if size is None else 8)
+        multiple = 1 if keep else 64 if size is None else 8
+        pixels = _read_image(_base64_image(value, field), field, multiple)
         height, width = pixels.shape[:2]
         target = (size[0] or width, size[1] or height) if size else (width, height)
         if target != (width, height):
@@ -421,7 +436,8 @@ def _init_images(body: Img2ImgRequest) -> np.ndarray:
             pixels = np.asarray(image, dtype=np.float32) / 255.0
         images.append(pixels)
     if len({image.shape for image in images}) > 1:
-        raise ClientError("the init images have different sizes; give width and height")
+        fix = "give them one size" if keep else "give width and height"
+        raise ClientError(f"the init images have different sizes; {fix}")
     return images[0] if len(images) == 1 else np.stack(images)
 
 
@@ -449,6 +465,22 @@ def _mask(body: Img2ImgRequest, image: np.ndarray) -> np.ndarray:
     if body.inpainting_mask_invert:
         mask = 1 - mask
     return blur_mask(mask, body.mask_blur)
+
+
+def _only_masked(body: Img2ImgRequest, image: np.ndarray, mask: np.ndarray) -> MaskedArea:
+    """A1111's "Only masked" (inpaint_full_res): the crop around the mask, denoised at
+    width x height, or where the request leaves them out at the image's size rounded as
+    image2image.py rounds it (as `image2image.py --only-masked`)."""
+    rounded = rounded_size((image.shape[-2], image.shape[-3]))
+    size = (body.width or rounded[0], body.height or rounded[1])
+    try:
+        validate_size(*size)
+    except ValueError as e:
+        raise ClientError(str(e)) from None
+    try:
+        return crop_masked_area(image, mask, size, body.inpaint_full_res_padding)
+    except ValueError as e:
+        raise ClientError(f"mask: {e}") from None
 
 
 def _png_info(data: bytes) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..images import GenerationParameters, encode_png, save_images, to_uint8, validate_size
-from ..inpainting import MASKED_CONTENT, apply_overlay, parameters_extras
+from ..inpainting import MASKED_CONTENT, MaskedArea, apply_overlay, parameters_extras
 from ..prompts import extract_loras
 from ..settings import API_NAMES, HiresFix, check_arguments, strength_parameters
 from ..upscale import upscaler_name
@@ -64,6 +64,7 @@ class Plan:
     mask: np.ndarray | None = None
     masked_content: str = "original"
     mask_extras: tuple[tuple[str, str], ...] = ()
+    area: MaskedArea | None = None  # "Only masked": the crop denoised, pasted back
     overrides: Overrides = field(default_factory=Overrides)  # override_settings
     keep_overrides: bool = False  # override_settings_restore_afterwards: false
 
@@ -74,9 +75,12 @@ def plan(
     default_sampler: str,
     image: np.ndarray | None = None,
     mask: np.ndarray | None = None,
+    area: MaskedArea | None = None,
 ) -> Plan:
     """Raises ValueError with a message for the client. `mask` is the img2img request's,
-    read and blurred."""
+    read and blurred; with "Only masked", `area` holds the crops denoised instead."""
+    if area is not None:
+        image, mask = area.image, area.mask
     try:
         overrides = options.read(request.override_settings, catalog)
     except ValueError as e:
@@ -121,17 +125,18 @@ def plan(
         save_images=request.save_images,
         overrides=overrides,
         keep_overrides=not request.override_settings_restore_afterwards,
-        **(_inpainting(request, mask) if isinstance(request, Img2ImgRequest) else {}),
+        **(_inpainting(request, mask, area) if isinstance(request, Img2ImgRequest) else {}),
     )
 
 
-def _inpainting(request: Img2ImgRequest, mask: np.ndarray | None) -> dict:
+def _inpainting(request: Img2ImgRequest, mask: np.ndarray | None, area: MaskedArea | None) -> dict:
     if mask is None:
         return {}
     content = MASKED_CONTENT[request.inpainting_fill]  # in A1111's order
     inverted = bool(request.inpainting_mask_invert)
-    extras = parameters_extras(request.mask_blur, content, inverted)
-    return {"mask": mask, "masked_content": content, "mask_extras": extras}
+    padding = request.inpaint_full_res_padding if area is not None else None
+    extras = parameters_extras(request.mask_blur, content, inverted, padding)
+    return {"mask": mask, "masked_content": content, "mask_extras": extras, "area": area}
 
 
 def run(
@@ -184,7 +189,9 @@ def run(
         if job.cancelled:
             raise Cancelled
         pixels = engine.decode(latents)
-        if plan.mask is not None and plan.image is not None:
+        if plan.area is not None:
+            pixels = plan.area.paste(pixels)  # into the whole input, as the script
+        elif plan.mask is not None and plan.image is not None:
             # As the script: the input's pixels where the blurred mask is 0.
             pixels = apply_overlay(pixels, to_uint8(plan.image)[: len(pixels)], plan.mask)
         for index, image in enumerate(pixels):

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..inpainting import MAX_PADDING
 from ..settings import MAX_HIRES_SCALE, HiresFix
 
 MAX_PROMPT_CHARS = 20_000
@@ -140,17 +141,12 @@ class Img2ImgRequest(_Request):
         0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing"
     )
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
-    inpaint_full_res: bool = Field(False, description="'Only masked': unsupported")
+    # A1111's API defaults: "Only masked" with no padding (its UI: "Whole picture", 32).
+    inpaint_full_res: bool = Field(
+        True, description="'Only masked': inpaint a crop around the mask at width x height"
+    )
+    inpaint_full_res_padding: int = Field(0, ge=0, le=MAX_PADDING, description="pixels")
     include_init_images: bool = False
-
-    @model_validator(mode="after")
-    def _refuse_only_masked(self):
-        if self.mask and self.inpaint_full_res:
-            raise ValueError(
-                "inpaint_full_res (A1111's 'Only masked' inpaint area) is not supported: pass "
-                "inpaint_full_res false to inpaint at the whole picture's size"
-            )
-        return self
 
 
 class GenerationResponse(BaseModel):
