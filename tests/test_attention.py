@@ -54,7 +54,9 @@ def test_blocks_compute_what_one_block_does(
     whole = layers.attention(q, k, v, heads, causal)
     # The budget of `rows` queries' scores.
     monkeypatch.setattr(layers, "ATTENTION_SCORE_BUDGET", batch * heads * k_len * 4 * rows)
-    assert layers.query_block_rows(batch * heads, q_len, k_len, layers.ATTENTION_SCORE_BUDGET) == rows
+    assert (
+        layers.query_block_rows(batch * heads, q_len, k_len, layers.ATTENTION_SCORE_BUDGET) == rows
+    )
     blocked = layers.attention(q, k, v, heads, causal)
     expected = _reference_attention(q, k, v, heads, causal)
     np.testing.assert_allclose(np.array(whole), expected, rtol=0, atol=2e-6)
