@@ -194,9 +194,9 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         "--vae-tile-size",
         type=int,
         metavar="PIXELS",
-        help="side of the VAE's tiles (implies --tiled-vae; default: the VAE's native size, "
-        "as diffusers); smaller tiles take less memory: 512 decodes a 1024px SDXL image in "
-        "under 4 GiB",
+        help="side of the VAE's tiles, a multiple of 32 (implies --tiled-vae; default: the "
+        "VAE's native size, as diffusers); smaller tiles take less memory: 256 decodes a "
+        "1024px SDXL image in under 3 GiB",
     )
     p.add_argument(
         "--preview",

@@ -149,8 +149,7 @@ def check_tile_size(size: object) -> None:
     ):
         raise ValueError(
             f"the VAE tile size must be a multiple of {TILE_MULTIPLE} pixels between "
-            f"{MIN_TILE_SIZE} and {MAX_SIDE} (got {size!r:.40}); 512 bounds a decode's memory "
-            "well"
+            f"{MIN_TILE_SIZE} and {MAX_SIDE} (got {size!r:.40}), e.g. 256"
         )
 
 
