@@ -108,8 +108,8 @@ def unet_activation_bytes(
     its transform (a Winograd tile transform is 2.25x its input; MLX's own im2col 9x) and
     output, at the first resnet of an up block (its input is the block below's channels
     and a skip's). Attention is computed in blocks, so it adds no square of the pixels.
-    Below MLX's measured peak on the tiny models (tests/test_pipeline_memory.py), and
-    within 3x of it on the full-size ones (docs/performance.md)."""
+    Below MLX's measured peak on the tiny models (tests/test_pipeline_memory.py), so that a
+    refusal is sure."""
     tokens = (width // downscale) * (height // downscale)
     channels, resnets = config.block_out_channels, config.resnets_per_block
     last = len(channels) - 1
