@@ -71,7 +71,9 @@ MAX_PARAMETERS_TEXT = 2 * 7 * MAX_PROMPT_CHARACTERS + 10_000
 # PNG chunks walked to find that text without decoding the image: a 1 GB PNG written in
 # 8 KB IDAT chunks has 125,000.
 MAX_PNG_CHUNKS = 1_000_000
-# Images given to img2img: the VAE's attention over a larger image would need over 256 GiB.
+# Images given to img2img: 4096x4096 is encoded in tiles, but the UNet's activations over it
+# take at least 10 GiB with CFG (`pipeline.unet_activation_bytes`); a larger image is no
+# real img2img input, and costs its decoding (3 bytes a pixel and more) before any check.
 MAX_INPUT_PIXELS = 4096 * 4096
 
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cpu, loading, prompts, tiling, upscale
-from .config import PipelineConfig, UNetConfig
+from .config import AutoencoderConfig, PipelineConfig, UNetConfig
 from .embeddings import read_embedding
 from .inpainting import check_masked_content, fill
 from .loading.folder import load_tiny_autoencoder
@@ -29,7 +29,7 @@ from .models.vae import Autoencoder
 from .noise import ImageNoise, image_seeds
 from .preview import latent_rgb
 from .samplers import Run, Sampler, make_sampler
-from .settings import GenerationSettings, HiresFix, check_arguments
+from .settings import MAX_SIDE, GenerationSettings, HiresFix, check_arguments
 from .tokenizer import Tokenizer
 
 # Per-model defaults for well-known repos; other models get their
@@ -115,29 +115,57 @@ def memory_size() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def vae_attention_bytes(downscale: int, width: int, height: int) -> int:
-    """The VAE's attention score matrix (float32) for one untiled image."""
-    return ((width // downscale) * (height // downscale)) ** 2 * 4
-
-
-def attention_bytes(
-    config: UNetConfig, downscale: int, width: int, height: int, batch: int, vae: bool = True
+def unet_activation_bytes(
+    config: UNetConfig, downscale: int, width: int, height: int, batch: int, itemsize: int = 4
 ) -> int:
-    """The largest attention score matrix (float32) of the UNet's denoising and (unless
-    `vae` is False) of one image's untiled VAE decoding: what limits the image size (it
-    grows with pixels²)."""
+    """What the UNet's activations take at least, at once, at this size (weights aside):
+    the skip connections it keeps for its up blocks, and the widest convolution's input,
+    its transform (a Winograd tile transform is 2.25x its input; MLX's own im2col 9x) and
+    output, at the first resnet of an up block (its input is the block below's channels
+    and a skip's). Attention is computed in blocks, so it adds no square of the pixels.
+    Below MLX's measured peak on the tiny models (tests/test_pipeline_memory.py), so that a
+    refusal is sure."""
     tokens = (width // downscale) * (height // downscale)
-    unet = max(
-        (
-            batch * heads * (tokens // 4**level) ** 2 * 4
-            for level, (block, heads) in enumerate(
-                zip(config.down_block_types, config.heads_per_block, strict=True)
-            )
-            if block.startswith("CrossAttn")
-        ),
-        default=0,
-    )
-    return max(unet, vae_attention_bytes(downscale, width, height) if vae else 0)
+    channels, resnets = config.block_out_channels, config.resnets_per_block
+    last = len(channels) - 1
+    skips, working = channels[0] * tokens, 0
+    for level in range(len(channels)):
+        level_tokens = tokens // 4**level
+        skips += resnets[level] * channels[level] * level_tokens
+        if level < last:
+            skips += channels[level] * (level_tokens // 4)
+        inputs = channels[min(level + 1, last)] + channels[level]
+        working = max(working, int((1 + 2.25) * inputs + channels[level]) * level_tokens)
+    return batch * (skips + working) * itemsize
+
+
+def vae_decode_bytes(config: AutoencoderConfig, width: int, height: int, itemsize: int = 4) -> int:
+    """An estimate of the VAE decoder's peak activations for one untiled image (weights
+    aside): 28 values of its first block's channels per pixel, measured on SDXL's VAE at
+    512px (27: the upsampled input, group norms, residuals and MLX's im2col of its full-size
+    3x3 convolutions; docs/performance.md). Its attention is blocked."""
+    return 28 * config.block_out_channels[0] * width * height * itemsize
+
+
+# diffusers' tiles overlap by a quarter of their latents (`tiling.OVERLAP`): a multiple of 4
+# latents (32 pixels) keeps its stride and crop in step, as ours are.
+TILE_MULTIPLE = 32
+MIN_TILE_SIZE = 64
+
+
+def check_tile_size(size: object) -> None:
+    """Raise ValueError unless `size` is a VAE tile side in pixels that diffusers' tiling
+    computes the same way: a multiple of 32, at least 64, at most the largest side."""
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, int)
+        or not MIN_TILE_SIZE <= size <= MAX_SIDE
+        or size % TILE_MULTIPLE
+    ):
+        raise ValueError(
+            f"the VAE tile size must be a multiple of {TILE_MULTIPLE} pixels between "
+            f"{MIN_TILE_SIZE} and {MAX_SIDE} (got {size!r:.40}), e.g. 256"
+        )
 
 
 def default_batch_size(n_images: int) -> int:
@@ -167,7 +195,9 @@ class StableDiffusion:
     model says, or, for single files, what the keys cannot tell. `config` replaces the
     preset a single file's architecture picks (for models of non-standard sizes).
     `tiled_vae` decodes and encodes in tiles as diffusers' `enable_tiling()` does (bounded
-    memory; also chosen, per image, where the untiled VAE's attention would not fit).
+    memory; also chosen, per image, where the untiled VAE would not fit); `vae_tile_size`
+    is the tiles' side in pixels (default: the VAE's `sample_size`, as diffusers; smaller
+    tiles, less memory, as diffusers with its `tile_sample_min_size` set to it).
     `decoder="tiny"` decodes with the tiny autoencoder (madebyollin/taesd, or taesdxl for
     SDXL: far faster, a little less detail; images are still encoded by the full VAE);
     a folder or repo id of another diffusers AutoencoderTiny works too.
@@ -184,7 +214,10 @@ class StableDiffusion:
         config: PipelineConfig | None = None,
         decoder: str = "full",
         tiled_vae: bool = False,
+        vae_tile_size: int | None = None,
     ):
+        if vae_tile_size is not None:
+            check_tile_size(vae_tile_size)
         if float16 is None:
             self.dtype = default_dtype(quantize)
         else:
@@ -196,6 +229,7 @@ class StableDiffusion:
         )
         self.vae_dtype = self.vae.decoder.conv_in.weight.dtype
         self.tiled_vae = tiled_vae
+        self.vae_tile_size = vae_tile_size
         # The decoder other than the model's own VAE, as the PNG parameters name it.
         self.vae_name: str | None = None
         self.tiny_autoencoder = None if decoder == "full" else self._load_tiny(decoder)
@@ -893,33 +927,35 @@ class StableDiffusion:
     # -- VAE --------------------------------------------------------------------------
 
     def _check_size(self, settings: GenerationSettings) -> None:
-        """Refuse sizes whose UNet attention alone would not fit in this machine's memory,
-        before anything is computed (the VAE's is tiled where it would not fit)."""
+        """Refuse sizes whose UNet activations alone would not fit in this machine's
+        memory, before anything is computed (the VAE is tiled where it would not fit)."""
         width, height = settings.width, settings.height
         batch = len(settings.prompts) * (2 if settings.uses_cfg else 1)
-        needed = attention_bytes(
-            self.unet.config, self.vae.downscale, width, height, batch, vae=False
+        itemsize = cpu.compute_dtype(self.dtype).size
+        needed = unet_activation_bytes(
+            self.unet.config, self.vae.downscale, width, height, batch, itemsize
         )
         available = memory_size()
         if needed > available:
             raise ValueError(
-                f"{width}x{height} with {batch} image(s) needs about {needed / 2**30:.0f} GiB "
-                f"for attention alone; this machine has {available / 2**30:.0f} GiB. "
-                f"Use a smaller size (the model's native size is "
+                f"{width}x{height} with {batch} image(s) per UNet call needs about "
+                f"{needed / 2**30:.1f} GiB for the UNet's activations alone; this machine has "
+                f"{available / 2**30:.0f} GiB. Use a smaller size (the model's native size is "
                 f"{self.defaults.width}x{self.defaults.height}) or fewer images."
             )
 
     def _vae_tiles(self, images_shape: tuple[int, ...]) -> tuple[int, int] | None:
         """The (pixels, latents) sides of the VAE's tiles for images of this (NHWC) shape,
-        or None for no tiling: tiled when asked for, or when the untiled attention of the
-        batch would not fit."""
+        or None for no tiling: tiled when asked for, or when the untiled decoder's
+        activations for the batch would take over half the memory (the rest holds the
+        weights and the system)."""
         batch, height, width = images_shape[:3]
-        downscale = self.vae.downscale
-        needed = batch * vae_attention_bytes(downscale, width, height)
-        if self.tiled_vae or needed > memory_size():
+        itemsize = cpu.compute_dtype(self.vae_dtype).size
+        needed = batch * vae_decode_bytes(self.vae.config, width, height, itemsize)
+        if self.tiled_vae or needed > memory_size() // 2:
             # diffusers: tile_sample_min_size, tile_latent_min_size.
-            size = self.vae.config.sample_size
-            return size, int(size / downscale)
+            size = self.vae_tile_size or self.vae.config.sample_size
+            return size, size // self.vae.downscale
         return None
 
     def encode_image(self, image: mx.array) -> mx.array:

@@ -20,10 +20,12 @@ from .parameters import GenerationParameters
 MAX_STEPS = 1000
 # All images of a call are denoised as one batch: memory grows with their number. The
 # size check after the model loads (`StableDiffusion._check_size`) refuses batches whose
-# attention does not fit this machine; this bound refuses absurd counts before loading.
+# UNet activations do not fit this machine; this bound refuses absurd counts before loading.
 MAX_IMAGES = 64
-# Pixels per side. At 8192x8192 the VAE's attention alone needs 4 TiB: no machine has it,
-# and it is the largest input image `images.load_image` takes (MAX_INPUT_PIXELS).
+# Pixels per side. Attention runs in blocks and the VAE in tiles, so memory grows with the
+# pixels: at 8192x8192 the UNet's activations take at least 39 GiB with CFG (SD 1.5, SDXL:
+# `pipeline.unet_activation_bytes`), hours of work per step on a CPU; and it is the largest
+# input image `images.load_image` takes (MAX_INPUT_PIXELS).
 MAX_SIDE = 8192
 # `mx.random.key` takes a 64-bit unsigned seed.
 MAX_SEED = 2**64 - 1

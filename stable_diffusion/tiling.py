@@ -1,9 +1,10 @@
 """Tiled VAE decoding and encoding: diffusers' `AutoencoderKL.enable_tiling()`, so that
-large images decode in memory bounded by the tile size (the VAE's attention grows with
-the square of the pixels).
+large images decode in memory bounded by the tile size (the VAE's activations grow with
+the pixels: tens of GiB for an untiled 2048px image).
 
 The same tiles, overlap and blend as diffusers' `tiled_decode` / `_tiled_encode`: square
-tiles of the VAE config's `sample_size` pixels (`sample_size / 8` latents), 25% overlap,
+tiles of the VAE config's `sample_size` pixels (`sample_size / 8` latents) or of the size
+asked for (diffusers' `tile_sample_min_size` and `tile_latent_min_size`), 25% overlap,
 each tile blended linearly into the one above and the one to its left over the
 overlap, then cropped to the stride. Tiles are computed one at a time (evaluated before
 the next is built, which bounds memory under MLX's lazy evaluation).

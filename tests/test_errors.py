@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from stable_diffusion import StableDiffusion
+from stable_diffusion import StableDiffusion, pipeline
 from stable_diffusion.pipeline import NonFiniteError
 from tests.helpers import FIXTURES
 
@@ -58,7 +58,6 @@ def test_component_weights_from_another_architecture(tmp_path):
         ({"cfg_weight": -1.0}, "cfg weight must be >= 0"),
         ({"width": 500}, "width 500 is not a positive multiple of 8; use 496 or 504"),
         ({"height": 0}, "height 0 is not a positive multiple of 8"),
-        ({"width": 8192, "height": 8192}, "for attention alone; this machine has"),
         ({"sampler": "nope"}, "Unknown sampler 'nope'"),
         ({"latents": mx.zeros((1, 4, 4, 4))}, "initial latents have shape"),
         # Within what the RNG (mx.random.key: 64-bit unsigned) and the schedule take.
@@ -79,6 +78,25 @@ def test_generate_latents_bad_arguments(sd, kwargs, message):
     kwargs = {"text": "a cat", **kwargs}
     with pytest.raises(ValueError, match=message):
         sd.generate_latents(**kwargs)
+
+
+def test_size_whose_unet_activations_do_not_fit_is_refused(sd, monkeypatch):
+    """Refused before any work by what the UNet's activations take, not by its attention's
+    score matrix (computed in blocks): a size whose scores alone exceed the memory runs."""
+    side, batch = 1024, 2  # CFG: two images per UNet call
+    needed = pipeline.unet_activation_bytes(sd.unet.config, 8, side, side, batch)
+    heads = max(sd.unet.config.heads_per_block)
+    assert batch * heads * ((side // 8) ** 2) ** 2 * 4 > 100 * needed
+    monkeypatch.setattr(pipeline, "memory_size", lambda: needed - 1)
+    message = (
+        rf"1024x1024 with 2 image\(s\) per UNet call needs about {needed / 2**30:.1f} GiB "
+        r"for the UNet's activations alone; this machine has .* GiB. Use a smaller size"
+    )
+    with pytest.raises(ValueError, match=message):
+        sd.generate_latents("a cat", cfg_weight=7.5, width=side, height=side)
+    monkeypatch.setattr(pipeline, "memory_size", lambda: needed)
+    denoising = sd.generate_latents("a cat", cfg_weight=7.5, width=side, height=side)
+    assert denoising.settings.width == side  # accepted, nothing computed yet
 
 
 def test_largest_seed_is_taken(sd):

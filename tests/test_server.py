@@ -722,7 +722,7 @@ BAD_REQUESTS = [
     ("txt2img", {"prompt": "x", "steps": 10_000}, 422, "steps"),
     ("txt2img", {"prompt": "x", "width": 33, "height": 64}, 422, "use 32 or 40"),
     ("txt2img", {"prompt": "x", "width": 100_000}, 422, "width"),
-    ("txt2img", {"prompt": "x", "width": 4096, "height": 4096}, 422, "for attention alone"),
+    ("txt2img", {"prompt": "x", "width": 8192, "height": 64}, 422, "less than or equal to 4096"),
     ("txt2img", {"prompt": "x", "cfg_scale": "NaN"}, 422, "cfg_scale"),
     ("txt2img", {"prompt": "x", "seed": -5}, 422, "seed"),
     ("txt2img", {"prompt": "x", "batch_size": 1000}, 422, "batch_size"),

@@ -60,17 +60,54 @@ class GroupNorm(nn.GroupNorm):
 AttentionBackend = Callable[[mx.array, mx.array, mx.array, int, bool], mx.array]
 
 
+# Bytes of float32 scores (batch * heads * queries * keys * 4) one attention call may
+# hold at once. Above it the queries go through in blocks, each within it, so that the
+# memory of attention no longer grows with the square of the image (the VAE's over a
+# 1024px image: 1 GiB of scores, 16 GiB at 2048px). The native sizes stay in one block (SD
+# 1.5 at 512px with CFG: 1 GiB; SDXL at 1024px: 1.25 GiB), where blocks would only add
+# calls on a GPU, whose fused kernel holds no score matrix.
+ATTENTION_SCORE_BUDGET = 2 * 2**30
+
+
+def query_block_rows(batch_heads: int, q_len: int, k_len: int, budget: int) -> int:
+    """Queries per block so that a block's float32 scores fit `budget` (all of them when
+    they fit; at least one)."""
+    return min(q_len, max(1, budget // (batch_heads * k_len * 4)))
+
+
 def scaled_dot_product_attention(
     q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool
 ) -> mx.array:
-    """MLX's fused attention over (B, L, heads * dim) inputs."""
+    """MLX's fused attention over (B, L, heads * dim) inputs, in blocks of queries where
+    the scores would exceed `ATTENTION_SCORE_BUDGET` (each query's softmax runs over all
+    keys either way, so the blocks compute what one call would)."""
     batch, q_len, width = q.shape
-    dim = width // heads
+    k_len, dim = k.shape[1], width // heads
     q, k, v = (x.reshape(batch, -1, heads, dim).transpose(0, 2, 1, 3) for x in (q, k, v))
-    # A "causal" mask instead of an additive -inf matrix: no NaN in float16.
-    out = mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=1 / math.sqrt(dim), mask="causal" if causal else None
-    )
+    scale = 1 / math.sqrt(dim)
+    rows = query_block_rows(batch * heads, q_len, k_len, ATTENTION_SCORE_BUDGET)
+    if rows == q_len:
+        # A "causal" mask instead of an additive -inf matrix: no NaN in float16.
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=scale, mask="causal" if causal else None
+        )
+    else:
+        blocks: list[mx.array] = []
+        for start in range(0, q_len, rows):
+            block = q[:, :, start : start + rows]
+            if blocks:
+                # Each block after the one before: MLX would otherwise evaluate the blocks'
+                # score matrices side by side, holding them all at once.
+                block = mx.depends(block, blocks[-1])
+            mask = None
+            if causal:
+                # MLX's "causal" aligns the last query with the last key; a block's boolean
+                # mask keeps the same keys for its queries (no -inf: no NaN in float16).
+                first = start + k_len - q_len
+                query = mx.arange(first, first + block.shape[2])[:, None]
+                mask = mx.arange(k_len)[None] <= query
+            blocks.append(mx.fast.scaled_dot_product_attention(block, k, v, scale=scale, mask=mask))
+        out = mx.concatenate(blocks, axis=2)
     return out.transpose(0, 2, 1, 3).reshape(batch, q_len, width)
 
 
