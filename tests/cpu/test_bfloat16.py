@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from benchmarks import bfloat16 as bfloat16_benchmark
 from stable_diffusion import StableDiffusion, fast_cpu
 from stable_diffusion.cli import txt2image_main
 from stable_diffusion.cpu import onednn
@@ -155,3 +156,22 @@ def test_unavailable_bfloat16_is_a_clear_error(monkeypatch, capsys, tmp_path, si
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+@needs_bfloat16
+def test_benchmark_alternates_float32_and_bfloat16(capsys):
+    results = bfloat16_benchmark.main(
+        ["--model", "tiny", "--size", "64", "--rounds", "2", "--batches", "1,2"]
+    )
+    assert sorted(results) == [1, 2]
+    for row in results.values():
+        assert row["float32_s"] > 0 and row["bfloat16_s"] > 0 and row["speedup"] > 0
+        assert 0 < row["difference"] < 0.01  # bfloat16's, not float32's (nor garbage)
+    assert "tiny 64px batch 2: UNet step float32" in capsys.readouterr().out
+
+
+def test_benchmark_refuses_where_bfloat16_cannot_run(monkeypatch, capsys):
+    monkeypatch.setattr(onednn, "_library_path", lambda: None)
+    with pytest.raises(SystemExit):
+        bfloat16_benchmark.main(["--model", "tiny"])
+    assert "pip install -r requirements-bfloat16.txt" in capsys.readouterr().err
