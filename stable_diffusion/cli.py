@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import distributed, prompts
-from .cpu import fast_cpu
+from .cpu import fast_cpu, unavailable_bfloat16
 from .distributed import Ranks
 from .images import (
     GenerationParameters,
@@ -290,6 +290,12 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
         "weights only save memory: each layer converts them to float32 as it runs)",
     )
     p.add_argument(
+        "--bfloat16",
+        action="store_true",
+        help="compute the linear layers in bfloat16 on CPUs with AVX512_BF16 or AMX: faster, "
+        "slightly different images (pip install -r requirements-bfloat16.txt)",
+    )
+    p.add_argument(
         "--preload-models",
         action="store_true",
         help="load all weights before generating (for timings)",
@@ -487,6 +493,10 @@ def check_command_line(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.sampler == "list":
         print(describe_samplers())
         p.exit()
+    if args.bfloat16:
+        reason = unavailable_bfloat16()
+        if reason is not None:
+            fail(p, reason)
     if args.use_saved_model and (args.model or not args.from_image):
         fail(p, "--use-saved-model goes with --from-image, and without --model")
     if args.from_image:
@@ -739,7 +749,7 @@ def denoise(
     if preview is not None:
         description += f" (preview every {every} steps: {preview.name})"
     finals = []
-    with fast_cpu():
+    with fast_cpu(bfloat16=args.bfloat16):
         if not (args.preload_models or keep_models):
             for batch in batches:
                 batch.compute_conditioning()
@@ -772,7 +782,7 @@ def decode(
     start = time.perf_counter()
     batch = args.decoding_batch_size
     decoded = []
-    with fast_cpu():
+    with fast_cpu(bfloat16=args.bfloat16):
         for i in tqdm(range(0, latents.shape[0], batch), desc=f"{prefix}Decoding"):
             try:
                 images = sd.decode(latents[i : i + batch])

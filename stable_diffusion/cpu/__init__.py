@@ -4,8 +4,9 @@ Importing this package first loads OpenBLAS for MLX (`blas.py`), before anything
 `mlx.core`. Within `fast_cpu()` the models' layers are their CPU subclasses (`layers.py`:
 rational activations, group norm by per-channel sums, shifted-matmul, Winograd
 (`winograd.py`), upsampling and 1x1 convolutions, dequantizing linear layers, the numpy
-kernels of `kernels.py`) and attention runs by `kernels.attention`; outside it the models
-are plain, lazy MLX.
+kernels of `kernels.py`; with `fast_cpu(bfloat16=True)`, oneDNN's bfloat16 matmuls of
+`onednn.py`) and attention runs by `kernels.attention`; outside it the models are plain,
+lazy MLX.
 """
 
 from .blas import load_optimized_blas
@@ -14,5 +15,14 @@ from .blas import load_optimized_blas
 OPTIMIZED_BLAS = load_optimized_blas()
 
 from .fast import compute_dtype, fast_cpu, in_fast_cpu, on_cpu, track  # noqa: E402
+from .onednn import unavailable_reason as unavailable_bfloat16  # noqa: E402
 
-__all__ = ["OPTIMIZED_BLAS", "compute_dtype", "fast_cpu", "in_fast_cpu", "on_cpu", "track"]
+__all__ = [
+    "OPTIMIZED_BLAS",
+    "compute_dtype",
+    "fast_cpu",
+    "in_fast_cpu",
+    "on_cpu",
+    "track",
+    "unavailable_bfloat16",
+]

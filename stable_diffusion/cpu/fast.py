@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..models.layers import attention_backend
-from . import kernels, store
+from . import kernels, onednn, store
 from .layers import SUBCLASSES
 
 # The models `fast_cpu()` gives the CPU paths when it is given none: every model loaded
@@ -76,7 +76,7 @@ def _buffer_cache(limit: int) -> Iterator[None]:
 
 
 @contextmanager
-def fast_cpu(*models: nn.Module) -> Iterator[None]:
+def fast_cpu(*models: nn.Module, bfloat16: bool = False) -> Iterator[None]:
     """Within this block, on the CPU, `models` (by default every loaded model: `track`) run
     their CPU paths: attention, SiLU, GEGLU and layer norm in numpy on
     all cores; wide 3x3 convolutions by Winograd, their transformed kernels kept until the
@@ -86,8 +86,16 @@ def fast_cpu(*models: nn.Module) -> Iterator[None]:
     the generator advances, not at `mx.eval`. No effect on a GPU. Use one block per phase
     (denoising, decoding): leaving it frees what it kept and empties the buffer cache, whose
     buffers from a decode slowed the UNet steps after it (docs/performance.md). On leaving,
-    every layer is its model class again."""
+    every layer is its model class again.
+
+    With `bfloat16`, the linear layers' and 1x1 convolutions' matmuls compute in bfloat16
+    through oneDNN (`onednn.py`: CPUs with AVX512_BF16 or AMX, the optional
+    requirements-bfloat16.txt); where that cannot run, `onednn.Unavailable` says why and
+    names the fix. No effect on a GPU."""
     with ExitStack() as stack:
+        if bfloat16 and on_cpu():
+            onednn.require()
+            stack.enter_context(onednn.enabled())
         stack.enter_context(store.block())
         if on_cpu():
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

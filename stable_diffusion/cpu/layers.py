@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..models import layers, unet
-from . import kernels, winograd
+from . import kernels, onednn, winograd
 from .store import kept
 
 # -- activations ----------------------------------------------------------------------------
@@ -118,9 +118,14 @@ class GEGLU(unet.GEGLU):
             return hidden * gelu(gate)
         # One matmul per half of the weight: contiguous halves, so the biases and the
         # gating fuse into one pass instead of three over a strided split.
-        weights = mx.split(self.proj.weight, 2)
         biases = mx.split(self.proj.bias, 2)
-        hidden, gate = x @ weights[0].T, x @ weights[1].T
+        weight, half = self.proj.weight, self.proj.weight.shape[0] // 2
+        if onednn.active() and x.dtype == mx.float32:
+            # Each half packed for an owner of its own (the projection is not called here).
+            hidden = onednn.linear(x, weight, None, self.proj, lambda w: w[:half])
+            gate = onednn.linear(x, weight, None, self, lambda w: w[half:])
+        else:
+            hidden, gate = x @ weight[:half].T, x @ weight[half:].T
         if hidden.dtype == mx.float32:
             return kernels.geglu_(hidden, gate, *biases)
         return geglu(hidden, gate, *biases)
@@ -193,6 +198,8 @@ class Linear(layers.Linear):
     bias into the output, which is slower on the UNet's shapes."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        if onednn.active() and x.dtype == mx.float32:
+            return onednn.linear(x, self.weight, self.get("bias"), self)
         if "bias" in self:
             return x @ self.weight.T + self.bias
         return super().__call__(x)
@@ -315,6 +322,10 @@ class Conv2d(layers.Conv2d):
         if shape == ((1, 1), (0, 0)):
             # MLX's CPU convolution runs a 1x1 kernel slower than the same matmul, with
             # more memory.
+            if onednn.active():
+                return onednn.linear(
+                    x, self.weight, self.get("bias"), self, lambda w: w.reshape(w.shape[0], -1)
+                )
             return self._with_bias(x @ self.weight.reshape(self.weight.shape[0], -1).T)
         if shape == ((3, 3), (1, 1)):
             algorithm = self._winograd_algorithm(x)

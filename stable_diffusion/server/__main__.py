@@ -39,6 +39,12 @@ def parser() -> argparse.ArgumentParser:
         help="default: float16 on a GPU or with -q, else float32 on the CPU",
     )
     p.add_argument(
+        "--bfloat16",
+        action="store_true",
+        help="compute the linear layers in bfloat16 on CPUs with AVX512_BF16 or AMX "
+        "(pip install -r requirements-bfloat16.txt)",
+    )
+    p.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1: this machine only)",
@@ -113,6 +119,12 @@ def main(argv: list[str] | None = None) -> None:
             f"the server needs its extra dependencies ({e.name} is missing): "
             "pip install -r requirements-server.txt"
         )
+    if args.bfloat16:
+        from ..cpu import unavailable_bfloat16
+
+        reason = unavailable_bfloat16()
+        if reason is not None:
+            p.error(reason)
     if not is_loopback(args.host) and users is None:
         print(
             f"WARNING: listening on {args.host} without --api-auth: anyone who can reach this "
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         lora_dir=args.lora_dir,
         float16=args.float16,
         quantize=args.quantize,
+        bfloat16=args.bfloat16,
         max_queue=args.max_queue,
         auth=users,
         output_dir=args.output_dir,

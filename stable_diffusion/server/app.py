@@ -79,6 +79,7 @@ class ServerConfig:
     lora_dir: Path | None = None
     float16: bool | None = None
     quantize: bool = False
+    bfloat16: bool = False
     max_queue: int = 8
     auth: dict[str, str] | None = None  # user -> password
     output_dir: Path = Path("outputs")
@@ -88,7 +89,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     """The application with its worker started and the model loaded (raises ValueError or
     FileNotFoundError, with the pipeline's message, for a model that does not load)."""
     catalog = Catalog(config.model, config.models_dir, config.lora_dir)
-    engine = Engine(config.float16, config.quantize)
+    engine = Engine(config.float16, config.quantize, config.bfloat16)
     worker = Worker(config.max_queue)
     startup = catalog.models()[0]
     load = worker.submit(lambda job: engine.load(startup.path, startup.title), queue_limit=False)

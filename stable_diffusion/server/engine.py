@@ -84,11 +84,13 @@ StepCallback = Callable[[int, int, mx.array], bool]
 
 
 class Engine:
-    """A resident `StableDiffusion`, loaded with the server's --float16 and -q."""
+    """A resident `StableDiffusion`, loaded with the server's --float16 and -q, run with its
+    --bfloat16."""
 
-    def __init__(self, float16: bool | None, quantize: bool):
+    def __init__(self, float16: bool | None, quantize: bool, bfloat16: bool = False):
         self.float16 = float16
         self.quantize = quantize
+        self.bfloat16 = bfloat16
         self.sd: StableDiffusion | None = None
         self.model_title: str | None = None
         self._loras: tuple[tuple[str, float], ...] = ()
@@ -194,7 +196,7 @@ class Engine:
 
         batches = [start(first) for first in range(0, g.n_images, size)]
         finals: list[mx.array] = []
-        with fast_cpu():
+        with fast_cpu(bfloat16=self.bfloat16):
             for latents in batches:
                 for step, x in enumerate(latents, start=1):
                     mx.eval(x)
@@ -207,7 +209,7 @@ class Engine:
         """(N, H, W, 3) uint8 images, decoded one at a time as the scripts do."""
         sd = self._model()
         decoded = []
-        with fast_cpu():
+        with fast_cpu(bfloat16=self.bfloat16):
             for i in range(latents.shape[0]):
                 image = sd.decode(latents[i : i + 1])
                 mx.eval(image)
