@@ -97,6 +97,13 @@ def run_reference(
         f"machine load {setup['load_average']:.1f} (1-minute average, its own included)",
         flush=True,
     )
+    if setup["load_average"] > setup["threads"] + 1:
+        print(
+            "  warning: the machine was busy besides PyTorch's own threads, whose OpenMP "
+            "barriers then wait far more than their share: measure on a quiet machine, or "
+            "start the benchmark with OMP_WAIT_POLICY=PASSIVE (docs/performance.md)",
+            flush=True,
+        )
     print(progress_line({"dtype": "pytorch", **result}), flush=True)
     return {**result, "setup": setup}
 

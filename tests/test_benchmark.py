@@ -3,6 +3,7 @@ its FLOP counter against a count by hand."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -459,7 +460,7 @@ def test_openvino_run_checks_parity_first_and_reports_both_precisions(tmp_path, 
     assert all(openvino[key] > 0 for key in timings)
     assert len(openvino["rounds"]) == 2
     assert all(sorted(r) == ["mlx", "openvino", "openvino_default"] for r in openvino["rounds"])
-    table = printed.split("vs OpenVINO")[1]
+    table = printed.split("vs OpenVINO")[-1]  # the last: the table, after the progress lines
     assert sum(line.startswith("| tiny | ") for line in table.splitlines()) == 2
     assert f"OpenVINO {setup['default_precision']} s" in table
 
@@ -622,3 +623,23 @@ def test_whole_image_and_openvino_options_are_checked(extra, message, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(extra)
     assert message in capsys.readouterr().err
+
+
+def test_a_busy_machine_is_flagged_by_the_reference(tmp_path, capsys, monkeypatch):
+    # Canned outputs of the reference's process: no PyTorch needed.
+    config = ARCHITECTURES["tiny"]
+    unet_output = np.ones((1, 8, 8, 4), np.float32)
+    decoded = np.ones((1, 64, 64, 3), np.float32)
+    parity = measure.Parity(
+        measure.UNetInputs.random(config.unet, 1, 8, 8), unet_output, unet_output, decoded
+    )
+    outputs = {"unet_output": unet_output, "vae_decoded": decoded, "float32_vae_decode_s": 2.0}
+    setup = {"threads": 2, "cores": 2, "attention_processors": ["A"], "memory_format": "x"}
+    args = argparse.Namespace(repeats=1, reference_memory_format="x", dtypes=["float32"])
+    # 1-minute load averages with PyTorch's own 2 threads in them: quiet, then busy.
+    for load, busy in ((2.5, False), (3.5, True)):
+        canned = (dict(outputs), {**setup, "load_average": load})
+        monkeypatch.setattr(benchmarks.reference, "_start", lambda *_, c=canned: c)
+        result = benchmarks.reference.run_reference("tiny", tmp_path, args, parity, ["float32"])
+        assert result["float32_vae_decode_s"] == 2.0 and result["unet_max_rel_error"] == 0.0
+        assert ("the machine was busy" in capsys.readouterr().out) is busy
