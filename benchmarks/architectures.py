@@ -4,6 +4,7 @@ with the real structure for tests and quick runs (not user presets)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from stable_diffusion.config import (
     PRESETS,
@@ -65,3 +66,45 @@ SD_TURBO = dataclasses.replace(
     scheduler=dataclasses.replace(PRESETS["sd-2.1-base"].scheduler, timestep_spacing="trailing"),
 )
 ARCHITECTURES = {**PRESETS, "sd-turbo": SD_TURBO, **TINY_PRESETS}
+
+# madebyollin/taesd's config.json, key for key (the hub's current revision, as
+# tests/reference/tiny_autoencoder.py has it); madebyollin/taesdxl ships the same one.
+TAESD_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderTiny",
+    "_diffusers_version": "0.30.0",
+    "act_fn": "relu",
+    "decoder_block_out_channels": [64, 64, 64, 64],
+    "encoder_block_out_channels": [64, 64, 64, 64],
+    "force_upcast": False,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "num_decoder_blocks": [3, 3, 3, 1],
+    "num_encoder_blocks": [1, 3, 3, 3],
+    "out_channels": 3,
+    "scaling_factor": 1.0,
+    "shift_factor": 0.0,
+    "upsample_fn": "nearest",
+    "upsampling_scaling_factor": 2,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeImage:
+    """How `--whole-image` makes a model's image: steps, decoder, classifier-free guidance."""
+
+    steps: int
+    tiny_decoder: bool
+    cfg: float  # 0: none (batch 1); else the guidance scale, the UNet at batch 2
+
+
+# What issue 22 measures: the turbo models in one step with the tiny decoder, SD 1.5 in 20
+# steps with its VAE; the tiny architectures one of each, for tests.
+WHOLE_IMAGE = {
+    "sdxl-turbo": WholeImage(1, True, 0.0),
+    "sd-turbo": WholeImage(1, True, 0.0),
+    "sd-1.5": WholeImage(20, False, 7.5),
+    "tiny": WholeImage(2, False, 7.5),
+    "tiny-xl": WholeImage(1, True, 0.0),
+}

@@ -237,8 +237,9 @@ def run_mlx(
     matmul_rates: dict[str, float],
 ) -> tuple[list[dict[str, Any]], Parity | None]:
     """Load the pipeline from `folder` in `dtype` and measure it at batch 1 and 2; with
-    --reference, also what float32 computes on the parity inputs. Then one image per batch
-    size as the scripts make it, from a fresh pipeline: its time and peak memory."""
+    --reference or --openvino, also what float32 computes on the parity inputs. Then one
+    image per batch size as the scripts make it, from a fresh pipeline: its time and peak
+    memory."""
     float16, quantize = dtype_options(dtype)
     start = time.perf_counter()
     sd = StableDiffusion(str(folder), float16=float16, quantize=quantize)
@@ -263,7 +264,7 @@ def run_mlx(
     )
     rows = [{**common, **row} for row in measured]
     parity = None
-    if dtype == "float32" and args.reference:
+    if dtype == "float32" and (args.reference or args.openvino):
         with _phase(args):
             parity = _parity(sd, config, latent)
     del sd

@@ -18,13 +18,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from stable_diffusion.config import PipelineConfig
+from stable_diffusion.config import PipelineConfig, TinyAutoencoderConfig
 from stable_diffusion.models.clip import CLIPTextModel
+from stable_diffusion.models.tiny_autoencoder import TinyAutoencoder
 from stable_diffusion.models.unet import UNetModel
 from stable_diffusion.models.vae import Autoencoder
 from stable_diffusion.tokenizer import clip_vocabulary
 
-from .architectures import CONTEXT_TOKENS
+from .architectures import CONTEXT_TOKENS, TAESD_CONFIG
 
 
 def flat_parameters(model: nn.Module) -> list[tuple[str, mx.array]]:
@@ -241,3 +242,11 @@ def weights_on_disk(config: PipelineConfig, float16: bool) -> int:
     ]
     values = sum(value.size for model in models for _, value in flat_parameters(model))
     return values * (4 + 2 * float16)
+
+
+def write_random_tiny_autoencoder(folder: Path, seed: int = 0) -> Path:
+    """A diffusers AutoencoderTiny folder (TAESD's architecture and config.json) with random
+    weights: its module names are diffusers' own (see weights/tiny_autoencoder.py)."""
+    model = TinyAutoencoder(TinyAutoencoderConfig.from_dict(TAESD_CONFIG))
+    _write_component(folder, "diffusion_pytorch_model", model, TAESD_CONFIG, seed, False)
+    return folder

@@ -1,6 +1,7 @@
-"""The PyTorch reference, as seen from the benchmark's process: it runs diffusers in a
-process of its own (`reference_process.py`), checks that it computes what MLX did, and
-alternates both sides' float32 timings over `--rounds`."""
+"""The references, as seen from the benchmark's process: diffusers on PyTorch
+(`reference_process.py`) and OpenVINO's CPU runtime (`openvino_process.py`), each in a
+process of its own; they check that they compute what MLX did, and `--rounds` alternates
+the sides' float32 timings."""
 
 from __future__ import annotations
 
@@ -32,6 +33,29 @@ def reference_dtypes(dtypes: list[str]) -> list[str]:
     return [d for d in ("float32", "float16") if d in dtypes and (d == "float32" or not on_cpu())]
 
 
+def _start(module: str, folder: Path, parity: Parity, *arguments: str) -> tuple[dict, dict]:
+    """Run `benchmarks.<module>` on the parity inputs (and MLX's outputs on them, for a side
+    that checks parity before timing) in a process of its own, started in the environment
+    the benchmark was started in: its outputs and timings, and its setup."""
+    inputs, outputs = folder / "reference_inputs.npz", folder / f"{module}_outputs.npz"
+    unet_inputs = {k: v for k, v in dataclasses.asdict(parity.unet_inputs).items() if v is not None}
+    np.savez(
+        inputs,
+        **unet_inputs,
+        vae_latents=parity.latents,
+        expected_unet_output=parity.unet_output,
+        expected_vae_decoded=parity.decoded,
+    )
+    subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", str(folder), str(inputs), str(outputs),
+         *arguments],
+        check=True,
+        cwd=REPOSITORY,
+        env=LAUNCH_ENVIRONMENT,
+    )  # fmt: skip
+    return dict(np.load(outputs)), json.loads(outputs.with_suffix(".json").read_text())
+
+
 def run_reference(
     name: str,
     folder: Path,
@@ -40,34 +64,21 @@ def run_reference(
     dtypes: list[str] | None = None,
 ) -> dict[str, Any]:
     """diffusers (PyTorch) on the same weight files and device, in a process of its own (see
-    reference_process.py), started in the environment the benchmark was started in: first
-    that its float32 UNet and VAE compute what ours did, then their timings in each of
-    `dtypes` (by default `reference_dtypes`), and how PyTorch was set up."""
+    reference_process.py): first that its float32 UNet and VAE compute what ours did, then
+    their timings in each of `dtypes` (by default `reference_dtypes`), and how PyTorch was
+    set up."""
     dtypes = dtypes or reference_dtypes(args.dtypes)
     folder = folder.resolve()
-    inputs, outputs = folder / "reference_inputs.npz", folder / "reference_outputs.npz"
-    unet_inputs = {k: v for k, v in dataclasses.asdict(parity.unet_inputs).items() if v is not None}
-    np.savez(inputs, **unet_inputs, vae_latents=parity.latents)
     device = "cpu" if on_cpu() else "gpu"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.reference_process",
-            str(folder),
-            str(inputs),
-            str(outputs),
-            str(args.repeats),
-            device,
-            ",".join(dtypes),
-            args.reference_memory_format,
-        ],
-        check=True,
-        cwd=REPOSITORY,
-        env=LAUNCH_ENVIRONMENT,
+    theirs, setup = _start(
+        "reference_process",
+        folder,
+        parity,
+        str(args.repeats),
+        device,
+        ",".join(dtypes),
+        args.reference_memory_format,
     )
-    theirs = dict(np.load(outputs))
-    setup = json.loads(outputs.with_suffix(".json").read_text())
     result = {
         "model": name,
         "unet_max_rel_error": _relative_error(parity.unet_output, theirs.pop("unet_output")),
@@ -82,10 +93,47 @@ def run_reference(
     )
     print(
         f"  PyTorch ran {setup['threads']} threads on {setup['cores']} cores, attention "
-        f"by {', '.join(setup['attention_processors'])}, {setup['memory_format']} tensors",
+        f"by {', '.join(setup['attention_processors'])}, {setup['memory_format']} tensors; "
+        f"machine load {setup['load_average']:.1f} (1-minute average, its own included)",
         flush=True,
     )
+    if setup["load_average"] > setup["threads"] + 1:
+        print(
+            "  warning: the machine was busy besides PyTorch's own threads, whose OpenMP "
+            "barriers then wait far more than their share: measure on a quiet machine, or "
+            "start the benchmark with OMP_WAIT_POLICY=PASSIVE (docs/performance.md)",
+            flush=True,
+        )
     print(progress_line({"dtype": "pytorch", **result}), flush=True)
+    return {**result, "setup": setup}
+
+
+def run_openvino(
+    name: str, folder: Path, args: argparse.Namespace, parity: Parity
+) -> dict[str, Any]:
+    """OpenVINO's CPU runtime on diffusers' UNet and decoder converted from the same weight
+    files, in a process of its own (see openvino_process.py), in float32 and in its default
+    precision: the differences from ours (the float32 ones checked before timing), the
+    timings, and its setup (which precision it picked)."""
+    theirs, setup = _start("openvino_process", folder.resolve(), parity, str(args.repeats))
+    result: dict[str, Any] = {"model": name}
+    for prefix in ("", "default_"):
+        result[f"{prefix}unet_max_rel_error"] = _relative_error(
+            parity.unet_output, theirs.pop(f"{prefix}unet_output")
+        )
+        result[f"{prefix}vae_max_rel_error"] = _relative_error(
+            parity.decoded, theirs.pop(f"{prefix}vae_decoded")
+        )
+    result |= {key: float(value) for key, value in theirs.items()}
+    print(
+        f"  {name}: MLX vs OpenVINO {setup['openvino']} on the same weights and inputs: max "
+        f"|difference| / max |MLX| = {result['unet_max_rel_error']:.1e} (UNet), "
+        f"{result['vae_max_rel_error']:.1e} (VAE decode) in float32; in its default "
+        f"precision on this CPU, {setup['default_precision']}: "
+        f"{result['default_unet_max_rel_error']:.1e}, {result['default_vae_max_rel_error']:.1e}",
+        flush=True,
+    )
+    print(progress_line({"dtype": "openvino", **result}), flush=True)
     return {**result, "setup": setup}
 
 
@@ -97,27 +145,41 @@ def run_rounds(
     parity: Parity,
     first: dict[str, dict[str, float]],
 ) -> list[dict[str, dict[str, float]]]:
-    """The `first` round and the rest of `--rounds`: MLX's float32 timings, then the
-    reference's, in turn."""
+    """The `first` round and the rest of `--rounds`: MLX's float32 timings, then each
+    reference's (PyTorch's, OpenVINO's), in turn."""
     rounds = [first]
     for number in range(2, args.rounds + 1):
         print(f"{name}: round {number} of {args.rounds}, float32", flush=True)
         ours = float32_timings(config, folder, args)
         print(progress_line({"model": name, "dtype": "float32", **ours}), flush=True)
-        rounds.append(_round(ours, run_reference(name, folder, args, parity, ["float32"])))
+        pytorch = run_reference(name, folder, args, parity, ["float32"]) if args.reference else None
+        openvino = run_openvino(name, folder, args, parity) if args.openvino else None
+        rounds.append(_round(ours, pytorch, openvino))
     return rounds
 
 
-def _round(ours: dict[str, float], reference: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """A round of `--rounds`: our float32 timings and the reference's of the same names."""
-    return {"mlx": ours, "pytorch": {key: reference[f"float32_{key}"] for key in ours}}
+def _round(
+    ours: dict[str, float], pytorch: dict[str, Any] | None, openvino: dict[str, Any] | None
+) -> dict[str, dict[str, float]]:
+    """A round of `--rounds`: our float32 timings and the references' of the same names
+    (OpenVINO's in float32 and in its default precision)."""
+    sides = {"pytorch": (pytorch, "float32"), "openvino": (openvino, "float32")}
+    sides["openvino_default"] = (openvino, "default")
+    each = {"mlx": ours}
+    for side, (measured, prefix) in sides.items():
+        if measured is not None:
+            each[side] = {key: measured[f"{prefix}_{key}"] for key in ours}
+    return each
 
 
 def first_round(
-    name: str, rows: list[dict[str, Any]], reference: dict[str, Any]
+    name: str,
+    rows: list[dict[str, Any]],
+    pytorch: dict[str, Any] | None,
+    openvino: dict[str, Any] | None,
 ) -> dict[str, dict[str, float]]:
     """The float32 timings of the full measurement, as a round of `--rounds`."""
     float32_rows = [r for r in rows if r["model"] == name and r["dtype"] == "float32"]
     ours = {f"unet_step_s_batch{r['batch']}": r["unet_step_s"] for r in float32_rows}
     ours["vae_decode_s"] = float32_rows[0]["vae_decode_s"]
-    return _round(ours, reference)
+    return _round(ours, pytorch, openvino)

@@ -179,6 +179,9 @@ def setup(model: Path, memory_format: str) -> dict[str, Any]:
         "attention_processors": sorted(processors),
         "memory_format": memory_format,
         "environment": {k: v for k, v in os.environ.items() if k.startswith(prefixes)},
+        # On a busy machine PyTorch's OpenMP threads, which spin at every barrier by default
+        # (OMP_WAIT_POLICY), lose far more than their share: see docs/performance.md.
+        "load_average": os.getloadavg()[0],
     }
 
 

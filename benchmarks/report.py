@@ -40,7 +40,7 @@ def machine_info() -> dict[str, Any]:
     }
     if not on_cpu():
         info["gpu"] = mx.device_info().get("device_name", "GPU")
-    for package in ("torch", "diffusers"):
+    for package in ("torch", "diffusers", "openvino"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             info[package] = importlib.metadata.version(package)
     return info
@@ -58,6 +58,8 @@ def _cell(value: Any, digits: int | None = None) -> str:
 
 
 def markdown_tables(results: dict[str, Any]) -> str:
+    if "whole_image" in results:
+        return _whole_image_table(results)
     steps, machine = results["settings"]["steps"], results["machine"]
     rates = ", ".join(
         f"{rate:.0f} GFLOP/s in {dtype}" for dtype, rate in results["matmul_gflops"].items()
@@ -104,8 +106,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
                 if r["model"] != ref["model"] or unet_key not in ref:
                     continue
                 if r["dtype"] == "float32" and "rounds" in ref:
-                    unet = _over_rounds(ref["rounds"], f"unet_step_s_batch{r['batch']}")
-                    vae = _over_rounds(ref["rounds"], "vae_decode_s")
+                    unet = _over_rounds(ref["rounds"], f"unet_step_s_batch{r['batch']}", "pytorch")
+                    vae = _over_rounds(ref["rounds"], "vae_decode_s", "pytorch")
                 else:
                     unet = _Compared(r["unet_step_s"], ref[unet_key])
                     vae = _Compared(r["vae_decode_s"], ref[f"{r['dtype']}_vae_decode_s"])
@@ -113,15 +115,92 @@ def markdown_tables(results: dict[str, Any]) -> str:
                     f"| {r['model']} | {r['dtype']} | {r['batch']} | {unet} | {vae} "
                     f"| {ref['unet_max_rel_error']:.1e} / {ref['vae_max_rel_error']:.1e} |"
                 )
-        rounds = max((len(ref.get("rounds", ())) for ref in results["reference"]), default=0)
-        if rounds:
-            lines += [
-                "",
-                f"float32 over {rounds} rounds, MLX and PyTorch alternately: each "
-                "side's median time, and the median of the rounds' speed-ups (each "
-                "round's in brackets).",
-            ]
+    lines += _openvino_table(results)
+    measured = [*results["reference"], *results.get("openvino", [])]
+    rounds = max((len(ref.get("rounds", ())) for ref in measured), default=0)
+    if rounds:
+        lines += [
+            "",
+            f"float32 over {rounds} rounds, MLX and the references alternately: each "
+            "side's median time, and the median of the rounds' speed-ups (each "
+            "round's in brackets).",
+        ]
     return "\n".join(lines)
+
+
+def _whole_image_table(results: dict[str, Any]) -> str:
+    """Seconds per whole image on each side (medians over the rounds) and MLX's speed-up
+    against each (the median of the rounds'; each round's in brackets)."""
+    machine, size = results["machine"], results["settings"]["size"]
+    measured = results["whole_image"]
+    sides = [
+        s for s in ("pytorch", "openvino", "openvino_default") if s in measured[0]["rounds"][0]
+    ]
+    names = {"pytorch": "PyTorch", "openvino": "OpenVINO f32"}
+    names["openvino_default"] = f"OpenVINO {measured[0]['setup'].get('openvino_default_precision')}"
+    rounds = len(measured[0]["rounds"])
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GiB; "
+        f"MLX {machine['mlx']}; whole {size}px images in float32 (text encoding, steps, "
+        f"decode; load excluded), {rounds} rounds, the sides alternately: medians, and the "
+        "median of the rounds' speed-ups (PyTorch or OpenVINO time / MLX time)",
+        "",
+        "| model | image | MLX s | " + " | ".join(f"{names[s]} s | speed-up" for s in sides) + " |",
+        "|---|---|---|" + "---|---|" * len(sides),
+    ]
+    for each in measured:
+        image = (
+            f"{each['steps']} step{'s' * (each['steps'] > 1)}"
+            + (f", CFG {each['cfg']:g}" if each["cfg"] else "")
+            + (", tiny decoder" if each["decoder"] == "tiny" else ", VAE")
+        )
+        cells = [_cell(statistics.median(r["mlx"] for r in each["rounds"]))]
+        cells += [
+            str(_over_rounds(each["rounds"], None, side)).split(" | ", 1)[1] for side in sides
+        ]
+        lines.append(f"| {each['model']} | {image} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _openvino_table(results: dict[str, Any]) -> list[str]:
+    """MLX's float32 timings against OpenVINO's in float32 and in its default precision."""
+    if not results.get("openvino"):
+        return []
+    setup = results["openvino"][0]["setup"]
+    default = setup["default_precision"]
+    lines = [
+        "",
+        f"vs OpenVINO {setup['openvino']} on the CPU (diffusers' UNet and decoder converted "
+        "from the same weights; speed-up = OpenVINO time / MLX float32 time; max rel. "
+        f"difference from MLX's float32 outputs; default precision here: {default}):",
+        "",
+        "| model | batch | MLX UNet step s | OpenVINO f32 s | speed-up "
+        f"| OpenVINO {default} s | speed-up | MLX VAE decode s | OpenVINO f32 s | speed-up "
+        f"| OpenVINO {default} s | speed-up | max rel. difference UNet / VAE, f32 "
+        f"| {default} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ov in results["openvino"]:
+        for r in results["rows"]:
+            if r["model"] != ov["model"] or r["dtype"] != "float32":
+                continue
+            cells = []
+            for key, ours in ((f"unet_step_s_batch{r['batch']}", r["unet_step_s"]),
+                              ("vae_decode_s", r["vae_decode_s"])):  # fmt: skip
+                f32 = _Compared(ours, ov[f"float32_{key}"])
+                low = _Compared(ours, ov[f"default_{key}"])
+                if "rounds" in ov:
+                    f32 = _over_rounds(ov["rounds"], key, "openvino")
+                    low = _over_rounds(ov["rounds"], key, "openvino_default")
+                cells.append(f"{f32} | {str(low).split(' | ', 1)[1]}")
+            errors = [
+                f"{ov[f'{p}unet_max_rel_error']:.1e} / {ov[f'{p}vae_max_rel_error']:.1e}"
+                for p in ("", "default_")
+            ]
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {' | '.join(cells)} | {' | '.join(errors)} |"
+            )
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +217,11 @@ class _Compared:
         return f"{_cell(self.ours)} | {_cell(self.theirs)} | {speed_up:.2f}x{each}"
 
 
-def _over_rounds(rounds: list[dict[str, dict[str, float]]], key: str) -> _Compared:
-    ours = [r["mlx"][key] for r in rounds]
-    theirs = [r["pytorch"][key] for r in rounds]
+def _over_rounds(rounds: list[dict[str, Any]], key: str | None, side: str) -> _Compared:
+    """Both sides' medians over `rounds` of their `key` timing (of their one timing if
+    `key` is None), and the rounds' speed-ups."""
+    ours = [r["mlx"] if key is None else r["mlx"][key] for r in rounds]
+    theirs = [r[side] if key is None else r[side][key] for r in rounds]
     return _Compared(
         statistics.median(ours),
         statistics.median(theirs),

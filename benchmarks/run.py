@@ -38,12 +38,14 @@ from typing import Any
 import mlx.core as mx
 
 from stable_diffusion.config import PRESETS
+from stable_diffusion.cpu import on_cpu
 
-from .architectures import ARCHITECTURES
+from .architectures import ARCHITECTURES, WHOLE_IMAGE
 from .measure import GIB, dtype_options, matmul_rates, run_mlx
-from .random_weights import weights_on_disk, write_random_pipeline
-from .reference import first_round, run_reference, run_rounds
+from .random_weights import weights_on_disk, write_random_pipeline, write_random_tiny_autoencoder
+from .reference import first_round, run_openvino, run_reference, run_rounds
 from .report import machine_info, markdown_tables
+from .whole_image import run_whole_image
 
 
 def check_disk_space(args: argparse.Namespace) -> None:
@@ -97,11 +99,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "NCHW, as the runs before 2026-12-04 measured it)",
     )
     parser.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also run OpenVINO's CPU runtime on diffusers' UNet and decoder converted from "
+        "the same weights: float32, and its default precision on this CPU",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
-        help="with --reference: time both sides' float32 steps and decodes this "
-        "many times, alternately (medians, and the median speed-up)",
+        help="with --reference or --openvino: time every side's float32 steps and decodes "
+        "this many times, alternately (medians, and the median speed-ups)",
+    )
+    parser.add_argument(
+        "--whole-image",
+        action="store_true",
+        help="instead: time whole float32 images (text encoding, steps, decode; sdxl-turbo "
+        "and sd-turbo 1 step with the tiny decoder, sd-1.5 20 steps), against the references "
+        "asked for, alternately over --rounds",
     )
     parser.add_argument("--output", default="results.json", help="JSON results file")
     parser.add_argument(
@@ -123,23 +138,65 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown model {model!r}; choose from {', '.join(PRESETS)}")
     for dtype in args.dtypes:
         dtype_options(dtype)
-    if args.reference and "float32" not in args.dtypes:
-        parser.error("--reference compares float32 runs: include float32 in --dtypes")
-    if args.rounds < 1 or (args.rounds > 1 and not args.reference):
+    if (args.reference or args.openvino) and "float32" not in args.dtypes:
+        parser.error("--reference and --openvino compare float32 runs: include float32 in --dtypes")
+    if args.openvino and not on_cpu():
+        parser.error("--openvino measures OpenVINO's CPU runtime: run the benchmark on the CPU")
+    if args.whole_image:
+        if args.dtypes != ["float32"] or args.lazy:
+            parser.error("--whole-image times float32 images within fast_cpu(): --dtypes float32")
+        for model in args.models:
+            if model not in WHOLE_IMAGE:
+                parser.error(f"--whole-image times {', '.join(WHOLE_IMAGE)}, not {model!r}")
+    if args.rounds < 1 or (args.rounds > 1 and not (args.reference or args.openvino)):
         parser.error(
-            "--rounds alternates MLX's float32 timings with diffusers': give a "
-            "number of at least 1, and --reference"
+            "--rounds alternates MLX's float32 timings with the references': give a "
+            "number of at least 1, and --reference or --openvino"
         )
     return args
+
+
+def whole_images(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """`--whole-image`: each model's random weights (and a random TAESD where its image
+    takes the tiny decoder), then its rounds of whole images."""
+    measured = []
+    for name in args.models:
+        folder, decoder = workdir / name, workdir / f"{name}-taesd"
+        for each in (folder, decoder):
+            shutil.rmtree(each, ignore_errors=True)
+        write_random_pipeline(ARCHITECTURES[name], folder, args.seed)
+        if WHOLE_IMAGE[name].tiny_decoder:
+            write_random_tiny_autoencoder(decoder, args.seed + 4)
+        measured.append(run_whole_image(name, folder, decoder if decoder.exists() else None, args))
+        for each in (folder, decoder):
+            shutil.rmtree(each, ignore_errors=True)
+    return {"machine": machine_info(), "settings": _settings(args), "whole_image": measured}
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "workdir"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     check_disk_space(args)
+    if args.whole_image:
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sd-benchmark-"))
+        try:
+            results = whole_images(args, workdir)
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        Path(args.output).write_text(json.dumps(results, indent=1))
+        print()
+        print(markdown_tables(results))
+        return results
     rates = matmul_rates(args.dtypes)
     for dtype, rate in rates.items():
         print(f"single matmul (4096x1280 @ 1280x1280, {dtype}): {rate:.0f} GFLOP/s", flush=True)
-    rows, references = [], []
+    rows: list[dict[str, Any]] = []
+    references: list[dict[str, Any]] = []
+    openvino: list[dict[str, Any]] = []
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sd-benchmark-"))
     try:
         for name in args.models:
@@ -161,12 +218,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 gc.collect()
                 mx.clear_cache()
             if parity is not None:
-                reference = run_reference(name, folder, args, parity)
+                pytorch = run_reference(name, folder, args, parity) if args.reference else None
+                ov = run_openvino(name, folder, args, parity) if args.openvino else None
                 if args.rounds > 1:
-                    reference["rounds"] = run_rounds(
-                        name, config, folder, args, parity, first_round(name, rows, reference)
-                    )
-                references.append(reference)
+                    first = first_round(name, rows, pytorch, ov)
+                    rounds = run_rounds(name, config, folder, args, parity, first)
+                    for measured in (pytorch, ov):
+                        if measured is not None:
+                            measured["rounds"] = rounds
+                references += [pytorch] if pytorch else []
+                openvino += [ov] if ov else []
             shutil.rmtree(folder, ignore_errors=True)
     finally:
         if args.workdir is None:
@@ -175,9 +236,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {
         "machine": machine_info(),
         "matmul_gflops": rates,
-        "settings": {k: v for k, v in vars(args).items() if k != "workdir"},
+        "settings": _settings(args),
         "rows": rows,
         "reference": references,
+        "openvino": openvino,
     }
     Path(args.output).write_text(json.dumps(results, indent=1))
     print()

@@ -3,7 +3,9 @@ its FLOP counter against a count by hand."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -11,21 +13,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import benchmarks.reference
-from benchmarks import flops, measure, report
+from benchmarks import flops, measure, report, whole_image
 from benchmarks import ranks as ranks_benchmark
 from benchmarks import run as benchmark
 from benchmarks import server as server_benchmark
 from benchmarks.architectures import ARCHITECTURES
-from benchmarks.random_weights import weights_on_disk
+from benchmarks.random_weights import (
+    weights_on_disk,
+    write_random_pipeline,
+    write_random_tiny_autoencoder,
+)
 from benchmarks.reference import reference_dtypes
 from benchmarks.scripts import Run
 from stable_diffusion import fast_cpu
 from stable_diffusion.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
 from stable_diffusion.cpu import in_fast_cpu
 
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
 TABLE_COLUMNS = [
     "load s",
     "text s",
@@ -530,3 +538,212 @@ def test_a_failed_rank_fails_the_ranks_benchmark():
     with pytest.raises(SystemExit, match=r"a rank failed:\n.*rank 1 exited with code -9"):
         ranks_benchmark.check_ranks(Run(1.0, {}, output, 0))
     ranks_benchmark.check_ranks(Run(1.0, {}, "[rank 0] Denoising\n", 0))
+
+
+def test_openvino_run_checks_parity_first_and_reports_both_precisions(tmp_path, capsys):
+    pytest.importorskip("openvino")
+    pytest.importorskip("diffusers")
+    results, printed = run(tmp_path, capsys, "--openvino", "--rounds", "2")
+
+    assert results["reference"] == []  # no PyTorch timings unless --reference
+    (openvino,) = results["openvino"]
+    setup = openvino["setup"]
+    assert setup["float32_precision"] == "f32"
+    assert setup["default_precision"] in ("f32", "bf16", "f16")
+    assert setup["threads"] >= 1 and setup["cores"] == len(os.sched_getaffinity(0))
+    # float32 within the benchmark's tolerance (checked in its process before timing); the
+    # default precision's difference is reported, whatever it is.
+    assert openvino["unet_max_rel_error"] < 1e-4 and openvino["vae_max_rel_error"] < 1e-4
+    assert openvino["default_unet_max_rel_error"] >= 0
+    timings = {key for key in openvino if key.endswith(("_batch1", "_batch2", "_decode_s"))}
+    assert timings == {
+        f"{precision}_{key}"
+        for precision in ("float32", "default")
+        for key in ("unet_step_s_batch1", "unet_step_s_batch2", "vae_decode_s")
+    }
+    assert all(openvino[key] > 0 for key in timings)
+    assert len(openvino["rounds"]) == 2
+    assert all(sorted(r) == ["mlx", "openvino", "openvino_default"] for r in openvino["rounds"])
+    table = printed.split("vs OpenVINO")[-1]  # the last: the table, after the progress lines
+    assert sum(line.startswith("| tiny | ") for line in table.splitlines()) == 2
+    assert f"OpenVINO {setup['default_precision']} s" in table
+
+
+def test_openvino_stops_before_timing_when_float32_differs(tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    pytest.importorskip("diffusers")
+    from benchmarks import openvino_process
+
+    folder = tmp_path / "tiny"
+    write_random_pipeline(ARCHITECTURES["tiny"], folder)
+    inputs = measure.UNetInputs.random(ARCHITECTURES["tiny"].unet, 1, 8, 8)
+    arrays = {k: v for k, v in dataclasses.asdict(inputs).items() if v is not None}
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((1, 8, 8, 4), np.float32)
+    # Outputs no model computed: the float32 UNet cannot match them.
+    expected = {
+        "expected_unet_output": rng.standard_normal((1, 8, 8, 4), np.float32),
+        "expected_vae_decoded": rng.standard_normal((1, 64, 64, 3), np.float32),
+    }
+    timed = []
+    monkeypatch.setattr(openvino_process, "median_time", lambda *a: timed.append(a) or 1.0)
+    with pytest.raises(SystemExit, match=r"float32 UNet differs from MLX's by .* not timed"):
+        openvino_process.run(folder, {**arrays, "vae_latents": latents, **expected}, 1, tmp_path)
+    assert timed == []
+
+
+def test_the_openvino_table_takes_medians_over_rounds():
+    row = {"model": "tiny", "dtype": "float32", "load_s": 1.0, "weights_gb": 0.1}
+    rows = [{**row, "batch": b, "unet_step_s": 9.0, "vae_decode_s": 9.0} for b in (1, 2)]
+    keys = ("unet_step_s_batch1", "unet_step_s_batch2", "vae_decode_s")
+    # MLX, OpenVINO f32, OpenVINO default: per round, the same for every key.
+    seconds = [(1.0, 2.0, 0.5), (2.0, 2.2, 1.0), (1.5, 3.3, 3.0)]
+    rounds = [
+        {
+            side: dict.fromkeys(keys, s)
+            for side, s in zip(("mlx", "openvino", "openvino_default"), each, strict=True)
+        }
+        for each in seconds
+    ]
+    openvino = {
+        "model": "tiny",
+        "unet_max_rel_error": 1e-6,
+        "vae_max_rel_error": 2e-6,
+        "default_unet_max_rel_error": 3e-2,
+        "default_vae_max_rel_error": 4e-2,
+        **{f"{p}_{k}": 9.0 for p in ("float32", "default") for k in keys},
+        "rounds": rounds,
+        "setup": {"openvino": "2026.4", "default_precision": "bf16"},
+    }
+    results = {
+        "settings": {"steps": 1, "size": 512, "lazy": False},
+        "machine": {"cpu": "x", "cores": 2, "ram_gb": 24, "mlx": "0", "device": "Device(cpu, 0)"},
+        "matmul_gflops": {"float32": 200.0},
+        "rows": rows,
+        "reference": [],
+        "openvino": [openvino],
+    }
+    table = report.markdown_tables(results)
+    assert "PyTorch UNet step s" not in table
+    # Medians: MLX 1.5, f32 2.2, bf16 1.0; the rounds' speed-ups 2.0 / 1.1 / 2.2 (f32) and
+    # 0.5 / 0.5 / 2.0 (bf16).
+    f32, bf16 = "2.20 | 2.00x (2.00 / 1.10 / 2.20)", "1.00 | 0.50x (0.50 / 0.50 / 2.00)"
+    assert f"| tiny | 1 | 1.50 | {f32} | {bf16} | 1.50 | {f32} | {bf16} " in table
+    assert "| 1.0e-06 / 2.0e-06 | 3.0e-02 / 4.0e-02 |" in table
+    assert "| OpenVINO bf16 s |" in table and "over 3 rounds" in table
+
+
+def test_the_whole_image_table_compares_every_side_over_rounds():
+    rounds = [
+        {"mlx": 1.0, "pytorch": 4.0, "openvino": 2.0, "openvino_default": 1.0},
+        {"mlx": 2.0, "pytorch": 5.0, "openvino": 2.0, "openvino_default": 1.0},
+        {"mlx": 1.5, "pytorch": 3.0, "openvino": 3.0, "openvino_default": 1.5},
+    ]
+    image = {"model": "sdxl-turbo", "steps": 1, "decoder": "tiny", "cfg": 0.0, "rounds": rounds}
+    results = {
+        "settings": {"size": 512},
+        "machine": {"cpu": "x", "cores": 2, "ram_gb": 24, "mlx": "0"},
+        "whole_image": [
+            {**image, "setup": {"openvino_default_precision": "bf16"}},
+            {**image, "model": "sd-1.5", "steps": 20, "decoder": "full", "cfg": 7.5,
+             "setup": {}},
+        ],
+    }  # fmt: skip
+    table = report.markdown_tables(results)
+    assert "| MLX s | PyTorch s | speed-up | OpenVINO f32 s | speed-up | OpenVINO bf16 s |" in table
+    # Medians 1.5 / 4.0 / 2.0 / 1.0; the rounds' speed-ups 4.0, 2.5, 2.0 (PyTorch), 2.0,
+    # 1.0, 2.0 (f32) and 1.0, 0.5, 1.0 (bf16).
+    cells = "| 1.50 | 4.00 | 2.50x (4.00 / 2.50 / 2.00) | 2.00 | 2.00x (2.00 / 1.00 / 2.00) "
+    cells += "| 1.00 | 1.00x (1.00 / 0.50 / 1.00) |"
+    assert f"| sdxl-turbo | 1 step, tiny decoder {cells}" in table
+    assert f"| sd-1.5 | 20 steps, CFG 7.5, VAE {cells}" in table
+    assert "3 rounds" in table
+
+
+def test_whole_image_run_times_every_side_on_the_same_weights(tmp_path, capsys):
+    pytest.importorskip("openvino")
+    pytest.importorskip("diffusers")
+    output = tmp_path / "results.json"
+    benchmark.main(
+        ["--models", "tiny-xl", "--dtypes", "float32", "--size", "64", "--repeats", "1",
+         "--whole-image", "--reference", "--openvino", "--output", str(output)]
+    )  # fmt: skip
+    (image,) = json.loads(output.read_text())["whole_image"]
+    assert (image["model"], image["steps"], image["decoder"]) == ("tiny-xl", 1, "tiny")
+    (each,) = image["rounds"]
+    assert sorted(each) == ["mlx", "openvino", "openvino_default", "pytorch"]
+    assert all(seconds > 0 for seconds in each.values())
+    assert image["setup"]["openvino_precision"] == "f32"
+    assert "| tiny-xl | 1 step, tiny decoder |" in capsys.readouterr().out
+
+
+def test_whole_image_mlx_alone_uses_the_random_tiny_decoder(tmp_path, capsys, monkeypatch):
+    # No reference needed: MLX's images, with a TAESD of random weights and the hub's config.
+    loaded = []
+    original = whole_image.StableDiffusion
+
+    def recording(folder, decoder):
+        loaded.append(Path(decoder))
+        return original(folder, decoder=decoder)
+
+    monkeypatch.setattr(whole_image, "StableDiffusion", lambda f, decoder: recording(f, decoder))
+    output = tmp_path / "results.json"
+    benchmark.main(
+        ["--models", "tiny-xl,tiny", "--dtypes", "float32", "--size", "64", "--repeats", "1",
+         "--whole-image", "--workdir", str(tmp_path / "models"), "--output", str(output)]
+    )  # fmt: skip
+    images = json.loads(output.read_text())["whole_image"]
+    assert [(i["model"], i["decoder"], i["steps"]) for i in images] == [
+        ("tiny-xl", "tiny", 1),
+        ("tiny", "full", 2),
+    ]
+    assert all(i["rounds"][0]["mlx"] > 0 and list(i["rounds"][0]) == ["mlx"] for i in images)
+    assert loaded[0].name == "tiny-xl-taesd" and str(loaded[1]) == "full"
+    assert not (tmp_path / "models" / "tiny-xl-taesd").exists()  # cleaned up
+
+
+def test_random_tiny_autoencoder_loads_with_the_hub_config(tmp_path):
+    from stable_diffusion.loading.folder import load_tiny_autoencoder
+
+    folder = write_random_tiny_autoencoder(tmp_path / "taesd")
+    fixture = json.loads((FIXTURES / "taesd" / "config.json").read_text())
+    assert json.loads((folder / "config.json").read_text()) == fixture
+    import mlx.core as mx
+
+    model = load_tiny_autoencoder(folder, mx.float32)
+    decoded = model.decode(mx.zeros((1, 8, 8, 4)))
+    assert decoded.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--whole-image", "--models", "sd-2.1-base"], "--whole-image times"),
+        (["--whole-image", "--dtypes", "float16"], "--dtypes float32"),
+        (["--openvino", "--dtypes", "q8"], "include float32"),
+    ],
+)
+def test_whole_image_and_openvino_options_are_checked(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(extra)
+    assert message in capsys.readouterr().err
+
+
+def test_a_busy_machine_is_flagged_by_the_reference(tmp_path, capsys, monkeypatch):
+    # Canned outputs of the reference's process: no PyTorch needed.
+    config = ARCHITECTURES["tiny"]
+    unet_output = np.ones((1, 8, 8, 4), np.float32)
+    decoded = np.ones((1, 64, 64, 3), np.float32)
+    parity = measure.Parity(
+        measure.UNetInputs.random(config.unet, 1, 8, 8), unet_output, unet_output, decoded
+    )
+    outputs = {"unet_output": unet_output, "vae_decoded": decoded, "float32_vae_decode_s": 2.0}
+    setup = {"threads": 2, "cores": 2, "attention_processors": ["A"], "memory_format": "x"}
+    args = argparse.Namespace(repeats=1, reference_memory_format="x", dtypes=["float32"])
+    # 1-minute load averages with PyTorch's own 2 threads in them: quiet, then busy.
+    for load, busy in ((2.5, False), (3.5, True)):
+        canned = (dict(outputs), {**setup, "load_average": load})
+        monkeypatch.setattr(benchmarks.reference, "_start", lambda *_, c=canned: c)
+        result = benchmarks.reference.run_reference("tiny", tmp_path, args, parity, ["float32"])
+        assert result["float32_vae_decode_s"] == 2.0 and result["unet_max_rel_error"] == 0.0
+        assert ("the machine was busy" in capsys.readouterr().out) is busy
