@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import mlx.core as mx
 import numpy as np
@@ -1053,33 +1053,21 @@ def txt2image_main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     def start(sd: StableDiffusion, args: argparse.Namespace, n_images: int, seed: int):
+        shared: dict[str, Any] = {
+            "n_images": n_images,
+            "num_steps": args.steps,
+            "cfg_weight": args.cfg,
+            "negative_text": args.negative_prompt,
+            "seed": seed,
+            "width": args.width,
+            "height": args.height,
+            "sampler": args.sampler,
+            "clip_skip": args.clip_skip,
+        }
         hires = hires_fix(args)
         if hires is not None:
-            return sd.generate_latents_hires(
-                args.prompt,
-                hires,
-                n_images=n_images,
-                num_steps=args.steps,
-                cfg_weight=args.cfg,
-                negative_text=args.negative_prompt,
-                seed=seed,
-                width=args.width,
-                height=args.height,
-                sampler=args.sampler,
-                clip_skip=args.clip_skip,
-            )
-        return sd.generate_latents(
-            args.prompt,
-            n_images=n_images,
-            num_steps=args.steps,
-            cfg_weight=args.cfg,
-            negative_text=args.negative_prompt,
-            seed=seed,
-            width=args.width,
-            height=args.height,
-            sampler=args.sampler,
-            clip_skip=args.clip_skip,
-        )
+            return sd.generate_latents_hires(args.prompt, hires, **shared)
+        return sd.generate_latents(args.prompt, **shared)
 
     with exit_on_interrupt():
         output = check_command_line(p, args)

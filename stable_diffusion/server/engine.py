@@ -11,6 +11,7 @@ import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -152,46 +153,28 @@ class Engine:
 
         def start(first: int) -> Denoising:
             n_images, seed = min(size, g.n_images - first), g.seed + first
+            shared: dict[str, Any] = {
+                "n_images": n_images,
+                "num_steps": g.steps,
+                "cfg_weight": g.cfg,
+                "negative_text": g.negative_text,
+                "seed": seed,
+                "sampler": g.sampler,
+                "clip_skip": g.clip_skip,
+            }
             if g.hires is not None:
                 return sd.generate_latents_hires(
-                    g.text,
-                    g.hires,
-                    n_images=n_images,
-                    num_steps=g.steps,
-                    cfg_weight=g.cfg,
-                    negative_text=g.negative_text,
-                    seed=seed,
-                    width=g.width,
-                    height=g.height,
-                    sampler=g.sampler,
-                    clip_skip=g.clip_skip,
+                    g.text, g.hires, width=g.width, height=g.height, **shared
                 )
             if g.image is None:
-                return sd.generate_latents(
-                    g.text,
-                    n_images=n_images,
-                    num_steps=g.steps,
-                    cfg_weight=g.cfg,
-                    negative_text=g.negative_text,
-                    seed=seed,
-                    width=g.width,
-                    height=g.height,
-                    sampler=g.sampler,
-                    clip_skip=g.clip_skip,
-                )
+                return sd.generate_latents(g.text, width=g.width, height=g.height, **shared)
             return sd.generate_latents_from_image(
                 g.image,
                 g.text,
                 strength=g.strength,
-                n_images=n_images,
-                num_steps=g.steps,
-                cfg_weight=g.cfg,
-                negative_text=g.negative_text,
-                seed=seed,
-                sampler=g.sampler,
                 mask=g.mask,
                 masked_content=g.masked_content,
-                clip_skip=g.clip_skip,
+                **shared,
             )
 
         batches = [start(first) for first in range(0, g.n_images, size)]
