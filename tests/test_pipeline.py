@@ -67,8 +67,9 @@ def test_img2img_matches_diffusers(model, strength):
 
 
 def test_steps_in_fast_cpu_project_the_text_context_once(model, monkeypatch):
-    """As the scripts run (within `fast_cpu()`), only the first step projects the text
-    context (77 tokens) to keys and values; the image still matches diffusers."""
+    """As the scripts run (within `fast_cpu()`), only the first two steps project the text
+    context (77 tokens) to keys and values (`store.kept` keeps the second projection); the
+    image still matches diffusers."""
     sd, ref = model
     context_projections = []
     linear_call = layers.Linear.__call__
@@ -95,8 +96,8 @@ def test_steps_in_fast_cpu_project_the_text_context_once(model, monkeypatch):
             per_step.append(len(context_projections))
             context_projections.clear()
         images = np.array(sd.decode(x))
-    assert per_step[0] > 0
-    assert per_step[1:] == [0, 0, 0]
+    assert per_step[0] >= per_step[1] > 0
+    assert per_step[2:] == [0, 0]
     np.testing.assert_allclose(images, ref["txt2img.cfg7.5"], atol=PIXEL_TOLERANCE, rtol=0)
 
 

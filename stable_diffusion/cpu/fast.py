@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..models.layers import attention_backend
-from . import kernels, onednn, store
+from . import kernels, memory, onednn, store
 from .layers import SUBCLASSES
 
 # The models `fast_cpu()` gives the CPU paths when it is given none: every model loaded
@@ -79,14 +79,16 @@ def _buffer_cache(limit: int) -> Iterator[None]:
 def fast_cpu(*models: nn.Module, bfloat16: bool = False) -> Iterator[None]:
     """Within this block, on the CPU, `models` (by default every loaded model: `track`) run
     their CPU paths: attention, SiLU, GEGLU and layer norm in numpy on
-    all cores; wide 3x3 convolutions by Winograd, their transformed kernels kept until the
-    block ends, as are the text context's keys and values (`store.kept`); and MLX keeps freed
-    buffers up to an eighth of the RAM for reuse (its default makes every large image buffer
-    a fresh allocation, page faults included). The price is laziness: each step computes as
-    the generator advances, not at `mx.eval`. No effect on a GPU. Use one block per phase
-    (denoising, decoding): leaving it frees what it kept and empties the buffer cache, whose
-    buffers from a decode slowed the UNet steps after it (docs/performance.md). On leaving,
-    every layer is its model class again.
+    all cores; wide 3x3 convolutions by Winograd, their transformed kernels kept from their
+    second use until the block ends, as are the text context's keys and values
+    (`store.kept`). Freed memory is reused rather than given back to the system and faulted
+    in again: on Linux with glibc, the first block makes the process keep what it frees for
+    good (`memory.keep_freed_memory`: its resident size stays at its high-water mark);
+    elsewhere MLX keeps freed buffers of each size up to an eighth of the RAM within the
+    block. The price is laziness: each step computes as the generator advances, not at
+    `mx.eval`. No effect on a GPU. Use one block per phase (denoising, decoding): leaving
+    it frees what it kept (and MLX's buffers, whose sizes from a decode slowed the UNet
+    steps after it: docs/performance.md). On leaving, every layer is its model class again.
 
     With `bfloat16`, the linear layers' and 1x1 convolutions' matmuls compute in bfloat16
     through oneDNN (`onednn.py`: CPUs with AVX512_BF16 or AMX, the optional
@@ -98,8 +100,9 @@ def fast_cpu(*models: nn.Module, bfloat16: bool = False) -> Iterator[None]:
             stack.enter_context(onednn.enabled())
         stack.enter_context(store.block())
         if on_cpu():
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            stack.enter_context(_buffer_cache(ram // 8))
+            if not memory.keep_freed_memory():
+                ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                stack.enter_context(_buffer_cache(ram // 8))
             stack.enter_context(attention_backend(kernels.attention))
             stack.enter_context(_cpu_subclasses(list(models or _TRACKED.values())))
         yield

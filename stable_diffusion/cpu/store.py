@@ -17,7 +17,10 @@ _BLOCK_STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fast
 @dataclass(frozen=True)
 class _Kept:
     sources: tuple[object, ...]
-    value: object
+    value: object  # _MADE_ONCE until the value is asked for a second time
+
+
+_MADE_ONCE = object()
 
 
 @contextmanager
@@ -35,9 +38,13 @@ def in_block() -> bool:
 
 
 def kept(owner: object, sources: tuple[object, ...], make: Callable[[], T]) -> T:
-    """`make()`, kept for `owner` until the `fast_cpu()` block ends, as long as the arrays
-    (or other objects) it is made from (`sources`) stay the same objects: made again when one
-    is replaced (a LoRA merge, a new text context). Outside a block, made at every call."""
+    """`make()`, kept for `owner` from its second request until the `fast_cpu()` block
+    ends, as long as the arrays (or other objects) it is made from (`sources`) stay the
+    same objects: made again when one is replaced (a LoRA merge, a new text context).
+    A value asked for once per block is not kept: a block that calls the model once (a
+    one-step image, a decode) would pay its memory for nothing (the UNet's Winograd
+    kernels: 2.4 GiB at SD 2.x, all of it new memory). Outside a block, made at every
+    call."""
     store = _BLOCK_STORE.get()
     if store is None:
         return make()
@@ -48,5 +55,8 @@ def kept(owner: object, sources: tuple[object, ...], make: Callable[[], T]) -> T
         or any(old is not new for old, new in zip(entry.sources, sources, strict=True))
     ):
         # The entry holds its sources, so no new array can take their ids meanwhile.
+        store[id(owner)] = _Kept(sources, _MADE_ONCE)
+        return make()
+    if entry.value is _MADE_ONCE:
         entry = store[id(owner)] = _Kept(sources, make())
-    return entry.value
+    return entry.value  # type: ignore[return-value]

@@ -211,25 +211,25 @@ def transforms(monkeypatch) -> list[int]:
 
 
 def test_winograd_kernel_follows_a_replaced_weight(winograd_everywhere, transforms):
-    """The transformed kernel is kept between calls, and made again when the weight is
-    replaced, as merging a LoRA does."""
+    """The transformed kernel is kept from its second call on, and made again when the
+    weight is replaced, as merging a LoRA does."""
     rng = np.random.default_rng(3)
     conv = layers.Conv2d(4, 5, 3, padding=1)
     x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
     with mx.stream(mx.cpu), fast_cpu(conv):
         for _ in range(2):
             conv.weight, conv.bias = random_conv(rng, 4, 5)
-            for _ in range(2):
+            for _ in range(3):
                 out = np.array(conv(mx.array(x)))
                 expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
                 assert_winograd_close(out, expected)
-    assert len(transforms) == 2
-    assert len(winograd_everywhere) == 4
+    assert len(transforms) == 4  # two per weight: its first call's, and the kept one
+    assert len(winograd_everywhere) == 6
 
 
 def test_winograd_kernels_live_as_long_as_the_fast_cpu_block(monkeypatch, transforms):
-    """Each `fast_cpu()` block makes a layer's kernel once and frees it at its end; outside
-    a block the convolution is MLX's and keeps nothing."""
+    """Each `fast_cpu()` block keeps a layer's kernel from its second call and frees it at
+    its end; outside a block the convolution is MLX's and keeps nothing."""
     monkeypatch.setattr(cpu_layers, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(cpu_layers, "_WINOGRAD_MIN_PIXELS", 1)
     rng = np.random.default_rng(5)
@@ -240,10 +240,10 @@ def test_winograd_kernels_live_as_long_as_the_fast_cpu_block(monkeypatch, transf
     with mx.stream(mx.cpu):
         for _ in range(2):
             with fast_cpu(conv):
-                for _ in range(2):
+                for _ in range(3):
                     assert_winograd_close(np.array(conv(mx.array(x))), expected)
         np.testing.assert_allclose(np.array(conv(mx.array(x))), expected, rtol=1e-5, atol=1e-5)
-    assert len(transforms) == 2
+    assert len(transforms) == 4
 
 
 def test_winograd_kernel_follows_the_image_size(monkeypatch, transforms):
@@ -256,11 +256,12 @@ def test_winograd_kernel_follows_the_image_size(monkeypatch, transforms):
     conv = layers.Conv2d(4, 5, 3, padding=1)
     conv.weight, conv.bias = random_conv(rng, 4, 5)
     with mx.stream(mx.cpu), fast_cpu(conv):
-        for side in (4, 8, 8, 4):
+        for side in (4, 8, 8, 8, 4):
             x = rng.standard_normal((1, side, side, 4)).astype(np.float32)
             expected = conv3x3_float64(x, np.array(conv.weight), np.array(conv.bias))
             assert_winograd_close(np.array(conv(mx.array(x))), expected)
-    assert len(transforms) == 3
+    # F(2x2) once, F(4x4) at its first two calls (the third reuses it), F(2x2) again.
+    assert len(transforms) == 4
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,15 @@ leaving the weights' keys alone; outside it the models are plain, lazy MLX."""
 
 from __future__ import annotations
 
+import ctypes
+import platform
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
 from stable_diffusion import fast_cpu, loading
-from stable_diffusion.cpu import kernels
+from stable_diffusion.cpu import kernels, memory, store
 from stable_diffusion.cpu.layers import SUBCLASSES
 from stable_diffusion.loading.folder import load_text_encoder, load_unet
 from stable_diffusion.models import layers
@@ -55,3 +58,67 @@ def test_outside_fast_cpu_the_models_stay_lazy(monkeypatch):
         pass
     out = unet(mx.zeros((1, 8, 8, 4)), mx.array([1.0]), mx.zeros((1, 77, 32)))
     assert out.shape == (1, 8, 8, 4)
+
+
+def test_a_value_is_kept_from_its_second_use_until_the_block_ends():
+    """`store.kept` makes a value at each of its first two uses in a block (a block that
+    uses it once keeps nothing) and keeps the second; a new block, or a replaced source,
+    starts over."""
+    made = []
+    owner, source = object(), mx.zeros(1)
+
+    def use(source: mx.array) -> int:
+        return store.kept(owner, (source,), lambda: made.append(1) or len(made))
+
+    with fast_cpu():
+        assert [use(source) for _ in range(4)] == [1, 2, 2, 2]
+        replaced = mx.zeros(1)
+        assert [use(replaced) for _ in range(3)] == [3, 4, 4]
+    with fast_cpu():
+        assert [use(replaced) for _ in range(2)] == [5, 6]
+    assert use(replaced) == 7  # outside a block: made at every use
+
+
+class _MallocInfo(ctypes.Structure):
+    """glibc's struct mallinfo2."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def test_freed_memory_stays_with_the_process():
+    """Within fast_cpu(), on glibc, a large allocation comes from the heap rather than a
+    fresh mmap, and freeing it does not shrink the heap; elsewhere nothing is changed."""
+    with fast_cpu():
+        pass
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert not memory.keep_freed_memory()
+        return
+    assert memory.keep_freed_memory()
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallocInfo
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2()
+    block = libc.malloc(256 << 20)
+    during = libc.mallinfo2()
+    libc.free(block)
+    after = libc.mallinfo2()
+    assert block
+    assert during.hblkhd == before.hblkhd  # not an mmap of its own
+    assert during.uordblks >= before.uordblks + (256 << 20)
+    assert after.arena == during.arena  # the heap kept it
+    assert after.fordblks >= 256 << 20
