@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import distributed, prompts
-from .cpu import fast_cpu, unavailable_bfloat16
+from .cpu import fast_cpu, keep_freed_memory, unavailable_bfloat16
 from .distributed import Ranks
 from .images import (
     GenerationParameters,
@@ -968,6 +968,18 @@ def generate(
     `mlx.launch` started: one prompt's images in contiguous blocks per rank, or a prompts
     file's lines one per rank per round. Rank 0 gathers and saves, each image as soon as it
     has it, so that a failing rank costs only its own."""
+    # One heap for every phase and job: the decode reuses what the UNet freed.
+    with keep_freed_memory():
+        _generate(p, args, output, start, finish)
+
+
+def _generate(
+    p: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    output: Path,
+    start: Start,
+    finish: Finish | None,
+) -> None:
     ranks = distributed.ranks()
     jobs = jobs_of(p, args, output)
     seeds = job_seeds(ranks, jobs)

@@ -15,6 +15,7 @@ from .blas import load_optimized_blas
 OPTIMIZED_BLAS = load_optimized_blas()
 
 from .fast import compute_dtype, fast_cpu, in_fast_cpu, on_cpu, track  # noqa: E402
+from .memory import keep_freed_memory  # noqa: E402
 from .onednn import unavailable_reason as unavailable_bfloat16  # noqa: E402
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "compute_dtype",
     "fast_cpu",
     "in_fast_cpu",
+    "keep_freed_memory",
     "on_cpu",
     "track",
     "unavailable_bfloat16",

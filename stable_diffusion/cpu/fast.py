@@ -82,13 +82,13 @@ def fast_cpu(*models: nn.Module, bfloat16: bool = False) -> Iterator[None]:
     all cores; wide 3x3 convolutions by Winograd, their transformed kernels kept from their
     second use until the block ends, as are the text context's keys and values
     (`store.kept`). Freed memory is reused rather than given back to the system and faulted
-    in again: on Linux with glibc, the first block makes the process keep what it frees for
-    good (`memory.keep_freed_memory`: its resident size stays at its high-water mark);
-    elsewhere MLX keeps freed buffers of each size up to an eighth of the RAM within the
-    block. The price is laziness: each step computes as the generator advances, not at
-    `mx.eval`. No effect on a GPU. Use one block per phase (denoising, decoding): leaving
-    it frees what it kept (and MLX's buffers, whose sizes from a decode slowed the UNet
-    steps after it: docs/performance.md). On leaving, every layer is its model class again.
+    in again: on Linux with glibc the process keeps what it frees within the block
+    (`keep_freed_memory`; wrap the phases in one to share it between them, as the scripts
+    do); elsewhere MLX keeps freed buffers of each size up to an eighth of the RAM. The
+    price is laziness: each step computes as the generator advances, not at `mx.eval`. No
+    effect on a GPU. Use one block per phase (denoising, decoding): leaving it frees what
+    it kept (and MLX's buffers, whose sizes from a decode slowed the UNet steps after it:
+    docs/performance.md). On leaving, every layer is its model class again.
 
     With `bfloat16`, the linear layers' and 1x1 convolutions' matmuls compute in bfloat16
     through oneDNN (`onednn.py`: CPUs with AVX512_BF16 or AMX, the optional
@@ -100,7 +100,7 @@ def fast_cpu(*models: nn.Module, bfloat16: bool = False) -> Iterator[None]:
             stack.enter_context(onednn.enabled())
         stack.enter_context(store.block())
         if on_cpu():
-            if not memory.keep_freed_memory():
+            if not stack.enter_context(memory.keep_freed_memory()):
                 ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
                 stack.enter_context(_buffer_cache(ram // 8))
             stack.enter_context(attention_backend(kernels.attention))

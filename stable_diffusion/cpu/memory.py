@@ -3,10 +3,9 @@
 MLX allocates its CPU buffers with `malloc`, and glibc serves every request over 32 MB
 (each image-sized activation, each weight) with a fresh `mmap`, handed back to the system
 at `free`: the next buffer of any size is new memory again, and the kernel faults in and
-zeroes each of its pages. In a 512px decode that was 5.4 GB of page faults (over a
-fifth of its time), and the decode after a denoising phase could not reuse the memory the
-freed UNet left (docs/performance.md, "Freed memory"). MLX's own buffer cache only reuses
-buffers of the same size.
+zeroes each of its pages. A 512px decode faulted in 5.4 GB that way (a fifth of its time),
+and a decode could not reuse the memory the UNet freed before it (docs/performance.md,
+"Fixed per-image costs"). MLX's own buffer cache only reuses buffers of the same size.
 """
 
 from __future__ import annotations
@@ -14,20 +13,53 @@ from __future__ import annotations
 import ctypes
 import functools
 import platform
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-# mallopt's parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
+# mallopt's parameters and glibc's defaults for them (malloc.h, mallopt(3)).
+_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD = -1, 128 * 1024
+_M_MMAP_MAX, _DEFAULT_MMAP_MAX = -4, 65536
+
+_lock = threading.Lock()
+_depth = 0
 
 
 @functools.cache
-def keep_freed_memory() -> bool:
-    """From now on, for the rest of the process: large allocations come from glibc's heap,
-    not from `mmap`, and the heap never shrinks, so what is freed serves any later request
-    without page faults. The process's resident memory stays at its high-water mark
-    instead of falling after each phase. Whether it applies (glibc on Linux only)."""
+def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)  # the C library this process already runs
-    # No more mmap'd chunks, then no trimming of the heap's top (-1: as unsigned, never).
-    return libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
+        return None
+    return ctypes.CDLL(None)  # the C library this process already runs
+
+
+def _set(libc: ctypes.CDLL, mmap_max: int, trim_threshold: int) -> None:
+    for parameter, value in ((_M_MMAP_MAX, mmap_max), (_M_TRIM_THRESHOLD, trim_threshold)):
+        if libc.mallopt(parameter, value) != 1:
+            raise OSError(f"glibc's mallopt refused its parameter {parameter} = {value}")
+
+
+@contextmanager
+def keep_freed_memory() -> Iterator[bool]:
+    """Within this block (blocks nest; the whole process is affected), memory that is
+    freed stays with the process and serves later allocations of any size without page
+    faults: large buffers come from glibc's heap instead of `mmap`, and the heap is never
+    trimmed. Leaving the outermost block hands the free memory back to the system
+    (`malloc_trim`). Yields whether it applies: glibc on Linux only."""
+    global _depth
+    libc = _glibc()
+    if libc is None:
+        yield False
+        return
+    with _lock:
+        if _depth == 0:
+            # No more mmap'd chunks, and no trimming of the heap (-1: as unsigned, never).
+            _set(libc, 0, -1)
+        _depth += 1
+    try:
+        yield True
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _set(libc, _DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)

@@ -142,16 +142,21 @@ def main(argv: list[str] | None = None) -> None:
         auth=users,
         output_dir=args.output_dir,
     )
-    print(f"Loading {args.model} ...", flush=True)
-    try:
-        app = create_app(config)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
-    print(
-        f"Serving http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /openapi.json)",
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    from ..cpu import keep_freed_memory
+
+    # The process keeps what it frees for the next request (its resident size stays at its
+    # high-water mark): each image reuses the memory of the one before.
+    with keep_freed_memory():
+        print(f"Loading {args.model} ...", flush=True)
+        try:
+            app = create_app(config)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+        print(
+            f"Serving http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /openapi.json)",
+            flush=True,
+        )
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from stable_diffusion import fast_cpu, loading
-from stable_diffusion.cpu import kernels, memory, store
+from stable_diffusion import fast_cpu, keep_freed_memory, loading
+from stable_diffusion.cpu import kernels, store
 from stable_diffusion.cpu.layers import SUBCLASSES
 from stable_diffusion.loading.folder import load_text_encoder, load_unet
 from stable_diffusion.models import layers
@@ -99,26 +99,38 @@ class _MallocInfo(ctypes.Structure):
     ]
 
 
-def test_freed_memory_stays_with_the_process():
-    """Within fast_cpu(), on glibc, a large allocation comes from the heap rather than a
-    fresh mmap, and freeing it does not shrink the heap; elsewhere nothing is changed."""
-    with fast_cpu():
-        pass
+def test_freed_memory_stays_with_the_process_within_the_block():
+    """Within `keep_freed_memory()` (and so within fast_cpu()), on glibc, a large
+    allocation comes from the heap rather than an mmap of its own, and freeing it does not
+    shrink the heap; leaving the outermost block restores glibc's defaults. Elsewhere
+    nothing is changed."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        assert not memory.keep_freed_memory()
+        with keep_freed_memory() as applies, fast_cpu():
+            assert not applies
         return
-    assert memory.keep_freed_memory()
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = _MallocInfo
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
-    before = libc.mallinfo2()
-    block = libc.malloc(256 << 20)
-    during = libc.mallinfo2()
-    libc.free(block)
-    after = libc.mallinfo2()
-    assert block
-    assert during.hblkhd == before.hblkhd  # not an mmap of its own
-    assert during.uordblks >= before.uordblks + (256 << 20)
-    assert after.arena == during.arena  # the heap kept it
-    assert after.fordblks >= 256 << 20
+    size = 256 << 20
+
+    def allocate_and_free() -> tuple[_MallocInfo, _MallocInfo, _MallocInfo]:
+        before = libc.mallinfo2()
+        block = libc.malloc(size)
+        assert block
+        during = libc.mallinfo2()
+        libc.free(block)
+        return before, during, libc.mallinfo2()
+
+    with keep_freed_memory() as applies:
+        assert applies
+        with fast_cpu():  # nested: leaving it keeps the outer block's settings
+            pass
+        before, during, after = allocate_and_free()
+        assert during.hblkhd == before.hblkhd  # not an mmap of its own
+        assert during.uordblks >= before.uordblks + size
+        assert after.arena == during.arena  # the heap kept it
+        assert after.fordblks >= size
+    before, during, after = allocate_and_free()
+    assert during.hblkhd >= before.hblkhd + size  # glibc's default again: its own mmap
+    assert after.hblkhd == before.hblkhd

@@ -5,6 +5,7 @@ with float64 on their own. The default never takes the eager path."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import mlx.core as mx
@@ -308,7 +309,9 @@ def test_fast_cpu_raises_the_cache_limit_only_where_the_heap_does_not_keep(
     """Where the C library keeps freed memory (glibc), MLX's buffer cache is left alone:
     its same-size reuse only touched more memory; elsewhere it is raised within the block
     and restored after it."""
-    monkeypatch.setattr(fast.memory, "keep_freed_memory", lambda: heap_keeps_freed_memory)
+    monkeypatch.setattr(
+        fast.memory, "keep_freed_memory", lambda: contextlib.nullcontext(heap_keeps_freed_memory)
+    )
     before = mx.set_cache_limit(12345)
     try:
         with fast_cpu():
