@@ -20,6 +20,7 @@ from contextlib import contextmanager
 # mallopt's parameters and glibc's defaults for them (malloc.h, mallopt(3)).
 _M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD = -1, 128 * 1024
 _M_MMAP_MAX, _DEFAULT_MMAP_MAX = -4, 65536
+_M_ARENA_MAX, _DEFAULT_ARENA_MAX = -8, 0  # 0: glibc's default, from the cores
 
 _lock = threading.Lock()
 _depth = 0
@@ -32,8 +33,12 @@ def _glibc() -> ctypes.CDLL | None:
     return ctypes.CDLL(None)  # the C library this process already runs
 
 
-def _set(libc: ctypes.CDLL, mmap_max: int, trim_threshold: int) -> None:
-    for parameter, value in ((_M_MMAP_MAX, mmap_max), (_M_TRIM_THRESHOLD, trim_threshold)):
+def _set(libc: ctypes.CDLL, mmap_max: int, trim_threshold: int, arena_max: int) -> None:
+    for parameter, value in (
+        (_M_MMAP_MAX, mmap_max),
+        (_M_TRIM_THRESHOLD, trim_threshold),
+        (_M_ARENA_MAX, arena_max),
+    ):
         if libc.mallopt(parameter, value) != 1:
             raise OSError(f"glibc's mallopt refused its parameter {parameter} = {value}")
 
@@ -43,8 +48,11 @@ def keep_freed_memory() -> Iterator[bool]:
     """Within this block (blocks nest; the whole process is affected), memory that is
     freed stays with the process and serves later allocations of any size without page
     faults: large buffers come from glibc's heap instead of `mmap`, and the heap is never
-    trimmed. Leaving the outermost block hands the free memory back to the system
-    (`malloc_trim`). Yields whether it applies: glibc on Linux only."""
+    trimmed. Threads started within share the main heap; one started before keeps its own
+    arena, whose large buffers glibc maps afresh whatever it is told, so enter the block
+    before starting a thread that generates (as the server does). Leaving the outermost
+    block hands the free memory back to the system (`malloc_trim`). Yields whether it
+    applies: glibc on Linux only."""
     global _depth
     libc = _glibc()
     if libc is None:
@@ -52,8 +60,10 @@ def keep_freed_memory() -> Iterator[bool]:
         return
     with _lock:
         if _depth == 0:
-            # No more mmap'd chunks, and no trimming of the heap (-1: as unsigned, never).
-            _set(libc, 0, -1)
+            # No more mmap'd chunks, no trimming of the heap (-1: as unsigned, never), and
+            # threads started from now on share the main heap: a thread's own arena mmaps
+            # every request over its 64 MiB heaps whatever M_MMAP_MAX says (glibc 2.35+).
+            _set(libc, 0, -1, 1)
         _depth += 1
     try:
         yield True
@@ -61,5 +71,5 @@ def keep_freed_memory() -> Iterator[bool]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                _set(libc, _DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
+                _set(libc, _DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD, _DEFAULT_ARENA_MAX)
                 libc.malloc_trim(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -101,9 +102,9 @@ class _MallocInfo(ctypes.Structure):
 
 def test_freed_memory_stays_with_the_process_within_the_block():
     """Within `keep_freed_memory()` (and so within fast_cpu()), on glibc, a large
-    allocation comes from the heap rather than an mmap of its own, and freeing it does not
-    shrink the heap; leaving the outermost block restores glibc's defaults. Elsewhere
-    nothing is changed."""
+    allocation comes from the heap rather than an mmap of its own, in any thread started
+    within, and freeing it does not shrink the heap; leaving the outermost block restores
+    glibc's defaults. Elsewhere nothing is changed."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         with keep_freed_memory() as applies, fast_cpu():
             assert not applies
@@ -131,6 +132,13 @@ def test_freed_memory_stays_with_the_process_within_the_block():
         assert during.uordblks >= before.uordblks + size
         assert after.arena == during.arena  # the heap kept it
         assert after.fordblks >= size
+        # A thread started within the block (the server's worker) shares that heap.
+        in_thread: list[tuple[_MallocInfo, _MallocInfo, _MallocInfo]] = []
+        worker = threading.Thread(target=lambda: in_thread.append(allocate_and_free()))
+        worker.start()
+        worker.join()
+        before, during, after = in_thread[0]
+        assert during.hblkhd == before.hblkhd
     before, during, after = allocate_and_free()
     assert during.hblkhd >= before.hblkhd + size  # glibc's default again: its own mmap
     assert after.hblkhd == before.hblkhd
