@@ -5,6 +5,11 @@ The Linux `mlx[cpu]` wheel links a slow reference BLAS. Loading OpenBLAS (from t
 calls bind to it: many times faster matmuls and convolutions (docs/performance.md). Set
 MLX_SD_NO_OPENBLAS=1 to turn it off.
 
+A wheel's OpenBLAS may be built for one CPU family only and die with "Illegal instruction"
+on others; so each one found (pip's, then the system's) is asked what it was built for
+first, and passed over, with a warning naming the fix, where this CPU lacks what its
+kernels use (`choose`).
+
 OpenBLAS's idle threads spin for a while after each call by default, stealing a core
 from the numpy work that runs between MLX's matmuls (`kernels.py`); unless
 OPENBLAS_THREAD_TIMEOUT is set already, they go to sleep after 2^4 cycles instead.
@@ -18,14 +23,19 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import os
+import re
+import subprocess
 import sys
 import sysconfig
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import features
 
 DISABLE_VARIABLE = "MLX_SD_NO_OPENBLAS"
 
@@ -33,9 +43,131 @@ _ROW_MAJOR, _NO_TRANSPOSE, _TRANSPOSE = 101, 111, 112  # CBLAS's enum values
 _openblas: ctypes.CDLL | None = None
 
 
-def _candidates() -> list[Path]:
+# The instruction sets (as /proc/cpuinfo names them) that the kernels of an OpenBLAS built
+# for one target only (no DYNAMIC_ARCH) use: such a build dies with "Illegal instruction"
+# at its first matmul on a CPU without them. cmeel-openblas's wheels are such builds, each
+# for the CPU its release was built on (0.3.29: ZEN, 0.3.23 and 0.3.31: SKYLAKEX).
+# Older targets need nothing that a CPU running this package lacks.
+_AVX2 = ("avx", "avx2", "fma")
+_AVX512 = (*_AVX2, "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
+_TARGET_FLAGS = {
+    "SANDYBRIDGE": ("avx",),
+    "BULLDOZER": ("avx", "fma4"),
+    "PILEDRIVER": ("avx", "fma"),
+    "STEAMROLLER": ("avx", "fma"),
+    "EXCAVATOR": _AVX2,
+    "HASWELL": _AVX2,
+    "ZEN": _AVX2,
+    "SKYLAKEX": _AVX512,
+    "COOPERLAKE": (*_AVX512, "avx512_bf16"),
+    "SAPPHIRERAPIDS": (*_AVX512, "avx512_bf16", "amx_bf16", "amx_tile"),
+    "ARMV8SVE": ("sve",),
+    "A64FX": ("sve",),
+    "NEOVERSEV1": ("sve",),
+    "NEOVERSEN2": ("sve", "sve2"),
+    "NEOVERSEV2": ("sve", "sve2"),
+    "ARMV9SME": ("sve", "sve2", "sme"),
+}
+INSTALL_FIX = (
+    "pip install -r requirements.txt (its cmeel-openblas runs on any x86-64 CPU with AVX2), "
+    "or install your system's OpenBLAS (apt-get install libopenblas0), which is used where "
+    "pip's cannot run"
+)
+
+
+@dataclass(frozen=True)
+class Build:
+    """An OpenBLAS library found here, as it describes itself."""
+
+    path: str
+    config: str  # openblas_get_config(): "OpenBLAS 0.3.29 NO_AFFINITY ZEN MAX_THREADS=4"
+    target: str  # openblas_get_corename(): the kernels' CPU ("ZEN"; "Zen" chosen at run time)
+
+    @property
+    def dynamic(self) -> bool:
+        """Kernels for every CPU, chosen when the library loads."""
+        return "DYNAMIC_ARCH" in self.config.split()
+
+    @property
+    def max_threads(self) -> int:
+        found = re.search(r"MAX_THREADS=(\d+)", self.config)
+        return int(found.group(1)) if found else 1 << 16
+
+    def missing_flags(self, flags: frozenset[str]) -> list[str]:
+        """The instruction sets its kernels use that a CPU with `flags` lacks (none where
+        the flags are unknown)."""
+        if self.dynamic or not flags:
+            return []
+        return [f for f in _TARGET_FLAGS.get(self.target.upper(), ()) if f not in flags]
+
+
+def _pip_candidates() -> list[Path]:
     roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}
-    return [Path(root) / "cmeel.prefix" / "lib" / "libopenblas.so.0" for root in roots if root]
+    paths = [Path(root) / "cmeel.prefix" / "lib" / "libopenblas.so.0" for root in roots if root]
+    return [path for path in paths if path.is_file()]
+
+
+def _system_libraries() -> list[str]:
+    """The system's OpenBLAS libraries, by path: by its name alone the dynamic linker would
+    hand back pip's if loaded already (the same soname)."""
+    for ldconfig in ("/sbin/ldconfig", "ldconfig"):
+        with suppress(OSError, subprocess.SubprocessError):
+            listing = subprocess.run(
+                [ldconfig, "-p"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout
+            return [
+                line.rpartition(" => ")[2]
+                for line in listing.splitlines()
+                if line.strip().startswith("libopenblas.so.0 ")
+            ]
+    return []
+
+
+def _candidates() -> Iterator[str]:
+    """pip's OpenBLAS, then the system's (looked up only if asked)."""
+    yield from (str(path) for path in _pip_candidates())
+    yield from _system_libraries()
+
+
+def _describe(path: str) -> Build:
+    """Load `path` with local symbols (MLX does not bind to it yet) and read its build.
+    Loading runs no kernel: a build for the wrong CPU loads fine."""
+    library = ctypes.CDLL(path)
+    library.openblas_get_config.restype = ctypes.c_char_p
+    library.openblas_get_corename.restype = ctypes.c_char_p
+    return Build(
+        path,
+        library.openblas_get_config().decode().strip(),
+        library.openblas_get_corename().decode(),
+    )
+
+
+def choose(
+    candidates: Iterable[str], flags: frozenset[str], cores: int
+) -> tuple[Build | None, list[str]]:
+    """The OpenBLAS to bind MLX to: the first of `candidates` that runs on this CPU and may
+    use all its `cores` (builds cap their threads), else the runnable one that may use the
+    most; with why each other was passed over."""
+    best: Build | None = None
+    passed_over = []
+    for path in candidates:
+        try:
+            build = _describe(path)
+        except (OSError, AttributeError) as e:
+            passed_over.append(f"{path} could not be loaded ({e})")
+            continue
+        missing = build.missing_flags(flags)
+        if missing:
+            passed_over.append(
+                f"{path} ({build.config}) was built for {build.target} CPUs only: its kernels "
+                f"use {', '.join(missing)}, which this CPU lacks (it would stop with 'Illegal "
+                "instruction')"
+            )
+        elif best is None or min(build.max_threads, cores) > min(best.max_threads, cores):
+            best = build
+        if best is not None and best.max_threads >= cores:
+            break
+    return best, passed_over
 
 
 def load_optimized_blas() -> Path | None:
@@ -45,13 +177,21 @@ def load_optimized_blas() -> Path | None:
         "0",
     ):
         return None
-    library = next((p for p in _candidates() if p.is_file()), None)
-    if library is None:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # read when the library loads
+    build, passed_over = choose(_candidates(), features.cpu_flags(), os.cpu_count() or 1)
+    if build is None:
         if _mlx_runs_on_cuda():
             return None  # its work runs on the GPU
+        why = "; ".join(passed_over) or "cmeel-openblas is not installed"
+        gfortran = any("libgfortran" in reason for reason in passed_over)
         warnings.warn(
-            "cmeel-openblas is not installed: MLX will use its slow reference BLAS on this CPU "
-            "(pip install -r requirements.txt)",
+            f"{why}: MLX will use its slow reference BLAS on this CPU. "
+            + (
+                "OpenBLAS needs the GNU Fortran runtime: apt-get install libgfortran5 "
+                "(dnf install libgfortran)"
+                if gfortran
+                else INSTALL_FIX
+            ),
             stacklevel=2,
         )
         return None
@@ -61,20 +201,11 @@ def load_optimized_blas() -> Path | None:
             "BLAS: import stable_diffusion first",
             stacklevel=2,
         )
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # read when the library loads
     global _openblas
-    try:
-        _openblas = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
-    except OSError as e:
-        warnings.warn(
-            f"could not load OpenBLAS ({e}); MLX will use its slow reference BLAS. "
-            "OpenBLAS needs the GNU Fortran runtime: apt-get install libgfortran5 "
-            "(dnf install libgfortran)",
-            stacklevel=2,
-        )
-        return None
+    # Loaded again with global symbols: the same library, now the one MLX's calls bind to.
+    _openblas = ctypes.CDLL(build.path, mode=ctypes.RTLD_GLOBAL)
     _bind(_openblas)
-    return library
+    return Path(build.path)
 
 
 def _mlx_runs_on_cuda() -> bool:

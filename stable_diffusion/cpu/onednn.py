@@ -31,6 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import features
 from .store import kept
 
 PACKAGE = "onednn-cpu-gomp"
@@ -58,15 +59,6 @@ class Unavailable(RuntimeError):
     """bfloat16 compute was asked for where it cannot run."""
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
 def _library_path() -> Path | None:
     try:
         files = importlib.metadata.distribution(PACKAGE).files or []
@@ -79,6 +71,10 @@ def _library_path() -> Path | None:
     return path if path.is_file() else None
 
 
+def cpu_has_bfloat16() -> bool:
+    return bool(set(_CPU_FLAGS) & features.cpu_flags())
+
+
 def unavailable_reason() -> str | None:
     """Why bfloat16 compute cannot run here, with the fix; None where it can."""
     machine = platform.machine().lower()
@@ -87,7 +83,7 @@ def unavailable_reason() -> str | None:
             f"bfloat16 compute needs Linux on x86-64 (this is {sys.platform} on {machine}): "
             "run without --bfloat16"
         )
-    if not set(_CPU_FLAGS) & _cpu_flags():
+    if not cpu_has_bfloat16():
         return (
             "bfloat16 compute needs a CPU with AVX512_BF16 or AMX (/proc/cpuinfo's flags list "
             "neither avx512_bf16 nor amx_bf16): run without --bfloat16"

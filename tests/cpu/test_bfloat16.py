@@ -25,17 +25,20 @@ import pytest
 from benchmarks import bfloat16 as bfloat16_benchmark
 from stable_diffusion import StableDiffusion, fast_cpu
 from stable_diffusion.cli import txt2image_main
-from stable_diffusion.cpu import onednn
+from stable_diffusion.cpu import features, onednn
 from stable_diffusion.models import layers, unet
 from stable_diffusion.server.__main__ import main as server_main
 from tests.helpers import FIXTURES
 
-# CI's machines have AVX512_BF16 and install requirements-bfloat16.txt: there these tests
-# fail rather than skip when bfloat16 compute is unavailable.
+# CI installs requirements-bfloat16.txt: on its machines whose CPU has AVX512_BF16 or AMX
+# these tests fail rather than skip when bfloat16 compute is unavailable; on others they
+# cannot run (the refusal is tested everywhere).
 needs_bfloat16 = pytest.mark.skipif(
-    onednn.unavailable_reason() is not None and not os.environ.get("CI"),
+    onednn.unavailable_reason() is not None
+    and not (os.environ.get("CI") and onednn.cpu_has_bfloat16()),
     reason=str(onednn.unavailable_reason()),
 )
+WITH_BFLOAT16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
 BOUND = 2.01 * 2.0**-8 + 1e-5
 
 
@@ -144,8 +147,9 @@ def test_bfloat16_image_is_close_to_float32():
     ],
 )
 def test_unavailable_bfloat16_is_a_clear_error(monkeypatch, capsys, tmp_path, simulate, message):
+    monkeypatch.setattr(features, "cpu_flags", lambda: WITH_BFLOAT16)
     if simulate == "cpu":
-        monkeypatch.setattr(onednn, "_cpu_flags", lambda: {"avx2", "avx512f"})
+        monkeypatch.setattr(features, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     elif simulate == "library":
         monkeypatch.setattr(onednn, "_library_path", lambda: None)
     else:
@@ -177,6 +181,7 @@ def test_benchmark_alternates_float32_and_bfloat16(capsys):
 
 
 def test_benchmark_refuses_where_bfloat16_cannot_run(monkeypatch, capsys):
+    monkeypatch.setattr(features, "cpu_flags", lambda: WITH_BFLOAT16)
     monkeypatch.setattr(onednn, "_library_path", lambda: None)
     with pytest.raises(SystemExit):
         bfloat16_benchmark.main(["--model", "tiny"])
