@@ -49,7 +49,7 @@ _openblas: ctypes.CDLL | None = None
 # for the CPU its release was built on (0.3.29: ZEN, 0.3.23 and 0.3.31: SKYLAKEX).
 # Older targets need nothing that a CPU running this package lacks.
 _AVX2 = ("avx", "avx2", "fma")
-_AVX512 = (*_AVX2, "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
+_AVX512 = (*_AVX2, *features.AVX512)
 _TARGET_FLAGS = {
     "SANDYBRIDGE": ("avx",),
     "BULLDOZER": ("avx", "fma4"),

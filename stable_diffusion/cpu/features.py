@@ -20,3 +20,11 @@ def cpu_flags() -> frozenset[str]:
         if key.strip() in ("flags", "Features"):
             return frozenset(value.split())
     return frozenset()
+
+
+# x86-64-v4's AVX-512 subsets (numpy's AVX512_SKX, OpenBLAS's SKYLAKEX).
+AVX512 = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
+
+
+def has_avx512() -> bool:
+    return set(AVX512) <= cpu_flags()

@@ -2,9 +2,10 @@
 
 On the CPU, MLX computes exp and division one element at a time, which made softmax and
 SiLU cost more than the matmuls around them; numpy's are vectorized and release the GIL, so
-they run on all cores (the rates: docs/performance.md). The attention raises 2, not e, to
-its scores' powers: numpy's float32 exp2 is faster than its exp and at least as accurate,
-and the factor log2(e) rides along with the queries' scale. These kernels need their inputs
+they run on all cores (the rates: docs/performance.md). The attention and the GELU take
+their powers of e as powers of whichever base numpy raises fastest on this CPU
+(`_EXPONENTIALS`), the factor log_b(e) riding along with the queries' scale. These kernels
+need their inputs
 computed, which breaks MLX's laziness: so they run only within `fast_cpu()`, for loops that
 evaluate every step anyway, as the scripts do. The GEGLU's gating (an erf GELU) and the
 layer norm run here too: MLX computes them on one core, numpy on all of them.
@@ -21,13 +22,14 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from typing import TypeVar
 
 import mlx.core as mx
 import numpy as np
 
-from . import blas
+from . import blas, features
 
 T = TypeVar("T")
 _CORES = os.cpu_count() or 1
@@ -42,11 +44,28 @@ _SCORE_BLOCK_ELEMENTS = 1 << 20
 # scores): faster on SD 1.5's 4096 keys, slower on SDXL's 256, even between 1536 and 2304
 # (docs/performance.md).
 _SHIFTED_MIN_KEYS = 2048
-_LOG2_E = math.log2(math.e)
-# Scores are in powers of two; shifted, they are at most this (2^40 * 1e5 keys is far from
-# float32's overflow) ...
-_EXP_HEADROOM = 40.0
-# ... and a row whose powers sum to less than 2^-80 may have lost precision to underflow
+
+
+@dataclass(frozen=True)
+class Exponentials:
+    """e^x taken as b^(x log_b e), with numpy's float32 `power` function of base b."""
+
+    power: Callable[..., np.ndarray]  # np.exp2 or np.exp, called with out=
+    log_e: float  # log_b(e)
+
+    @property
+    def headroom(self) -> float:
+        """Shifted scores are at most this: b^headroom = 2^40, and 2^40 * 1e5 keys is far
+        from float32's overflow."""
+        return 40 * math.log(2) * self.log_e
+
+
+BASE_2 = Exponentials(np.exp2, math.log2(math.e))
+BASE_E = Exponentials(np.exp, 1.0)
+# numpy's float32 exp2 runs SVML's AVX-512 code where the CPU has AVX-512, twice as fast as
+# its exp there; elsewhere it is scalar code, 2.4x slower than its exp (docs/performance.md).
+_EXPONENTIALS = BASE_2 if features.has_avx512() else BASE_E
+# A row whose powers sum to less than 2^-80 may have lost precision to underflow
 # (with up to 2^17 keys its largest power may be 2^-97, and those 2^-24 of it subnormal):
 # it is computed again, exactly.
 _MIN_ROW_SUM = 2.0**-80
@@ -76,7 +95,7 @@ def _split_over_cores(kernel: Callable[..., object], *arrays: np.ndarray) -> Non
 def _exponentiate_exactly(scores: np.ndarray) -> None:
     """2^(scores - row max) in place."""
     scores -= scores.max(axis=-1, keepdims=True)
-    np.exp2(scores, out=scores)
+    _EXPONENTIALS.power(scores, out=scores)
 
 
 def _mask_future(scores: np.ndarray, first_row: int) -> None:
@@ -97,7 +116,7 @@ def _attend_exactly(
     scale: float,
     dim: int,
 ) -> None:
-    """out = softmax(scale * queries @ keys^T) @ values, in powers of two, for one block of
+    """out = softmax(scale * queries @ keys^T) @ values, in `_EXPONENTIALS`, for one block of
     rows of a group of heads; all four are column views of the (B, L, heads * dim)
     projections, `dim` columns per head."""
     columns = [slice(first, first + dim) for first in range(0, queries.shape[1], dim)]
@@ -121,13 +140,13 @@ def _score_shifts(queries: mx.array, keys: mx.array) -> mx.array:
     """(B*H, L, 1): how much to subtract from each query's scores so that 2^score cannot
     overflow.
 
-    By Cauchy-Schwarz a row's scores lie within +-|q| max|k|; shifted to at most
-    `_EXP_HEADROOM`, their powers and sums stay finite. Subtracting this bound instead of each
-    row's max saves two passes over the scores, and riding along in the matmul (one more
-    column), the shift costs nothing."""
+    By Cauchy-Schwarz a row's scores lie within +-|q| max|k|; shifted to at most the
+    headroom (`Exponentials`), their powers and sums stay finite. Subtracting this bound
+    instead of each row's max saves two passes over the scores, and riding along in the
+    matmul (one more column), the shift costs nothing."""
     key_norm = mx.sqrt(mx.square(keys).sum(axis=1)).max(axis=-1)  # keys: (B*H, D, S)
     bounds = mx.sqrt(mx.square(queries).sum(axis=-1)) * key_norm[:, None]
-    return mx.maximum(bounds - _EXP_HEADROOM, 0)[..., None]
+    return mx.maximum(bounds - _EXPONENTIALS.headroom, 0)[..., None]
 
 
 def _attend(
@@ -139,15 +158,15 @@ def _attend(
     causal: bool,
 ) -> None:
     """out = softmax(queries @ keys) @ values for one block of one head's queries, the
-    scores in powers of two, the queries carrying their shift column (see `_score_shifts`)
-    and the values a column of ones, whose output is the row sums of the powers: no
-    separate pass over the scores."""
+    scores exponents of `_EXPONENTIALS`' base, the queries carrying their shift column (see
+    `_score_shifts`) and the values a column of ones, whose output is the row sums of the
+    powers: no separate pass over the scores."""
     rows, k_len = len(queries), keys.shape[1]
     scores = _scratch(rows * k_len).reshape(rows, k_len)
     blas.matmul_into(queries, keys, scores)
     if causal:
         _mask_future(scores, first_row)
-    np.exp2(scores, out=scores)
+    _EXPONENTIALS.power(scores, out=scores)
     blas.matmul_into(scores, values, out)
     totals = out[:, -1:]
     # A row whose true max lies far below its bound lost its precision to underflow.
@@ -175,8 +194,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     matmuls around its softmax, its scores kept in the core's own buffer. Faster on the
     UNets' shapes than MLX's multi-threaded matmuls with the softmax between them, one
     block at a time (docs/performance.md): no core waits for the other between the stages.
-    Scores are in powers of two: softmax(s) = 2^(s log2 e) / sum 2^(s log2 e), the factor
-    log2(e) riding along with the scale."""
+    Scores are exponents of `_EXPONENTIALS`' base b: softmax(s) = b^(s log_b e) / sum
+    b^(s log_b e), the factor log_b(e) riding along with the scale."""
     attend = _shifted_attention if k.shape[1] >= _SHIFTED_MIN_KEYS else _exact_attention
     return attend(q, k, v, heads, causal)
 
@@ -212,7 +231,7 @@ def _exact_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: 
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     batch, q_len, width = q.shape
     dim = width // heads
-    scale = _LOG2_E / math.sqrt(dim)
+    scale = _EXPONENTIALS.log_e / math.sqrt(dim)
     out = np.empty_like(q)
 
     def attend(entry: int, group: slice, rows: slice) -> None:
@@ -242,7 +261,7 @@ def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal
         x = x.astype(mx.float32).reshape(batch, -1, heads, dim).transpose(transpose_to)
         return x.reshape(batch * heads, *x.shape[2:])
 
-    queries = split_heads(q * (_LOG2_E / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
+    queries = split_heads(q * (_EXPONENTIALS.log_e / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
     keys = split_heads(k, (0, 2, 3, 1))  # (B*H, D, S)
     # Queries get the negated shift as one more column, keys a row of ones to meet it.
     queries = mx.contiguous(mx.concatenate([queries, -_score_shifts(queries, keys)], axis=-1))
@@ -299,7 +318,6 @@ _HALF_ERF_COEFFICIENTS = tuple(
         0.254829592,
     )
 )
-_GAUSSIAN_EXPONENT = -_LOG2_E / 2  # e^(-g^2 / 2) = 2^(g^2 * this)
 # Elements per GEGLU chunk: numpy's ~20 calls per chunk cost little against its work
 # (smaller chunks ran slower: docs/performance.md), and its buffers stay in the L3 cache.
 _GEGLU_CHUNK = 1 << 17
@@ -325,8 +343,8 @@ def _geglu_rows(
             polynomial += coefficient
             polynomial *= t
         np.square(g, out=tail)
-        tail *= _GAUSSIAN_EXPONENT
-        np.exp2(tail, out=tail)
+        tail *= -_EXPONENTIALS.log_e / 2  # e^(-g^2 / 2) = b^(g^2 * this)
+        _EXPONENTIALS.power(tail, out=tail)
         tail *= polynomial  # (1 - erf(|z|)) / 2, the normal distribution's tail beyond |g|
         # g Phi(g) = (g + |g|) / 2 - |g| tail: Phi(g) is 1 - tail for g >= 0, tail below.
         # (Fast passes only: numpy's copysign and maximum take several multiplications' time.)

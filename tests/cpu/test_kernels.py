@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from stable_diffusion import fast_cpu
-from stable_diffusion.cpu import blas, fast, kernels
+from stable_diffusion.cpu import blas, fast, features, kernels
 from stable_diffusion.loading.folder import load_text_encoder, load_unet, load_vae
 from stable_diffusion.models import layers
 from tests.helpers import (
@@ -126,6 +126,30 @@ def softmax_attention_float64(q, k, v, heads, causal):
     return (weights @ split(v)).transpose(0, 2, 1, 3).reshape(batch, q_len, width)
 
 
+@pytest.fixture(params=["base 2", "base e"])
+def exponentials(request, monkeypatch) -> None:
+    """Each test once with the powers taken by numpy's exp2 (chosen on CPUs with AVX-512),
+    once by its exp (elsewhere), whichever this CPU would choose."""
+    chosen = kernels.BASE_2 if request.param == "base 2" else kernels.BASE_E
+    calls = []
+    monkeypatch.setattr(
+        kernels,
+        "_EXPONENTIALS",
+        kernels.Exponentials(
+            lambda x, out: calls.append(1) or chosen.power(x, out=out), chosen.log_e
+        ),
+    )
+    yield
+    assert calls
+
+
+def test_the_exponentials_are_the_fast_ones_for_this_cpu():
+    expected = kernels.BASE_2 if features.has_avx512() else kernels.BASE_E
+    assert kernels._EXPONENTIALS is expected
+    assert kernels.BASE_2.power(np.float32(kernels.BASE_2.headroom)) == 2.0**40
+    assert kernels.BASE_E.power(np.float64(kernels.BASE_E.headroom)) == pytest.approx(2.0**40)
+
+
 @pytest.fixture(params=["shifted", "exact"])
 def shifted(request, monkeypatch) -> bool:
     """Each test once with the scores shifted by a bound (as on long key sequences), once by
@@ -147,7 +171,9 @@ def shifted(request, monkeypatch) -> bool:
 # 3 heads, all 3 heads together.
 @pytest.mark.parametrize("block_rows", [1, 5, 64, 200])
 @pytest.mark.parametrize("openblas", [True, False])  # False: numpy's matmul, as on macOS
-def test_blocked_cpu_attention_matches_float64(monkeypatch, shifted, causal, block_rows, openblas):
+def test_blocked_cpu_attention_matches_float64(
+    monkeypatch, exponentials, shifted, causal, block_rows, openblas
+):
     q_len = k_len = 23
     monkeypatch.setattr(kernels, "_SCORE_BLOCK_ELEMENTS", block_rows * k_len)
     if not openblas:
@@ -161,7 +187,9 @@ def test_blocked_cpu_attention_matches_float64(monkeypatch, shifted, causal, blo
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_attention_with_extreme_scores_matches_float64(monkeypatch, shifted, causal):
+def test_cpu_attention_with_extreme_scores_matches_float64(
+    monkeypatch, exponentials, shifted, causal
+):
     # Keys alternate between a long one along axis 0 and short random ones. Queries along
     # axis 0 score up to 450 (exp overflows without a shift); queries along axis 1 have the
     # same bound but score near 0, which the bound's shift underflows: recomputed exactly
@@ -249,7 +277,7 @@ def test_numpy_silu_matches_float64():
 
 
 @pytest.mark.parametrize("rows", [1, 7, 3 * kernels._GEGLU_CHUNK // 96 + 5])
-def test_numpy_geglu_matches_float64(rows):
+def test_numpy_geglu_matches_float64(exponentials, rows):
     # Rows over several chunks and threads (or fewer rows than cores); gates from far in
     # both tails through 0.
     rng = np.random.default_rng(4)
