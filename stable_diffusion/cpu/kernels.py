@@ -93,7 +93,7 @@ def _split_over_cores(kernel: Callable[..., object], *arrays: np.ndarray) -> Non
 
 
 def _exponentiate_exactly(scores: np.ndarray) -> None:
-    """2^(scores - row max) in place."""
+    """b^(scores - row max) in place, b the base of `_EXPONENTIALS`."""
     scores -= scores.max(axis=-1, keepdims=True)
     _EXPONENTIALS.power(scores, out=scores)
 
@@ -137,7 +137,7 @@ def _attend_exactly(
 
 
 def _score_shifts(queries: mx.array, keys: mx.array) -> mx.array:
-    """(B*H, L, 1): how much to subtract from each query's scores so that 2^score cannot
+    """(B*H, L, 1): how much to subtract from each query's scores so that b^score cannot
     overflow.
 
     By Cauchy-Schwarz a row's scores lie within +-|q| max|k|; shifted to at most the
@@ -306,7 +306,8 @@ def silu_(x: mx.array) -> mx.array:
 
 # GELU(g) = g (1 + erf(g / sqrt 2)) / 2, with erf(z) = 1 - poly(t) e^(-z^2) for z >= 0 and
 # t = 1 / (1 + p z): Abramowitz and Stegun's 7.1.26 (error at most 1.5e-7). Folded in: z =
-# g / sqrt 2 (into p and the exponent), the halving (into the coefficients) and e = 2^(...).
+# g / sqrt 2 (into p and the exponent), the halving (into the coefficients), and e^(...) as
+# b^(... log_b e) (`_EXPONENTIALS`).
 _ERF_P = 0.3275911 / math.sqrt(2)
 _HALF_ERF_COEFFICIENTS = tuple(
     0.5 * a

@@ -129,7 +129,8 @@ def softmax_attention_float64(q, k, v, heads, causal):
 @pytest.fixture(params=["base 2", "base e"])
 def exponentials(request, monkeypatch) -> None:
     """Each test once with the powers taken by numpy's exp2 (chosen on CPUs with AVX-512),
-    once by its exp (elsewhere), whichever this CPU would choose."""
+    once by its exp (elsewhere), whatever this CPU would choose; and checks the chosen
+    function ran."""
     chosen = kernels.BASE_2 if request.param == "base 2" else kernels.BASE_E
     calls = []
     monkeypatch.setattr(
