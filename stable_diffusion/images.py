@@ -63,7 +63,7 @@ def validate_size(width: int, height: int, multiple: int = 8) -> None:
         if value > 0 and value % multiple == 0:
             continue
         lower = value // multiple * multiple
-        options = [v for v in (lower, lower + multiple) if v > 0]
+        options = [v for v in (lower, lower + multiple) if v > 0] or [multiple]
         suggestion = " or ".join(str(v) for v in options)
         problems.append(
             f"{name} {value} is not a positive multiple of {multiple}; use {suggestion}"

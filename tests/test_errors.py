@@ -57,7 +57,8 @@ def test_component_weights_from_another_architecture(tmp_path):
         ({"num_steps": 0}, "steps must be at least 1"),
         ({"cfg_weight": -1.0}, "cfg weight must be >= 0"),
         ({"width": 500}, "width 500 is not a positive multiple of 8; use 496 or 504"),
-        ({"height": 0}, "height 0 is not a positive multiple of 8"),
+        ({"height": 0}, "height 0 is not a positive multiple of 8; use 8$"),
+        ({"width": -5}, "width -5 is not a positive multiple of 8; use 8$"),
         ({"sampler": "nope"}, "Unknown sampler 'nope'"),
         ({"latents": mx.zeros((1, 4, 4, 4))}, "initial latents have shape"),
         # Within what the RNG (mx.random.key: 64-bit unsigned) and the schedule take.
