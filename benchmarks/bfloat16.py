@@ -3,8 +3,9 @@ alternately, on one full-size pipeline with random weights.
 
     python -m benchmarks.bfloat16 --model sd-1.5 --rounds 3
 
-Each round runs, per batch size and mode, one `fast_cpu()` block: a warm-up step (which
-packs the bfloat16 weights and makes the Winograd kernels), then `--steps` timed steps;
+Each round runs, per batch size and mode, one `fast_cpu()` block: two warm-up steps (the
+second packs the bfloat16 weights and makes the Winograd kernels, kept from a layer's
+second call: `measure.WARMUP`), then `--steps` timed steps;
 float32 and bfloat16 alternate within each round, so that a shared machine's drift lands
 on both. Prints each side's median step, the median of the rounds' speed-ups and how far
 bfloat16's UNet output is from float32's (largest difference over the largest magnitude).
@@ -31,7 +32,7 @@ from stable_diffusion import StableDiffusion, fast_cpu
 from stable_diffusion.cpu import unavailable_bfloat16
 
 from .architectures import ARCHITECTURES
-from .measure import UNetInputs
+from .measure import WARMUP, UNetInputs
 from .random_weights import write_random_pipeline
 
 
@@ -61,7 +62,8 @@ def step_seconds(sd: StableDiffusion, inputs: dict, bfloat16: bool, steps: int) 
     unet = sd.unet
     assert unet is not None  # loaded on first use, never released here
     with fast_cpu(bfloat16=bfloat16):
-        mx.eval(unet(**inputs))
+        for _ in range(WARMUP):
+            mx.eval(unet(**inputs))
         times = []
         for _ in range(steps):
             start = time.perf_counter()

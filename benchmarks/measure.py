@@ -19,6 +19,7 @@ import numpy as np
 from stable_diffusion import StableDiffusion, fast_cpu, keep_freed_memory
 from stable_diffusion.config import PipelineConfig, UNetConfig
 from stable_diffusion.cpu import compute_dtype, on_cpu
+from stable_diffusion.models.layers import Linear
 
 from .architectures import CONTEXT_TOKENS
 from .flops import unet_flops, vae_decode_flops
@@ -52,13 +53,32 @@ def matmul_gflops(dtype: mx.Dtype = mx.float32, repeats: int = 10) -> float:
     return calls * 2 * 4096 * 1280 * 1280 / seconds / 1e9
 
 
+def bfloat16_matmul_gflops(repeats: int = 10) -> float:
+    """`matmul_gflops` for the bfloat16 matmuls of `fast_cpu(bfloat16=True)` (oneDNN's),
+    the float32 activations' conversion included."""
+    layer = Linear(1280, 1280, bias=False)
+    a = mx.random.normal((4096, 1280))
+    mx.eval(a, layer.parameters())
+    with fast_cpu(layer, bfloat16=True):
+        seconds = median_time(lambda: mx.eval(layer(a)), repeats, warmup=2)
+    return 2 * 4096 * 1280 * 1280 / seconds / 1e9
+
+
 def matmul_rates(dtypes: list[str]) -> dict[str, float]:
     """The single-matmul GFLOP/s of each compute dtype that `dtypes` run in."""
-    computed = {compute_dtype(mx.float16 if dtype_options(d)[0] else mx.float32) for d in dtypes}
-    return {
+    rates = {
         _dtype_name(dtype): matmul_gflops(dtype)
-        for dtype in sorted(computed, key=_dtype_name, reverse=True)
+        for dtype in sorted({_computes_in(d) for d in dtypes}, key=_dtype_name, reverse=True)
     }
+    if "bfloat16" in dtypes:
+        rates["bfloat16"] = bfloat16_matmul_gflops()
+    return rates
+
+
+def _computes_in(dtype: str) -> mx.Dtype:
+    """The activations' dtype of a --dtypes entry (bfloat16's are float32, its matmuls
+    bfloat16)."""
+    return compute_dtype(mx.float16 if dtype_options(dtype)[0] else mx.float32)
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:
@@ -122,12 +142,14 @@ def _encode(sd: StableDiffusion, texts: list[str]) -> None:
     mx.eval(hidden if pooled is None else (hidden, pooled))
 
 
-def _phase(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+def _phase(args: argparse.Namespace, dtype: str = "float32") -> contextlib.AbstractContextManager:
     """One `fast_cpu()` block per phase (unless --lazy), as the scripts run: leaving it
     frees the phase's Winograd kernels and empties MLX's buffer cache, so that the buffers
     of one phase do not crowd out the next's (a UNet step after a 512px decode in the same
-    block took 20% longer)."""
-    return contextlib.nullcontext() if args.lazy else fast_cpu()
+    block took 20% longer). The bfloat16 dtype computes in bfloat16 within it (--bfloat16)."""
+    if args.lazy:
+        return contextlib.nullcontext()
+    return fast_cpu(bfloat16=dtype == "bfloat16")
 
 
 def _image_as_the_scripts_run(
@@ -156,13 +178,13 @@ def _image_in_phases(
         cfg_weight=7.5 if batch == 2 else 0.0,
         sampler="euler",
     )
-    with _phase(args):
+    with _phase(args, dtype):
         latents.compute_conditioning()
         sd.release_text_encoders()
         for x in latents:
             mx.eval(x)
     sd.release_unet()
-    with _phase(args):
+    with _phase(args, dtype):
         mx.eval(sd.decode(x))
     return time.perf_counter() - start, mx.get_peak_memory() / GIB
 
@@ -170,8 +192,14 @@ def _image_in_phases(
 def dtype_options(name: str) -> tuple[bool, bool]:
     """--dtypes entry -> (float16, quantize). q8: 4-bit text encoders and 8-bit UNet linear
     layers over float16 weights. On a CPU everything computes in float32 (float16 matmuls
-    miss the BLAS there): float16 and q8 weights only save memory."""
-    options = {"float32": (False, False), "float16": (True, False), "q8": (True, True)}
+    miss the BLAS there): float16 and q8 weights only save memory. bfloat16: float32
+    weights, the matmuls, convolutions and long attention in bfloat16 (`--bfloat16`)."""
+    options = {
+        "float32": (False, False),
+        "float16": (True, False),
+        "q8": (True, True),
+        "bfloat16": (False, False),
+    }
     if name not in options:
         raise SystemExit(f"unknown dtype {name!r}; choose from {', '.join(options)}")
     return options[name]
@@ -187,11 +215,17 @@ class Parity:
     decoded: np.ndarray  # NHWC
 
 
+# Untimed calls before a UNet step or decode is timed: `fast_cpu()` keeps what it makes
+# (Winograd kernels, packed bfloat16 weights) from a layer's second call, so the third is
+# the first to run as every later step of an image does.
+WARMUP = 2
+
+
 def _decode_seconds(
     sd: StableDiffusion, config: PipelineConfig, latent: int, repeats: int
 ) -> float:
     noise = mx.random.normal((1, latent, latent, config.unet.in_channels))
-    return median_time(lambda: mx.eval(sd.decode(noise)), repeats)
+    return median_time(lambda: mx.eval(sd.decode(noise)), repeats, WARMUP)
 
 
 def _measure(
@@ -200,17 +234,18 @@ def _measure(
     batch: int,
     args: argparse.Namespace,
     matmul_rates: dict[str, float],
+    dtype: str,
 ) -> dict[str, Any]:
     """Text encoding and UNet timings of one batch size, all models loaded; the UNet's rate
-    against the single matmul's in the dtype it computes in."""
+    against the single matmul's in the dtype its matmuls compute in."""
     latent = args.size // sd.vae.downscale
     row: dict[str, Any] = {"batch": batch}
     row["text_s"] = median_time(lambda: _encode(sd, [PROMPT] * batch), args.repeats)
     row["unet_step_s"] = _unet_step_seconds(sd, config, batch, args)
     flops = unet_flops(config.unet, batch, latent, latent)
     row["unet_gflops"] = flops / row["unet_step_s"] / 1e9
-    activations = _dtype_name(compute_dtype(sd.dtype))
-    row["unet_matmul_pct"] = 100 * row["unet_gflops"] / matmul_rates[activations]
+    matmuls = "bfloat16" if dtype == "bfloat16" else _dtype_name(_computes_in(dtype))
+    row["unet_matmul_pct"] = 100 * row["unet_gflops"] / matmul_rates[matmuls]
     return row
 
 
@@ -219,7 +254,7 @@ def _unet_step_seconds(
 ) -> float:
     latent = args.size // sd.vae.downscale
     unet_inputs = UNetInputs.random(config.unet, batch, latent, latent).mlx(compute_dtype(sd.dtype))
-    return median_time(lambda: mx.eval(sd.unet(**unet_inputs)), args.repeats)
+    return median_time(lambda: mx.eval(sd.unet(**unet_inputs)), args.repeats, WARMUP)
 
 
 def _parity(sd: StableDiffusion, config: PipelineConfig, latent: int) -> Parity:
@@ -260,11 +295,11 @@ def run_mlx(
     # The UNet before the decode, as the scripts (and the reference) run them.
     measured = []
     for batch in (1, 2):
-        with _phase(args):
-            measured.append(_measure(sd, config, batch, args, matmul_rates))
+        with _phase(args, dtype):
+            measured.append(_measure(sd, config, batch, args, matmul_rates, dtype))
     # One image per decode whatever the UNet's batch: measured once.
     latent = args.size // sd.vae.downscale
-    with _phase(args):
+    with _phase(args, dtype):
         common["vae_decode_s"] = _decode_seconds(sd, config, latent, args.repeats)
     common["vae_gflops"] = (
         vae_decode_flops(config.vae, 1, latent, latent) / common["vae_decode_s"] / 1e9
@@ -287,18 +322,18 @@ def run_mlx(
     return rows, parity
 
 
-def float32_timings(
-    config: PipelineConfig, folder: Path, args: argparse.Namespace
+def round_timings(
+    config: PipelineConfig, folder: Path, args: argparse.Namespace, dtype: str = "float32"
 ) -> dict[str, float]:
-    """One more round of the float32 UNet steps (batch 1 and 2) and decode, from a fresh
-    pipeline: the timings `--rounds` alternates with the reference's."""
+    """One more round of the float32 (or bfloat16) UNet steps (batch 1 and 2) and decode,
+    from a fresh pipeline: the timings `--rounds` alternates with the references'."""
     sd = StableDiffusion(str(folder), float16=False)
     sd.preload()
     timings = {}
     for batch in (1, 2):
-        with _phase(args):
+        with _phase(args, dtype):
             timings[f"unet_step_s_batch{batch}"] = _unet_step_seconds(sd, config, batch, args)
-    with _phase(args):
+    with _phase(args, dtype):
         timings["vae_decode_s"] = _decode_seconds(
             sd, config, args.size // sd.vae.downscale, args.repeats
         )

@@ -19,7 +19,7 @@ from stable_diffusion.config import PipelineConfig
 from stable_diffusion.cpu import on_cpu
 
 from . import LAUNCH_ENVIRONMENT
-from .measure import Parity, float32_timings, progress_line
+from .measure import Parity, progress_line, round_timings
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -145,13 +145,15 @@ def run_rounds(
     parity: Parity,
     first: dict[str, dict[str, float]],
 ) -> list[dict[str, dict[str, float]]]:
-    """The `first` round and the rest of `--rounds`: MLX's float32 timings, then each
-    reference's (PyTorch's, OpenVINO's), in turn."""
+    """The `first` round and the rest of `--rounds`: MLX's float32 timings (and bfloat16's,
+    if measured), then each reference's (PyTorch's, OpenVINO's), in turn."""
     rounds = [first]
     for number in range(2, args.rounds + 1):
-        print(f"{name}: round {number} of {args.rounds}, float32", flush=True)
-        ours = float32_timings(config, folder, args)
-        print(progress_line({"model": name, "dtype": "float32", **ours}), flush=True)
+        print(f"{name}: round {number} of {args.rounds}", flush=True)
+        ours = {}
+        for dtype in [d for d in ("float32", "bfloat16") if d in args.dtypes]:
+            ours[dtype] = round_timings(config, folder, args, dtype)
+            print(progress_line({"model": name, "dtype": dtype, **ours[dtype]}), flush=True)
         pytorch = run_reference(name, folder, args, parity, ["float32"]) if args.reference else None
         openvino = run_openvino(name, folder, args, parity) if args.openvino else None
         rounds.append(_round(ours, pytorch, openvino))
@@ -159,16 +161,21 @@ def run_rounds(
 
 
 def _round(
-    ours: dict[str, float], pytorch: dict[str, Any] | None, openvino: dict[str, Any] | None
+    ours: dict[str, dict[str, float]],
+    pytorch: dict[str, Any] | None,
+    openvino: dict[str, Any] | None,
 ) -> dict[str, dict[str, float]]:
-    """A round of `--rounds`: our float32 timings and the references' of the same names
-    (OpenVINO's in float32 and in its default precision)."""
+    """A round of `--rounds`: our float32 timings ("mlx"; bfloat16's as "mlx_bfloat16") and
+    the references' of the same names (OpenVINO's in float32 and in its default
+    precision)."""
     sides = {"pytorch": (pytorch, "float32"), "openvino": (openvino, "float32")}
     sides["openvino_default"] = (openvino, "default")
-    each = {"mlx": ours}
+    each = {"mlx": ours["float32"]}
+    if "bfloat16" in ours:
+        each["mlx_bfloat16"] = ours["bfloat16"]
     for side, (measured, prefix) in sides.items():
         if measured is not None:
-            each[side] = {key: measured[f"{prefix}_{key}"] for key in ours}
+            each[side] = {key: measured[f"{prefix}_{key}"] for key in ours["float32"]}
     return each
 
 
@@ -178,8 +185,12 @@ def first_round(
     pytorch: dict[str, Any] | None,
     openvino: dict[str, Any] | None,
 ) -> dict[str, dict[str, float]]:
-    """The float32 timings of the full measurement, as a round of `--rounds`."""
-    float32_rows = [r for r in rows if r["model"] == name and r["dtype"] == "float32"]
-    ours = {f"unet_step_s_batch{r['batch']}": r["unet_step_s"] for r in float32_rows}
-    ours["vae_decode_s"] = float32_rows[0]["vae_decode_s"]
+    """The float32 (and bfloat16) timings of the full measurement, as a round of
+    `--rounds`."""
+    ours = {}
+    for dtype in ("float32", "bfloat16"):
+        measured = [r for r in rows if r["model"] == name and r["dtype"] == dtype]
+        if measured:
+            ours[dtype] = {f"unet_step_s_batch{r['batch']}": r["unet_step_s"] for r in measured}
+            ours[dtype]["vae_decode_s"] = measured[0]["vae_decode_s"]
     return _round(ours, pytorch, openvino)

@@ -121,7 +121,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
     if rounds:
         lines += [
             "",
-            f"float32 over {rounds} rounds, MLX and the references alternately: each "
+            f"float32 (and MLX's bfloat16) over {rounds} rounds, MLX and the references "
+            "alternately: each "
             "side's median time, and the median of the rounds' speed-ups (each "
             "round's in brackets).",
         ]
@@ -163,36 +164,55 @@ def _whole_image_table(results: dict[str, Any]) -> str:
 
 
 def _openvino_table(results: dict[str, Any]) -> list[str]:
-    """MLX's float32 timings against OpenVINO's in float32 and in its default precision."""
+    """MLX's float32 timings against OpenVINO's in float32 and in its default precision;
+    where MLX's bfloat16 was measured, its timings against OpenVINO's default precision."""
     if not results.get("openvino"):
         return []
     setup = results["openvino"][0]["setup"]
     default = setup["default_precision"]
+    bfloat16 = any(r["dtype"] == "bfloat16" for r in results["rows"])
+    low_columns = f"OpenVINO {default} s | speed-up"
+    if bfloat16:
+        low_columns += f" | MLX bfloat16 s | speed-up vs OpenVINO {default}"
     lines = [
         "",
         f"vs OpenVINO {setup['openvino']} on the CPU (diffusers' UNet and decoder converted "
-        "from the same weights; speed-up = OpenVINO time / MLX float32 time; max rel. "
+        "from the same weights; speed-up = OpenVINO time / MLX time; max rel. "
         f"difference from MLX's float32 outputs; default precision here: {default}):",
         "",
-        "| model | batch | MLX UNet step s | OpenVINO f32 s | speed-up "
-        f"| OpenVINO {default} s | speed-up | MLX VAE decode s | OpenVINO f32 s | speed-up "
-        f"| OpenVINO {default} s | speed-up | max rel. difference UNet / VAE, f32 "
-        f"| {default} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| model | batch | MLX UNet step s | OpenVINO f32 s | speed-up | {low_columns} "
+        f"| MLX VAE decode s | OpenVINO f32 s | speed-up | {low_columns} "
+        f"| max rel. difference UNet / VAE, f32 | {default} |",
+        "|---|---|" + "---|" * (10 + 4 * bfloat16) + "---|---|",
     ]
     for ov in results["openvino"]:
         for r in results["rows"]:
             if r["model"] != ov["model"] or r["dtype"] != "float32":
                 continue
+            ours_bfloat16 = next(
+                (
+                    b
+                    for b in results["rows"]
+                    if (b["model"], b["dtype"], b["batch"]) == (r["model"], "bfloat16", r["batch"])
+                ),
+                None,
+            )
             cells = []
             for key, ours in ((f"unet_step_s_batch{r['batch']}", r["unet_step_s"]),
                               ("vae_decode_s", r["vae_decode_s"])):  # fmt: skip
                 f32 = _Compared(ours, ov[f"float32_{key}"])
                 low = _Compared(ours, ov[f"default_{key}"])
+                if ours_bfloat16 is not None:
+                    low_key = key if key == "vae_decode_s" else "unet_step_s"
+                    both = _Compared(ours_bfloat16[low_key], ov[f"default_{key}"])
                 if "rounds" in ov:
                     f32 = _over_rounds(ov["rounds"], key, "openvino")
                     low = _over_rounds(ov["rounds"], key, "openvino_default")
+                    if ours_bfloat16 is not None:
+                        both = _over_rounds(ov["rounds"], key, "openvino_default", "mlx_bfloat16")
                 cells.append(f"{f32} | {str(low).split(' | ', 1)[1]}")
+                if ours_bfloat16 is not None:
+                    cells.append(" | ".join(str(both).split(" | ")[::2]))
             errors = [
                 f"{ov[f'{p}unet_max_rel_error']:.1e} / {ov[f'{p}vae_max_rel_error']:.1e}"
                 for p in ("", "default_")
@@ -217,10 +237,12 @@ class _Compared:
         return f"{_cell(self.ours)} | {_cell(self.theirs)} | {speed_up:.2f}x{each}"
 
 
-def _over_rounds(rounds: list[dict[str, Any]], key: str | None, side: str) -> _Compared:
+def _over_rounds(
+    rounds: list[dict[str, Any]], key: str | None, side: str, ours_side: str = "mlx"
+) -> _Compared:
     """Both sides' medians over `rounds` of their `key` timing (of their one timing if
     `key` is None), and the rounds' speed-ups."""
-    ours = [r["mlx"] if key is None else r["mlx"][key] for r in rounds]
+    ours = [r[ours_side] if key is None else r[ours_side][key] for r in rounds]
     theirs = [r[side] if key is None else r[side][key] for r in rounds]
     return _Compared(
         statistics.median(ours),

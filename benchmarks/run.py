@@ -38,7 +38,7 @@ from typing import Any
 import mlx.core as mx
 
 from stable_diffusion.config import PRESETS
-from stable_diffusion.cpu import on_cpu
+from stable_diffusion.cpu import on_cpu, unavailable_bfloat16
 
 from .architectures import ARCHITECTURES, WHOLE_IMAGE
 from .measure import GIB, dtype_options, matmul_rates, run_mlx
@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dtypes",
         default="float32,float16,q8",
         help="comma-separated, from: float32, float16, q8 (4-bit text encoders, "
-        "8-bit UNet over float16)",
+        "8-bit UNet over float16), bfloat16 (float32 weights, bfloat16 compute as "
+        "--bfloat16: CPUs with AVX512_BF16 or AMX)",
     )
     parser.add_argument("--size", type=int, default=512, help="image width and height")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps of the image timing")
@@ -108,8 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="with --reference or --openvino: time every side's float32 steps and decodes "
-        "this many times, alternately (medians, and the median speed-ups)",
+        help="with --reference or --openvino: time every side's float32 (and MLX's "
+        "bfloat16) steps and decodes this many times, alternately (medians, and the median "
+        "speed-ups)",
     )
     parser.add_argument(
         "--whole-image",
@@ -138,6 +140,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown model {model!r}; choose from {', '.join(PRESETS)}")
     for dtype in args.dtypes:
         dtype_options(dtype)
+    if "bfloat16" in args.dtypes:
+        reason = unavailable_bfloat16() if on_cpu() else "bfloat16 compute is for the CPU"
+        if reason is not None:
+            parser.error(reason)
     if (args.reference or args.openvino) and "float32" not in args.dtypes:
         parser.error("--reference and --openvino compare float32 runs: include float32 in --dtypes")
     if args.openvino and not on_cpu():

@@ -177,9 +177,9 @@ def test_each_phase_runs_in_a_fast_cpu_block_of_its_own(tmp_path, capsys, monkey
     blocks, phases = [], []
 
     @contextlib.contextmanager
-    def counted():
+    def counted(**options):
         blocks.append(len(blocks))
-        with fast_cpu():
+        with fast_cpu(**options):
             yield
 
     def recorded(name, function):
@@ -631,6 +631,52 @@ def test_the_openvino_table_takes_medians_over_rounds():
     assert f"| tiny | 1 | 1.50 | {f32} | {bf16} | 1.50 | {f32} | {bf16} " in table
     assert "| 1.0e-06 / 2.0e-06 | 3.0e-02 / 4.0e-02 |" in table
     assert "| OpenVINO bf16 s |" in table and "over 3 rounds" in table
+
+
+def test_the_openvino_table_sets_mlx_bfloat16_against_openvino_default():
+    """With MLX's bfloat16 measured, its medians over the rounds against OpenVINO's default
+    precision, beside the float32 comparison."""
+    keys = ("unet_step_s_batch1", "unet_step_s_batch2", "vae_decode_s")
+    row = {"model": "tiny", "load_s": 1.0, "weights_gb": 0.1, "unet_step_s": 9.0}
+    rows = [
+        {**row, "dtype": dtype, "batch": b, "vae_decode_s": 9.0}
+        for dtype in ("float32", "bfloat16")
+        for b in (1, 2)
+    ]
+    # MLX f32, MLX bf16, OpenVINO f32, OpenVINO default, per round, for every key.
+    seconds = [(4.0, 1.0, 2.0, 0.5), (4.0, 2.0, 2.0, 1.0), (4.0, 1.5, 2.0, 3.0)]
+    sides = ("mlx", "mlx_bfloat16", "openvino", "openvino_default")
+    rounds = [
+        {side: dict.fromkeys(keys, s) for side, s in zip(sides, each, strict=True)}
+        for each in seconds
+    ]
+    openvino = {
+        "model": "tiny",
+        "unet_max_rel_error": 1e-6,
+        "vae_max_rel_error": 2e-6,
+        "default_unet_max_rel_error": 3e-2,
+        "default_vae_max_rel_error": 4e-2,
+        **{f"{p}_{k}": 9.0 for p in ("float32", "default") for k in keys},
+        "rounds": rounds,
+        "setup": {"openvino": "2026.4", "default_precision": "bf16"},
+    }
+    results = {
+        "settings": {"steps": 1, "size": 512, "lazy": False},
+        "machine": {"cpu": "x", "cores": 2, "ram_gb": 24, "mlx": "0", "device": "Device(cpu, 0)"},
+        "matmul_gflops": {"float32": 200.0, "bfloat16": 800.0},
+        "rows": rows,
+        "reference": [],
+        "openvino": [openvino],
+    }
+    table = report.markdown_tables(results).split("vs OpenVINO 2026.4")[-1]
+    # float32: MLX 4.0 against 2.0 (0.50x) and 1.0 (0.25x: 0.12 / 0.25 / 0.75). bfloat16:
+    # MLX's median 1.5 against OpenVINO's 1.0, the rounds' speed-ups 0.5 / 0.5 / 2.0.
+    f32 = "4.00 | 2.00 | 0.50x (0.50 / 0.50 / 0.50) | 1.00 | 0.25x (0.12 / 0.25 / 0.75)"
+    bf16 = "1.50 | 0.50x (0.50 / 0.50 / 2.00)"
+    assert f"| tiny | 1 | {f32} | {bf16} | {f32} | {bf16} | 1.0e-06" in table
+    assert "| MLX bfloat16 s | speed-up vs OpenVINO bf16 |" in table
+    header, rule = [line for line in table.splitlines() if line.startswith("|")][:2]
+    assert header.count("|") == rule.count("|")
 
 
 def test_the_whole_image_table_compares_every_side_over_rounds():

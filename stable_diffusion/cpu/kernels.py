@@ -29,7 +29,7 @@ from typing import TypeVar
 import mlx.core as mx
 import numpy as np
 
-from . import blas, features
+from . import blas, features, onednn
 
 T = TypeVar("T")
 _CORES = os.cpu_count() or 1
@@ -44,6 +44,9 @@ _SCORE_BLOCK_ELEMENTS = 1 << 20
 # scores): faster on SD 1.5's 4096 keys, slower on SDXL's 256, even between 1536 and 2304
 # (docs/performance.md).
 _SHIFTED_MIN_KEYS = 2048
+# Keys from which attention computes in bfloat16 within `fast_cpu(bfloat16=True)`: faster
+# than float32 from 1024 keys on, no faster on SDXL's 256 (docs/performance.md).
+_BFLOAT16_MIN_KEYS = 1024
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,10 @@ def _split_over_cores(kernel: Callable[..., object], *arrays: np.ndarray) -> Non
     )
 
 
-def _exponentiate_exactly(scores: np.ndarray) -> None:
-    """b^(scores - row max) in place, b the base of `_EXPONENTIALS`."""
+def _exponentiate_exactly(scores: np.ndarray, exponentials: Exponentials) -> None:
+    """b^(scores - row max) in place, b the base of `exponentials`."""
     scores -= scores.max(axis=-1, keepdims=True)
-    _EXPONENTIALS.power(scores, out=scores)
+    exponentials.power(scores, out=scores)
 
 
 def _mask_future(scores: np.ndarray, first_row: int) -> None:
@@ -126,7 +129,7 @@ def _attend_exactly(
         blas.matmul_into(queries[:, head], keys[:, head].T, head_scores, scale)
     if causal:
         _mask_future(scores, first_row)
-    _exponentiate_exactly(scores)
+    _exponentiate_exactly(scores, _EXPONENTIALS)
     for head_scores, head in zip(scores, columns, strict=True):
         blas.matmul_into(head_scores, values[:, head], out[:, head])
     # out with its heads as an axis of their own: a view, so the division lands in place.
@@ -136,7 +139,7 @@ def _attend_exactly(
     by_head /= scores.sum(axis=-1).T[..., None]
 
 
-def _score_shifts(queries: mx.array, keys: mx.array) -> mx.array:
+def _score_shifts(queries: mx.array, keys: mx.array, exponentials: Exponentials) -> mx.array:
     """(B*H, L, 1): how much to subtract from each query's scores so that b^score cannot
     overflow.
 
@@ -146,7 +149,7 @@ def _score_shifts(queries: mx.array, keys: mx.array) -> mx.array:
     matmul (one more column), the shift costs nothing."""
     key_norm = mx.sqrt(mx.square(keys).sum(axis=1)).max(axis=-1)  # keys: (B*H, D, S)
     bounds = mx.sqrt(mx.square(queries).sum(axis=-1)) * key_norm[:, None]
-    return mx.maximum(bounds - _EXPONENTIALS.headroom, 0)[..., None]
+    return mx.maximum(bounds - exponentials.headroom, 0)[..., None]
 
 
 def _attend(
@@ -168,16 +171,29 @@ def _attend(
         _mask_future(scores, first_row)
     _EXPONENTIALS.power(scores, out=scores)
     blas.matmul_into(scores, values, out)
-    totals = out[:, -1:]
-    # A row whose true max lies far below its bound lost its precision to underflow.
-    underflowed = np.flatnonzero(totals[:, 0] < _MIN_ROW_SUM)
+    _redo_underflowed(queries, keys, values, out, first_row, causal, _EXPONENTIALS)
+    out /= out[:, -1:]  # normalizing the block's output is cheaper than its probabilities
+
+
+def _redo_underflowed(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    out: np.ndarray,
+    first_row: int,
+    causal: bool,
+    exponentials: Exponentials,
+) -> None:
+    """The rows of `out` (see `_attend`) whose powers summed to under `_MIN_ROW_SUM`,
+    computed again with each row's own max: a row whose true max lies far below its bound
+    lost its precision to underflow."""
+    underflowed = np.flatnonzero(out[:, -1] < _MIN_ROW_SUM)
     if underflowed.size:
         redo = queries[underflowed] @ keys
         if causal:
-            redo[np.arange(k_len)[None] > (first_row + underflowed)[:, None]] = -np.inf
-        _exponentiate_exactly(redo)
+            redo[np.arange(keys.shape[1])[None] > (first_row + underflowed)[:, None]] = -np.inf
+        _exponentiate_exactly(redo, exponentials)
         out[underflowed] = redo @ values
-    out /= totals  # normalizing the block's output is cheaper than its probabilities
 
 
 def _scratch(size: int) -> np.ndarray:
@@ -196,6 +212,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     block at a time (docs/performance.md): no core waits for the other between the stages.
     Scores are exponents of `_EXPONENTIALS`' base b: softmax(s) = b^(s log_b e) / sum
     b^(s log_b e), the factor log_b(e) riding along with the scale."""
+    if onednn.active() and not causal and k.shape[1] >= _BFLOAT16_MIN_KEYS:
+        return _bfloat16_attention(q, k, v, heads)
     attend = _shifted_attention if k.shape[1] >= _SHIFTED_MIN_KEYS else _exact_attention
     return attend(q, k, v, heads, causal)
 
@@ -251,25 +269,50 @@ def _exact_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: 
     return mx.array(out).astype(dtype)
 
 
-def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -> mx.array:
-    """Each head's operands gathered with the shift column and row of ones that `_attend`
-    needs."""
-    batch, q_len, width = q.shape
-    k_len, dim = k.shape[1], width // heads
+def _shifted_operands(
+    q: mx.array, k: mx.array, v: mx.array, heads: int, exponentials: Exponentials, width: int
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Each head's operands, evaluated, with the shift column and row of ones that
+    `_attend` needs: queries (B*H, L, width) scaled for `exponentials`' base, their negated
+    shift as one more column (zeros after it up to `width`); keys (B*H, width, S) with a row
+    of ones to meet the shift (zeros after it); values (B*H, S, D + 1) with a column of
+    ones, whose output is the row sums of the powers."""
+    batch, _, model_width = q.shape
+    dim = model_width // heads
 
     def split_heads(x: mx.array, transpose_to: tuple[int, ...]) -> mx.array:
         x = x.astype(mx.float32).reshape(batch, -1, heads, dim).transpose(transpose_to)
         return x.reshape(batch * heads, *x.shape[2:])
 
-    queries = split_heads(q * (_EXPONENTIALS.log_e / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
+    queries = split_heads(q * (exponentials.log_e / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
     keys = split_heads(k, (0, 2, 3, 1))  # (B*H, D, S)
-    # Queries get the negated shift as one more column, keys a row of ones to meet it.
-    queries = mx.contiguous(mx.concatenate([queries, -_score_shifts(queries, keys)], axis=-1))
-    keys = mx.contiguous(mx.concatenate([keys, mx.ones_like(keys[:, :1])], axis=1))
+    shifts = -_score_shifts(queries, keys, exponentials)
+    padding = mx.zeros((*queries.shape[:2], width - dim - 1), mx.float32)
+    queries = mx.contiguous(mx.concatenate([queries, shifts, padding], axis=-1))
+    ones = mx.ones_like(keys[:, :1])
+    padding = mx.zeros((keys.shape[0], width - dim - 1, keys.shape[2]), mx.float32)
+    keys = mx.contiguous(mx.concatenate([keys, ones, padding], axis=1))
     values = split_heads(v, (0, 2, 1, 3))  # (B*H, S, D)
     values = mx.contiguous(mx.concatenate([values, mx.ones_like(values[..., :1])], axis=-1))
     mx.eval(queries, keys, values)
-    queries, keys, values = np.asarray(queries), np.asarray(keys), np.asarray(values)
+    return queries, keys, values
+
+
+def _merge_heads(out: np.ndarray, batch: int, heads: int, dtype: mx.Dtype) -> mx.array:
+    """(B*H, L, D + 1) outputs of `_attend` -> (B, L, H*D), the ones' column dropped."""
+    q_len, dim = out.shape[1], out.shape[2] - 1
+    result = mx.array(out[..., :dim]).reshape(batch, heads, q_len, dim)
+    return result.transpose(0, 2, 1, 3).reshape(batch, q_len, heads * dim).astype(dtype)
+
+
+def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -> mx.array:
+    """Each head's operands gathered with the shift column and row of ones that `_attend`
+    needs."""
+    batch, q_len, width = q.shape
+    dim = width // heads
+    queries, keys, values = (
+        np.asarray(a) for a in _shifted_operands(q, k, v, heads, _EXPONENTIALS, dim + 1)
+    )
     out = np.empty((batch * heads, q_len, dim + 1), np.float32)
 
     def attend(entry: int, group: slice, rows: slice) -> None:
@@ -278,9 +321,24 @@ def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal
                 queries[head, rows], keys[head], values[head], out[head, rows], rows.start, causal
             )
 
-    _in_blocks(attend, batch, heads, q_len, k_len)
-    result = mx.array(out[..., :dim]).reshape(batch, heads, q_len, dim)
-    return result.transpose(0, 2, 1, 3).reshape(batch, q_len, width).astype(v.dtype)
+    _in_blocks(attend, batch, heads, q_len, k.shape[1])
+    return _merge_heads(out, batch, heads, v.dtype)
+
+
+def _bfloat16_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    """`_shifted_attention`'s algorithm with oneDNN's bfloat16 matmuls (`onednn.py`): the
+    scores' powers in base e (oneDNN's exp), the operands' width rounded up to what its AMX
+    kernels take; rows that underflowed are computed again in float32."""
+    batch, _, width = q.shape
+    dim = width // heads
+    padded = -(-(dim + 1) // onednn.ATTENTION_WIDTH_MULTIPLE) * onednn.ATTENTION_WIDTH_MULTIPLE
+    queries, keys, values = _shifted_operands(q, k, v, heads, BASE_E, padded)
+    out = onednn.powers_times_values(queries, keys, values)
+    queries, keys, values = np.asarray(queries), np.asarray(keys), np.asarray(values)
+    for head in range(batch * heads):
+        _redo_underflowed(queries[head], keys[head], values[head], out[head], 0, False, BASE_E)
+    out /= out[..., -1:]
+    return _merge_heads(out, batch, heads, v.dtype)
 
 
 def _silu_in_place(values: np.ndarray) -> None:

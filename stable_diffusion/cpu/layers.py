@@ -121,11 +121,11 @@ class GEGLU(unet.GEGLU):
         biases = mx.split(self.proj.bias, 2)
         weight, half = self.proj.weight, self.proj.weight.shape[0] // 2
         if onednn.active() and x.dtype == mx.float32:
-            # Each half packed for an owner of its own (the projection is not called here).
-            hidden = onednn.linear(x, weight, None, self.proj, lambda w: w[:half])
-            gate = onednn.linear(x, weight, None, self, lambda w: w[half:])
-        else:
-            hidden, gate = x @ weight[:half].T, x @ weight[half:].T
+            # Each half packed for an owner of its own (the projection is not called here);
+            # the biases, GELU and product ride along in oneDNN's matmuls.
+            gate = onednn.linear(x, weight, biases[1], self, lambda w: w[half:], gelu=True)
+            return onednn.linear(x, weight, biases[0], self.proj, lambda w: w[:half], times=gate)
+        hidden, gate = x @ weight[:half].T, x @ weight[half:].T
         if hidden.dtype == mx.float32:
             return kernels.geglu_(hidden, gate, *biases)
         return geglu(hidden, gate, *biases)
@@ -316,16 +316,16 @@ class Conv2d(layers.Conv2d):
         return winograd.F4 if pixels >= _WINOGRAD_F4_MIN_PIXELS else winograd.F2
 
     def __call__(self, x: mx.array) -> mx.array:
+        if onednn.active() and x.dtype == mx.float32 and self.groups == 1:
+            return onednn.conv2d(
+                x, self.weight, self.get("bias"), self.stride, self.padding, self.dilation, self
+            )
         if not (x.dtype == mx.float32 and self.stride == (1, 1)):
             return super().__call__(x)
         shape = self.weight.shape[1:3], self.padding
         if shape == ((1, 1), (0, 0)):
             # MLX's CPU convolution runs a 1x1 kernel slower than the same matmul, with
             # more memory.
-            if onednn.active():
-                return onednn.linear(
-                    x, self.weight, self.get("bias"), self, lambda w: w.reshape(w.shape[0], -1)
-                )
             return self._with_bias(x @ self.weight.reshape(self.weight.shape[0], -1).T)
         if shape == ((3, 3), (1, 1)):
             algorithm = self._winograd_algorithm(x)
@@ -394,6 +394,7 @@ class Upsample2D(layers.Upsample2D):
         if (
             exactly_2x
             and x.dtype == mx.float32
+            and not onednn.active()  # oneDNN's convolution on the upsampled image is faster
             and x.shape[1] * x.shape[2] >= _UPSAMPLED_CONV_MIN_PIXELS
             and not self._by_winograd(upsampled)
         ):

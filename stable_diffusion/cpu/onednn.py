@@ -44,6 +44,11 @@ _CPU_ENGINE = 1
 _IN_ORDER_STREAM = 1
 _BF16, _F32 = 2, 3
 _FORMAT_ANY = 1
+_FORWARD_INFERENCE = 96
+_CONVOLUTION_DIRECT = 1
+_ELTWISE_EXP, _ELTWISE_GELU_ERF = 42, 49
+_BINARY_MUL = 0x1FFF1
+_ARG_FIRST_POST_OP_OPERAND = 32768 | 2  # DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1
 _QUERY_WEIGHTS_MD = 131
 _ARG_SRC, _ARG_DST, _ARG_WEIGHTS, _ARG_BIAS = 1, 17, 33, 41
 _ARG_FROM, _ARG_TO = _ARG_SRC, _ARG_DST
@@ -128,7 +133,7 @@ class _Library:
         if status != 0:
             raise RuntimeError(f"oneDNN failed to {what} (dnnl_status_t {status})")
 
-    def descriptor(self, shape: tuple[int, ...], dtype: int, strides: tuple[int, ...] | None):
+    def descriptor(self, shape: tuple[int, ...], strides: tuple[int, ...] | None, dtype: int):
         """A memory descriptor: the given strides (in elements), or any layout if None."""
         md = _Handle()
         if strides is None:
@@ -178,9 +183,9 @@ class _Library:
             )
             self.check(
                 self.dnnl.dnnl_primitive_execute(primitive, self.stream, len(args), arguments),
-                "run a matmul",
+                "run a primitive",
             )
-            self.check(self.dnnl.dnnl_stream_wait(self.stream), "finish a matmul")
+            self.check(self.dnnl.dnnl_stream_wait(self.stream), "finish a primitive")
         finally:
             for memory in memories:
                 self.dnnl.dnnl_memory_destroy(memory)
@@ -206,9 +211,10 @@ def _library() -> _Library:
 
 
 @dataclass(frozen=True)
-class _Matmul:
-    """The primitives of one (rows, inner, columns, bias) matmul: x (float32) -> bfloat16
-    copy; weight (float32, (columns, inner) rows) -> packed bfloat16; the matmul itself."""
+class _Plan:
+    """The primitives of one bfloat16 matmul or convolution of a given shape: the float32
+    input -> a bfloat16 copy; the float32 weight (its own strides) -> the packed bfloat16
+    layout the primitive asks for; the primitive itself (float32 bias and output)."""
 
     source: _Handle
     source_bf16: _Handle
@@ -219,54 +225,178 @@ class _Matmul:
     destination: _Handle
     convert_source: _Handle
     pack_weight: _Handle
-    matmul: _Handle
+    compute: _Handle
 
 
-# One entry per shape met: a few dozen per model and image size, small (no buffers).
-_MATMULS: dict[tuple[int, int, int, bool], _Matmul] = {}
+def _plan(
+    library: _Library,
+    descriptor: _Handle,
+    source: tuple[tuple[int, ...], tuple[int, ...]],
+    weight: _Handle,
+    bias: _Handle | None,
+    destination: _Handle,
+) -> _Plan:
+    """A `_Plan` from a primitive descriptor made on `source`'s (shape, strides) in
+    bfloat16 and weights in any layout."""
+    packed = _Handle(library.dnnl.dnnl_primitive_desc_query_md(descriptor, _QUERY_WEIGHTS_MD, 0))
+    source_f32 = library.descriptor(*source, _F32)
+    source_bf16 = library.descriptor(*source, _BF16)
+    return _Plan(
+        source=source_f32,
+        source_bf16=source_bf16,
+        weight=weight,
+        packed_weight=packed,
+        packed_bytes=library.dnnl.dnnl_memory_desc_get_size(packed),
+        bias=bias,
+        destination=destination,
+        convert_source=library.reorder(source_f32, source_bf16),
+        pack_weight=library.reorder(weight, packed),
+        compute=library.primitive(descriptor),
+    )
 
 
-def _matmul(rows: int, inner: int, columns: int, bias: bool) -> _Matmul:
-    key = rows, inner, columns, bias
-    if key not in _MATMULS:
+# One plan per shape met: a few dozen per model and image size, small (no buffers).
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _matmul(rows: int, inner: int, columns: int, bias: bool, then: str | None = None) -> _Plan:
+    """A linear layer's plan; `then` "gelu" applies the exact GELU to its results, "times"
+    multiplies them by a float32 (rows, columns) operand (`_ARG_FIRST_POST_OP_OPERAND`)."""
+    key = "matmul", rows, inner, columns, bias, then
+    if key not in _PLANS:
         library = _library()
-        source = library.descriptor((rows, inner), _F32, (inner, 1))
-        source_bf16 = library.descriptor((rows, inner), _BF16, (inner, 1))
-        weight = library.descriptor((inner, columns), _F32, (1, inner))  # weight.T
-        bias_md = library.descriptor((1, columns), _F32, (columns, 1)) if bias else None
-        destination = library.descriptor((rows, columns), _F32, (columns, 1))
+        source = (rows, inner), (inner, 1)
+        bias_md = library.descriptor((1, columns), (columns, 1), _F32) if bias else None
+        destination = library.descriptor((rows, columns), (columns, 1), _F32)
         descriptor = _Handle()
         library.check(
             library.dnnl.dnnl_matmul_primitive_desc_create(
                 ctypes.byref(descriptor),
                 library.engine,
-                source_bf16,
-                library.descriptor((inner, columns), _BF16, None),
+                library.descriptor(*source, _BF16),
+                library.descriptor((inner, columns), None, _BF16),
                 bias_md,
                 destination,
-                None,
+                None if then is None else _post_ops(then, destination),
             ),
             f"plan a bfloat16 matmul of {rows}x{inner} by {inner}x{columns}",
         )
-        packed = _Handle(
-            library.dnnl.dnnl_primitive_desc_query_md(descriptor, _QUERY_WEIGHTS_MD, 0)
-        )
-        _MATMULS[key] = _Matmul(
-            source=source,
-            source_bf16=source_bf16,
-            weight=weight,
-            packed_weight=packed,
-            packed_bytes=library.dnnl.dnnl_memory_desc_get_size(packed),
-            bias=bias_md,
-            destination=destination,
-            convert_source=library.reorder(source, source_bf16),
-            pack_weight=library.reorder(weight, packed),
-            matmul=library.primitive(descriptor),
-        )
-    return _MATMULS[key]
+        weight = library.descriptor((inner, columns), (1, inner), _F32)  # weight.T
+        _PLANS[key] = _plan(library, descriptor, source, weight, bias_md, destination)
+    return _PLANS[key]
 
 
-def _pack(plan: _Matmul, weight: mx.array) -> np.ndarray:
+def _post_ops(then: str, destination: _Handle) -> _Handle:
+    """Primitive attributes applying `then` to each result: "exp", "gelu" (exact), or
+    "times" (a float32 operand shaped as `destination`)."""
+    library = _library()
+    attributes, post_ops = _Handle(), _Handle()
+    library.check(library.dnnl.dnnl_primitive_attr_create(ctypes.byref(attributes)), "set up")
+    library.check(library.dnnl.dnnl_post_ops_create(ctypes.byref(post_ops)), "set up")
+    if then == "times":
+        status = library.dnnl.dnnl_post_ops_append_binary(post_ops, _BINARY_MUL, destination)
+    else:
+        kind = {"exp": _ELTWISE_EXP, "gelu": _ELTWISE_GELU_ERF}[then]
+        status = library.dnnl.dnnl_post_ops_append_eltwise(
+            post_ops, kind, ctypes.c_float(0), ctypes.c_float(0)
+        )
+    library.check(status, f"set up a matmul's {then}")
+    library.check(library.dnnl.dnnl_primitive_attr_set_post_ops(attributes, post_ops), "set up")
+    return attributes
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A 2D convolution of (batch, height, width, channels) images by an (out, kernel
+    height, kernel width, in) weight, as MLX lays them out (no groups)."""
+
+    image: tuple[int, int, int, int]
+    weight: tuple[int, int, int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def _axes(self) -> list[tuple[int, int, int, int, int]]:
+        """(input size, kernel size, stride, padding, dilation) along height and width."""
+        return list(
+            zip(
+                self.image[1:3],
+                self.weight[1:3],
+                self.stride,
+                self.padding,
+                self.dilation,
+                strict=True,
+            )
+        )
+
+    @property
+    def output(self) -> tuple[int, int, int, int]:
+        height, width = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in self._axes())
+        return self.image[0], height, width, self.weight[0]
+
+    @property
+    def padding_right(self) -> tuple[int, ...]:
+        """oneDNN's bottom and right padding: what makes its output size MLX's (which
+        drops the input pixels a stride leaves over)."""
+        return tuple(
+            (out - 1) * s - n + d * (k - 1) + 1 - p
+            for out, (n, k, s, p, d) in zip(self.output[1:3], self._axes(), strict=True)
+        )
+
+
+def _nhwc(shape: tuple[int, int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """oneDNN's (batch, channels, height, width) dims with the strides of MLX's
+    (batch, height, width, channels) layout."""
+    n, h, w, c = shape
+    return (n, c, h, w), (h * w * c, 1, w * c, c)
+
+
+def _convolution(shape: ConvShape, bias: bool) -> _Plan:
+    key = "convolution", shape, bias
+    if key not in _PLANS:
+        library = _library()
+        out_channels, kernel_height, kernel_width, in_channels = shape.weight
+        output = shape.output
+        source = _nhwc(shape.image)
+        bias_md = library.descriptor((out_channels,), (1,), _F32) if bias else None
+        destination = library.descriptor(*_nhwc(output), _F32)
+        descriptor = _Handle()
+        library.check(
+            library.dnnl.dnnl_convolution_forward_primitive_desc_create(
+                ctypes.byref(descriptor),
+                library.engine,
+                _FORWARD_INFERENCE,
+                _CONVOLUTION_DIRECT,
+                library.descriptor(*source, _BF16),
+                library.descriptor(
+                    (out_channels, in_channels, kernel_height, kernel_width), None, _BF16
+                ),
+                bias_md,
+                destination,
+                _Dims(*shape.stride),
+                _Dims(*(d - 1 for d in shape.dilation)),  # oneDNN counts the gaps
+                _Dims(*shape.padding),
+                _Dims(*shape.padding_right),
+                None,
+            ),
+            f"plan a bfloat16 convolution of {shape}",
+        )
+        # MLX's (out, kh, kw, in) weight as oneDNN's (out, in, kh, kw) dims.
+        weight = library.descriptor(
+            (out_channels, in_channels, kernel_height, kernel_width),
+            (
+                kernel_height * kernel_width * in_channels,
+                1,
+                kernel_width * in_channels,
+                in_channels,
+            ),
+            _F32,
+        )
+        _PLANS[key] = _plan(library, descriptor, source, weight, bias_md, destination)
+    return _PLANS[key]
+
+
+def _pack(plan: _Plan, weight: mx.array) -> np.ndarray:
     weight = mx.contiguous(weight.astype(mx.float32))
     mx.eval(weight)
     packed = np.empty(plan.packed_bytes, np.uint8)
@@ -289,32 +419,32 @@ def _source_scratch(elements: int) -> np.ndarray:
     return scratch
 
 
-def linear(
+def _run(
+    plan: _Plan,
     x: mx.array,
-    weight: mx.array,
+    packed: np.ndarray,
     bias: mx.array | None,
-    owner: object,
-    matrix: Callable[[mx.array], mx.array] | None = None,
+    output_shape: tuple[int, ...],
+    times: mx.array | None = None,
 ) -> mx.array:
-    """x @ w.T (+ bias) in bfloat16 with float32 sums, for float32 `x` of any leading shape,
-    where w is the (columns, inner) `matrix(weight)` (`weight` itself by default). w stays
-    packed for `owner` until the `fast_cpu()` block ends (as `store.kept` keeps), made again
-    when `weight` is replaced."""
-    w = weight if matrix is None else matrix(weight)
-    inner, columns = x.shape[-1], w.shape[0]
-    rows = x.size // inner
-    plan = _matmul(rows, inner, columns, bias is not None)
-    packed = kept(owner, (weight, plan), lambda: _pack(plan, w))
+    """`plan` on float32 `x`: converted to bfloat16 in this thread's scratch buffer, then
+    computed with the `packed` weight into a new float32 array (multiplied by `times` where
+    the plan says so)."""
     x = mx.contiguous(x)
-    out = mx.contiguous(mx.zeros((*x.shape[:-1], columns), mx.float32))
-    arrays = [x, out] if bias is None else [x, out, bias := bias.astype(mx.float32)]
-    mx.eval(*arrays)
+    out = mx.contiguous(mx.zeros(output_shape, mx.float32))
+    if bias is not None:
+        bias = bias.astype(mx.float32)
+    if times is not None:
+        times = mx.contiguous(times.astype(mx.float32))
+    mx.eval(*(a for a in (x, out, bias, times) if a is not None))
     library = _library()
-    source_bf16 = _source_scratch(rows * inner)
-    x_address = np.asarray(x).ctypes.data
+    source_bf16 = _source_scratch(x.size)
     library.execute(
         plan.convert_source,
-        [(_ARG_FROM, plan.source, x_address), (_ARG_TO, plan.source_bf16, source_bf16.ctypes.data)],
+        [
+            (_ARG_FROM, plan.source, np.asarray(x).ctypes.data),
+            (_ARG_TO, plan.source_bf16, source_bf16.ctypes.data),
+        ],
     )
     args = [
         (_ARG_SRC, plan.source_bf16, source_bf16.ctypes.data),
@@ -323,5 +453,189 @@ def linear(
     ]
     if bias is not None and plan.bias is not None:
         args.append((_ARG_BIAS, plan.bias, np.asarray(bias).ctypes.data))
-    library.execute(plan.matmul, args)
+    if times is not None:
+        args.append((_ARG_FIRST_POST_OP_OPERAND, plan.destination, np.asarray(times).ctypes.data))
+    library.execute(plan.compute, args)
     return out
+
+
+def linear(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None,
+    owner: object,
+    matrix: Callable[[mx.array], mx.array] | None = None,
+    gelu: bool = False,
+    times: mx.array | None = None,
+) -> mx.array:
+    """x @ w.T (+ bias) in bfloat16 with float32 sums, for float32 `x` of any leading shape,
+    where w is the (columns, inner) `matrix(weight)` (`weight` itself by default); with
+    `gelu`, the exact GELU of that; with `times`, that times `times` (of the result's shape),
+    in the same pass. w stays packed for `owner` until the `fast_cpu()` block ends (as
+    `store.kept` keeps), made again when `weight` is replaced."""
+    w = weight if matrix is None else matrix(weight)
+    inner, columns = x.shape[-1], w.shape[0]
+    then = "gelu" if gelu else "times" if times is not None else None
+    plan = _matmul(x.size // inner, inner, columns, bias is not None, then)
+    packed = kept(owner, (weight, plan), lambda: _pack(plan, w))
+    return _run(plan, x, packed, bias, (*x.shape[:-1], columns), times)
+
+
+def conv2d(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    owner: object,
+) -> mx.array:
+    """MLX's `conv2d(x, weight, stride, padding, dilation)` (+ bias) in bfloat16 with
+    float32 sums, for a float32 (batch, height, width, in) `x` and an (out, kernel height,
+    kernel width, in) weight; packed for `owner` as `linear` packs."""
+    stride, padding, dilation = (
+        (n, n) if isinstance(n, int) else tuple(n) for n in (stride, padding, dilation)
+    )
+    shape = ConvShape(x.shape, weight.shape, stride, padding, dilation)  # type: ignore[arg-type]
+    plan = _convolution(shape, bias is not None)
+    packed = kept(owner, (weight, plan), lambda: _pack(plan, weight))
+    return _run(plan, x, packed, bias, shape.output)
+
+
+# Powers per attention block (4 MB of bfloat16): fewer, larger blocks ran faster up to
+# this size, on 1024 and 4096 keys (docs/performance.md).
+_ATTENTION_POWERS = 1 << 21
+# Inner sizes of multiples of this run on AMX's tiles; others on slower kernels.
+ATTENTION_WIDTH_MULTIPLE = 32
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """The primitives of one head's attention in blocks of rows: the bfloat16 queries'
+    block times the packed keys, exponentiated (oneDNN's exp post-op, in float32) into
+    bfloat16 powers; the powers times the packed values, into float32."""
+
+    queries: _Handle
+    plain_keys: _Handle
+    packed_keys: _Handle
+    keys_bytes: int
+    powers: _Handle
+    plain_values: _Handle
+    packed_values: _Handle
+    values_bytes: int
+    output: _Handle
+    pack_keys: _Handle
+    pack_values: _Handle
+    exponentiate: _Handle
+    weigh: _Handle
+
+
+def _matmul_descriptor(
+    library: _Library, source: _Handle, weights: _Handle, destination: _Handle, attributes=None
+) -> _Handle:
+    descriptor = _Handle()
+    library.check(
+        library.dnnl.dnnl_matmul_primitive_desc_create(
+            ctypes.byref(descriptor), library.engine, source, weights, None, destination, attributes
+        ),
+        "plan an attention matmul",
+    )
+    return descriptor
+
+
+def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention:
+    key = "attention", rows, width, keys, value_width
+    if key not in _PLANS:
+        library = _library()
+        queries = library.descriptor((rows, width), (width, 1), _BF16)
+        powers = library.descriptor((rows, keys), (keys, 1), _BF16)
+        output = library.descriptor((rows, value_width), (value_width, 1), _F32)
+        exponentiate = _matmul_descriptor(
+            library,
+            queries,
+            library.descriptor((width, keys), None, _BF16),
+            powers,
+            _post_ops("exp", powers),
+        )
+        weigh = _matmul_descriptor(
+            library, powers, library.descriptor((keys, value_width), None, _BF16), output
+        )
+        packed_keys, packed_values = (
+            _Handle(library.dnnl.dnnl_primitive_desc_query_md(d, _QUERY_WEIGHTS_MD, 0))
+            for d in (exponentiate, weigh)
+        )
+        plain_keys = library.descriptor((width, keys), (keys, 1), _BF16)
+        plain_values = library.descriptor((keys, value_width), (value_width, 1), _BF16)
+        _PLANS[key] = _Attention(
+            queries=queries,
+            plain_keys=plain_keys,
+            packed_keys=packed_keys,
+            keys_bytes=library.dnnl.dnnl_memory_desc_get_size(packed_keys),
+            powers=powers,
+            plain_values=plain_values,
+            packed_values=packed_values,
+            values_bytes=library.dnnl.dnnl_memory_desc_get_size(packed_values),
+            output=output,
+            pack_keys=library.reorder(plain_keys, packed_keys),
+            pack_values=library.reorder(plain_values, packed_values),
+            exponentiate=library.primitive(exponentiate),
+            weigh=library.primitive(weigh),
+        )
+    return _PLANS[key]  # type: ignore[return-value]
+
+
+def _pack_operand(
+    reorder: _Handle, plain: _Handle, packed: _Handle, size: int, array: np.ndarray
+) -> np.ndarray:
+    out = np.empty(size, np.uint8)
+    _library().execute(
+        reorder, [(_ARG_FROM, plain, array.ctypes.data), (_ARG_TO, packed, out.ctypes.data)]
+    )
+    return out
+
+
+def powers_times_values(queries: mx.array, keys: mx.array, values: mx.array) -> np.ndarray:
+    """e^(queries[h] @ keys[h]) @ values[h] for each head h of float32 (heads, length,
+    width), (heads, width, keys) and (heads, keys, value width) arrays, as a float32 numpy
+    array: the operands rounded to bfloat16, the scores and their powers computed in float32
+    (a score above 88 overflows), the powers rounded to bfloat16, the sums in float32.
+    `width` must be a multiple of `ATTENTION_WIDTH_MULTIPLE`. In blocks of rows, each
+    head's keys and values packed once for all its blocks."""
+    heads, length, width = queries.shape
+    key_count, value_width = values.shape[1:]
+    rows = min(max(1, _ATTENTION_POWERS // key_count), length)
+    padded_length = -(-length // rows) * rows  # the blocks' packed layouts depend on rows
+    queries = mx.pad(queries, [(0, 0), (0, padded_length - length), (0, 0)])
+    queries, keys, values = (
+        np.asarray(mx.view(mx.contiguous(a.astype(mx.bfloat16)), mx.uint16))
+        for a in (queries, keys, values)
+    )
+    out = np.empty((heads, padded_length, value_width), np.float32)
+    plan = _attention(rows, width, key_count, value_width)
+    library = _library()
+    powers = _source_scratch(rows * key_count)
+    for head in range(heads):
+        packed_keys = _pack_operand(
+            plan.pack_keys, plan.plain_keys, plan.packed_keys, plan.keys_bytes, keys[head]
+        )
+        packed_values = _pack_operand(
+            plan.pack_values, plan.plain_values, plan.packed_values, plan.values_bytes, values[head]
+        )
+        for start in range(0, padded_length, rows):
+            library.execute(
+                plan.exponentiate,
+                [
+                    (_ARG_SRC, plan.queries, queries[head, start].ctypes.data),
+                    (_ARG_WEIGHTS, plan.packed_keys, packed_keys.ctypes.data),
+                    (_ARG_DST, plan.powers, powers.ctypes.data),
+                ],
+            )
+            library.execute(
+                plan.weigh,
+                [
+                    (_ARG_SRC, plan.powers, powers.ctypes.data),
+                    (_ARG_WEIGHTS, plan.packed_values, packed_values.ctypes.data),
+                    (_ARG_DST, plan.output, out[head, start].ctypes.data),
+                ],
+            )
+    return out[:, :length]

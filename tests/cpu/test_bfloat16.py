@@ -16,16 +16,20 @@ The tests that compute need the CPU feature and `onednn-cpu-gomp`
 
 from __future__ import annotations
 
+import json
 import os
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from benchmarks import bfloat16 as bfloat16_benchmark
+from benchmarks import measure
+from benchmarks import run as run_benchmark
 from stable_diffusion import StableDiffusion, fast_cpu
 from stable_diffusion.cli import txt2image_main
-from stable_diffusion.cpu import features, onednn
+from stable_diffusion.cpu import features, kernels, onednn
 from stable_diffusion.models import layers, unet
 from stable_diffusion.server.__main__ import main as server_main
 from tests.helpers import FIXTURES
@@ -69,15 +73,75 @@ def test_linear_multiplies_in_bfloat16(bias):
     )
 
 
+def convolve_float64(x: np.ndarray, weight: np.ndarray, stride: int, padding: int, dilation: int):
+    """MLX's conv2d of NHWC `x` by an (out, kh, kw, in) weight in float64, tap by tap: the
+    convolution as one matmul of the taps' pixels (batch * pixels, kh * kw * in) by the
+    flattened weight, for `assert_bfloat16_close`."""
+    _, kernel_height, kernel_width, _ = weight.shape
+    padded = np.pad(x.astype(np.float64), [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    height, width = (
+        (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+        for n, k in zip(x.shape[1:3], (kernel_height, kernel_width), strict=True)
+    )
+    taps = [
+        padded[
+            :,
+            ky * dilation : ky * dilation + stride * (height - 1) + 1 : stride,
+            kx * dilation : kx * dilation + stride * (width - 1) + 1 : stride,
+        ]
+        for ky in range(kernel_height)
+        for kx in range(kernel_width)
+    ]
+    pixels = np.concatenate(taps, axis=-1).reshape(-1, kernel_height * kernel_width * x.shape[-1])
+    return pixels, weight.reshape(weight.shape[0], -1), (x.shape[0], height, width, weight.shape[0])
+
+
 @needs_bfloat16
-def test_pointwise_convolution_multiplies_in_bfloat16():
-    conv = layers.Conv2d(64, 48, kernel_size=1)
-    x = mx.random.normal((1, 8, 8, 64), key=mx.random.key(2))
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, size",
+    [
+        (1, 1, 0, 1, 8),  # the resnets' shortcuts
+        (3, 1, 1, 1, 9),  # the resnets' convolutions
+        (3, 2, 1, 1, 8),  # the UNets' downsamplers
+        (3, 2, 1, 1, 9),
+        (3, 2, 0, 1, 9),  # the VAE encoder's, after its own right/bottom padding
+        (3, 2, 0, 1, 8),  # a stride that leaves a pixel over (negative right padding)
+        (3, 1, 2, 2, 7),  # dilated
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_convolutions_multiply_in_bfloat16(kernel, stride, padding, dilation, size, bias):
+    conv = layers.Conv2d(24, 40, kernel, stride=stride, padding=padding, bias=bias)
+    conv.dilation = dilation
+    x = mx.random.normal((2, size, size + 3, 24), key=mx.random.key(2))
     with fast_cpu(conv, bfloat16=True):
         ours = conv(x)
-    assert ours.shape == (1, 8, 8, 48)
-    weight = np.array(conv.weight).reshape(48, 64)
-    assert_bfloat16_close(ours, np.array(x).reshape(-1, 64), weight, conv.bias)
+    expected = mx.conv2d(x, conv.weight, stride, padding, dilation)
+    assert ours.shape == expected.shape and ours.dtype == mx.float32
+    pixels, weight, _ = convolve_float64(
+        np.array(x), np.array(conv.weight), stride, padding, dilation
+    )
+    assert_bfloat16_close(ours, pixels, weight, conv.bias if bias else None)
+
+
+@needs_bfloat16
+def test_grouped_convolution_stays_float32():
+    conv = layers.Conv2d(8, 8, 3, padding=1, groups=2)
+    x = mx.random.normal((1, 6, 6, 8), key=mx.random.key(4))
+    with fast_cpu(conv, bfloat16=True):
+        ours = conv(x)
+    np.testing.assert_array_equal(np.array(ours), np.array(nn.Conv2d.__call__(conv, x)))
+
+
+@needs_bfloat16
+def test_upsampler_convolves_in_bfloat16():
+    upsample = layers.Upsample2D(32)
+    x = mx.random.normal((1, 16, 16, 32), key=mx.random.key(5))
+    with fast_cpu(upsample, bfloat16=True):
+        ours = upsample(x)
+    upsampled = np.array(layers.upsample_nearest(x, None))
+    pixels, weight, _ = convolve_float64(upsampled, np.array(upsample.conv.weight), 1, 1, 1)
+    assert_bfloat16_close(ours, pixels, weight, upsample.conv.bias)
 
 
 @needs_bfloat16
@@ -104,23 +168,113 @@ def test_primitives_are_cached_per_shape_and_weights_packed_once(monkeypatch):
     packs = []
     pack = onednn._pack
     monkeypatch.setattr(onednn, "_pack", lambda *a: packs.append(a) or pack(*a))
-    monkeypatch.setattr(onednn, "_MATMULS", {})
+    monkeypatch.setattr(onednn, "_PLANS", {})
     layer = layers.Linear(32, 16)
     x = mx.random.normal((5, 32))
     with fast_cpu(layer, bfloat16=True):
         first, second, third = layer(x), layer(x), layer(x)
         # Packed at its first two uses (`store.kept`): the second packing is kept.
-        assert len(onednn._MATMULS) == 1 and len(packs) == 2
+        assert len(onednn._PLANS) == 1 and len(packs) == 2
         np.testing.assert_array_equal(np.array(first), np.array(third))
         np.testing.assert_array_equal(np.array(second), np.array(third))
         layer(mx.random.normal((7, 32)))  # another shape: another primitive, packed again
-        assert len(onednn._MATMULS) == 2 and len(packs) == 3
+        assert len(onednn._PLANS) == 2 and len(packs) == 3
         layer.weight = layer.weight * 2  # a replaced weight (a LoRA merge) is packed again
         layer(mx.random.normal((7, 32)))
         assert len(packs) == 4
     with fast_cpu(layer, bfloat16=True):  # a new block packs again, and reuses the primitive
         layer(x)
-    assert len(onednn._MATMULS) == 2 and len(packs) == 5
+    assert len(onednn._PLANS) == 2 and len(packs) == 5
+
+
+def attention_bound(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int):
+    """Float64 attention of (B, L, heads * D) inputs and, per element, how far bfloat16's may
+    lie from it. Each score of bfloat16-rounded queries and keys is off by at most
+    d = 2.01u |q| |k| / sqrt(D) (Cauchy-Schwarz on the bound of the module docstring); each
+    power is rounded once more (u); so each softmax weight moves by a factor within
+    (e^d (1 + u))^(+-2), and the output, a weighted mean of rounded values (u), by at most
+    ((e^d (1 + u))^2 - 1 + u) max |v| of its column."""
+    u = 2.0**-8
+    batch, length, width = q.shape
+    dim = width // heads
+
+    def split(x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float64).reshape(batch, -1, heads, dim).transpose(0, 2, 1, 3)
+
+    q64, k64, v64 = split(q), split(k), split(v)
+    scores = q64 @ k64.transpose(0, 1, 3, 2) / np.sqrt(dim)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    exact = (weights / weights.sum(axis=-1, keepdims=True)) @ v64
+    key_norm = np.linalg.norm(k64, axis=-1).max(axis=-1)[..., None, None]  # (B, H, 1, 1)
+    drift = 2.01 * u * np.linalg.norm(q64, axis=-1, keepdims=True) * key_norm / np.sqrt(dim)
+    bound = (np.exp(drift) * (1 + u)) ** 2 - 1 + u
+    bound = bound * np.abs(v64).max(axis=2, keepdims=True) + 1e-6
+    merge = lambda x: x.transpose(0, 2, 1, 3).reshape(batch, length, width)  # noqa: E731
+    return merge(exact), merge(np.broadcast_to(bound, exact.shape))
+
+
+@needs_bfloat16
+@pytest.mark.parametrize("heads, dim", [(2, 40), (1, 64)])
+def test_long_attention_computes_in_bfloat16(monkeypatch, heads, dim):
+    """From `_BFLOAT16_MIN_KEYS` keys on (here 1100 queries and keys: a last block shorter
+    than the others), the UNets' self-attention runs in bfloat16 (oneDNN's matmuls, its exp
+    in between) within the bound of `attention_bound`."""
+    calls = []
+    powers = onednn.powers_times_values
+    monkeypatch.setattr(onednn, "powers_times_values", lambda *a: calls.append(1) or powers(*a))
+    monkeypatch.setattr(onednn, "_ATTENTION_POWERS", 400 * 1100)
+    keys = mx.random.split(mx.random.key(6), 3)
+    q, k, v = (0.5 * mx.random.normal((2, 1100, heads * dim), key=key) for key in keys)
+    with fast_cpu(bfloat16=True):
+        ours = np.array(kernels.attention(q, k, v, heads, causal=False))
+    assert calls == [1] and ours.shape == q.shape
+    exact, bound = attention_bound(np.array(q), np.array(k), np.array(v), heads)
+    error = np.abs(ours - exact)
+    assert (error <= bound).all(), (error - bound).max()
+    assert error.max() > 1e-4 * np.abs(exact).max()  # float32 would be near 1e-7
+
+
+@needs_bfloat16
+def test_bfloat16_attention_recomputes_underflowed_rows(monkeypatch):
+    """test_kernels.py's extreme scores at bfloat16's lengths: queries along axis 0 score
+    450 on every other key (exp overflows without the shift), all alike, so their weights
+    are exactly uniform: off by the values' rounding only; queries along axis 1 score near 0
+    under the same bound, which the shift underflows: recomputed in float32 (1e-5)."""
+    rng = np.random.default_rng(2)
+    length, dim = 1024, 4
+    k = rng.standard_normal((1, length, dim)).astype(np.float32)
+    k[0, ::2] = 0
+    k[0, ::2, 0] = 30
+    q = np.zeros((1, length, dim), np.float32)
+    q[0, ::2, 0] = 30
+    q[0, 1::2, 1] = 30
+    v = rng.standard_normal((1, length, dim)).astype(np.float32)
+    recomputed = []
+    exactly = kernels._exponentiate_exactly
+    monkeypatch.setattr(
+        kernels,
+        "_exponentiate_exactly",
+        lambda s, base: recomputed.append(s.size // s.shape[-1]) or exactly(s, base),
+    )
+    with fast_cpu(bfloat16=True):
+        out = np.array(kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, False))
+    expected, _ = attention_bound(q, k, v, 1)
+    assert sum(recomputed) == length // 2
+    np.testing.assert_allclose(out[0, 1::2], expected[0, 1::2], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out[0, ::2], expected[0, ::2], rtol=0, atol=2.0**-8 * abs(v).max())
+
+
+@needs_bfloat16
+def test_short_and_causal_attention_stay_float32(monkeypatch):
+    """Too few keys to gain (the text's 77, SDXL's 256), or a causal mask: float32."""
+    monkeypatch.setattr(onednn, "powers_times_values", None)  # would fail if called
+    for length, causal in ((77, True), (256, False)):
+        q, k, v = (mx.random.normal((1, length, 64), key=mx.random.key(i)) for i in range(3))
+        with fast_cpu():
+            float32 = np.array(kernels.attention(q, k, v, 2, causal))
+        with fast_cpu(bfloat16=True):
+            ours = np.array(kernels.attention(q, k, v, 2, causal))
+        np.testing.assert_array_equal(ours, float32)
 
 
 @needs_bfloat16
@@ -180,9 +334,34 @@ def test_benchmark_alternates_float32_and_bfloat16(capsys):
     assert "tiny 64px batch 2: UNet step float32" in capsys.readouterr().out
 
 
+@needs_bfloat16
+def test_benchmark_measures_bfloat16_beside_float32(tmp_path, capsys, monkeypatch):
+    computed_in = []
+    measure_row = measure._measure
+    monkeypatch.setattr(
+        measure, "_measure", lambda *a: computed_in.append(onednn.active()) or measure_row(*a)
+    )
+    output = tmp_path / "results.json"
+    main = ["--models", "tiny", "--size", "64", "--steps", "1", "--repeats", "1"]
+    run_benchmark.main([*main, "--dtypes", "float32,bfloat16", "--output", str(output)])
+    results = json.loads(output.read_text())
+    assert [(r["dtype"], r["batch"]) for r in results["rows"]] == [
+        (dtype, batch) for dtype in ("float32", "bfloat16") for batch in (1, 2)
+    ]
+    assert computed_in == [False, False, True, True]
+    assert results["matmul_gflops"]["bfloat16"] > 0
+    for row in results["rows"]:
+        assert row["unet_step_s"] > 0 and row["vae_decode_s"] > 0 and row["image_s"] > 0
+    assert "| tiny | bfloat16 | 2 |" in capsys.readouterr().out
+
+
 def test_benchmark_refuses_where_bfloat16_cannot_run(monkeypatch, capsys):
     monkeypatch.setattr(features, "cpu_flags", lambda: WITH_BFLOAT16)
     monkeypatch.setattr(onednn, "_library_path", lambda: None)
-    with pytest.raises(SystemExit):
-        bfloat16_benchmark.main(["--model", "tiny"])
-    assert "pip install -r requirements-bfloat16.txt" in capsys.readouterr().err
+    for main, argv in (
+        (bfloat16_benchmark.main, ["--model", "tiny"]),
+        (run_benchmark.main, ["--models", "tiny", "--dtypes", "float32,bfloat16"]),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "pip install -r requirements-bfloat16.txt" in capsys.readouterr().err
