@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import distributed, prompts
-from .cpu import fast_cpu, keep_freed_memory, unavailable_bfloat16
+from .cpu import COMPUTE_BFLOAT16, fast_cpu, keep_freed_memory, on_cpu, unavailable_bfloat16
 from .distributed import Ranks
 from .images import (
     GenerationParameters,
@@ -292,8 +292,9 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     p.add_argument(
         "--bfloat16",
         action="store_true",
-        help="compute the linear layers in bfloat16 on CPUs with AVX512_BF16 or AMX: faster, "
-        "slightly different images (pip install -r requirements-bfloat16.txt)",
+        help="compute the matmuls, convolutions and long attention in bfloat16 on CPUs with "
+        "AVX512_BF16 or AMX: faster, slightly different images "
+        "(pip install -r requirements-bfloat16.txt)",
     )
     p.add_argument(
         "--preload-models",
@@ -824,12 +825,16 @@ def image_parameters(
 ) -> list[GenerationParameters]:
     """What each image's PNG records: the settings the generation ran with, its own seed,
     the model as named on the command line, the LoRAs by their file names without
-    extension (as A1111 names them), and the decoder when it is not the model's VAE."""
+    extension (as A1111 names them), the decoder when it is not the model's VAE, and
+    bfloat16 compute (its pixels differ from float32's)."""
     loras = tuple((Path(path).stem, strength) for path, strength in args.lora)
     first = settings.parameters(model=args.model, loras=loras)
-    first = dataclasses.replace(first, extras=(*first.extras, *getattr(args, "mask_extras", ())))
+    extras = [*first.extras, *getattr(args, "mask_extras", ())]
     if sd.vae_name is not None:
-        first = dataclasses.replace(first, extras=(*first.extras, ("VAE", sd.vae_name)))
+        extras.append(("VAE", sd.vae_name))
+    if getattr(args, "bfloat16", False) and on_cpu():
+        extras.append(COMPUTE_BFLOAT16)
+    first = dataclasses.replace(first, extras=tuple(extras))
     seeds = image_seeds(settings.seed, len(settings.prompts))
     return [dataclasses.replace(first, seed=seed) for seed in seeds]
 

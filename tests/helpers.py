@@ -311,3 +311,13 @@ def warm_up(tmp_dir: Path) -> None:
         data = torch_pickle({"text": "é", **({"w": w} if protocol else {})}, protocol)
         with suppress(WeightFileError):
             load_weights(write_checkpoint(tmp_dir / f"{protocol}.pt", data, {"0": FLOATS}))
+
+
+def group_norm_float64(x, groups, weight, bias, eps, silu):
+    x64 = np.asarray(x, np.float64)
+    grouped = x64.reshape(x64.shape[0], -1, groups, x64.shape[-1] // groups)
+    mean = grouped.mean(axis=(1, 3), keepdims=True)
+    variance = np.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+    y = ((grouped - mean) / np.sqrt(variance + eps)).reshape(x64.shape)
+    y = y * np.asarray(weight, np.float64) + np.asarray(bias, np.float64)
+    return y / (1 + np.exp(-y)) if silu else y

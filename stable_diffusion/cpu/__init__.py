@@ -16,9 +16,11 @@ OPTIMIZED_BLAS = load_optimized_blas()
 
 from .fast import compute_dtype, fast_cpu, in_fast_cpu, on_cpu, track  # noqa: E402
 from .memory import keep_freed_memory  # noqa: E402
+from .onednn import COMPUTE_BFLOAT16  # noqa: E402
 from .onednn import unavailable_reason as unavailable_bfloat16  # noqa: E402
 
 __all__ = [
+    "COMPUTE_BFLOAT16",
     "OPTIMIZED_BLAS",
     "compute_dtype",
     "fast_cpu",

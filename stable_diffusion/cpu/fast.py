@@ -90,8 +90,8 @@ def fast_cpu(*models: nn.Module, bfloat16: bool = False) -> Iterator[None]:
     it kept (and MLX's buffers, whose sizes from a decode slowed the UNet steps after it:
     docs/performance.md). On leaving, every layer is its model class again.
 
-    With `bfloat16`, the linear layers' and 1x1 convolutions' matmuls compute in bfloat16
-    through oneDNN (`onednn.py`: CPUs with AVX512_BF16 or AMX, the optional
+    With `bfloat16`, the linear layers, convolutions and attention over 1024 keys or more
+    compute in bfloat16 through oneDNN (`onednn.py`: CPUs with AVX512_BF16 or AMX, the optional
     requirements-bfloat16.txt); where that cannot run, `onednn.Unavailable` says why and
     names the fix. No effect on a GPU."""
     with ExitStack() as stack:

@@ -474,3 +474,83 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
         lambda part, out_part: _layer_norm_rows(part, out_part, weight, bias, eps), rows, out_rows
     )
     return out
+
+
+# Elements per group norm chunk (1 MB of float32): smaller chunks ran slower.
+_GROUP_NORM_CHUNK = 1 << 18
+
+
+def _chunked(kernel: Callable[[slice], object], rows: int, step: int) -> list:
+    """kernel(rows slice) for every `step` rows, the slices shared out over the cores in
+    contiguous runs."""
+    slices = [slice(start, start + step) for start in range(0, rows, step)]
+    runs = [run for run in np.array_split(np.arange(len(slices)), min(_CORES, len(slices)))]
+    return [
+        result
+        for results in _on_all_cores(lambda run: [kernel(slices[i]) for i in run], runs)
+        for result in results
+    ]
+
+
+def group_norm(
+    x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: float, silu_after: bool
+) -> mx.array:
+    """Group norm of a float32 NHWC image over its channel groups, with its SiLU if
+    `silu_after`, into a fresh buffer, on all cores: see `_group_norm_pixels`."""
+    out = mx.contiguous(mx.zeros_like(x))
+    x = mx.contiguous(x)
+    mx.eval(x, out, weight, bias)
+    batch, channels = x.shape[0], x.shape[-1]
+    pixels = np.asarray(x).reshape(batch, -1, channels)
+    out_pixels = np.asarray(out).reshape(batch, -1, channels)
+    affine = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
+    for entry, out_entry in zip(pixels, out_pixels, strict=True):
+        _group_norm_pixels(entry, out_entry, groups, *affine, eps, silu_after)
+    return out
+
+
+def _group_norm_pixels(
+    pixels: np.ndarray,
+    out: np.ndarray,
+    groups: int,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    eps: float,
+    silu_after: bool,
+) -> None:
+    """One image's (pixels, channels) group norm into `out`, in three passes over chunks of
+    pixels: per-channel sums (float32 within a chunk, float64 across); the centred squares
+    about each group's mean (two passes: E[x^2] - E[x]^2 cancels badly); the normalization,
+    scale and shift (and SiLU) in one."""
+    channels = pixels.shape[1]
+    count = len(pixels) * (channels // groups)
+    step = max(1, _GROUP_NORM_CHUNK // channels)
+
+    def per_group(sums: list[np.ndarray]) -> np.ndarray:
+        """Per channel: its group's total of `sums` over the chunks, over `count`."""
+        total = np.sum(sums, axis=0, dtype=np.float64).reshape(groups, -1).sum(axis=1) / count
+        return np.repeat(total, channels // groups)
+
+    mean = per_group(_chunked(lambda rows: np.add.reduce(pixels[rows], axis=0), len(pixels), step))
+    mean32 = mean.astype(np.float32)
+
+    def centred_squares(rows: slice) -> np.ndarray:
+        centred = np.subtract(pixels[rows], mean32)
+        np.square(centred, out=centred)
+        return np.add.reduce(centred, axis=0)
+
+    scale = weight / np.sqrt(per_group(_chunked(centred_squares, len(pixels), step)) + eps)
+    shift, scale = (bias - mean * scale).astype(np.float32), scale.astype(np.float32)
+
+    if onednn.active():  # one pass of oneDNN's vectorized code, 3x faster on the VAE's
+        onednn.scale_shift(pixels, out, scale, shift, silu_after)
+        return
+
+    def normalize(rows: slice) -> None:
+        y = out[rows]
+        np.multiply(pixels[rows], scale, out=y)
+        y += shift
+        if silu_after:
+            _silu_in_place(y.reshape(-1))
+
+    _chunked(normalize, len(pixels), step)

@@ -1,13 +1,17 @@
-"""bfloat16 matmuls through oneDNN, for `fast_cpu(bfloat16=True)`.
+"""bfloat16 matmuls, convolutions and attention through oneDNN, for
+`fast_cpu(bfloat16=True)`.
 
-On CPUs with AVX512_BF16 (or AMX) oneDNN's bfloat16 matmul runs about twice as fast as
-OpenBLAS's float32 one on the UNets' shapes; MLX has no fast CPU bfloat16 matmul, and
-OpenBLAS's builds at hand none at all (docs/performance.md). The activations stay float32:
-each matmul converts its input to bfloat16 with oneDNN's own reorder (vectorized, unlike a
-numpy pass), multiplies by the weight converted once per `fast_cpu()` block into oneDNN's
-packed layout, sums in float32 and adds the bias in the same pass. oneDNN 3.2's "fpmath"
-attribute (float32 inputs, bfloat16 compute) only applies with AMX; on AVX512_BF16 it
-computes in float32, no faster, so the conversion is explicit.
+On CPUs with AVX512_BF16 oneDNN's bfloat16 matmul runs about twice as fast as OpenBLAS's
+float32 one on the UNets' shapes, with AMX three to seven times; MLX has no fast CPU
+bfloat16 matmul, and OpenBLAS's builds at hand none at all (docs/performance.md). The
+activations stay float32: each matmul or convolution converts its input to bfloat16 with
+oneDNN's own reorder (vectorized, unlike a numpy pass), multiplies by the weight converted
+once per `fast_cpu()` block into oneDNN's packed layout, sums in float32 and adds the bias
+(and a GELU, or a product, as post-ops) in the same pass. oneDNN 3.2's "fpmath" attribute
+(float32 inputs, bfloat16 compute) only applies with AMX; on AVX512_BF16 it computes in
+float32, no faster, so the conversion is explicit. Attention (`powers_times_values`) is two
+matmuls per block of rows, the first exponentiating its scores as a post-op into bfloat16
+powers, so that no pass over the scores runs in numpy.
 
 The library comes from the optional `onednn-cpu-gomp` wheel (requirements-bfloat16.txt),
 called through ctypes (its C API, oneDNN 3.x); `unavailable_reason` says why it cannot run.
@@ -27,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -46,11 +51,11 @@ _BF16, _F32 = 2, 3
 _FORMAT_ANY = 1
 _FORWARD_INFERENCE = 96
 _CONVOLUTION_DIRECT = 1
-_ELTWISE_EXP, _ELTWISE_GELU_ERF = 42, 49
-_BINARY_MUL = 0x1FFF1
+_ELTWISE = {"exp": 42, "silu": 44, "gelu": 49}  # silu: swish with alpha 1
+_BINARY = {"plus": 0x1FFF0, "times": 0x1FFF1}
 _ARG_FIRST_POST_OP_OPERAND = 32768 | 2  # DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1
 _QUERY_WEIGHTS_MD = 131
-_ARG_SRC, _ARG_DST, _ARG_WEIGHTS, _ARG_BIAS = 1, 17, 33, 41
+_ARG_SRC, _ARG_SRC_1, _ARG_DST, _ARG_WEIGHTS, _ARG_BIAS = 1, 2, 17, 33, 41
 _ARG_FROM, _ARG_TO = _ARG_SRC, _ARG_DST
 _MAX_DIMS = 12
 _Dims = ctypes.c_int64 * _MAX_DIMS
@@ -58,6 +63,11 @@ _Handle = ctypes.c_void_p
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("bfloat16", default=False)
 _thread_scratch = threading.local()
+
+
+# What an image's PNG parameters record when bfloat16 computed it (pixels differ from
+# float32's).
+COMPUTE_BFLOAT16 = ("Compute", "bfloat16")
 
 
 class Unavailable(RuntimeError):
@@ -256,7 +266,7 @@ def _plan(
 
 
 # One plan per shape met: a few dozen per model and image size, small (no buffers).
-_PLANS: dict[tuple, _Plan] = {}
+_PLANS: dict[tuple, Any] = {}  # _Plan, _Attention or _ScaleShift
 
 
 def _matmul(rows: int, inner: int, columns: int, bias: bool, then: str | None = None) -> _Plan:
@@ -277,7 +287,7 @@ def _matmul(rows: int, inner: int, columns: int, bias: bool, then: str | None = 
                 library.descriptor((inner, columns), None, _BF16),
                 bias_md,
                 destination,
-                None if then is None else _post_ops(then, destination),
+                None if then is None else _post_ops((then,), destination),
             ),
             f"plan a bfloat16 matmul of {rows}x{inner} by {inner}x{columns}",
         )
@@ -286,23 +296,69 @@ def _matmul(rows: int, inner: int, columns: int, bias: bool, then: str | None = 
     return _PLANS[key]
 
 
-def _post_ops(then: str, destination: _Handle) -> _Handle:
-    """Primitive attributes applying `then` to each result: "exp", "gelu" (exact), or
-    "times" (a float32 operand shaped as `destination`)."""
+def _post_ops(steps: tuple[str, ...], operand: _Handle) -> _Handle:
+    """Primitive attributes applying `steps` in turn to each result: "exp", "gelu" (exact),
+    "silu", or with a float32 operand described by `operand` (only as the first step, at
+    `_ARG_FIRST_POST_OP_OPERAND`), "times" or "plus"."""
     library = _library()
     attributes, post_ops = _Handle(), _Handle()
     library.check(library.dnnl.dnnl_primitive_attr_create(ctypes.byref(attributes)), "set up")
     library.check(library.dnnl.dnnl_post_ops_create(ctypes.byref(post_ops)), "set up")
-    if then == "times":
-        status = library.dnnl.dnnl_post_ops_append_binary(post_ops, _BINARY_MUL, destination)
-    else:
-        kind = {"exp": _ELTWISE_EXP, "gelu": _ELTWISE_GELU_ERF}[then]
-        status = library.dnnl.dnnl_post_ops_append_eltwise(
-            post_ops, kind, ctypes.c_float(0), ctypes.c_float(0)
-        )
-    library.check(status, f"set up a matmul's {then}")
+    for step in steps:
+        if step in _BINARY:
+            status = library.dnnl.dnnl_post_ops_append_binary(post_ops, _BINARY[step], operand)
+        else:
+            status = library.dnnl.dnnl_post_ops_append_eltwise(
+                post_ops, _ELTWISE[step], ctypes.c_float(1), ctypes.c_float(0)
+            )
+        library.check(status, f"set up a {step}")
     library.check(library.dnnl.dnnl_primitive_attr_set_post_ops(attributes, post_ops), "set up")
     return attributes
+
+
+@dataclass(frozen=True)
+class _ScaleShift:
+    image: _Handle
+    per_channel: _Handle
+    compute: _Handle
+
+
+def scale_shift(
+    x: np.ndarray, out: np.ndarray, scale: np.ndarray, shift: np.ndarray, silu: bool
+) -> None:
+    """out = x * scale + shift, then its SiLU if `silu`, for float32 (rows, channels)
+    arrays and per-channel float32 `scale` and `shift`, in one oneDNN pass on all cores."""
+    rows, channels = x.shape
+    key = "scale_shift", rows, channels, silu
+    if key not in _PLANS:
+        library = _library()
+        image = library.descriptor((rows, channels), (channels, 1), _F32)
+        per_channel = library.descriptor((1, channels), (channels, 1), _F32)
+        steps = ("plus", "silu") if silu else ("plus",)
+        descriptor = _Handle()
+        library.check(
+            library.dnnl.dnnl_binary_primitive_desc_create(
+                ctypes.byref(descriptor),
+                library.engine,
+                _BINARY["times"],
+                image,
+                per_channel,
+                image,
+                _post_ops(steps, per_channel),
+            ),
+            "plan a scale and shift",
+        )
+        _PLANS[key] = _ScaleShift(image, per_channel, library.primitive(descriptor))
+    plan: _ScaleShift = _PLANS[key]
+    _library().execute(
+        plan.compute,
+        [
+            (_ARG_SRC, plan.image, x.ctypes.data),
+            (_ARG_SRC_1, plan.per_channel, scale.ctypes.data),
+            (_ARG_DST, plan.image, out.ctypes.data),
+            (_ARG_FIRST_POST_OP_OPERAND, plan.per_channel, shift.ctypes.data),
+        ],
+    )
 
 
 @dataclass(frozen=True)
@@ -555,7 +611,7 @@ def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention
             queries,
             library.descriptor((width, keys), None, _BF16),
             powers,
-            _post_ops("exp", powers),
+            _post_ops(("exp",), powers),
         )
         weigh = _matmul_descriptor(
             library, powers, library.descriptor((keys, value_width), None, _BF16), output
@@ -581,7 +637,7 @@ def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention
             exponentiate=library.primitive(exponentiate),
             weigh=library.primitive(weigh),
         )
-    return _PLANS[key]  # type: ignore[return-value]
+    return _PLANS[key]
 
 
 def _pack_operand(

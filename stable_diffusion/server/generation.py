@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cpu import COMPUTE_BFLOAT16, on_cpu
 from ..images import GenerationParameters, encode_png, save_images, to_uint8, validate_size
 from ..inpainting import MASKED_CONTENT, MaskedArea, apply_overlay, parameters_extras
 from ..prompts import extract_loras
@@ -161,6 +162,8 @@ def run(
     if plan.loras:
         hashes = (f"{path.stem}: {lora_hash(path)}" for path, _ in plan.loras)
         extras = (("Lora hashes", ", ".join(hashes)),)
+    if engine.bfloat16 and on_cpu():
+        extras += (COMPUTE_BFLOAT16,)
     images, infotexts, seeds = [], [], []
     for batch in range(plan.n_iter):
         if job.interrupted:

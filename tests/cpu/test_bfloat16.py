@@ -1,11 +1,14 @@
-"""`fast_cpu(bfloat16=True)`: the linear layers, the GEGLU's projection and 1x1 convolutions
-multiply in bfloat16 through oneDNN (float32 sums); a clear refusal where that cannot run.
+"""`fast_cpu(bfloat16=True)`: the linear layers, the GEGLU (its GELU and product fused),
+the convolutions and long attention multiply in bfloat16 through oneDNN (float32 sums); a
+clear refusal where that cannot run.
 
 Tolerance, from bfloat16's 8-bit significand (unit roundoff u = 2^-8): each product of two
 rounded inputs is off by at most (1 + u)^2 - 1 < 2.01u of |x_i w_i|, so a sum is off by at
 most 2.01u * sum |x_i| |w_i|, plus float32's own rounding (under 1e-5 of the same sum for
 these sizes). The tests check each element against that bound, and that the error is
-larger than float32's (the matmul did run in bfloat16). The whole pipeline on the tiny
+larger than float32's (the matmul did run in bfloat16); a convolution is the matmul of its
+taps' pixels (`convolve_float64`), attention has a bound of its own (`attention_bound`).
+The whole pipeline on the tiny
 models (3 steps): pixels within 0.02 of float32's, twice the float16 tolerance of
 test_precision.py: bfloat16 keeps 3 fewer bits than float16, and its measured differences
 (0.005-0.011 on the tiny models, docs/performance.md) are ~3x float16 compute's.
@@ -23,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from PIL import Image
 
 from benchmarks import bfloat16 as bfloat16_benchmark
 from benchmarks import measure
@@ -30,9 +34,10 @@ from benchmarks import run as run_benchmark
 from stable_diffusion import StableDiffusion, fast_cpu
 from stable_diffusion.cli import txt2image_main
 from stable_diffusion.cpu import features, kernels, onednn
+from stable_diffusion.images import read_parameters
 from stable_diffusion.models import layers, unet
 from stable_diffusion.server.__main__ import main as server_main
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, group_norm_float64
 
 # CI installs requirements-bfloat16.txt: on its machines whose CPU has AVX512_BF16 or AMX
 # these tests fail rather than skip when bfloat16 compute is unavailable; on others they
@@ -278,6 +283,24 @@ def test_short_and_causal_attention_stay_float32(monkeypatch):
 
 
 @needs_bfloat16
+def test_script_records_bfloat16_in_the_png(tmp_path):
+    """Its pixels differ from float32's: the PNG says how it was computed."""
+    model = str(FIXTURES / "models" / "tiny-sd1")
+    for name, extra in (("float32.png", []), ("bfloat16.png", ["--bfloat16"])):
+        output = ["--output", str(tmp_path / name), *extra]
+        txt2image_main(["a red sign", "--model", model, "--steps", "2", "--seed", "3", *output])
+    compute = [
+        dict(read_parameters(tmp_path / n).extras).get("Compute")
+        for n in ("float32.png", "bfloat16.png")
+    ]
+    assert compute == [None, "bfloat16"]
+    pixels = [
+        np.asarray(Image.open(tmp_path / n), np.int16) for n in ("float32.png", "bfloat16.png")
+    ]
+    assert 0 < np.abs(pixels[0] - pixels[1]).max() <= 0.02 * 255 + 1
+
+
+@needs_bfloat16
 def test_bfloat16_image_is_close_to_float32():
     def image(bfloat16: bool) -> np.ndarray:
         sd = StableDiffusion(str(FIXTURES / "models" / "tiny-sd1"), float16=False)
@@ -365,3 +388,23 @@ def test_benchmark_refuses_where_bfloat16_cannot_run(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert "pip install -r requirements-bfloat16.txt" in capsys.readouterr().err
+
+
+@needs_bfloat16
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_normalizes_in_onednn_in_float32(monkeypatch, silu):
+    """Within bfloat16 compute every group norm (the UNets' small latents too) runs
+    `kernels.group_norm`, its normalizing pass (and SiLU) in oneDNN: float32 arithmetic,
+    exact to float32's rounding."""
+    calls = []
+    scale_shift = onednn.scale_shift
+    monkeypatch.setattr(onednn, "scale_shift", lambda *a: calls.append(1) or scale_shift(*a))
+    norm = layers.GroupNorm(4, 32, 1e-5)
+    norm.weight = mx.random.normal((32,), key=mx.random.key(1))
+    norm.bias = mx.random.normal((32,), key=mx.random.key(2))
+    x = 2 * mx.random.normal((2, 9, 7, 32), key=mx.random.key(3)) - 5
+    with fast_cpu(norm, bfloat16=True):
+        ours = np.array(norm(x, silu_after=silu))
+    assert calls == [1, 1]  # one pass per image
+    expected = group_norm_float64(x, 4, norm.weight, norm.bias, 1e-5, silu)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

@@ -22,6 +22,7 @@ from tests.helpers import (
     assert_close,
     assert_unet_matches,
     assert_vae_matches,
+    group_norm_float64,
     reference,
 )
 
@@ -350,3 +351,18 @@ def test_fast_cpu_raises_the_cache_limit_only_where_the_heap_does_not_keep(
         assert mx.set_cache_limit(before) == 12345  # restored after it
     finally:
         mx.set_cache_limit(before)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_large_group_norm_matches_float64(silu):
+    """The VAE's images (from 128x128 pixels) run `kernels.group_norm`: here with pixels
+    that the chunks do not divide evenly, two images, and an offset mean (which a one-pass
+    variance would lose)."""
+    norm = layers.GroupNorm(8, 48, 1e-6)
+    norm.weight = mx.random.normal((48,), key=mx.random.key(1))
+    norm.bias = mx.random.normal((48,), key=mx.random.key(2))
+    x = 3 * mx.random.normal((2, 131, 129, 48), key=mx.random.key(3)) + 100
+    with fast_cpu(norm):
+        ours = np.array(norm(x, silu_after=silu))
+    expected = group_norm_float64(x, 8, norm.weight, norm.bias, 1e-6, silu)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
