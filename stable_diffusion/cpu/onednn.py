@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import importlib.metadata
+import os
 import platform
 import sys
 import threading
@@ -204,6 +205,10 @@ class _Library:
 @cache
 def _library() -> _Library:
     require()
+    # OpenMP's threads (oneDNN's) otherwise spin after each call, taking the cores from the
+    # numpy kernels and OpenBLAS between the calls: an SDXL step 4.32 -> 3.07 s with this
+    # (docs/performance.md). Read when the library loads; the user's own setting stands.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     dnnl = ctypes.CDLL(str(_library_path()))
     dnnl.dnnl_primitive_desc_query_md.restype = _Handle
     dnnl.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
