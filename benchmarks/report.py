@@ -131,7 +131,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
 
 def _whole_image_table(results: dict[str, Any]) -> str:
     """Seconds per whole image on each side (medians over the rounds) and MLX's speed-up
-    against each (the median of the rounds'; each round's in brackets)."""
+    against each (the median of the rounds'; each round's in brackets); MLX's bfloat16
+    images, where measured, against OpenVINO's default precision (or alone)."""
     machine, size = results["machine"], results["settings"]["size"]
     measured = results["whole_image"]
     sides = [
@@ -140,14 +141,21 @@ def _whole_image_table(results: dict[str, Any]) -> str:
     names = {"pytorch": "PyTorch", "openvino": "OpenVINO f32"}
     names["openvino_default"] = f"OpenVINO {measured[0]['setup'].get('openvino_default_precision')}"
     rounds = len(measured[0]["rounds"])
+    bfloat16 = "mlx_bfloat16" in measured[0]["rounds"][0]
+    against = "openvino_default" if "openvino_default" in sides else None
+    columns = ["model", "image", "MLX s"]
+    columns += [column for side in sides for column in (f"{names[side]} s", "speed-up")]
+    if bfloat16:
+        columns += ["MLX bfloat16 s"] + ([f"speed-up vs {names[against]}"] if against else [])
     lines = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GiB; "
-        f"MLX {machine['mlx']}; whole {size}px images in float32 (text encoding, steps, "
+        f"MLX {machine['mlx']}; whole {size}px images in float32{' and bfloat16' * bfloat16} "
+        "(text encoding, steps, "
         f"decode; load excluded), {rounds} rounds, the sides alternately: medians, and the "
         "median of the rounds' speed-ups (PyTorch or OpenVINO time / MLX time)",
         "",
-        "| model | image | MLX s | " + " | ".join(f"{names[s]} s | speed-up" for s in sides) + " |",
-        "|---|---|---|" + "---|---|" * len(sides),
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for each in measured:
         image = (
@@ -159,6 +167,11 @@ def _whole_image_table(results: dict[str, Any]) -> str:
         cells += [
             str(_over_rounds(each["rounds"], None, side)).split(" | ", 1)[1] for side in sides
         ]
+        if bfloat16 and against:
+            both = _over_rounds(each["rounds"], None, against, "mlx_bfloat16")
+            cells.append(" | ".join(str(both).split(" | ")[::2]))
+        elif bfloat16:
+            cells.append(_cell(statistics.median(r["mlx_bfloat16"] for r in each["rounds"])))
         lines.append(f"| {each['model']} | {image} | {' | '.join(cells)} |")
     return "\n".join(lines)
 

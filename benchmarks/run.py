@@ -116,9 +116,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--whole-image",
         action="store_true",
-        help="instead: time whole float32 images (text encoding, steps, decode; sdxl-turbo "
-        "and sd-turbo 1 step with the tiny decoder, sd-1.5 20 steps), against the references "
-        "asked for, alternately over --rounds",
+        help="instead: time whole float32 images (and bfloat16's, with --dtypes "
+        "float32,bfloat16: text encoding, steps, decode; sdxl-turbo and sd-turbo 1 step with "
+        "the tiny decoder, sd-1.5 20 steps), against the references asked for, alternately "
+        "over --rounds",
     )
     parser.add_argument("--output", default="results.json", help="JSON results file")
     parser.add_argument(
@@ -149,15 +150,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.openvino and not on_cpu():
         parser.error("--openvino measures OpenVINO's CPU runtime: run the benchmark on the CPU")
     if args.whole_image:
-        if args.dtypes != ["float32"] or args.lazy:
-            parser.error("--whole-image times float32 images within fast_cpu(): --dtypes float32")
+        if args.dtypes not in (["float32"], ["float32", "bfloat16"]) or args.lazy:
+            parser.error(
+                "--whole-image times float32 images (and bfloat16's) within fast_cpu(): "
+                "--dtypes float32 or float32,bfloat16"
+            )
         for model in args.models:
             if model not in WHOLE_IMAGE:
                 parser.error(f"--whole-image times {', '.join(WHOLE_IMAGE)}, not {model!r}")
-    if args.rounds < 1 or (args.rounds > 1 and not (args.reference or args.openvino)):
+    compared = args.reference or args.openvino or (args.whole_image and "bfloat16" in args.dtypes)
+    if args.rounds < 1 or (args.rounds > 1 and not compared):
         parser.error(
-            "--rounds alternates MLX's float32 timings with the references': give a "
-            "number of at least 1, and --reference or --openvino"
+            "--rounds alternates MLX's float32 timings with the references' (whole images "
+            "also with its bfloat16 ones): give a number of at least 1, and --reference or "
+            "--openvino (or --whole-image --dtypes float32,bfloat16)"
         )
     return args
 

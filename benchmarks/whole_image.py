@@ -25,20 +25,20 @@ from .reference import REPOSITORY
 
 
 def mlx_image_seconds(
-    folder: Path, decoder: Path | None, plan: WholeImage, args: argparse.Namespace
+    folder: Path, decoder: Path | None, plan: WholeImage, args: argparse.Namespace, dtype: str
 ) -> float:
     """Median seconds of one image from a loaded pipeline, each phase in a `fast_cpu()`
-    block as the scripts run them (freed memory kept between them), after a one-step image
-    that warms every phase up. The memory goes back to the system before the references
-    run."""
+    block as the scripts run them (freed memory kept between them; bfloat16 compute for the
+    bfloat16 dtype, as --bfloat16), after a one-step image that warms every phase up. The
+    memory goes back to the system before the references run."""
     with keep_freed_memory():
-        seconds = _mlx_images(folder, decoder, plan, args)
+        seconds = _mlx_images(folder, decoder, plan, args, dtype)
         gc.collect()
     return seconds
 
 
 def _mlx_images(
-    folder: Path, decoder: Path | None, plan: WholeImage, args: argparse.Namespace
+    folder: Path, decoder: Path | None, plan: WholeImage, args: argparse.Namespace, dtype: str
 ) -> float:
     sd = StableDiffusion(str(folder), decoder=str(decoder) if decoder else "full")
     sd.preload()
@@ -53,11 +53,11 @@ def _mlx_images(
             cfg_weight=plan.cfg,
             sampler="euler",
         )
-        with _phase(args):
+        with _phase(args, dtype):
             latents.compute_conditioning()
             for x in latents:
                 mx.eval(x)
-        with _phase(args):
+        with _phase(args, dtype):
             mx.eval(sd.decode(x))
 
     image(1)
@@ -95,8 +95,9 @@ def _reference_images(
 def run_whole_image(
     name: str, folder: Path, decoder: Path | None, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """`--rounds` rounds of one image per side, in turn: MLX, then PyTorch (--reference),
-    then OpenVINO in float32 and in its default precision (--openvino)."""
+    """`--rounds` rounds of one image per side, in turn: MLX (float32, then bfloat16 if in
+    --dtypes), then PyTorch (--reference), then OpenVINO in float32 and in its default
+    precision (--openvino)."""
     plan = WHOLE_IMAGE[name]
     result: dict[str, Any] = {
         "model": name,
@@ -108,7 +109,9 @@ def run_whole_image(
     sides = ["pytorch"] * args.reference + ["openvino"] * args.openvino
     for number in range(1, args.rounds + 1):
         print(f"{name}: whole image, round {number} of {args.rounds}", flush=True)
-        each = {"mlx": mlx_image_seconds(folder, decoder, plan, args)}
+        each = {"mlx": mlx_image_seconds(folder, decoder, plan, args, "float32")}
+        if "bfloat16" in args.dtypes:
+            each["mlx_bfloat16"] = mlx_image_seconds(folder, decoder, plan, args, "bfloat16")
         gc.collect()  # the pipeline, out of MLX's memory before the references load
         mx.clear_cache()
         for side in sides:

@@ -706,6 +706,27 @@ def test_the_whole_image_table_compares_every_side_over_rounds():
     assert "3 rounds" in table
 
 
+def test_the_whole_image_table_sets_mlx_bfloat16_against_openvino_default():
+    rounds = [
+        {"mlx": 4.0, "mlx_bfloat16": 1.0, "openvino": 2.0, "openvino_default": 0.5},
+        {"mlx": 4.0, "mlx_bfloat16": 2.0, "openvino": 2.0, "openvino_default": 1.0},
+        {"mlx": 4.0, "mlx_bfloat16": 1.5, "openvino": 2.0, "openvino_default": 3.0},
+    ]
+    image = {"model": "sd-turbo", "steps": 1, "decoder": "tiny", "cfg": 0.0, "rounds": rounds}
+    results = {
+        "settings": {"size": 512},
+        "machine": {"cpu": "x", "cores": 2, "ram_gb": 24, "mlx": "0"},
+        "whole_image": [{**image, "setup": {"openvino_default_precision": "bf16"}}],
+    }
+    table = report.markdown_tables(results)
+    assert "images in float32 and bfloat16" in table
+    assert "| OpenVINO bf16 s | speed-up | MLX bfloat16 s | speed-up vs OpenVINO bf16 |" in table
+    # bfloat16: MLX's median 1.5 against OpenVINO's 1.0; the rounds' 0.5, 0.5, 2.0.
+    assert "| 1.00 | 0.25x (0.12 / 0.25 / 0.75) | 1.50 | 0.50x (0.50 / 0.50 / 2.00) |" in table
+    header, rule = [line for line in table.splitlines() if line.startswith("|")][:2]
+    assert header.count("|") == rule.count("|")
+
+
 def test_whole_image_run_times_every_side_on_the_same_weights(tmp_path, capsys):
     pytest.importorskip("openvino")
     pytest.importorskip("diffusers")

