@@ -321,3 +321,34 @@ def group_norm_float64(x, groups, weight, bias, eps, silu):
     y = ((grouped - mean) / np.sqrt(variance + eps)).reshape(x64.shape)
     y = y * np.asarray(weight, np.float64) + np.asarray(bias, np.float64)
     return y / (1 + np.exp(-y)) if silu else y
+
+
+def extreme_scores(length: int, dim: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(1, length, dim) queries, keys and values with extreme scores. Keys alternate between a
+    long one along axis 0 and short random ones. Queries along axis 0 score 900 / sqrt(dim)
+    on the long keys (exp overflows without a shift); queries along axis 1 have the same
+    bound but score near 0, which the bound's shift underflows: recomputed exactly."""
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((1, length, dim)).astype(np.float32)
+    k[0, ::2] = 0
+    k[0, ::2, 0] = 30
+    q = np.zeros((1, length, dim), np.float32)
+    q[0, ::2, 0] = 30
+    q[0, 1::2, 1] = 30
+    v = rng.standard_normal((1, length, dim)).astype(np.float32)
+    return q, k, v
+
+
+def recorded_recomputations(monkeypatch) -> list[int]:
+    """A list that records how many rows each exact recomputation of the CPU attention
+    (`kernels._exponentiate_exactly`) takes, from now until the test ends."""
+    from stable_diffusion.cpu import kernels
+
+    recomputed: list[int] = []
+    exactly = kernels._exponentiate_exactly
+    monkeypatch.setattr(
+        kernels,
+        "_exponentiate_exactly",
+        lambda s, base: recomputed.append(s.size // s.shape[-1]) or exactly(s, base),
+    )
+    return recomputed

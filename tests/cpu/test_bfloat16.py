@@ -37,7 +37,12 @@ from stable_diffusion.cpu import features, kernels, onednn
 from stable_diffusion.images import read_parameters
 from stable_diffusion.models import layers, unet
 from stable_diffusion.server.__main__ import main as server_main
-from tests.helpers import FIXTURES, group_norm_float64
+from tests.helpers import (
+    FIXTURES,
+    extreme_scores,
+    group_norm_float64,
+    recorded_recomputations,
+)
 
 # CI installs requirements-bfloat16.txt: on its machines whose CPU has AVX512_BF16 or AMX
 # these tests fail rather than skip when bfloat16 compute is unavailable; on others they
@@ -245,22 +250,9 @@ def test_bfloat16_attention_recomputes_underflowed_rows(monkeypatch):
     450 on every other key (exp overflows without the shift), all alike, so their weights
     are exactly uniform: off by the values' rounding only; queries along axis 1 score near 0
     under the same bound, which the shift underflows: recomputed in float32 (1e-5)."""
-    rng = np.random.default_rng(2)
-    length, dim = 1024, 4
-    k = rng.standard_normal((1, length, dim)).astype(np.float32)
-    k[0, ::2] = 0
-    k[0, ::2, 0] = 30
-    q = np.zeros((1, length, dim), np.float32)
-    q[0, ::2, 0] = 30
-    q[0, 1::2, 1] = 30
-    v = rng.standard_normal((1, length, dim)).astype(np.float32)
-    recomputed = []
-    exactly = kernels._exponentiate_exactly
-    monkeypatch.setattr(
-        kernels,
-        "_exponentiate_exactly",
-        lambda s, base: recomputed.append(s.size // s.shape[-1]) or exactly(s, base),
-    )
+    length = 1024
+    q, k, v = extreme_scores(length)
+    recomputed = recorded_recomputations(monkeypatch)
     with fast_cpu(bfloat16=True):
         out = np.array(kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, False))
     expected, _ = attention_bound(q, k, v, 1)

@@ -22,7 +22,9 @@ from tests.helpers import (
     assert_close,
     assert_unet_matches,
     assert_vae_matches,
+    extreme_scores,
     group_norm_float64,
+    recorded_recomputations,
     reference,
 )
 
@@ -192,26 +194,11 @@ def test_blocked_cpu_attention_matches_float64(
 def test_cpu_attention_with_extreme_scores_matches_float64(
     monkeypatch, exponentials, shifted, causal
 ):
-    # Keys alternate between a long one along axis 0 and short random ones. Queries along
-    # axis 0 score up to 450 (exp overflows without a shift); queries along axis 1 have the
-    # same bound but score near 0, which the bound's shift underflows: recomputed exactly
-    # (shifted by each row's max, as the exact path does for all rows).
-    rng = np.random.default_rng(2)
-    length, dim = 16, 4
-    k = rng.standard_normal((1, length, dim)).astype(np.float32)
-    k[0, ::2] = 0
-    k[0, ::2, 0] = 30
-    q = np.zeros((1, length, dim), np.float32)
-    q[0, ::2, 0] = 30
-    q[0, 1::2, 1] = 30
-    v = rng.standard_normal((1, length, dim)).astype(np.float32)
-    recomputed = []
-    exactly = kernels._exponentiate_exactly
-    monkeypatch.setattr(
-        kernels,
-        "_exponentiate_exactly",
-        lambda s, base: recomputed.append(s.size // s.shape[-1]) or exactly(s, base),
-    )
+    # `extreme_scores`: the rows that underflow are recomputed exactly (shifted by each
+    # row's max, as the exact path does for all rows).
+    length = 16
+    q, k, v = extreme_scores(length)
+    recomputed = recorded_recomputations(monkeypatch)
     with mx.stream(mx.cpu):
         out = kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, causal)
     expected = softmax_attention_float64(q, k, v, 1, causal)
