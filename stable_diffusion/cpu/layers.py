@@ -140,9 +140,11 @@ def _normalize(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array) -> 
 
 
 class LayerNorm(layers.LayerNorm):
-    """In numpy on all cores (float32 activations)."""
+    """In numpy on all cores (float32 activations); in oneDNN with bfloat16 compute."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype == mx.float32 and onednn.active():
+            return onednn.layer_norm(x, self.weight, self.bias, self.eps)
         if x.dtype == mx.float32:
             return kernels.layer_norm(x, self.weight, self.bias, self.eps)
         return super().__call__(x)

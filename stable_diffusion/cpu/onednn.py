@@ -57,6 +57,8 @@ _BINARY = {"plus": 0x1FFF0, "times": 0x1FFF1}
 _ARG_FIRST_POST_OP_OPERAND = 32768 | 2  # DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1
 _QUERY_WEIGHTS_MD = 131
 _ARG_SRC, _ARG_SRC_1, _ARG_DST, _ARG_WEIGHTS, _ARG_BIAS = 1, 2, 17, 33, 41
+_ARG_SCALE, _ARG_SHIFT = 51, 52
+_USE_SCALE_AND_SHIFT = 0x2 | 0x4  # dnnl_use_scale | dnnl_use_shift
 _ARG_FROM, _ARG_TO = _ARG_SRC, _ARG_DST
 _MAX_DIMS = 12
 _Dims = ctypes.c_int64 * _MAX_DIMS
@@ -271,7 +273,7 @@ def _plan(
 
 
 # One plan per shape met: a few dozen per model and image size, small (no buffers).
-_PLANS: dict[tuple, Any] = {}  # _Plan, _Attention or _ScaleShift
+_PLANS: dict[tuple, Any] = {}  # _Plan, _Attention or _PerChannel
 
 
 def _matmul(rows: int, inner: int, columns: int, bias: bool, then: str | None = None) -> _Plan:
@@ -321,8 +323,55 @@ def _post_ops(steps: tuple[str, ...], operand: _Handle) -> _Handle:
     return attributes
 
 
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """Layer norm over float32 `x`'s last axis, scaled and shifted, into a new array: one
+    oneDNN primitive (float32 arithmetic), 6x faster than `kernels.layer_norm` on the UNets'
+    shapes (docs/performance.md)."""
+    channels = x.shape[-1]
+    rows = x.size // channels
+    key = "layer_norm", rows, channels, eps
+    library = _library()
+    if key not in _PLANS:
+        image = library.descriptor((rows, channels), (channels, 1), _F32)
+        descriptor = _Handle()
+        library.check(
+            library.dnnl.dnnl_layer_normalization_forward_primitive_desc_create(
+                ctypes.byref(descriptor),
+                library.engine,
+                _FORWARD_INFERENCE,
+                image,
+                image,
+                None,
+                ctypes.c_float(eps),
+                ctypes.c_uint(_USE_SCALE_AND_SHIFT),
+                None,
+            ),
+            "plan a layer norm",
+        )
+        per_channel = library.descriptor((channels,), (1,), _F32)
+        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor))
+    plan: _PerChannel = _PLANS[key]
+    x = mx.contiguous(x)
+    out = mx.contiguous(mx.zeros_like(x))
+    weight, bias = weight.astype(mx.float32), bias.astype(mx.float32)
+    mx.eval(x, out, weight, bias)
+    library.execute(
+        plan.compute,
+        [
+            (_ARG_SRC, plan.image, np.asarray(x).ctypes.data),
+            (_ARG_DST, plan.image, np.asarray(out).ctypes.data),
+            (_ARG_SCALE, plan.per_channel, np.asarray(weight).ctypes.data),
+            (_ARG_SHIFT, plan.per_channel, np.asarray(bias).ctypes.data),
+        ],
+    )
+    return out
+
+
 @dataclass(frozen=True)
-class _ScaleShift:
+class _PerChannel:
+    """A primitive over a float32 (rows, channels) image with per-channel operands (a scale
+    and shift, a layer norm's weight and bias)."""
+
     image: _Handle
     per_channel: _Handle
     compute: _Handle
@@ -353,8 +402,8 @@ def scale_shift(
             ),
             "plan a scale and shift",
         )
-        _PLANS[key] = _ScaleShift(image, per_channel, library.primitive(descriptor))
-    plan: _ScaleShift = _PLANS[key]
+        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor))
+    plan: _PerChannel = _PLANS[key]
     _library().execute(
         plan.compute,
         [

@@ -416,3 +416,19 @@ def test_group_norm_normalizes_in_onednn_in_float32(monkeypatch, silu):
     assert calls == [1, 1]  # one pass per image
     expected = group_norm_float64(x, 4, norm.weight, norm.bias, 1e-5, silu)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@needs_bfloat16
+def test_layer_norm_runs_in_onednn_in_float32():
+    norm = layers.LayerNorm(48, eps=1e-5)
+    norm.weight = mx.random.normal((48,), key=mx.random.key(1))
+    norm.bias = mx.random.normal((48,), key=mx.random.key(2))
+    x = 3 * mx.random.normal((2, 37, 48), key=mx.random.key(3)) + 10
+    with fast_cpu(norm, bfloat16=True):
+        ours = np.array(norm(x))
+    x64 = np.array(x, np.float64)
+    centred = x64 - x64.mean(axis=-1, keepdims=True)
+    expected = centred / np.sqrt(np.square(centred).mean(axis=-1, keepdims=True) + 1e-5)
+    expected = expected * np.array(norm.weight) + np.array(norm.bias)
+    assert ("layer_norm", 74, 48, 1e-5) in onednn._PLANS
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
