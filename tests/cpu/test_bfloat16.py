@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+import webuiapi
 from PIL import Image
 
 from benchmarks import bfloat16 as bfloat16_benchmark
@@ -39,6 +42,8 @@ from stable_diffusion.models import layers, unet
 from stable_diffusion.server.__main__ import main as server_main
 from tests.helpers import (
     FIXTURES,
+    ROOT,
+    Server,
     extreme_scores,
     group_norm_float64,
     recorded_recomputations,
@@ -432,3 +437,28 @@ def test_layer_norm_runs_in_onednn_in_float32():
     expected = expected * np.array(norm.weight) + np.array(norm.bias)
     assert ("layer_norm", 74, 48, 1e-5) in onednn._PLANS
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@needs_bfloat16
+def test_server_with_bfloat16_equals_the_script(tmp_path):
+    """`--bfloat16` on both: the same pixels and parameters, `Compute: bfloat16` among them."""
+    script = tmp_path / "script.png"
+    subprocess.run(
+        [sys.executable, "txt2image.py", "a red cube", "--model", "tests/fixtures/models/tiny-sd1",
+         "--steps", "3", "--seed", "5", "--width", "64", "--height", "48", "--bfloat16",
+         "--sampler", "euler_a", "--cfg", "6.5",
+         "--output", str(script)],
+        cwd=ROOT, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    server = Server(tmp_path, "--bfloat16", "--output-dir", str(tmp_path / "output"))
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+        request = {"prompt": "a red cube", "steps": 3, "seed": 5, "width": 64, "height": 48}
+        request |= {"sampler_name": "Euler a", "cfg_scale": 6.5}
+        (image,) = api.txt2img(**request).images
+    finally:
+        server.stop()
+    with Image.open(script) as expected:
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+        assert image.info["parameters"] == expected.info["parameters"]
+    assert "Compute: bfloat16" in image.info["parameters"]
