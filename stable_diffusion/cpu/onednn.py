@@ -120,12 +120,16 @@ def require() -> None:
 
 @contextmanager
 def enabled() -> Iterator[None]:
-    """Within this block the CPU layers' matmuls compute in bfloat16 (`require` first)."""
+    """Within this block the CPU layers' matmuls compute in bfloat16 (`require` first).
+    Leaving it frees this thread's conversion buffer (`_source_scratch`: a VAE decode's can
+    take hundreds of MB)."""
     token = _ENABLED.set(True)
     try:
         yield
     finally:
         _ENABLED.reset(token)
+        if not _ENABLED.get():
+            _thread_scratch.__dict__.pop("buffer", None)
 
 
 def active() -> bool:
@@ -521,8 +525,8 @@ def _pack(plan: _Plan, weight: mx.array) -> np.ndarray:
 
 
 def _source_scratch(elements: int) -> np.ndarray:
-    """A bfloat16 buffer for this thread, kept between calls: a fresh one would page-fault
-    its way in at every matmul."""
+    """A bfloat16 buffer for this thread, kept between calls until the `enabled` block ends:
+    a fresh one would page-fault its way in at every matmul."""
     scratch = getattr(_thread_scratch, "buffer", None)
     if scratch is None or scratch.size < elements:
         scratch = _thread_scratch.buffer = np.empty(elements, np.uint16)
@@ -641,7 +645,11 @@ class _Attention:
 
 
 def _matmul_descriptor(
-    library: _Library, source: _Handle, weights: _Handle, destination: _Handle, attributes=None
+    library: _Library,
+    source: _Handle,
+    weights: _Handle,
+    destination: _Handle,
+    attributes: _Handle | None = None,
 ) -> _Handle:
     descriptor = _Handle()
     library.check(

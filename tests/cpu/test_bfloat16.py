@@ -462,3 +462,12 @@ def test_server_with_bfloat16_equals_the_script(tmp_path):
         np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
         assert image.info["parameters"] == expected.info["parameters"]
     assert "Compute: bfloat16" in image.info["parameters"]
+
+
+@needs_bfloat16
+def test_leaving_the_block_frees_the_conversion_buffer():
+    conv = layers.Conv2d(16, 16, 3, padding=1)
+    with fast_cpu(conv, bfloat16=True):
+        conv(mx.random.normal((1, 64, 64, 16)))
+        assert onednn._thread_scratch.buffer.size >= 64 * 64 * 16
+    assert getattr(onednn._thread_scratch, "buffer", None) is None
