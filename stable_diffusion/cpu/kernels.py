@@ -85,11 +85,11 @@ def _on_all_cores(kernel: Callable[[T], object], parts: list[T]) -> list:
     return list(_threads().map(kernel, parts))
 
 
-def _split_over_cores(kernel: Callable[..., object], *arrays: np.ndarray) -> None:
+def _split_over_cores(kernel: Callable[..., object], *arrays: np.ndarray) -> list:
     """kernel(*parts) on all cores, the arrays split alike along their first axis, into as
-    many parts as there are cores (or rows)."""
+    many parts as there are cores (or rows); the kernel's results, part by part."""
     parts = min(_CORES, len(arrays[0]))
-    _on_all_cores(
+    return _on_all_cores(
         lambda part: kernel(*part),
         list(zip(*(np.array_split(array, parts) for array in arrays), strict=True)),
     )
@@ -480,18 +480,6 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
 _GROUP_NORM_CHUNK = 1 << 18
 
 
-def _chunked(kernel: Callable[[slice], object], rows: int, step: int) -> list:
-    """kernel(rows slice) for every `step` rows, the slices shared out over the cores in
-    contiguous runs."""
-    slices = [slice(start, start + step) for start in range(0, rows, step)]
-    runs = [run for run in np.array_split(np.arange(len(slices)), min(_CORES, len(slices)))]
-    return [
-        result
-        for results in _on_all_cores(lambda run: [kernel(slices[i]) for i in run], runs)
-        for result in results
-    ]
-
-
 def group_norm(
     x: mx.array, groups: int, weight: mx.array, bias: mx.array, eps: float, silu_after: bool
 ) -> mx.array:
@@ -526,31 +514,37 @@ def _group_norm_pixels(
     count = len(pixels) * (channels // groups)
     step = max(1, _GROUP_NORM_CHUNK // channels)
 
-    def per_group(sums: list[np.ndarray]) -> np.ndarray:
-        """Per channel: its group's total of `sums` over the chunks, over `count`."""
-        total = np.sum(sums, axis=0, dtype=np.float64).reshape(groups, -1).sum(axis=1) / count
-        return np.repeat(total, channels // groups)
+    def per_group(kernel: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Per channel: its group's total of kernel(chunk) over the chunks, over `count`."""
 
-    mean = per_group(_chunked(lambda rows: np.add.reduce(pixels[rows], axis=0), len(pixels), step))
+        def part_total(part: np.ndarray) -> np.ndarray:
+            chunks = (part[start : start + step] for start in range(0, len(part), step))
+            return np.sum([kernel(chunk) for chunk in chunks], axis=0, dtype=np.float64)
+
+        total = np.sum(_split_over_cores(part_total, pixels), axis=0)
+        return np.repeat(total.reshape(groups, -1).sum(axis=1) / count, channels // groups)
+
+    mean = per_group(lambda chunk: np.add.reduce(chunk, axis=0))
     mean32 = mean.astype(np.float32)
 
-    def centred_squares(rows: slice) -> np.ndarray:
-        centred = np.subtract(pixels[rows], mean32)
+    def centred_squares(chunk: np.ndarray) -> np.ndarray:
+        centred = np.subtract(chunk, mean32)
         np.square(centred, out=centred)
         return np.add.reduce(centred, axis=0)
 
-    scale = weight / np.sqrt(per_group(_chunked(centred_squares, len(pixels), step)) + eps)
+    scale = weight / np.sqrt(per_group(centred_squares) + eps)
     shift, scale = (bias - mean * scale).astype(np.float32), scale.astype(np.float32)
 
     if onednn.active():  # one pass of oneDNN's vectorized code, 3x faster on the VAE's
         onednn.scale_shift(pixels, out, scale, shift, silu_after)
         return
 
-    def normalize(rows: slice) -> None:
-        y = out[rows]
-        np.multiply(pixels[rows], scale, out=y)
-        y += shift
-        if silu_after:
-            _silu_in_place(y.reshape(-1))
+    def normalize(part: np.ndarray, out_part: np.ndarray) -> None:
+        for start in range(0, len(part), step):
+            y = out_part[start : start + step]
+            np.multiply(part[start : start + step], scale, out=y)
+            y += shift
+            if silu_after:
+                _silu_in_place(y.reshape(-1))
 
-    _chunked(normalize, len(pixels), step)
+    _split_over_cores(normalize, pixels, out)
