@@ -280,6 +280,25 @@ def _plan(
 _PLANS: dict[tuple, Any] = {}  # _Plan, _Attention or _PerChannel
 
 
+def _matmul_descriptor(
+    library: _Library,
+    source: _Handle,
+    weights: _Handle,
+    destination: _Handle,
+    attributes: _Handle | None,
+    bias: _Handle | None,
+    what: str,
+) -> _Handle:
+    descriptor = _Handle()
+    library.check(
+        library.dnnl.dnnl_matmul_primitive_desc_create(
+            ctypes.byref(descriptor), library.engine, source, weights, bias, destination, attributes
+        ),
+        what,
+    )
+    return descriptor
+
+
 def _matmul(rows: int, inner: int, columns: int, bias: bool, then: str | None = None) -> _Plan:
     """A linear layer's plan; `then` "gelu" applies the exact GELU to its results, "times"
     multiplies them by a float32 (rows, columns) operand (`_ARG_FIRST_POST_OP_OPERAND`)."""
@@ -289,17 +308,13 @@ def _matmul(rows: int, inner: int, columns: int, bias: bool, then: str | None = 
         source = (rows, inner), (inner, 1)
         bias_md = library.descriptor((1, columns), (columns, 1), _F32) if bias else None
         destination = library.descriptor((rows, columns), (columns, 1), _F32)
-        descriptor = _Handle()
-        library.check(
-            library.dnnl.dnnl_matmul_primitive_desc_create(
-                ctypes.byref(descriptor),
-                library.engine,
-                library.descriptor(*source, _BF16),
-                library.descriptor((inner, columns), None, _BF16),
-                bias_md,
-                destination,
-                None if then is None else _post_ops((then,), destination),
-            ),
+        descriptor = _matmul_descriptor(
+            library,
+            library.descriptor(*source, _BF16),
+            library.descriptor((inner, columns), None, _BF16),
+            destination,
+            None if then is None else _post_ops((then,), destination),
+            bias_md,
             f"plan a bfloat16 matmul of {rows}x{inner} by {inner}x{columns}",
         )
         weight = library.descriptor((inner, columns), (1, inner), _F32)  # weight.T
@@ -325,50 +340,6 @@ def _post_ops(steps: tuple[str, ...], operand: _Handle) -> _Handle:
         library.check(status, f"set up a {step}")
     library.check(library.dnnl.dnnl_primitive_attr_set_post_ops(attributes, post_ops), "set up")
     return attributes
-
-
-def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
-    """Layer norm over float32 `x`'s last axis, scaled and shifted, into a new array: one
-    oneDNN primitive (float32 arithmetic), 6x faster than `kernels.layer_norm` on the UNets'
-    shapes (docs/performance.md)."""
-    channels = x.shape[-1]
-    rows = x.size // channels
-    key = "layer_norm", rows, channels, eps
-    library = _library()
-    if key not in _PLANS:
-        image = library.descriptor((rows, channels), (channels, 1), _F32)
-        descriptor = _Handle()
-        library.check(
-            library.dnnl.dnnl_layer_normalization_forward_primitive_desc_create(
-                ctypes.byref(descriptor),
-                library.engine,
-                _FORWARD_INFERENCE,
-                image,
-                image,
-                None,
-                ctypes.c_float(eps),
-                ctypes.c_uint(_USE_SCALE_AND_SHIFT),
-                None,
-            ),
-            "plan a layer norm",
-        )
-        per_channel = library.descriptor((channels,), (1,), _F32)
-        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor))
-    plan: _PerChannel = _PLANS[key]
-    x = mx.contiguous(x)
-    out = mx.contiguous(mx.zeros_like(x))
-    weight, bias = weight.astype(mx.float32), bias.astype(mx.float32)
-    mx.eval(x, out, weight, bias)
-    library.execute(
-        plan.compute,
-        [
-            (_ARG_SRC, plan.image, np.asarray(x).ctypes.data),
-            (_ARG_DST, plan.image, np.asarray(out).ctypes.data),
-            (_ARG_SCALE, plan.per_channel, np.asarray(weight).ctypes.data),
-            (_ARG_SHIFT, plan.per_channel, np.asarray(bias).ctypes.data),
-        ],
-    )
-    return out
 
 
 @dataclass(frozen=True)
@@ -417,6 +388,50 @@ def scale_shift(
             (_ARG_FIRST_POST_OP_OPERAND, plan.per_channel, shift.ctypes.data),
         ],
     )
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """Layer norm over float32 `x`'s last axis, scaled and shifted, into a new array: one
+    oneDNN primitive (float32 arithmetic), 6x faster than `kernels.layer_norm` on the UNets'
+    shapes (docs/performance.md)."""
+    channels = x.shape[-1]
+    rows = x.size // channels
+    key = "layer_norm", rows, channels, eps
+    library = _library()
+    if key not in _PLANS:
+        image = library.descriptor((rows, channels), (channels, 1), _F32)
+        descriptor = _Handle()
+        library.check(
+            library.dnnl.dnnl_layer_normalization_forward_primitive_desc_create(
+                ctypes.byref(descriptor),
+                library.engine,
+                _FORWARD_INFERENCE,
+                image,
+                image,
+                None,
+                ctypes.c_float(eps),
+                ctypes.c_uint(_USE_SCALE_AND_SHIFT),
+                None,
+            ),
+            "plan a layer norm",
+        )
+        per_channel = library.descriptor((channels,), (1,), _F32)
+        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor))
+    plan: _PerChannel = _PLANS[key]
+    x = mx.contiguous(x)
+    out = mx.contiguous(mx.zeros_like(x))
+    weight, bias = weight.astype(mx.float32), bias.astype(mx.float32)
+    mx.eval(x, out, weight, bias)
+    library.execute(
+        plan.compute,
+        [
+            (_ARG_SRC, plan.image, np.asarray(x).ctypes.data),
+            (_ARG_DST, plan.image, np.asarray(out).ctypes.data),
+            (_ARG_SCALE, plan.per_channel, np.asarray(weight).ctypes.data),
+            (_ARG_SHIFT, plan.per_channel, np.asarray(bias).ctypes.data),
+        ],
+    )
+    return out
 
 
 @dataclass(frozen=True)
@@ -644,23 +659,6 @@ class _Attention:
     weigh: _Handle
 
 
-def _matmul_descriptor(
-    library: _Library,
-    source: _Handle,
-    weights: _Handle,
-    destination: _Handle,
-    attributes: _Handle | None = None,
-) -> _Handle:
-    descriptor = _Handle()
-    library.check(
-        library.dnnl.dnnl_matmul_primitive_desc_create(
-            ctypes.byref(descriptor), library.engine, source, weights, None, destination, attributes
-        ),
-        "plan an attention matmul",
-    )
-    return descriptor
-
-
 def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention:
     key = "attention", rows, width, keys, value_width
     if key not in _PLANS:
@@ -674,9 +672,17 @@ def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention
             library.descriptor((width, keys), None, _BF16),
             powers,
             _post_ops(("exp",), powers),
+            None,
+            "plan an attention matmul",
         )
         weigh = _matmul_descriptor(
-            library, powers, library.descriptor((keys, value_width), None, _BF16), output
+            library,
+            powers,
+            library.descriptor((keys, value_width), None, _BF16),
+            output,
+            None,
+            None,
+            "plan an attention matmul",
         )
         packed_keys, packed_values = (
             _Handle(library.dnnl.dnnl_primitive_desc_query_md(d, _QUERY_WEIGHTS_MD, 0))
