@@ -592,60 +592,17 @@ def test_openvino_stops_before_timing_when_float32_differs(tmp_path, monkeypatch
     assert timed == []
 
 
-def test_the_openvino_table_takes_medians_over_rounds():
-    row = {"model": "tiny", "dtype": "float32", "load_s": 1.0, "weights_gb": 0.1}
-    rows = [{**row, "batch": b, "unet_step_s": 9.0, "vae_decode_s": 9.0} for b in (1, 2)]
-    keys = ("unet_step_s_batch1", "unet_step_s_batch2", "vae_decode_s")
-    # MLX, OpenVINO f32, OpenVINO default: per round, the same for every key.
-    seconds = [(1.0, 2.0, 0.5), (2.0, 2.2, 1.0), (1.5, 3.3, 3.0)]
-    rounds = [
-        {
-            side: dict.fromkeys(keys, s)
-            for side, s in zip(("mlx", "openvino", "openvino_default"), each, strict=True)
-        }
-        for each in seconds
-    ]
-    openvino = {
-        "model": "tiny",
-        "unet_max_rel_error": 1e-6,
-        "vae_max_rel_error": 2e-6,
-        "default_unet_max_rel_error": 3e-2,
-        "default_vae_max_rel_error": 4e-2,
-        **{f"{p}_{k}": 9.0 for p in ("float32", "default") for k in keys},
-        "rounds": rounds,
-        "setup": {"openvino": "2026.4", "default_precision": "bf16"},
-    }
-    results = {
-        "settings": {"steps": 1, "size": 512, "lazy": False},
-        "machine": {"cpu": "x", "cores": 2, "ram_gb": 24, "mlx": "0", "device": "Device(cpu, 0)"},
-        "matmul_gflops": {"float32": 200.0},
-        "rows": rows,
-        "reference": [],
-        "openvino": [openvino],
-    }
-    table = report.markdown_tables(results)
-    assert "PyTorch UNet step s" not in table
-    # Medians: MLX 1.5, f32 2.2, bf16 1.0; the rounds' speed-ups 2.0 / 1.1 / 2.2 (f32) and
-    # 0.5 / 0.5 / 2.0 (bf16).
-    f32, bf16 = "2.20 | 2.00x (2.00 / 1.10 / 2.20)", "1.00 | 0.50x (0.50 / 0.50 / 2.00)"
-    assert f"| tiny | 1 | 1.50 | {f32} | {bf16} | 1.50 | {f32} | {bf16} " in table
-    assert "| 1.0e-06 / 2.0e-06 | 3.0e-02 / 4.0e-02 |" in table
-    assert "| OpenVINO bf16 s |" in table and "over 3 rounds" in table
-
-
-def test_the_openvino_table_sets_mlx_bfloat16_against_openvino_default():
-    """With MLX's bfloat16 measured, its medians over the rounds against OpenVINO's default
-    precision, beside the float32 comparison."""
+def openvino_results(
+    dtypes: tuple[str, ...], sides: tuple[str, ...], seconds: list[tuple[float, ...]]
+) -> dict:
+    """Results of a tiny run with --openvino over rounds: MLX's rows in `dtypes` (their own
+    timings 9.0 s, unused over rounds), and per round each side's seconds (`seconds`, in
+    the order of `sides`), the same for every timing."""
     keys = ("unet_step_s_batch1", "unet_step_s_batch2", "vae_decode_s")
     row = {"model": "tiny", "load_s": 1.0, "weights_gb": 0.1, "unet_step_s": 9.0}
     rows = [
-        {**row, "dtype": dtype, "batch": b, "vae_decode_s": 9.0}
-        for dtype in ("float32", "bfloat16")
-        for b in (1, 2)
+        {**row, "dtype": dtype, "batch": b, "vae_decode_s": 9.0} for dtype in dtypes for b in (1, 2)
     ]
-    # MLX f32, MLX bf16, OpenVINO f32, OpenVINO default, per round, for every key.
-    seconds = [(4.0, 1.0, 2.0, 0.5), (4.0, 2.0, 2.0, 1.0), (4.0, 1.5, 2.0, 3.0)]
-    sides = ("mlx", "mlx_bfloat16", "openvino", "openvino_default")
     rounds = [
         {side: dict.fromkeys(keys, s) for side, s in zip(sides, each, strict=True)}
         for each in seconds
@@ -660,7 +617,7 @@ def test_the_openvino_table_sets_mlx_bfloat16_against_openvino_default():
         "rounds": rounds,
         "setup": {"openvino": "2026.4", "default_precision": "bf16"},
     }
-    results = {
+    return {
         "settings": {"steps": 1, "size": 512, "lazy": False},
         "machine": {"cpu": "x", "cores": 2, "ram_gb": 24, "mlx": "0", "device": "Device(cpu, 0)"},
         "matmul_gflops": {"float32": 200.0, "bfloat16": 800.0},
@@ -668,6 +625,29 @@ def test_the_openvino_table_sets_mlx_bfloat16_against_openvino_default():
         "reference": [],
         "openvino": [openvino],
     }
+
+
+def test_the_openvino_table_takes_medians_over_rounds():
+    # MLX, OpenVINO f32, OpenVINO default: per round, the same for every key.
+    seconds = [(1.0, 2.0, 0.5), (2.0, 2.2, 1.0), (1.5, 3.3, 3.0)]
+    sides = ("mlx", "openvino", "openvino_default")
+    table = report.markdown_tables(openvino_results(("float32",), sides, seconds))
+    assert "PyTorch UNet step s" not in table
+    # Medians: MLX 1.5, f32 2.2, bf16 1.0; the rounds' speed-ups 2.0 / 1.1 / 2.2 (f32) and
+    # 0.5 / 0.5 / 2.0 (bf16).
+    f32, bf16 = "2.20 | 2.00x (2.00 / 1.10 / 2.20)", "1.00 | 0.50x (0.50 / 0.50 / 2.00)"
+    assert f"| tiny | 1 | 1.50 | {f32} | {bf16} | 1.50 | {f32} | {bf16} " in table
+    assert "| 1.0e-06 / 2.0e-06 | 3.0e-02 / 4.0e-02 |" in table
+    assert "| OpenVINO bf16 s |" in table and "over 3 rounds" in table
+
+
+def test_the_openvino_table_sets_mlx_bfloat16_against_openvino_default():
+    """With MLX's bfloat16 measured, its medians over the rounds against OpenVINO's default
+    precision, beside the float32 comparison."""
+    # MLX f32, MLX bf16, OpenVINO f32, OpenVINO default, per round, for every key.
+    seconds = [(4.0, 1.0, 2.0, 0.5), (4.0, 2.0, 2.0, 1.0), (4.0, 1.5, 2.0, 3.0)]
+    sides = ("mlx", "mlx_bfloat16", "openvino", "openvino_default")
+    results = openvino_results(("float32", "bfloat16"), sides, seconds)
     table = report.markdown_tables(results).split("vs OpenVINO 2026.4")[-1]
     # float32: MLX 4.0 against 2.0 (0.50x) and 1.0 (0.25x: 0.12 / 0.25 / 0.75). bfloat16:
     # MLX's median 1.5 against OpenVINO's 1.0, the rounds' speed-ups 0.5 / 0.5 / 2.0.
