@@ -1,3 +1,5 @@
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,46 @@ from tests.helpers import FIXTURES
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(autouse=True, scope="session")
+def float32_without_onednn() -> Iterator[None]:
+    """`fast_cpu()` computes float32 with OpenBLAS, Winograd and numpy in every test and the
+    scripts and servers the tests start (session-wide: module fixtures start servers), on
+    any CPU: oneDNN's float32 (its default on CPUs with AVX-512 where oneDNN is installed)
+    runs where a test asks for it (`onednn_float32`)."""
+    from stable_diffusion.cpu import onednn
+
+    with pytest.MonkeyPatch.context() as session:
+        session.setenv(onednn.FLOAT32_DISABLE_VARIABLE, "1")
+        yield
+
+
+@pytest.fixture
+def onednn_float32(monkeypatch) -> list[str]:
+    """`fast_cpu()` computes float32 through oneDNN, on any CPU, and every convolution that
+    Winograd does not take and every non-causal attention runs there however few its pixels
+    and keys (the tiny models' are below the thresholds); returns what ran through oneDNN
+    ("linear", "conv2d", "powers_times_values"), to check that it ran. CI installs oneDNN
+    (requirements-bfloat16.txt): there the test fails rather than skips without it."""
+    from stable_diffusion.cpu import kernels, layers, onednn
+
+    if not onednn.installed() and not os.environ.get("CI"):
+        pytest.skip(f"oneDNN is not installed: {onednn.FIX}")
+    monkeypatch.setattr(onednn, "float32_by_default", lambda: True)
+    monkeypatch.setattr(layers, "_ONEDNN_FLOAT32_MIN_PIXELS", 1)
+    monkeypatch.setattr(kernels, "_ONEDNN_MIN_KEYS", 1)
+    ran: list[str] = []
+    for name in ("linear", "conv2d", "powers_times_values"):
+        original = getattr(onednn, name)
+
+        def recorded(*args, _name=name, _original=original, **kwargs):
+            assert not onednn.bfloat16_active()
+            ran.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(onednn, name, recorded)
+    return ran
 
 
 @pytest.fixture(params=["F4", "F2"])

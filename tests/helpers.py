@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import socket
 import subprocess
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 import requests
 
+from stable_diffusion.cpu import onednn
 from stable_diffusion.loading.folder import load_unet, load_vae
 from stable_diffusion.weights.files import WeightFileError, load_weights
 
@@ -352,3 +355,73 @@ def recorded_recomputations(monkeypatch) -> list[int]:
         lambda s, base: recomputed.append(s.size // s.shape[-1]) or exactly(s, base),
     )
     return recomputed
+
+
+# CI installs requirements-bfloat16.txt: on its machines whose CPU has AVX512_BF16 or AMX
+# these tests fail rather than skip when bfloat16 compute is unavailable; on others they
+# cannot run (the refusal is tested everywhere).
+needs_bfloat16 = pytest.mark.skipif(
+    onednn.unavailable_reason() is not None
+    and not (os.environ.get("CI") and onednn.cpu_has_bfloat16()),
+    reason=str(onednn.unavailable_reason()),
+)
+
+# (kernel, stride, padding, dilation, image size) of the models' convolutions and others.
+CONVOLUTIONS = [
+    (1, 1, 0, 1, 8),  # the resnets' shortcuts
+    (3, 1, 1, 1, 9),  # the resnets' convolutions
+    (3, 2, 1, 1, 8),  # the UNets' downsamplers
+    (3, 2, 1, 1, 9),
+    (3, 2, 0, 1, 9),  # the VAE encoder's, after its own right/bottom padding
+    (3, 2, 0, 1, 8),  # a stride that leaves a pixel over (negative right padding)
+    (3, 1, 2, 2, 7),  # dilated
+]
+
+
+def convolve_float64(x: np.ndarray, weight: np.ndarray, stride: int, padding: int, dilation: int):
+    """MLX's conv2d of NHWC `x` by an (out, kh, kw, in) weight in float64, tap by tap: the
+    convolution as one matmul of the taps' pixels (batch * pixels, kh * kw * in) by the
+    flattened weight, for the bounds of tests/cpu/test_bfloat16.py and test_onednn.py."""
+    _, kernel_height, kernel_width, _ = weight.shape
+    padded = np.pad(x.astype(np.float64), [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    height, width = (
+        (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+        for n, k in zip(x.shape[1:3], (kernel_height, kernel_width), strict=True)
+    )
+    taps = [
+        padded[
+            :,
+            ky * dilation : ky * dilation + stride * (height - 1) + 1 : stride,
+            kx * dilation : kx * dilation + stride * (width - 1) + 1 : stride,
+        ]
+        for ky in range(kernel_height)
+        for kx in range(kernel_width)
+    ]
+    pixels = np.concatenate(taps, axis=-1).reshape(-1, kernel_height * kernel_width * x.shape[-1])
+    return pixels, weight.reshape(weight.shape[0], -1), (x.shape[0], height, width, weight.shape[0])
+
+
+def attention_bound(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int):
+    """Float64 attention of (B, L, heads * D) inputs and, per element, how far bfloat16's may
+    lie from it. Each score of bfloat16-rounded queries and keys is off by at most
+    d = 2.01u |q| |k| / sqrt(D) (Cauchy-Schwarz on test_bfloat16.py's bound); each
+    power is rounded once more (u); so each softmax weight moves by a factor within
+    (e^d (1 + u))^(+-2), and the output, a weighted mean of rounded values (u), by at most
+    ((e^d (1 + u))^2 - 1 + u) max |v| of its column."""
+    u = 2.0**-8
+    batch, length, width = q.shape
+    dim = width // heads
+
+    def split(x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float64).reshape(batch, -1, heads, dim).transpose(0, 2, 1, 3)
+
+    q64, k64, v64 = split(q), split(k), split(v)
+    scores = q64 @ k64.transpose(0, 1, 3, 2) / np.sqrt(dim)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    exact = (weights / weights.sum(axis=-1, keepdims=True)) @ v64
+    key_norm = np.linalg.norm(k64, axis=-1).max(axis=-1)[..., None, None]  # (B, H, 1, 1)
+    drift = 2.01 * u * np.linalg.norm(q64, axis=-1, keepdims=True) * key_norm / np.sqrt(dim)
+    bound = (np.exp(drift) * (1 + u)) ** 2 - 1 + u
+    bound = bound * np.abs(v64).max(axis=2, keepdims=True) + 1e-6
+    merge = lambda x: x.transpose(0, 2, 1, 3).reshape(batch, length, width)  # noqa: E731
+    return merge(exact), merge(np.broadcast_to(bound, exact.shape))

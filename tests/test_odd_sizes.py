@@ -1,6 +1,7 @@
 """Sizes whose latent does not divide by the UNet's total downsampling (72x88: 9x11
 latents on UNets that downsample by 2 and 4): txt2img and img2img against diffusers
-(fixtures written by tests/reference/odd_sizes.py), plain and within `fast_cpu()`.
+(fixtures written by tests/reference/odd_sizes.py), plain and within `fast_cpu()` (with
+oneDNN's float32 too).
 
 Tolerance, float32: every pixel within 2e-4 of the reference."""
 
@@ -35,9 +36,12 @@ def final(latents) -> mx.array:
     return x
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast_cpu"])
+@pytest.mark.parametrize(
+    "fast", [False, True, "onednn"], ids=["plain", "fast_cpu", "fast_cpu_onednn_float32"]
+)
 @pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sd2", "tiny-sdxl"])
-def test_odd_latent_sizes_match_diffusers(model, fast, winograd_everywhere):
+def test_odd_latent_sizes_match_diffusers(model, fast, winograd_everywhere, request):
+    ran_in_onednn = request.getfixturevalue("onednn_float32") if fast == "onednn" else []
     sd = StableDiffusion(str(FIXTURES / "models" / model), float16=False)
     common = dict(
         negative_text=ODD_NEGATIVE_PROMPT, num_steps=ODD_STEPS, cfg_weight=7.5, sampler="euler"
@@ -63,4 +67,5 @@ def test_odd_latent_sizes_match_diffusers(model, fast, winograd_everywhere):
     np.testing.assert_allclose(
         from_image, REFERENCE[f"{model}.img2img"], atol=PIXEL_TOLERANCE, rtol=0
     )
-    assert bool(winograd_everywhere) == fast
+    assert bool(winograd_everywhere) == bool(fast)
+    assert bool(ran_in_onednn) == (fast == "onednn")

@@ -44,9 +44,10 @@ _SCORE_BLOCK_ELEMENTS = 1 << 20
 # scores): faster on SD 1.5's 4096 keys, slower on SDXL's 256, even between 1536 and 2304
 # (docs/performance.md).
 _SHIFTED_MIN_KEYS = 2048
-# Keys from which attention computes in bfloat16 within `fast_cpu(bfloat16=True)`: faster
-# than float32 from 1024 keys on, no faster on SDXL's 256 (docs/performance.md).
-_BFLOAT16_MIN_KEYS = 1024
+# Keys from which attention computes in oneDNN where the CPU layers do (`onednn.active()`):
+# in bfloat16 faster than the float32 kernels from 1024 keys on, no faster on SDXL's 256;
+# in float32 10-25% faster on 1024 to 8192 keys (docs/performance.md).
+_ONEDNN_MIN_KEYS = 1024
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     block at a time (docs/performance.md): no core waits for the other between the stages.
     Scores are exponents of `_EXPONENTIALS`' base b: softmax(s) = b^(s log_b e) / sum
     b^(s log_b e), the factor log_b(e) riding along with the scale."""
-    if onednn.active() and not causal and k.shape[1] >= _BFLOAT16_MIN_KEYS:
-        return _bfloat16_attention(q, k, v, heads)
+    if onednn.active() and not causal and k.shape[1] >= _ONEDNN_MIN_KEYS:
+        return _onednn_attention(q, k, v, heads)
     attend = _shifted_attention if k.shape[1] >= _SHIFTED_MIN_KEYS else _exact_attention
     return attend(q, k, v, heads, causal)
 
@@ -325,13 +326,17 @@ def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal
     return _merge_heads(out, batch, heads, v.dtype)
 
 
-def _bfloat16_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
-    """`_shifted_attention`'s algorithm with oneDNN's bfloat16 matmuls (`onednn.py`): the
-    scores' powers in base e (oneDNN's exp), the operands' width rounded up to what its AMX
-    kernels take; rows that underflowed are computed again in float32."""
+def _onednn_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    """`_shifted_attention`'s algorithm with oneDNN's matmuls (`onednn.py`), in bfloat16 or
+    float32: the scores' powers in base e (oneDNN's exp), for bfloat16 the operands' width
+    rounded up to what its AMX kernels take; rows that underflowed are computed again in
+    float32."""
     batch, _, width = q.shape
     dim = width // heads
-    padded = -(-(dim + 1) // onednn.ATTENTION_WIDTH_MULTIPLE) * onednn.ATTENTION_WIDTH_MULTIPLE
+    # AMX's bfloat16 tiles take multiples of ATTENTION_WIDTH_MULTIPLE; float32 gained
+    # nothing from padding (docs/performance.md).
+    multiple = onednn.ATTENTION_WIDTH_MULTIPLE if onednn.bfloat16_active() else 1
+    padded = -(-(dim + 1) // multiple) * multiple
     queries, keys, values = _shifted_operands(q, k, v, heads, BASE_E, padded)
     out = onednn.powers_times_values(queries, keys, values)
     queries, keys, values = np.asarray(queries), np.asarray(keys), np.asarray(values)

@@ -304,6 +304,12 @@ def _conv3x3_shifted(x: mx.array, weight: mx.array) -> mx.array:
 _WINOGRAD_MIN_CHANNELS = 256
 _WINOGRAD_MIN_PIXELS = 16 * 16
 _WINOGRAD_F4_MIN_PIXELS = 32 * 32
+# Input pixels from which oneDNN's float32 convolution (`onednn.float32_by_default`) runs the
+# convolutions that Winograd does not: faster there than the shifted matmuls and MLX's
+# (2.7x on the VAE's 512x512 images, 1.4-1.9x on the UNets' strided and 1x1 ones); on
+# smaller images the UNets' wide layers would gain a few ms for a packed copy of their
+# weights (docs/performance.md).
+_ONEDNN_FLOAT32_MIN_PIXELS = 64 * 64
 
 
 class Conv2d(layers.Conv2d):
@@ -330,8 +336,22 @@ class Conv2d(layers.Conv2d):
             return None
         return winograd.F4 if pixels >= _WINOGRAD_F4_MIN_PIXELS else winograd.F2
 
+    def _by_onednn(self, x: mx.array) -> bool:
+        """For a float32 image: whether oneDNN convolves it (see `_ONEDNN_FLOAT32_MIN_PIXELS`)."""
+        if self.groups != 1 or not onednn.active():
+            return False
+        if onednn.bfloat16_active():
+            return True
+        winograd_3x3 = (
+            self.weight.shape[1:3] == (3, 3)
+            and self.stride == (1, 1)
+            and self.padding == (1, 1)
+            and self._winograd_algorithm(x) is not None
+        )
+        return x.shape[1] * x.shape[2] >= _ONEDNN_FLOAT32_MIN_PIXELS and not winograd_3x3
+
     def __call__(self, x: mx.array) -> mx.array:
-        if onednn.active() and x.dtype == mx.float32 and self.groups == 1:
+        if x.dtype == mx.float32 and self._by_onednn(x):
             return onednn.conv2d(
                 x, self.weight, self.get("bias"), self.stride, self.padding, self.dilation, self
             )
@@ -409,7 +429,7 @@ class Upsample2D(layers.Upsample2D):
         if (
             exactly_2x
             and x.dtype == mx.float32
-            and not onednn.active()  # oneDNN's convolution on the upsampled image is faster
+            and not onednn.bfloat16_active()  # oneDNN's bfloat16 on the upsampled image is faster
             and x.shape[1] * x.shape[2] >= _UPSAMPLED_CONV_MIN_PIXELS
             and not self._by_winograd(upsampled)
         ):

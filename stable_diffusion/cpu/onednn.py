@@ -1,5 +1,5 @@
-"""bfloat16 matmuls, convolutions and attention through oneDNN, for
-`fast_cpu(bfloat16=True)`.
+"""Matmuls, convolutions, attention and norms through oneDNN: in bfloat16 for
+`fast_cpu(bfloat16=True)`, in float32 for `fast_cpu()` on CPUs with AVX-512.
 
 On CPUs with AVX512_BF16 oneDNN's bfloat16 matmul runs about twice as fast as OpenBLAS's
 float32 one on the UNets' shapes, with AMX three to seven times; MLX has no fast CPU
@@ -13,9 +13,14 @@ float32, no faster, so the conversion is explicit. Attention (`powers_times_valu
 matmuls per block of rows, the first exponentiating its scores as a post-op into bfloat16
 powers, so that no pass over the scores runs in numpy.
 
+On CPUs with AVX-512, `fast_cpu()` without bfloat16 computes in float32 here where oneDNN
+was measured faster than OpenBLAS and Winograd (`float32_by_default`): the linear layers
+(their weights as they are, no packed copy), GEGLU and the norms; the convolutions that
+Winograd does not take on images from 64x64 pixels (the layers decide).
+
 The library comes from the optional `onednn-cpu-gomp` wheel (requirements-bfloat16.txt),
-called through ctypes (its C API, oneDNN 3.x); `unavailable_reason` says why it cannot run.
-Like `kernels.py`, the matmuls are eager: they evaluate their inputs.
+called through ctypes (its C API, oneDNN 3.x); `unavailable_reason` says why bfloat16
+compute cannot run. Like `kernels.py`, the matmuls are eager: they evaluate their inputs.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from .store import kept
 
 PACKAGE = "onednn-cpu-gomp"
 FIX = "pip install -r requirements-bfloat16.txt"
+# Set (not "0"): float32 stays with OpenBLAS, Winograd and numpy (`float32_by_default`).
+FLOAT32_DISABLE_VARIABLE = "MLX_SD_NO_ONEDNN_FLOAT32"
 _LIBRARY_NAME = "libdnnl.so.3"
 _CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -64,7 +71,8 @@ _MAX_DIMS = 12
 _Dims = ctypes.c_int64 * _MAX_DIMS
 _Handle = ctypes.c_void_p
 
-_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("bfloat16", default=False)
+# What the CPU layers compute in through oneDNN in this context: _BF16, _F32 or None.
+_COMPUTE: contextvars.ContextVar[int | None] = contextvars.ContextVar("onednn", default=None)
 _thread_scratch = threading.local()
 
 
@@ -93,13 +101,17 @@ def cpu_has_bfloat16() -> bool:
     return bool(set(_CPU_FLAGS) & features.cpu_flags())
 
 
+def _on_linux_x86() -> bool:
+    machine = platform.machine().lower()
+    return sys.platform.startswith("linux") and machine in ("x86_64", "amd64")
+
+
 def unavailable_reason() -> str | None:
     """Why bfloat16 compute cannot run here, with the fix; None where it can."""
-    machine = platform.machine().lower()
-    if not sys.platform.startswith("linux") or machine not in ("x86_64", "amd64"):
+    if not _on_linux_x86():
         return (
-            f"bfloat16 compute needs Linux on x86-64 (this is {sys.platform} on {machine}): "
-            "run without --bfloat16"
+            f"bfloat16 compute needs Linux on x86-64 (this is {sys.platform} on "
+            f"{platform.machine()}): run without --bfloat16"
         )
     if not cpu_has_bfloat16():
         return (
@@ -118,22 +130,48 @@ def require() -> None:
         raise Unavailable(reason)
 
 
+def installed() -> bool:
+    """Whether oneDNN can be loaded here (float32 compute needs no CPU feature)."""
+    return _on_linux_x86() and _library_path() is not None
+
+
+def float32_by_default() -> bool:
+    """Whether `fast_cpu()` computes float32 through oneDNN: where it is installed and the
+    CPU has AVX-512, on which its float32 matmuls ran 1.4x OpenBLAS 0.3.29's and its
+    convolutions on the VAE's 512x512 images 2.7x the shifted matmuls (docs/performance.md),
+    unless `FLOAT32_DISABLE_VARIABLE` is set. Not measured on other CPUs, which keep
+    OpenBLAS."""
+    disabled = os.environ.get(FLOAT32_DISABLE_VARIABLE, "") not in ("", "0")
+    return not disabled and features.has_avx512() and installed()
+
+
 @contextmanager
-def enabled() -> Iterator[None]:
-    """Within this block the CPU layers' matmuls compute in bfloat16 (`require` first).
-    Leaving it frees this thread's conversion buffer (`_source_scratch`: a VAE decode's can
-    take hundreds of MB)."""
-    token = _ENABLED.set(True)
+def enabled(bfloat16: bool = True) -> Iterator[None]:
+    """Within this block the CPU layers compute through oneDNN: in bfloat16 (`require`
+    first) or float32 (`installed` first). Leaving the outermost block frees this thread's
+    conversion buffer (`_source_scratch`: a VAE decode's can take hundreds of MB)."""
+    token = _COMPUTE.set(_BF16 if bfloat16 else _F32)
     try:
         yield
     finally:
-        _ENABLED.reset(token)
-        if not _ENABLED.get():
+        _COMPUTE.reset(token)
+        if _COMPUTE.get() is None:
             _thread_scratch.__dict__.pop("buffer", None)
 
 
 def active() -> bool:
-    return _ENABLED.get()
+    """Whether the CPU layers compute through oneDNN here, in either precision."""
+    return _COMPUTE.get() is not None
+
+
+def bfloat16_active() -> bool:
+    return _COMPUTE.get() == _BF16
+
+
+def _compute() -> int:
+    compute = _COMPUTE.get()
+    assert compute is not None, "oneDNN compute outside onednn.enabled()"
+    return compute
 
 
 class _Arg(ctypes.Structure):
@@ -210,7 +248,8 @@ class _Library:
 
 @cache
 def _library() -> _Library:
-    require()
+    if not installed():
+        raise Unavailable(f"oneDNN ({PACKAGE}) is not installed for this platform: {FIX}")
     # OpenMP's threads (oneDNN's) otherwise spin after each call, taking the cores from the
     # numpy kernels and OpenBLAS between the calls: an SDXL step 4.32 -> 3.07 s with this
     # (docs/performance.md). Read when the library loads; the user's own setting stands.
@@ -233,19 +272,20 @@ def _library() -> _Library:
 
 @dataclass(frozen=True)
 class _Plan:
-    """The primitives of one bfloat16 matmul or convolution of a given shape: the float32
-    input -> a bfloat16 copy; the float32 weight (its own strides) -> the packed bfloat16
-    layout the primitive asks for; the primitive itself (float32 bias and output)."""
+    """The primitives of one matmul or convolution of a given shape, computed in bfloat16
+    or float32: the float32 input -> a bfloat16 copy (None in float32); the float32 weight
+    (its own strides) -> the packed layout the primitive asks for (None where it takes the
+    weight as it is); the primitive itself (float32 bias and output)."""
 
     source: _Handle
-    source_bf16: _Handle
+    computed_source: _Handle
     weight: _Handle
     packed_weight: _Handle
     packed_bytes: int
     bias: _Handle | None
     destination: _Handle
-    convert_source: _Handle
-    pack_weight: _Handle
+    convert_source: _Handle | None
+    pack_weight: _Handle | None
     compute: _Handle
 
 
@@ -253,25 +293,30 @@ def _plan(
     library: _Library,
     descriptor: _Handle,
     source: tuple[tuple[int, ...], tuple[int, ...]],
+    dtype: int,
     weight: _Handle,
     bias: _Handle | None,
     destination: _Handle,
 ) -> _Plan:
-    """A `_Plan` from a primitive descriptor made on `source`'s (shape, strides) in
-    bfloat16 and weights in any layout."""
+    """A `_Plan` from a primitive descriptor made on `source`'s (shape, strides) in `dtype`
+    (_BF16 or _F32)."""
     packed = _Handle(library.dnnl.dnnl_primitive_desc_query_md(descriptor, _QUERY_WEIGHTS_MD, 0))
     source_f32 = library.descriptor(*source, _F32)
-    source_bf16 = library.descriptor(*source, _BF16)
+    computed_source = library.descriptor(*source, dtype)
     return _Plan(
         source=source_f32,
-        source_bf16=source_bf16,
+        computed_source=computed_source,
         weight=weight,
         packed_weight=packed,
         packed_bytes=library.dnnl.dnnl_memory_desc_get_size(packed),
         bias=bias,
         destination=destination,
-        convert_source=library.reorder(source_f32, source_bf16),
-        pack_weight=library.reorder(weight, packed),
+        convert_source=None if dtype == _F32 else library.reorder(source_f32, computed_source),
+        pack_weight=(
+            None
+            if library.dnnl.dnnl_memory_desc_equal(weight, packed)
+            else library.reorder(weight, packed)
+        ),
         compute=library.primitive(descriptor),
     )
 
@@ -299,26 +344,30 @@ def _matmul_descriptor(
     return descriptor
 
 
-def _matmul(rows: int, inner: int, columns: int, bias: bool, then: str | None = None) -> _Plan:
+def _matmul(
+    rows: int, inner: int, columns: int, bias: bool, dtype: int, then: str | None = None
+) -> _Plan:
     """A linear layer's plan; `then` "gelu" applies the exact GELU to its results, "times"
-    multiplies them by a float32 (rows, columns) operand (`_ARG_FIRST_POST_OP_OPERAND`)."""
-    key = "matmul", rows, inner, columns, bias, then
+    multiplies them by a float32 (rows, columns) operand (`_ARG_FIRST_POST_OP_OPERAND`). In
+    bfloat16 the weight is packed; in float32 the matmul reads it as it is, as fast as
+    packed on the UNets' shapes (docs/performance.md) and with no copy in memory."""
+    key = "matmul", rows, inner, columns, bias, dtype, then
     if key not in _PLANS:
         library = _library()
         source = (rows, inner), (inner, 1)
         bias_md = library.descriptor((1, columns), (columns, 1), _F32) if bias else None
         destination = library.descriptor((rows, columns), (columns, 1), _F32)
+        weight = library.descriptor((inner, columns), (1, inner), _F32)  # weight.T
         descriptor = _matmul_descriptor(
             library,
-            library.descriptor(*source, _BF16),
-            library.descriptor((inner, columns), None, _BF16),
+            library.descriptor(*source, dtype),
+            weight if dtype == _F32 else library.descriptor((inner, columns), None, dtype),
             destination,
             None if then is None else _post_ops((then,), destination),
             bias_md,
-            f"plan a bfloat16 matmul of {rows}x{inner} by {inner}x{columns}",
+            f"plan a matmul of {rows}x{inner} by {inner}x{columns}",
         )
-        weight = library.descriptor((inner, columns), (1, inner), _F32)  # weight.T
-        _PLANS[key] = _plan(library, descriptor, source, weight, bias_md, destination)
+        _PLANS[key] = _plan(library, descriptor, source, dtype, weight, bias_md, destination)
     return _PLANS[key]
 
 
@@ -480,8 +529,8 @@ def _nhwc(shape: tuple[int, int, int, int]) -> tuple[tuple[int, ...], tuple[int,
     return (n, c, h, w), (h * w * c, 1, w * c, c)
 
 
-def _convolution(shape: ConvShape, bias: bool) -> _Plan:
-    key = "convolution", shape, bias
+def _convolution(shape: ConvShape, bias: bool, dtype: int) -> _Plan:
+    key = "convolution", shape, bias, dtype
     if key not in _PLANS:
         library = _library()
         out_channels, kernel_height, kernel_width, in_channels = shape.weight
@@ -496,9 +545,9 @@ def _convolution(shape: ConvShape, bias: bool) -> _Plan:
                 library.engine,
                 _FORWARD_INFERENCE,
                 _CONVOLUTION_DIRECT,
-                library.descriptor(*source, _BF16),
+                library.descriptor(*source, dtype),
                 library.descriptor(
-                    (out_channels, in_channels, kernel_height, kernel_width), None, _BF16
+                    (out_channels, in_channels, kernel_height, kernel_width), None, dtype
                 ),
                 bias_md,
                 destination,
@@ -508,7 +557,7 @@ def _convolution(shape: ConvShape, bias: bool) -> _Plan:
                 _Dims(*shape.padding_right),
                 None,
             ),
-            f"plan a bfloat16 convolution of {shape}",
+            f"plan a convolution of {shape}",
         )
         # MLX's (out, kh, kw, in) weight as oneDNN's (out, in, kh, kw) dims.
         weight = library.descriptor(
@@ -521,18 +570,34 @@ def _convolution(shape: ConvShape, bias: bool) -> _Plan:
             ),
             _F32,
         )
-        _PLANS[key] = _plan(library, descriptor, source, weight, bias_md, destination)
+        _PLANS[key] = _plan(library, descriptor, source, dtype, weight, bias_md, destination)
     return _PLANS[key]
 
 
-def _pack(plan: _Plan, weight: mx.array) -> np.ndarray:
+def _float32(weight: mx.array) -> np.ndarray:
     weight = mx.contiguous(weight.astype(mx.float32))
     mx.eval(weight)
+    return np.ascontiguousarray(weight)
+
+
+def _weight(
+    plan: _Plan, weight: mx.array, owner: object, matrix: Callable[[mx.array], mx.array]
+) -> np.ndarray:
+    """`matrix(weight)` as `plan` takes it: packed for `owner` until the `fast_cpu()` block
+    ends (as `store.kept` keeps; made again when `weight` is replaced), or as it is."""
+    if plan.pack_weight is None:
+        return _float32(matrix(weight))
+    return kept(owner, (weight, plan), lambda: _pack(plan, matrix(weight)))
+
+
+def _pack(plan: _Plan, weight: mx.array) -> np.ndarray:
+    assert plan.pack_weight is not None
+    weight = _float32(weight)
     packed = np.empty(plan.packed_bytes, np.uint8)
     _library().execute(
         plan.pack_weight,
         [
-            (_ARG_FROM, plan.weight, np.asarray(weight).ctypes.data),
+            (_ARG_FROM, plan.weight, weight.ctypes.data),
             (_ARG_TO, plan.packed_weight, packed.ctypes.data),
         ],
     )
@@ -548,6 +613,47 @@ def _source_scratch(elements: int) -> np.ndarray:
     return scratch
 
 
+@dataclass(frozen=True)
+class _Product:
+    """A float32 batched matmul of plain row-major operands."""
+
+    first: _Handle
+    second: _Handle
+    result: _Handle
+    compute: _Handle
+
+
+def batched_matmul(a: mx.array, b: mx.array) -> mx.array:
+    """a @ b for float32 (batch, rows, inner) and (batch, inner, columns) arrays, in float32,
+    into a new array: Winograd's products, 1.3-1.9x OpenBLAS 0.3.29's on the models' shapes
+    on AVX-512 (docs/performance.md)."""
+    (batch, rows, inner), columns = a.shape, b.shape[-1]
+    key = "batched_matmul", batch, rows, inner, columns
+    if key not in _PLANS:
+        library = _library()
+        first, second, result = (
+            library.descriptor((batch, m, n), (m * n, n, 1), _F32)
+            for m, n in ((rows, inner), (inner, columns), (rows, columns))
+        )
+        descriptor = _matmul_descriptor(
+            library, first, second, result, None, None, f"plan a matmul of {a.shape} by {b.shape}"
+        )
+        _PLANS[key] = _Product(first, second, result, library.primitive(descriptor))
+    plan: _Product = _PLANS[key]
+    a, b = (mx.contiguous(x.astype(mx.float32)) for x in (a, b))
+    out = mx.contiguous(mx.zeros((batch, rows, columns), mx.float32))
+    mx.eval(a, b, out)
+    _library().execute(
+        plan.compute,
+        [
+            (_ARG_SRC, plan.first, np.asarray(a).ctypes.data),
+            (_ARG_WEIGHTS, plan.second, np.asarray(b).ctypes.data),
+            (_ARG_DST, plan.result, np.asarray(out).ctypes.data),
+        ],
+    )
+    return out
+
+
 def _run(
     plan: _Plan,
     x: mx.array,
@@ -556,7 +662,7 @@ def _run(
     output_shape: tuple[int, ...],
     times: mx.array | None = None,
 ) -> mx.array:
-    """`plan` on float32 `x`: converted to bfloat16 in this thread's scratch buffer, then
+    """`plan` on float32 `x` (for bfloat16 converted in this thread's scratch buffer),
     computed with the `packed` weight into a new float32 array (multiplied by `times` where
     the plan says so)."""
     x = mx.contiguous(x)
@@ -567,16 +673,18 @@ def _run(
         times = mx.contiguous(times.astype(mx.float32))
     mx.eval(*(a for a in (x, out, bias, times) if a is not None))
     library = _library()
-    source_bf16 = _source_scratch(x.size)
-    library.execute(
-        plan.convert_source,
-        [
-            (_ARG_FROM, plan.source, np.asarray(x).ctypes.data),
-            (_ARG_TO, plan.source_bf16, source_bf16.ctypes.data),
-        ],
-    )
+    source = np.asarray(x)
+    if plan.convert_source is not None:
+        source = _source_scratch(x.size)
+        library.execute(
+            plan.convert_source,
+            [
+                (_ARG_FROM, plan.source, np.asarray(x).ctypes.data),
+                (_ARG_TO, plan.computed_source, source.ctypes.data),
+            ],
+        )
     args = [
-        (_ARG_SRC, plan.source_bf16, source_bf16.ctypes.data),
+        (_ARG_SRC, plan.computed_source, source.ctypes.data),
         (_ARG_WEIGHTS, plan.packed_weight, packed.ctypes.data),
         (_ARG_DST, plan.destination, np.asarray(out).ctypes.data),
     ]
@@ -597,16 +705,15 @@ def linear(
     gelu: bool = False,
     times: mx.array | None = None,
 ) -> mx.array:
-    """x @ w.T (+ bias) in bfloat16 with float32 sums, for float32 `x` of any leading shape,
-    where w is the (columns, inner) `matrix(weight)` (`weight` itself by default); with
-    `gelu`, the exact GELU of that; with `times`, that times `times` (of the result's shape),
-    in the same pass. w stays packed for `owner` until the `fast_cpu()` block ends (as
-    `store.kept` keeps), made again when `weight` is replaced."""
-    w = weight if matrix is None else matrix(weight)
-    inner, columns = x.shape[-1], w.shape[0]
+    """x @ w.T (+ bias) in this block's precision with float32 sums, for float32 `x` of any
+    leading shape, where w is the (columns, inner) `matrix(weight)` (`weight` itself by
+    default); with `gelu`, the exact GELU of that; with `times`, that times `times` (of the
+    result's shape), in the same pass. A packed w is kept for `owner` (`_weight`)."""
+    matrix = matrix or (lambda w: w)
+    inner, columns = x.shape[-1], matrix(weight).shape[0]
     then = "gelu" if gelu else "times" if times is not None else None
-    plan = _matmul(x.size // inner, inner, columns, bias is not None, then)
-    packed = kept(owner, (weight, plan), lambda: _pack(plan, w))
+    plan = _matmul(x.size // inner, inner, columns, bias is not None, _compute(), then)
+    packed = _weight(plan, weight, owner, matrix)
     return _run(plan, x, packed, bias, (*x.shape[:-1], columns), times)
 
 
@@ -619,16 +726,15 @@ def conv2d(
     dilation: int | tuple[int, int],
     owner: object,
 ) -> mx.array:
-    """MLX's `conv2d(x, weight, stride, padding, dilation)` (+ bias) in bfloat16 with
-    float32 sums, for a float32 (batch, height, width, in) `x` and an (out, kernel height,
-    kernel width, in) weight; packed for `owner` as `linear` packs."""
+    """MLX's `conv2d(x, weight, stride, padding, dilation)` (+ bias) in this block's
+    precision with float32 sums, for a float32 (batch, height, width, in) `x` and an (out,
+    kernel height, kernel width, in) weight, packed for `owner` (`_weight`)."""
     stride, padding, dilation = (
         (n, n) if isinstance(n, int) else tuple(n) for n in (stride, padding, dilation)
     )
     shape = ConvShape(x.shape, weight.shape, stride, padding, dilation)  # type: ignore[arg-type]
-    plan = _convolution(shape, bias is not None)
-    packed = kept(owner, (weight, plan), lambda: _pack(plan, weight))
-    return _run(plan, x, packed, bias, shape.output)
+    plan = _convolution(shape, bias is not None, _compute())
+    return _run(plan, x, _weight(plan, weight, owner, lambda w: w), bias, shape.output)
 
 
 # Powers per attention block (4 MB of bfloat16): fewer, larger blocks ran faster up to
@@ -659,17 +765,17 @@ class _Attention:
     weigh: _Handle
 
 
-def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention:
-    key = "attention", rows, width, keys, value_width
+def _attention(rows: int, width: int, keys: int, value_width: int, dtype: int) -> _Attention:
+    key = "attention", rows, width, keys, value_width, dtype
     if key not in _PLANS:
         library = _library()
-        queries = library.descriptor((rows, width), (width, 1), _BF16)
-        powers = library.descriptor((rows, keys), (keys, 1), _BF16)
+        queries = library.descriptor((rows, width), (width, 1), dtype)
+        powers = library.descriptor((rows, keys), (keys, 1), dtype)
         output = library.descriptor((rows, value_width), (value_width, 1), _F32)
         exponentiate = _matmul_descriptor(
             library,
             queries,
-            library.descriptor((width, keys), None, _BF16),
+            library.descriptor((width, keys), None, dtype),
             powers,
             _post_ops(("exp",), powers),
             None,
@@ -678,7 +784,7 @@ def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention
         weigh = _matmul_descriptor(
             library,
             powers,
-            library.descriptor((keys, value_width), None, _BF16),
+            library.descriptor((keys, value_width), None, dtype),
             output,
             None,
             None,
@@ -688,8 +794,8 @@ def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention
             _Handle(library.dnnl.dnnl_primitive_desc_query_md(d, _QUERY_WEIGHTS_MD, 0))
             for d in (exponentiate, weigh)
         )
-        plain_keys = library.descriptor((width, keys), (keys, 1), _BF16)
-        plain_values = library.descriptor((keys, value_width), (value_width, 1), _BF16)
+        plain_keys = library.descriptor((width, keys), (keys, 1), dtype)
+        plain_values = library.descriptor((keys, value_width), (value_width, 1), dtype)
         _PLANS[key] = _Attention(
             queries=queries,
             plain_keys=plain_keys,
@@ -721,23 +827,28 @@ def _pack_operand(
 def powers_times_values(queries: mx.array, keys: mx.array, values: mx.array) -> np.ndarray:
     """e^(queries[h] @ keys[h]) @ values[h] for each head h of float32 (heads, length,
     width), (heads, width, keys) and (heads, keys, value width) arrays, as a float32 numpy
-    array: the operands rounded to bfloat16, the scores and their powers computed in float32
-    (a score above 88 overflows), the powers rounded to bfloat16, the sums in float32.
-    `width` must be a multiple of `ATTENTION_WIDTH_MULTIPLE`. In blocks of rows, each
-    head's keys and values packed once for all its blocks."""
+    array: the scores and their powers computed in float32 (a score above 88 overflows), the
+    sums in float32; in bfloat16 the operands and the powers rounded to it, and `width` a
+    multiple of `ATTENTION_WIDTH_MULTIPLE`. In blocks of rows, each head's keys and values
+    packed once for all its blocks."""
     heads, length, width = queries.shape
     key_count, value_width = values.shape[1:]
     rows = min(max(1, _ATTENTION_POWERS // key_count), length)
     padded_length = -(-length // rows) * rows  # the blocks' packed layouts depend on rows
     queries = mx.pad(queries, [(0, 0), (0, padded_length - length), (0, 0)])
-    queries, keys, values = (
-        np.asarray(mx.view(mx.contiguous(a.astype(mx.bfloat16)), mx.uint16))
-        for a in (queries, keys, values)
-    )
+    dtype = _compute()
+    if dtype == _BF16:
+        queries, keys, values = (
+            np.asarray(mx.view(mx.contiguous(a.astype(mx.bfloat16)), mx.uint16))
+            for a in (queries, keys, values)
+        )
+        powers = _source_scratch(rows * key_count)
+    else:
+        queries, keys, values = (_float32(a) for a in (queries, keys, values))
+        powers = np.empty(rows * key_count, np.float32)
     out = np.empty((heads, padded_length, value_width), np.float32)
-    plan = _attention(rows, width, key_count, value_width)
+    plan = _attention(rows, width, key_count, value_width, dtype)
     library = _library()
-    powers = _source_scratch(rows * key_count)
     for head in range(heads):
         packed_keys = _pack_operand(
             plan.pack_keys, plan.plain_keys, plan.packed_keys, plan.keys_bytes, keys[head]

@@ -26,6 +26,8 @@ from functools import cached_property
 import mlx.core as mx
 import numpy as np
 
+from . import onednn
+
 
 @dataclass(frozen=True, eq=False)
 class Algorithm:
@@ -134,7 +136,11 @@ def conv3x3(x: mx.array, kernel: mx.array, bias: mx.array | None, algorithm: Alg
         (row, channels, padded.shape[1] * row, output_tile * row, output_tile * channels, 1),
     )
     transformed = algorithm.input_on_tiles @ tiles.reshape(input_tile**2, -1)
-    products = transformed.reshape(input_tile**2, -1, channels) @ kernel
+    transformed = transformed.reshape(input_tile**2, -1, channels)
+    if onednn.active():
+        products = onednn.batched_matmul(transformed, kernel)
+    else:
+        products = transformed @ kernel
     outputs = algorithm.output_on_tiles @ products.reshape(input_tile**2, -1)
     outputs = outputs.reshape(output_tile, output_tile, batch, tiles_down, tiles_across, -1)
     # Each tile's outputs into place: one copy, which adding the bias makes anyway.

@@ -20,7 +20,6 @@ The tests that compute need the CPU feature and `onednn-cpu-gomp`
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -41,22 +40,17 @@ from stable_diffusion.images import read_parameters
 from stable_diffusion.models import layers, unet
 from stable_diffusion.server.__main__ import main as server_main
 from tests.helpers import (
+    CONVOLUTIONS,
     FIXTURES,
     ROOT,
     Server,
+    attention_bound,
+    convolve_float64,
     extreme_scores,
-    group_norm_float64,
+    needs_bfloat16,
     recorded_recomputations,
 )
 
-# CI installs requirements-bfloat16.txt: on its machines whose CPU has AVX512_BF16 or AMX
-# these tests fail rather than skip when bfloat16 compute is unavailable; on others they
-# cannot run (the refusal is tested everywhere).
-needs_bfloat16 = pytest.mark.skipif(
-    onednn.unavailable_reason() is not None
-    and not (os.environ.get("CI") and onednn.cpu_has_bfloat16()),
-    reason=str(onednn.unavailable_reason()),
-)
 WITH_BFLOAT16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
 BOUND = 2.01 * 2.0**-8 + 1e-5
 
@@ -88,42 +82,8 @@ def test_linear_multiplies_in_bfloat16(bias):
     )
 
 
-def convolve_float64(x: np.ndarray, weight: np.ndarray, stride: int, padding: int, dilation: int):
-    """MLX's conv2d of NHWC `x` by an (out, kh, kw, in) weight in float64, tap by tap: the
-    convolution as one matmul of the taps' pixels (batch * pixels, kh * kw * in) by the
-    flattened weight, for `assert_bfloat16_close`."""
-    _, kernel_height, kernel_width, _ = weight.shape
-    padded = np.pad(x.astype(np.float64), [(0, 0), (padding, padding), (padding, padding), (0, 0)])
-    height, width = (
-        (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-        for n, k in zip(x.shape[1:3], (kernel_height, kernel_width), strict=True)
-    )
-    taps = [
-        padded[
-            :,
-            ky * dilation : ky * dilation + stride * (height - 1) + 1 : stride,
-            kx * dilation : kx * dilation + stride * (width - 1) + 1 : stride,
-        ]
-        for ky in range(kernel_height)
-        for kx in range(kernel_width)
-    ]
-    pixels = np.concatenate(taps, axis=-1).reshape(-1, kernel_height * kernel_width * x.shape[-1])
-    return pixels, weight.reshape(weight.shape[0], -1), (x.shape[0], height, width, weight.shape[0])
-
-
 @needs_bfloat16
-@pytest.mark.parametrize(
-    "kernel, stride, padding, dilation, size",
-    [
-        (1, 1, 0, 1, 8),  # the resnets' shortcuts
-        (3, 1, 1, 1, 9),  # the resnets' convolutions
-        (3, 2, 1, 1, 8),  # the UNets' downsamplers
-        (3, 2, 1, 1, 9),
-        (3, 2, 0, 1, 9),  # the VAE encoder's, after its own right/bottom padding
-        (3, 2, 0, 1, 8),  # a stride that leaves a pixel over (negative right padding)
-        (3, 1, 2, 2, 7),  # dilated
-    ],
-)
+@pytest.mark.parametrize("kernel, stride, padding, dilation, size", CONVOLUTIONS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_convolutions_multiply_in_bfloat16(kernel, stride, padding, dilation, size, bias):
     conv = layers.Conv2d(24, 40, kernel, stride=stride, padding=padding, bias=bias)
@@ -202,36 +162,10 @@ def test_primitives_are_cached_per_shape_and_weights_packed_once(monkeypatch):
     assert len(onednn._PLANS) == 2 and len(packs) == 5
 
 
-def attention_bound(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int):
-    """Float64 attention of (B, L, heads * D) inputs and, per element, how far bfloat16's may
-    lie from it. Each score of bfloat16-rounded queries and keys is off by at most
-    d = 2.01u |q| |k| / sqrt(D) (Cauchy-Schwarz on the bound of the module docstring); each
-    power is rounded once more (u); so each softmax weight moves by a factor within
-    (e^d (1 + u))^(+-2), and the output, a weighted mean of rounded values (u), by at most
-    ((e^d (1 + u))^2 - 1 + u) max |v| of its column."""
-    u = 2.0**-8
-    batch, length, width = q.shape
-    dim = width // heads
-
-    def split(x: np.ndarray) -> np.ndarray:
-        return x.astype(np.float64).reshape(batch, -1, heads, dim).transpose(0, 2, 1, 3)
-
-    q64, k64, v64 = split(q), split(k), split(v)
-    scores = q64 @ k64.transpose(0, 1, 3, 2) / np.sqrt(dim)
-    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    exact = (weights / weights.sum(axis=-1, keepdims=True)) @ v64
-    key_norm = np.linalg.norm(k64, axis=-1).max(axis=-1)[..., None, None]  # (B, H, 1, 1)
-    drift = 2.01 * u * np.linalg.norm(q64, axis=-1, keepdims=True) * key_norm / np.sqrt(dim)
-    bound = (np.exp(drift) * (1 + u)) ** 2 - 1 + u
-    bound = bound * np.abs(v64).max(axis=2, keepdims=True) + 1e-6
-    merge = lambda x: x.transpose(0, 2, 1, 3).reshape(batch, length, width)  # noqa: E731
-    return merge(exact), merge(np.broadcast_to(bound, exact.shape))
-
-
 @needs_bfloat16
 @pytest.mark.parametrize("heads, dim", [(2, 40), (1, 64)])
 def test_long_attention_computes_in_bfloat16(monkeypatch, heads, dim):
-    """From `_BFLOAT16_MIN_KEYS` keys on (here 1100 queries and keys: a last block shorter
+    """From `_ONEDNN_MIN_KEYS` keys on (here 1100 queries and keys: a last block shorter
     than the others), the UNets' self-attention runs in bfloat16 (oneDNN's matmuls, its exp
     in between) within the bound of `attention_bound`."""
     calls = []
@@ -358,9 +292,12 @@ def test_benchmark_alternates_float32_and_bfloat16(capsys):
 def test_benchmark_measures_bfloat16_beside_float32(tmp_path, capsys, monkeypatch):
     computed_in = []
     measure_row = measure._measure
-    monkeypatch.setattr(
-        measure, "_measure", lambda *a: computed_in.append(onednn.active()) or measure_row(*a)
-    )
+
+    def recorded(*args):
+        computed_in.append(onednn.bfloat16_active())
+        return measure_row(*args)
+
+    monkeypatch.setattr(measure, "_measure", recorded)
     output = tmp_path / "results.json"
     main = ["--models", "tiny", "--size", "64", "--steps", "1", "--repeats", "1"]
     run_benchmark.main([*main, "--dtypes", "float32,bfloat16", "--output", str(output)])
@@ -401,42 +338,6 @@ def test_benchmark_refuses_where_bfloat16_cannot_run(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert "pip install -r requirements-bfloat16.txt" in capsys.readouterr().err
-
-
-@needs_bfloat16
-@pytest.mark.parametrize("silu", [False, True])
-def test_group_norm_normalizes_in_onednn_in_float32(monkeypatch, silu):
-    """Within bfloat16 compute every group norm (the UNets' small latents too) runs
-    `kernels.group_norm`, its normalizing pass (and SiLU) in oneDNN: float32 arithmetic,
-    exact to float32's rounding."""
-    calls = []
-    scale_shift = onednn.scale_shift
-    monkeypatch.setattr(onednn, "scale_shift", lambda *a: calls.append(1) or scale_shift(*a))
-    norm = layers.GroupNorm(4, 32, 1e-5)
-    norm.weight = mx.random.normal((32,), key=mx.random.key(1))
-    norm.bias = mx.random.normal((32,), key=mx.random.key(2))
-    x = 2 * mx.random.normal((2, 9, 7, 32), key=mx.random.key(3)) - 5
-    with fast_cpu(norm, bfloat16=True):
-        ours = np.array(norm(x, silu_after=silu))
-    assert calls == [1, 1]  # one pass per image
-    expected = group_norm_float64(x, 4, norm.weight, norm.bias, 1e-5, silu)
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-
-
-@needs_bfloat16
-def test_layer_norm_runs_in_onednn_in_float32():
-    norm = layers.LayerNorm(48, eps=1e-5)
-    norm.weight = mx.random.normal((48,), key=mx.random.key(1))
-    norm.bias = mx.random.normal((48,), key=mx.random.key(2))
-    x = 3 * mx.random.normal((2, 37, 48), key=mx.random.key(3)) + 10
-    with fast_cpu(norm, bfloat16=True):
-        ours = np.array(norm(x))
-    x64 = np.array(x, np.float64)
-    centred = x64 - x64.mean(axis=-1, keepdims=True)
-    expected = centred / np.sqrt(np.square(centred).mean(axis=-1, keepdims=True) + 1e-5)
-    expected = expected * np.array(norm.weight) + np.array(norm.bias)
-    assert ("layer_norm", 74, 48, 1e-5) in onednn._PLANS
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 @needs_bfloat16

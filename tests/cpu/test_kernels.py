@@ -29,9 +29,12 @@ from tests.helpers import (
 )
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["openblas", "onednn"])
 @pytest.mark.parametrize("model", MODELS)
-def test_cpu_paths_match_reference(model):
-    """Every model within `fast_cpu()` (its CPU layers, Winograd at the real thresholds)."""
+def test_cpu_paths_match_reference(model, onednn, request):
+    """Every model within `fast_cpu()` (its CPU layers, Winograd at the real thresholds), and
+    with oneDNN's float32 (linear layers, norms, the convolutions Winograd does not take)."""
+    ran_in_onednn = request.getfixturevalue("onednn_float32") if onednn else []
     ref = reference(model)
     folder = FIXTURES / "models" / model
     names = ["text_encoder", "text_encoder_2"] if model == "tiny-sdxl" else ["text_encoder"]
@@ -46,6 +49,8 @@ def test_cpu_paths_match_reference(model):
             assert_close(output.pooled, ref[f"{name}.pooled"])
         assert_unet_matches(model, ref, unet)
         assert_vae_matches(model, ref, vae)
+    in_onednn = {"linear", "conv2d", "powers_times_values"}
+    assert in_onednn == set(ran_in_onednn) if onednn else not ran_in_onednn
 
 
 @pytest.mark.parametrize("model", MODELS)

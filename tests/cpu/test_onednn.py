@@ -1,0 +1,227 @@
+"""oneDNN's float32 compute, `fast_cpu()`'s default on CPUs with AVX-512 where oneDNN is
+installed (`onednn.float32_by_default`): where it applies, which convolutions take it at
+the real thresholds, and its results against float64; and the norms, which run in oneDNN
+in float32 arithmetic under either precision.
+
+Tolerance: a float32 matmul's sums are off by far less than 1e-5 of sum |x_i| |w_i| at
+these sizes (against bfloat16's 2.01 * 2^-8 of it: tests/cpu/test_bfloat16.py). The models'
+parity with diffusers on this path is in tests/cpu/test_kernels.py and
+tests/test_odd_sizes.py."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from stable_diffusion import fast_cpu
+from stable_diffusion.cpu import features, kernels, onednn
+from stable_diffusion.cpu import layers as cpu_layers
+from stable_diffusion.models import layers, unet
+from tests.helpers import (
+    CONVOLUTIONS,
+    attention_bound,
+    convolve_float64,
+    extreme_scores,
+    group_norm_float64,
+    needs_bfloat16,
+    recorded_recomputations,
+)
+
+# Before the `onednn_float32` fixture lowers it.
+MIN_PIXELS = cpu_layers._ONEDNN_FLOAT32_MIN_PIXELS
+FLOAT32_BOUND = 1e-5
+
+
+def assert_float32_close(ours: mx.array, x: np.ndarray, weight: np.ndarray, bias=None):
+    """Within FLOAT32_BOUND of sum |x_i| |w_i| of x @ weight.T (+ bias) in float64."""
+    x64, w64 = x.astype(np.float64), weight.astype(np.float64)
+    exact = x64 @ w64.T + (0 if bias is None else np.asarray(bias, np.float64))
+    scale = np.abs(x64) @ np.abs(w64).T
+    error = np.abs(np.array(ours, np.float64).reshape(exact.shape) - exact)
+    assert (error <= FLOAT32_BOUND * scale).all(), (error / scale).max()
+
+
+def test_float32_by_default_where_avx512_and_onednn_unless_disabled(monkeypatch):
+    avx512 = {"avx2", "fma", *features.AVX512}
+    for flags, installed, disabled, expected in [
+        (avx512, True, "", True),
+        (avx512, True, "0", True),
+        (avx512, True, "1", False),
+        ({"avx2", "fma"}, True, "", False),  # not measured on AVX2 CPUs: OpenBLAS stays
+        (avx512, False, "", False),
+    ]:
+        monkeypatch.setattr(features, "cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(onednn, "installed", lambda installed=installed: installed)
+        monkeypatch.setenv(onednn.FLOAT32_DISABLE_VARIABLE, disabled)
+        assert onednn.float32_by_default() == expected
+
+
+def test_fast_cpu_computes_float32_in_onednn_where_it_is_the_default(monkeypatch):
+    layer = layers.Linear(8, 8)
+    for default in (False, True):
+        monkeypatch.setattr(onednn, "float32_by_default", lambda default=default: default)
+        with fast_cpu(layer):
+            assert onednn.active() == default and not onednn.bfloat16_active()
+        assert not onednn.active()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_layers_multiply_in_float32_with_their_own_weights(
+    onednn_float32, monkeypatch, bias
+):
+    """No packed copy: the matmul reads the weight where MLX keeps it."""
+    packs = []
+    pack = onednn._pack
+    monkeypatch.setattr(onednn, "_pack", lambda *a: packs.append(a) or pack(*a))
+    layer = layers.Linear(320, 96, bias=bias)
+    x = mx.random.normal((2, 37, 320), key=mx.random.key(1))
+    with fast_cpu(layer):
+        outputs = [layer(x) for _ in range(3)]
+    assert onednn_float32 == ["linear"] * 3 and not packs
+    for ours in outputs:
+        assert ours.shape == (2, 37, 96) and ours.dtype == mx.float32
+        assert_float32_close(
+            ours,
+            np.array(x).reshape(-1, 320),
+            np.array(layer.weight),
+            np.array(layer.bias) if bias else None,
+        )
+
+
+def test_float16_weights_multiply_in_float32(onednn_float32):
+    layer = layers.Linear(64, 32)
+    layer.update({"weight": layer.weight.astype(mx.float16), "bias": layer.bias})
+    x = mx.random.normal((5, 64), key=mx.random.key(2))
+    with fast_cpu(layer):
+        ours = layer(x)
+    assert onednn_float32 == ["linear"] and ours.dtype == mx.float32
+    weight = np.array(layer.weight.astype(mx.float32))
+    assert_float32_close(ours, np.array(x), weight, np.array(layer.bias))
+
+
+def test_geglu_in_float32(onednn_float32):
+    geglu = unet.GEGLU(64, 32)
+    x = mx.random.normal((1, 16, 64), key=mx.random.key(3))
+    with fast_cpu(geglu):
+        ours = np.array(geglu(x))
+    assert onednn_float32 == ["linear", "linear"]
+    projected = np.array(x, np.float64) @ np.array(geglu.proj.weight, np.float64).T
+    projected += np.array(geglu.proj.bias, np.float64)
+    hidden, gate = np.split(projected, 2, axis=-1)
+    erf = np.vectorize(math.erf)
+    expected = hidden * gate * 0.5 * (1 + erf(gate / math.sqrt(2)))
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, size", CONVOLUTIONS)
+def test_convolutions_in_float32(onednn_float32, kernel, stride, padding, dilation, size):
+    conv = layers.Conv2d(24, 40, kernel, stride=stride, padding=padding)
+    conv.dilation = dilation
+    x = mx.random.normal((2, size, size + 3, 24), key=mx.random.key(4))
+    with fast_cpu(conv):
+        ours = conv(x)
+    assert onednn_float32 == ["conv2d"]
+    expected = mx.conv2d(x, conv.weight, stride, padding, dilation)
+    assert ours.shape == expected.shape and ours.dtype == mx.float32
+    pixels, weight, _ = convolve_float64(
+        np.array(x), np.array(conv.weight), stride, padding, dilation
+    )
+    assert_float32_close(ours, pixels, weight, conv.bias)
+
+
+@pytest.mark.parametrize(
+    "image, channels, kernel, stride, in_onednn",
+    [
+        ((64, 64), (8, 8), 3, 1, True),  # the VAE's narrow layers (too few for Winograd)
+        ((64, 64), (8, 16), 1, 1, True),  # shortcuts
+        ((64, 64), (8, 8), 3, 2, True),  # downsamplers
+        ((64, 63), (8, 8), 3, 1, False),  # under MIN_PIXELS
+        ((32, 32), (256, 256), 3, 1, False),  # Winograd's
+    ],
+)
+def test_which_convolutions_take_onednn_float32(
+    onednn_float32, monkeypatch, image, channels, kernel, stride, in_onednn
+):
+    monkeypatch.setattr(cpu_layers, "_ONEDNN_FLOAT32_MIN_PIXELS", MIN_PIXELS)
+    conv = layers.Conv2d(*channels, kernel, stride=stride, padding=kernel // 2)
+    x = mx.random.normal((1, *image, channels[0]), key=mx.random.key(5))
+    with fast_cpu(conv):
+        ours = conv(x)
+    assert onednn_float32 == (["conv2d"] if in_onednn else [])
+    expected = mx.conv2d(x, conv.weight, stride, kernel // 2) + conv.bias
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.fixture(
+    params=[pytest.param(True, marks=needs_bfloat16, id="bfloat16"), pytest.param(False, id="f32")]
+)
+def onednn_block(request):
+    """`fast_cpu` with oneDNN computing in bfloat16, then float32."""
+    if not request.param:
+        request.getfixturevalue("onednn_float32")
+    return lambda *models: fast_cpu(*models, bfloat16=request.param)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_normalizes_in_onednn_in_float32(onednn_block, monkeypatch, silu):
+    """Where oneDNN computes, every group norm (the UNets' small latents too) runs
+    `kernels.group_norm`, its normalizing pass (and SiLU) in oneDNN: float32 arithmetic,
+    exact to float32's rounding."""
+    calls = []
+    scale_shift = onednn.scale_shift
+    monkeypatch.setattr(onednn, "scale_shift", lambda *a: calls.append(1) or scale_shift(*a))
+    norm = layers.GroupNorm(4, 32, 1e-5)
+    norm.weight = mx.random.normal((32,), key=mx.random.key(1))
+    norm.bias = mx.random.normal((32,), key=mx.random.key(2))
+    x = 2 * mx.random.normal((2, 9, 7, 32), key=mx.random.key(3)) - 5
+    with onednn_block(norm):
+        ours = np.array(norm(x, silu_after=silu))
+    assert calls == [1, 1]  # one pass per image
+    expected = group_norm_float64(x, 4, norm.weight, norm.bias, 1e-5, silu)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_layer_norm_runs_in_onednn_in_float32(onednn_block):
+    norm = layers.LayerNorm(48, eps=1e-5)
+    norm.weight = mx.random.normal((48,), key=mx.random.key(1))
+    norm.bias = mx.random.normal((48,), key=mx.random.key(2))
+    x = 3 * mx.random.normal((2, 37, 48), key=mx.random.key(3)) + 10
+    with onednn_block(norm):
+        ours = np.array(norm(x))
+    x64 = np.array(x, np.float64)
+    centred = x64 - x64.mean(axis=-1, keepdims=True)
+    expected = centred / np.sqrt(np.square(centred).mean(axis=-1, keepdims=True) + 1e-5)
+    expected = expected * np.array(norm.weight) + np.array(norm.bias)
+    assert ("layer_norm", 74, 48, 1e-5) in onednn._PLANS
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_long_attention_in_float32(onednn_float32, monkeypatch):
+    """From `_ONEDNN_MIN_KEYS` keys on, self-attention runs as oneDNN's matmuls with its exp
+    in between, in float32 (blocks of rows, the last one shorter): float32's rounding."""
+    monkeypatch.setattr(kernels, "_ONEDNN_MIN_KEYS", 1024)
+    monkeypatch.setattr(onednn, "_ATTENTION_POWERS", 400 * 1100)
+    keys = mx.random.split(mx.random.key(6), 3)
+    q, k, v = (0.5 * mx.random.normal((2, 1100, 2 * 40), key=key) for key in keys)
+    with fast_cpu():
+        ours = np.array(kernels.attention(q, k, v, 2, causal=False))
+    assert onednn_float32 == ["powers_times_values"]
+    exact, _ = attention_bound(np.array(q), np.array(k), np.array(v), 2)
+    np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+
+
+def test_float32_attention_recomputes_underflowed_rows(onednn_float32, monkeypatch):
+    """test_kernels.py's extreme scores at oneDNN's lengths: the rows the shift underflows
+    are recomputed exactly; the others are float32's."""
+    length = 1024
+    q, k, v = extreme_scores(length)
+    recomputed = recorded_recomputations(monkeypatch)
+    with fast_cpu():
+        out = np.array(kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, False))
+    expected, _ = attention_bound(q, k, v, 1)
+    assert onednn_float32 == ["powers_times_values"]
+    assert sum(recomputed) == length // 2
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * abs(v).max())
