@@ -14,7 +14,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from stable_diffusion.cpu import on_cpu
+from stable_diffusion.cpu import on_cpu, onednn
 
 from .measure import GIB
 
@@ -38,9 +38,12 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "mlx": mx.__version__,  # type: ignore[attr-defined]  # missing from MLX's stubs
     }
-    if not on_cpu():
+    if on_cpu():
+        # fast_cpu()'s float32 layers run in oneDNN or in OpenBLAS, Winograd and numpy.
+        info["float32_through_onednn"] = onednn.float32_by_default()
+    else:
         info["gpu"] = mx.device_info().get("device_name", "GPU")
-    for package in ("torch", "diffusers", "openvino"):
+    for package in ("torch", "diffusers", "openvino", onednn.PACKAGE):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             info[package] = importlib.metadata.version(package)
     return info
@@ -73,7 +76,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
             ("; lazy, without fast_cpu()" if results["settings"]["lazy"] else "; within fast_cpu()")
             if "gpu" not in machine
             else ""
-        ),
+        )
+        + (", float32 through oneDNN" if machine.get("float32_through_onednn") else ""),
         "",
         f"| model | dtype | batch | load s | text s | UNet step s | UNet GFLOP/s | % of matmul "
         f"| VAE decode s | image s ({steps} steps, load included) | peak GiB | weights GiB |",
@@ -149,8 +153,9 @@ def _whole_image_table(results: dict[str, Any]) -> str:
         columns += ["MLX bfloat16 s"] + ([f"speed-up vs {names[against]}"] if against else [])
     lines = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']} GiB; "
-        f"MLX {machine['mlx']}; whole {size}px images in float32{' and bfloat16' * bfloat16} "
-        "(text encoding, steps, "
+        f"MLX {machine['mlx']}; whole {size}px images in float32"
+        + (" (through oneDNN)" if machine.get("float32_through_onednn") else "")
+        + f"{' and bfloat16' * bfloat16} (text encoding, steps, "
         f"decode; load excluded), {rounds} rounds, the sides alternately: medians, and the "
         "median of the rounds' speed-ups (PyTorch or OpenVINO time / MLX time)",
         "",

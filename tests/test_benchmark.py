@@ -88,6 +88,9 @@ def test_tiny_run_writes_the_results_and_prints_the_table(tmp_path, capsys):
     assert list(results["matmul_gflops"]) == ["float32"]
     assert results["matmul_gflops"]["float32"] > 0
     assert {"cpu", "cores", "ram_gb", "mlx", "device"} <= results["machine"].keys()
+    # tests/conftest.py keeps float32 out of oneDNN: the results say which ran.
+    assert results["machine"]["float32_through_onednn"] is False
+    assert "float32 through oneDNN" not in printed
     assert [(r["model"], r["dtype"], r["batch"]) for r in results["rows"]] == [
         ("tiny", "float32", 1),
         ("tiny", "float32", 2),
@@ -430,6 +433,9 @@ def test_the_comparison_table_takes_medians_over_rounds():
     ) in table
     assert "| tiny | float32 | 2 | 2.00 | 3.00 | 1.50x (1.50 / 1.50 / 1.50) |" in table
     assert "over 3 rounds" in table
+    assert "float32 through oneDNN" not in table
+    results["machine"]["float32_through_onednn"] = True
+    assert "; within fast_cpu(), float32 through oneDNN\n" in report.markdown_tables(results)
 
 
 @pytest.mark.parametrize("extra", [["--rounds", "2"], ["--reference", "--rounds", "0"]])
