@@ -53,25 +53,29 @@ def matmul_gflops(dtype: mx.Dtype = mx.float32, repeats: int = 10) -> float:
     return calls * 2 * 4096 * 1280 * 1280 / seconds / 1e9
 
 
-def bfloat16_matmul_gflops(repeats: int = 10) -> float:
-    """`matmul_gflops` for the bfloat16 matmuls of `fast_cpu(bfloat16=True)` (oneDNN's),
-    the float32 activations' conversion included."""
+def fast_cpu_matmul_gflops(bfloat16: bool, repeats: int = 10) -> float:
+    """`matmul_gflops` for the linear layers of `fast_cpu()` on the CPU, as the models run
+    them: in bfloat16 (oneDNN's, the float32 activations' conversion included) or float32
+    (oneDNN's where `onednn.float32_by_default()`, else OpenBLAS's through MLX)."""
     layer = Linear(1280, 1280, bias=False)
     a = mx.random.normal((4096, 1280))
     mx.eval(a, layer.parameters())
-    with fast_cpu(layer, bfloat16=True):
+    with fast_cpu(layer, bfloat16=bfloat16):
         seconds = median_time(lambda: mx.eval(layer(a)), repeats, warmup=2)
     return 2 * 4096 * 1280 * 1280 / seconds / 1e9
 
 
-def matmul_rates(dtypes: list[str]) -> dict[str, float]:
-    """The single-matmul GFLOP/s of each compute dtype that `dtypes` run in."""
-    rates = {
-        _dtype_name(dtype): matmul_gflops(dtype)
-        for dtype in sorted({_computes_in(d) for d in dtypes}, key=_dtype_name, reverse=True)
-    }
+def matmul_rates(dtypes: list[str], lazy: bool = False) -> dict[str, float]:
+    """The single-matmul GFLOP/s of each compute dtype that `dtypes` run in (on the CPU,
+    float32's as `fast_cpu()` runs it unless `lazy`)."""
+    rates = {}
+    for dtype in sorted({_computes_in(d) for d in dtypes}, key=_dtype_name, reverse=True):
+        in_fast_cpu = dtype == mx.float32 and on_cpu() and not lazy
+        rates[_dtype_name(dtype)] = (
+            fast_cpu_matmul_gflops(bfloat16=False) if in_fast_cpu else matmul_gflops(dtype)
+        )
     if "bfloat16" in dtypes:
-        rates["bfloat16"] = bfloat16_matmul_gflops()
+        rates["bfloat16"] = fast_cpu_matmul_gflops(bfloat16=True)
     return rates
 
 

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print()
         print(markdown_tables(results))
         return results
-    rates = matmul_rates(args.dtypes)
+    rates = matmul_rates(args.dtypes, args.lazy)
     for dtype, rate in rates.items():
         print(f"single matmul (4096x1280 @ 1280x1280, {dtype}): {rate:.0f} GFLOP/s", flush=True)
     rows: list[dict[str, Any]] = []

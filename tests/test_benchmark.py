@@ -148,7 +148,7 @@ def test_too_little_disk_stops_before_measuring(tmp_path, monkeypatch):
     assert needed == 6 * weights_on_disk(ARCHITECTURES["tiny"], False) // 4
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(benchmark.shutil, "disk_usage", lambda _: usage._replace(free=needed - 1))
-    monkeypatch.setattr(benchmark, "matmul_rates", lambda _: pytest.fail("measured"))
+    monkeypatch.setattr(benchmark, "matmul_rates", lambda *_: pytest.fail("measured"))
     with pytest.raises(SystemExit, match=r"tiny.s random weights need .* --workdir"):
         benchmark.main(
             [
@@ -180,9 +180,9 @@ def test_each_phase_runs_in_a_fast_cpu_block_of_its_own(tmp_path, capsys, monkey
     blocks, phases = [], []
 
     @contextlib.contextmanager
-    def counted(**options):
+    def counted(*models, **options):
         blocks.append(len(blocks))
-        with fast_cpu(**options):
+        with fast_cpu(*models, **options):
             yield
 
     def recorded(name, function):
@@ -436,6 +436,16 @@ def test_the_comparison_table_takes_medians_over_rounds():
     assert "float32 through oneDNN" not in table
     results["machine"]["float32_through_onednn"] = True
     assert "; within fast_cpu(), float32 through oneDNN\n" in report.markdown_tables(results)
+
+
+def test_float32_matmul_rate_is_measured_as_fast_cpu_runs_it(monkeypatch):
+    """On the CPU the UNet's "% of matmul" compares with the linear layers of `fast_cpu()`
+    (oneDNN's float32 where it runs), not with MLX's matmul, unless the run is lazy."""
+    monkeypatch.setattr(measure, "matmul_gflops", lambda dtype: 100.0)
+    monkeypatch.setattr(measure, "fast_cpu_matmul_gflops", lambda bfloat16: 300.0 + bfloat16)
+    assert measure.matmul_rates(["float32"]) == {"float32": 300.0}
+    assert measure.matmul_rates(["float32"], lazy=True) == {"float32": 100.0}
+    assert measure.matmul_rates(["float32", "bfloat16"]) == {"float32": 300.0, "bfloat16": 301.0}
 
 
 @pytest.mark.parametrize("extra", [["--rounds", "2"], ["--reference", "--rounds", "0"]])

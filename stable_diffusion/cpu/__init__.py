@@ -4,9 +4,9 @@ Importing this package first loads OpenBLAS for MLX (`blas.py`), before anything
 `mlx.core`. Within `fast_cpu()` the models' layers are their CPU subclasses (`layers.py`:
 rational activations, group norm by per-channel sums, shifted-matmul, Winograd
 (`winograd.py`), upsampling and 1x1 convolutions, dequantizing linear layers, the numpy
-kernels of `kernels.py`; with `fast_cpu(bfloat16=True)`, oneDNN's bfloat16 matmuls of
-`onednn.py`) and attention runs by `kernels.attention`; outside it the models are plain,
-lazy MLX.
+kernels of `kernels.py`; oneDNN's matmuls, convolutions and norms of `onednn.py`, in
+bfloat16 with `fast_cpu(bfloat16=True)`, in float32 on CPUs with AVX-512) and attention
+runs by `kernels.attention`; outside it the models are plain, lazy MLX.
 """
 
 from .blas import load_optimized_blas

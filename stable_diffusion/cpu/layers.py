@@ -21,7 +21,7 @@ import mlx.nn as nn
 
 from ..models import layers, unet
 from . import kernels, onednn, winograd
-from .store import kept
+from .store import kept, kept_from_second_use
 
 # -- activations ----------------------------------------------------------------------------
 #
@@ -121,8 +121,8 @@ class GEGLU(unet.GEGLU):
         biases = mx.split(self.proj.bias, 2)
         weight, half = self.proj.weight, self.proj.weight.shape[0] // 2
         if onednn.active() and x.dtype == mx.float32:
-            # Each half packed for an owner of its own (the projection is not called here);
-            # the biases, GELU and product ride along in oneDNN's matmuls.
+            # Each half (packed in bfloat16) for an owner of its own (the projection is not
+            # called here); the biases, GELU and product ride along in oneDNN's matmuls.
             gate = onednn.linear(x, weight, biases[1], self, lambda w: w[half:], gelu=True)
             return onednn.linear(x, weight, biases[0], self.proj, lambda w: w[:half], times=gate)
         hidden, gate = x @ weight[:half].T, x @ weight[half:].T
@@ -140,7 +140,8 @@ def _normalize(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array) -> 
 
 
 class LayerNorm(layers.LayerNorm):
-    """In numpy on all cores (float32 activations); in oneDNN with bfloat16 compute."""
+    """In numpy on all cores (float32 activations); in oneDNN where the layers compute
+    there (`onednn.active()`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.dtype == mx.float32 and onednn.active():
@@ -153,7 +154,7 @@ class LayerNorm(layers.LayerNorm):
 # Pixels from which group norm runs in numpy (`kernels.group_norm`): 1.2-1.4x faster on
 # the VAE's 128px to 512px images, and exact to 1e-7 where MLX's float32 sums drifted to
 # 3e-5; no faster on the UNets' latents (docs/performance.md), unless its normalizing pass
-# runs in oneDNN (bfloat16 compute).
+# runs in oneDNN (`onednn.active()`).
 _NUMPY_GROUP_NORM_MIN_PIXELS = 128 * 128
 
 
@@ -313,15 +314,18 @@ _ONEDNN_FLOAT32_MIN_PIXELS = 64 * 64
 
 
 class Conv2d(layers.Conv2d):
-    def _winograd_kernel(self, algorithm: winograd.Algorithm) -> mx.array:
+    def _winograd_kernel(self, algorithm: winograd.Algorithm) -> mx.array | None:
         """The weight's Winograd transform, made at the layer's first call in a `fast_cpu()`
         block and kept until the block ends: 16/9 or 4 times the weight's size, too much to
-        keep for good; making it at every call would cost more than the convolution saves."""
-        return kept(
-            self,
-            (self.weight, algorithm),
-            lambda: winograd.transform_kernel(self.weight, algorithm),
-        )
+        keep for good; making it at every call would cost more than the convolution saves.
+        Where oneDNN computes float32 it is not made at the first call (None): there oneDNN
+        convolves directly, for less than making the kernel costs (a one-step image would
+        make each for one use; docs/performance.md)."""
+        sources = (self.weight, algorithm)
+        make = lambda: winograd.transform_kernel(self.weight, algorithm)  # noqa: E731
+        if onednn.active():
+            return kept_from_second_use(self, sources, make)
+        return kept(self, sources, make)
 
     def _winograd_algorithm(self, x: mx.array) -> winograd.Algorithm | None:
         """For a float32 image (checked by the caller) that `__call__` convolves 3x3: the
@@ -350,11 +354,14 @@ class Conv2d(layers.Conv2d):
         )
         return x.shape[1] * x.shape[2] >= _ONEDNN_FLOAT32_MIN_PIXELS and not winograd_3x3
 
+    def _onednn(self, x: mx.array, owner: object | None) -> mx.array:
+        return onednn.conv2d(
+            x, self.weight, self.get("bias"), self.stride, self.padding, self.dilation, owner
+        )
+
     def __call__(self, x: mx.array) -> mx.array:
         if x.dtype == mx.float32 and self._by_onednn(x):
-            return onednn.conv2d(
-                x, self.weight, self.get("bias"), self.stride, self.padding, self.dilation, self
-            )
+            return self._onednn(x, self)
         if not (x.dtype == mx.float32 and self.stride == (1, 1)):
             return super().__call__(x)
         shape = self.weight.shape[1:3], self.padding
@@ -365,9 +372,10 @@ class Conv2d(layers.Conv2d):
         if shape == ((3, 3), (1, 1)):
             algorithm = self._winograd_algorithm(x)
             if algorithm is not None:
-                return winograd.conv3x3(
-                    x, self._winograd_kernel(algorithm), self.get("bias"), algorithm
-                )
+                kernel = self._winograd_kernel(algorithm)
+                if kernel is None:  # the first call in a block, see _winograd_kernel
+                    return self._onednn(x, None)
+                return winograd.conv3x3(x, kernel, self.get("bias"), algorithm)
             if x.shape[1] * x.shape[2] >= _SHIFTED_CONV_MIN_PIXELS:
                 return self._with_bias(_conv3x3_shifted(x, self.weight))
         return super().__call__(x)

@@ -14,9 +14,10 @@ matmuls per block of rows, the first exponentiating its scores as a post-op into
 powers, so that no pass over the scores runs in numpy.
 
 On CPUs with AVX-512, `fast_cpu()` without bfloat16 computes in float32 here where oneDNN
-was measured faster than OpenBLAS and Winograd (`float32_by_default`): the linear layers
-(their weights as they are, no packed copy), GEGLU and the norms; the convolutions that
-Winograd does not take on images from 64x64 pixels (the layers decide).
+was measured faster than OpenBLAS (`float32_by_default`): the linear layers (their weights
+as they are, no packed copy), GEGLU, the norms, attention from 1024 keys, Winograd's
+products (`batched_matmul`) and the convolutions that Winograd does not take on images from
+64x64 pixels (the layers decide).
 
 The library comes from the optional `onednn-cpu-gomp` wheel (requirements-bfloat16.txt),
 called through ctypes (its C API, oneDNN 3.x); `unavailable_reason` says why bfloat16
@@ -581,12 +582,15 @@ def _float32(weight: mx.array) -> np.ndarray:
 
 
 def _weight(
-    plan: _Plan, weight: mx.array, owner: object, matrix: Callable[[mx.array], mx.array]
+    plan: _Plan, weight: mx.array, owner: object | None, matrix: Callable[[mx.array], mx.array]
 ) -> np.ndarray:
     """`matrix(weight)` as `plan` takes it: packed for `owner` until the `fast_cpu()` block
-    ends (as `store.kept` keeps; made again when `weight` is replaced), or as it is."""
+    ends (as `store.kept` keeps; made again when `weight` is replaced; for this call only
+    without an owner), or as it is."""
     if plan.pack_weight is None:
         return _float32(matrix(weight))
+    if owner is None:
+        return _pack(plan, matrix(weight))
     return kept(owner, (weight, plan), lambda: _pack(plan, matrix(weight)))
 
 
@@ -724,11 +728,12 @@ def conv2d(
     stride: int | tuple[int, int],
     padding: int | tuple[int, int],
     dilation: int | tuple[int, int],
-    owner: object,
+    owner: object | None,
 ) -> mx.array:
     """MLX's `conv2d(x, weight, stride, padding, dilation)` (+ bias) in this block's
     precision with float32 sums, for a float32 (batch, height, width, in) `x` and an (out,
-    kernel height, kernel width, in) weight, packed for `owner` (`_weight`)."""
+    kernel height, kernel width, in) weight, packed for `owner` (`_weight`; None: for this
+    call only)."""
     stride, padding, dilation = (
         (n, n) if isinstance(n, int) else tuple(n) for n in (stride, padding, dilation)
     )

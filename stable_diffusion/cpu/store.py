@@ -48,15 +48,35 @@ def kept(owner: object, sources: tuple[object, ...], make: Callable[[], T]) -> T
     store = _BLOCK_STORE.get()
     if store is None:
         return make()
-    entry = store.get(id(owner))
-    if (
-        entry is None
-        or len(entry.sources) != len(sources)
-        or any(old is not new for old, new in zip(entry.sources, sources, strict=True))
-    ):
-        # The entry holds its sources, so no new array can take their ids meanwhile.
-        store[id(owner)] = _Kept(sources, _MADE_ONCE)
+    if _first_request(store, owner, sources):
         return make()
+    entry = store[id(owner)]
     if entry.value is _MADE_ONCE:
         entry = store[id(owner)] = _Kept(sources, make())
     return entry.value  # type: ignore[return-value]
+
+
+def kept_from_second_use(
+    owner: object, sources: tuple[object, ...], make: Callable[[], T]
+) -> T | None:
+    """As `kept`, but nothing is made at the first request in a block: None, for the caller
+    to compute another way (a convolution without its Winograd kernel, which a block that
+    calls the model once would make for one use). Outside a block, made at every call."""
+    store = _BLOCK_STORE.get()
+    if store is not None and _first_request(store, owner, sources):
+        return None
+    return kept(owner, sources, make)
+
+
+def _first_request(store: dict, owner: object, sources: tuple[object, ...]) -> bool:
+    """Whether this is `owner`'s first request from `sources` in the block (noted if so)."""
+    entry = store.get(id(owner))
+    if (
+        entry is not None
+        and len(entry.sources) == len(sources)
+        and all(old is new for old, new in zip(entry.sources, sources, strict=True))
+    ):
+        return False
+    # The entry holds its sources, so no new array can take their ids meanwhile.
+    store[id(owner)] = _Kept(sources, _MADE_ONCE)
+    return True

@@ -80,6 +80,24 @@ def test_a_value_is_kept_from_its_second_use_until_the_block_ends():
     assert use(replaced) == 7  # outside a block: made at every use
 
 
+def test_a_value_kept_from_its_second_use_can_be_left_unmade_at_the_first():
+    """`store.kept_from_second_use`: None at the first use in a block (the caller computes
+    without it), then as `store.kept` from the second."""
+    made = []
+    owner, source = object(), mx.zeros(1)
+
+    def use(source: mx.array) -> int | None:
+        return store.kept_from_second_use(owner, (source,), lambda: made.append(1) or len(made))
+
+    with fast_cpu():
+        assert [use(source) for _ in range(3)] == [None, 1, 1]
+        replaced = mx.zeros(1)
+        assert [use(replaced) for _ in range(3)] == [None, 2, 2]
+    with fast_cpu():
+        assert [use(replaced) for _ in range(2)] == [None, 3]
+    assert use(replaced) == 4  # outside a block: made at every use
+
+
 class _MallocInfo(ctypes.Structure):
     """glibc's struct mallinfo2."""
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from stable_diffusion import fast_cpu
-from stable_diffusion.cpu import features, kernels, onednn
+from stable_diffusion.cpu import features, kernels, onednn, winograd
 from stable_diffusion.cpu import layers as cpu_layers
 from stable_diffusion.models import layers, unet
 from tests.helpers import (
@@ -133,26 +133,31 @@ def test_convolutions_in_float32(onednn_float32, kernel, stride, padding, dilati
 
 
 @pytest.mark.parametrize(
-    "image, channels, kernel, stride, in_onednn",
+    "image, channels, kernel, stride, calls_in_onednn",
     [
-        ((64, 64), (8, 8), 3, 1, True),  # the VAE's narrow layers (too few for Winograd)
-        ((64, 64), (8, 16), 1, 1, True),  # shortcuts
-        ((64, 64), (8, 8), 3, 2, True),  # downsamplers
-        ((64, 63), (8, 8), 3, 1, False),  # under MIN_PIXELS
-        ((32, 32), (256, 256), 3, 1, False),  # Winograd's
+        ((64, 64), (8, 8), 3, 1, 3),  # the VAE's narrow layers (too few for Winograd)
+        ((64, 64), (8, 16), 1, 1, 3),  # shortcuts
+        ((64, 64), (8, 8), 3, 2, 3),  # downsamplers
+        ((64, 63), (8, 8), 3, 1, 0),  # under MIN_PIXELS
+        ((32, 32), (256, 256), 3, 1, 1),  # Winograd's, from the second call in a block
     ],
 )
 def test_which_convolutions_take_onednn_float32(
-    onednn_float32, monkeypatch, image, channels, kernel, stride, in_onednn
+    onednn_float32, monkeypatch, image, channels, kernel, stride, calls_in_onednn
 ):
     monkeypatch.setattr(cpu_layers, "_ONEDNN_FLOAT32_MIN_PIXELS", MIN_PIXELS)
+    by_winograd = []
+    conv3x3 = winograd.conv3x3
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: by_winograd.append(1) or conv3x3(*a))
     conv = layers.Conv2d(*channels, kernel, stride=stride, padding=kernel // 2)
     x = mx.random.normal((1, *image, channels[0]), key=mx.random.key(5))
     with fast_cpu(conv):
-        ours = conv(x)
-    assert onednn_float32 == (["conv2d"] if in_onednn else [])
+        outputs = [conv(x) for _ in range(3)]
+    assert onednn_float32 == ["conv2d"] * calls_in_onednn
+    assert len(by_winograd) == (2 if channels[0] == 256 else 0)
     expected = mx.conv2d(x, conv.weight, stride, kernel // 2) + conv.bias
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    for ours in outputs:
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
 @pytest.fixture(
