@@ -32,11 +32,12 @@ def onednn_float32(monkeypatch) -> list[str]:
     """`fast_cpu()` computes float32 through oneDNN, on any CPU, and every convolution that
     Winograd does not take and every non-causal attention runs there however few its pixels
     and keys (the tiny models' are below the thresholds); returns what ran through oneDNN
-    ("linear", "conv2d", "powers_times_values"), to check that it ran. CI installs oneDNN
-    (requirements-bfloat16.txt): there the test fails rather than skips without it."""
+    ("linear", "conv2d", "powers_times_values"), to check that it ran. CI installs oneDNN on
+    Linux x86-64 (requirements-bfloat16.txt): there the test fails rather than skips
+    without it."""
     from stable_diffusion.cpu import kernels, layers, onednn
 
-    if not onednn.installed() and not os.environ.get("CI"):
+    if not onednn.installed() and not (os.environ.get("CI") and onednn.on_linux_x86()):
         pytest.skip(f"oneDNN is not installed: {onednn.FIX}")
     monkeypatch.setattr(onednn, "float32_by_default", lambda: True)
     monkeypatch.setattr(layers, "_ONEDNN_FLOAT32_MIN_PIXELS", 1)

@@ -102,14 +102,15 @@ def cpu_has_bfloat16() -> bool:
     return bool(set(_CPU_FLAGS) & features.cpu_flags())
 
 
-def _on_linux_x86() -> bool:
+def on_linux_x86() -> bool:
+    """Where oneDNN's wheel installs (requirements-bfloat16.txt's markers)."""
     machine = platform.machine().lower()
     return sys.platform.startswith("linux") and machine in ("x86_64", "amd64")
 
 
 def unavailable_reason() -> str | None:
     """Why bfloat16 compute cannot run here, with the fix; None where it can."""
-    if not _on_linux_x86():
+    if not on_linux_x86():
         return (
             f"bfloat16 compute needs Linux on x86-64 (this is {sys.platform} on "
             f"{platform.machine()}): run without --bfloat16"
@@ -133,7 +134,7 @@ def require() -> None:
 
 def installed() -> bool:
     """Whether oneDNN can be loaded here (float32 compute needs no CPU feature)."""
-    return _on_linux_x86() and _library_path() is not None
+    return on_linux_x86() and _library_path() is not None
 
 
 def float32_by_default() -> bool:
