@@ -11,6 +11,9 @@ tests/test_odd_sizes.py."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -22,6 +25,7 @@ from stable_diffusion.cpu import layers as cpu_layers
 from stable_diffusion.models import layers, unet
 from tests.helpers import (
     CONVOLUTIONS,
+    ROOT,
     attention_bound,
     convolve_float64,
     extreme_scores,
@@ -230,3 +234,32 @@ def test_float32_attention_recomputes_underflowed_rows(onednn_float32, monkeypat
     assert onednn_float32 == ["powers_times_values"]
     assert sum(recomputed) == length // 2
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * abs(v).max())
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ({}, ("PASSIVE", "10000")),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),
+        ({"GOMP_SPINCOUNT": "0"}, ("PASSIVE", "0")),
+    ],
+)
+def test_openmp_waits_briefly_then_sleeps_unless_told_otherwise(onednn_float32, given, expected):
+    """oneDNN's OpenMP threads sleep between calls (they would take the cores from numpy and
+    OpenBLAS) after a short spin, set before the library loads; the user's settings stand."""
+    script = (
+        "import os; from stable_diffusion.cpu import onednn; onednn._library(); "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    )
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**environment, **given},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.split() == [str(value) for value in expected]
