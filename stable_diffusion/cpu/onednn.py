@@ -277,21 +277,49 @@ def _library() -> _Library:
 
 
 @dataclass(frozen=True)
+class _Packing:
+    """An operand in its own layout (`plain`) -> the layout a primitive asks for (`packed`,
+    `size` bytes); `reorder` is None where the two are the same."""
+
+    plain: _Handle
+    packed: _Handle
+    size: int
+    reorder: _Handle | None
+
+    @staticmethod
+    def of(library: _Library, descriptor: _Handle, plain: _Handle) -> _Packing:
+        """The packing of `descriptor`'s primitive's weights (its second operand)."""
+        query = library.dnnl.dnnl_primitive_desc_query_md
+        packed = _Handle(query(descriptor, _QUERY_WEIGHTS_MD, 0))
+        same = library.dnnl.dnnl_memory_desc_equal(plain, packed)
+        reorder = None if same else library.reorder(plain, packed)
+        return _Packing(plain, packed, library.dnnl.dnnl_memory_desc_get_size(packed), reorder)
+
+    def pack(self, array: np.ndarray) -> np.ndarray:
+        """`array` (laid out as `plain`) in the packed layout: a new buffer, or `array`."""
+        if self.reorder is None:
+            return array
+        out = np.empty(self.size, np.uint8)
+        _library().execute(
+            self.reorder,
+            [(_ARG_FROM, self.plain, array.ctypes.data), (_ARG_TO, self.packed, out.ctypes.data)],
+        )
+        return out
+
+
+@dataclass(frozen=True)
 class _Plan:
     """The primitives of one matmul or convolution of a given shape, computed in bfloat16
     or float32: the float32 input -> a bfloat16 copy (None in float32); the float32 weight
-    (its own strides) -> the packed layout the primitive asks for (None where it takes the
-    weight as it is); the primitive itself (float32 bias and output)."""
+    (its own strides) as the primitive takes it; the primitive itself (float32 bias and
+    output)."""
 
     source: _Handle
     computed_source: _Handle
-    weight: _Handle
-    packed_weight: _Handle
-    packed_bytes: int
+    weight: _Packing
     bias: _Handle | None
     destination: _Handle
     convert_source: _Handle | None
-    pack_weight: _Handle | None
     compute: _Handle
 
 
@@ -306,23 +334,15 @@ def _plan(
 ) -> _Plan:
     """A `_Plan` from a primitive descriptor made on `source`'s (shape, strides) in `dtype`
     (_BF16 or _F32)."""
-    packed = _Handle(library.dnnl.dnnl_primitive_desc_query_md(descriptor, _QUERY_WEIGHTS_MD, 0))
     source_f32 = library.descriptor(*source, _F32)
     computed_source = library.descriptor(*source, dtype)
     return _Plan(
         source=source_f32,
         computed_source=computed_source,
-        weight=weight,
-        packed_weight=packed,
-        packed_bytes=library.dnnl.dnnl_memory_desc_get_size(packed),
+        weight=_Packing.of(library, descriptor, weight),
         bias=bias,
         destination=destination,
         convert_source=None if dtype == _F32 else library.reorder(source_f32, computed_source),
-        pack_weight=(
-            None
-            if library.dnnl.dnnl_memory_desc_equal(weight, packed)
-            else library.reorder(weight, packed)
-        ),
         compute=library.primitive(descriptor),
     )
 
@@ -592,7 +612,7 @@ def _weight(
     """`matrix(weight)` as `plan` takes it: packed for `owner` until the `fast_cpu()` block
     ends (as `store.kept` keeps; made again when `weight` is replaced; for this call only
     without an owner), or as it is."""
-    if plan.pack_weight is None:
+    if plan.weight.reorder is None:
         return _float32(matrix(weight))
     if owner is None:
         return _pack(plan, matrix(weight))
@@ -600,17 +620,7 @@ def _weight(
 
 
 def _pack(plan: _Plan, weight: mx.array) -> np.ndarray:
-    assert plan.pack_weight is not None
-    weight = _float32(weight)
-    packed = np.empty(plan.packed_bytes, np.uint8)
-    _library().execute(
-        plan.pack_weight,
-        [
-            (_ARG_FROM, plan.weight, weight.ctypes.data),
-            (_ARG_TO, plan.packed_weight, packed.ctypes.data),
-        ],
-    )
-    return packed
+    return plan.weight.pack(_float32(weight))
 
 
 def _source_scratch(elements: int) -> np.ndarray:
@@ -694,7 +704,7 @@ def _run(
         )
     args = [
         (_ARG_SRC, plan.computed_source, source.ctypes.data),
-        (_ARG_WEIGHTS, plan.packed_weight, packed.ctypes.data),
+        (_ARG_WEIGHTS, plan.weight.packed, packed.ctypes.data),
         (_ARG_DST, plan.destination, np.asarray(out).ctypes.data),
     ]
     if bias is not None and plan.bias is not None:
@@ -761,16 +771,10 @@ class _Attention:
     bfloat16 powers; the powers times the packed values, into float32."""
 
     queries: _Handle
-    plain_keys: _Handle
-    packed_keys: _Handle
-    keys_bytes: int
+    keys: _Packing
     powers: _Handle
-    plain_values: _Handle
-    packed_values: _Handle
-    values_bytes: int
+    values: _Packing
     output: _Handle
-    pack_keys: _Handle
-    pack_values: _Handle
     exponentiate: _Handle
     weigh: _Handle
 
@@ -800,38 +804,18 @@ def _attention(rows: int, width: int, keys: int, value_width: int, dtype: int) -
             None,
             "plan an attention matmul",
         )
-        packed_keys, packed_values = (
-            _Handle(library.dnnl.dnnl_primitive_desc_query_md(d, _QUERY_WEIGHTS_MD, 0))
-            for d in (exponentiate, weigh)
-        )
         plain_keys = library.descriptor((width, keys), (keys, 1), dtype)
         plain_values = library.descriptor((keys, value_width), (value_width, 1), dtype)
         _PLANS[key] = _Attention(
             queries=queries,
-            plain_keys=plain_keys,
-            packed_keys=packed_keys,
-            keys_bytes=library.dnnl.dnnl_memory_desc_get_size(packed_keys),
+            keys=_Packing.of(library, exponentiate, plain_keys),
             powers=powers,
-            plain_values=plain_values,
-            packed_values=packed_values,
-            values_bytes=library.dnnl.dnnl_memory_desc_get_size(packed_values),
+            values=_Packing.of(library, weigh, plain_values),
             output=output,
-            pack_keys=library.reorder(plain_keys, packed_keys),
-            pack_values=library.reorder(plain_values, packed_values),
             exponentiate=library.primitive(exponentiate),
             weigh=library.primitive(weigh),
         )
     return _PLANS[key]
-
-
-def _pack_operand(
-    reorder: _Handle, plain: _Handle, packed: _Handle, size: int, array: np.ndarray
-) -> np.ndarray:
-    out = np.empty(size, np.uint8)
-    _library().execute(
-        reorder, [(_ARG_FROM, plain, array.ctypes.data), (_ARG_TO, packed, out.ctypes.data)]
-    )
-    return out
 
 
 def powers_times_values(queries: mx.array, keys: mx.array, values: mx.array) -> np.ndarray:
@@ -860,18 +844,13 @@ def powers_times_values(queries: mx.array, keys: mx.array, values: mx.array) -> 
     plan = _attention(rows, width, key_count, value_width, dtype)
     library = _library()
     for head in range(heads):
-        packed_keys = _pack_operand(
-            plan.pack_keys, plan.plain_keys, plan.packed_keys, plan.keys_bytes, keys[head]
-        )
-        packed_values = _pack_operand(
-            plan.pack_values, plan.plain_values, plan.packed_values, plan.values_bytes, values[head]
-        )
+        packed_keys, packed_values = plan.keys.pack(keys[head]), plan.values.pack(values[head])
         for start in range(0, padded_length, rows):
             library.execute(
                 plan.exponentiate,
                 [
                     (_ARG_SRC, plan.queries, queries[head, start].ctypes.data),
-                    (_ARG_WEIGHTS, plan.packed_keys, packed_keys.ctypes.data),
+                    (_ARG_WEIGHTS, plan.keys.packed, packed_keys.ctypes.data),
                     (_ARG_DST, plan.powers, powers.ctypes.data),
                 ],
             )
@@ -879,7 +858,7 @@ def powers_times_values(queries: mx.array, keys: mx.array, values: mx.array) -> 
                 plan.weigh,
                 [
                     (_ARG_SRC, plan.powers, powers.ctypes.data),
-                    (_ARG_WEIGHTS, plan.packed_values, packed_values.ctypes.data),
+                    (_ARG_WEIGHTS, plan.values.packed, packed_values.ctypes.data),
                     (_ARG_DST, plan.output, out[head, start].ctypes.data),
                 ],
             )
