@@ -93,9 +93,9 @@ def fast_cpu(*models: nn.Module, bfloat16: bool = False) -> Iterator[None]:
     With `bfloat16`, the linear layers, convolutions and attention over 1024 keys or more
     compute in bfloat16 through oneDNN (`onednn.py`: CPUs with AVX512_BF16 or AMX, the optional
     requirements-bfloat16.txt); where that cannot run, `onednn.Unavailable` says why and
-    names the fix. Without it, on CPUs with AVX-512 where oneDNN is installed, the linear
-    layers, norms and the convolutions Winograd does not take compute in float32 through
-    oneDNN (`onednn.float32_by_default`). No effect on a GPU."""
+    names the fix. Without it, on CPUs with AVX-512 where oneDNN is installed, what
+    `onednn.py`'s docstring lists (linear layers, norms, long attention, some convolutions)
+    computes in float32 through oneDNN (`onednn.float32_by_default`). No effect on a GPU."""
     with ExitStack() as stack:
         if bfloat16 and on_cpu():
             onednn.require()

@@ -328,12 +328,13 @@ class Conv2d(layers.Conv2d):
         return kept(self, sources, make)
 
     def _winograd_algorithm(self, x: mx.array) -> winograd.Algorithm | None:
-        """For a float32 image (checked by the caller) that `__call__` convolves 3x3: the
-        Winograd algorithm to run, if any."""
-        out_channels, _, _, in_channels = self.weight.shape
+        """For a float32 image (checked by the caller): the Winograd algorithm that
+        convolves it, if any (3x3 kernels, stride 1, padding 1)."""
+        out_channels, kernel_height, kernel_width, in_channels = self.weight.shape
         pixels = x.shape[1] * x.shape[2]
         if (
-            self.weight.dtype != mx.float32
+            ((kernel_height, kernel_width), self.stride, self.padding) != ((3, 3), (1, 1), (1, 1))
+            or self.weight.dtype != mx.float32
             or min(in_channels, out_channels) < _WINOGRAD_MIN_CHANNELS
             or pixels < _WINOGRAD_MIN_PIXELS
         ):
@@ -346,13 +347,8 @@ class Conv2d(layers.Conv2d):
             return False
         if onednn.bfloat16_active():
             return True
-        winograd_3x3 = (
-            self.weight.shape[1:3] == (3, 3)
-            and self.stride == (1, 1)
-            and self.padding == (1, 1)
-            and self._winograd_algorithm(x) is not None
-        )
-        return x.shape[1] * x.shape[2] >= _ONEDNN_FLOAT32_MIN_PIXELS and not winograd_3x3
+        pixels = x.shape[1] * x.shape[2]
+        return pixels >= _ONEDNN_FLOAT32_MIN_PIXELS and self._winograd_algorithm(x) is None
 
     def _onednn(self, x: mx.array, owner: object | None) -> mx.array:
         return onednn.conv2d(
