@@ -483,6 +483,11 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
 
 # Elements per group norm chunk (1 MB of float32): smaller chunks ran slower.
 _GROUP_NORM_CHUNK = 1 << 18
+# Pixels up to which a group norm's statistics come from oneDNN where the CPU layers compute
+# there: 2-5x faster than numpy's on the UNets' latents, no faster on the VAE's larger
+# images, where its extra pass (it writes a normalized copy) costs as much as it saves
+# (docs/performance.md).
+_ONEDNN_STATISTICS_MAX_PIXELS = 128 * 128
 
 
 def group_norm(
@@ -511,10 +516,49 @@ def _group_norm_pixels(
     eps: float,
     silu_after: bool,
 ) -> None:
-    """One image's (pixels, channels) group norm into `out`, in three passes over chunks of
-    pixels: per-channel sums (float32 within a chunk, float64 across); the centred squares
-    about each group's mean (two passes: E[x^2] - E[x]^2 cancels badly); the normalization,
-    scale and shift (and SiLU) in one."""
+    """One image's (pixels, channels) group norm into `out`: each group's mean and variance
+    (float64), then the normalization, scale and shift (and SiLU) in one pass; in oneDNN
+    where the CPU layers compute there, else in numpy over chunks of pixels."""
+    if onednn.active() and len(pixels) <= _ONEDNN_STATISTICS_MAX_PIXELS:
+        mean, variance = _groups_of_channels(*onednn.channel_statistics(pixels, out), groups)
+    else:
+        mean, variance = _group_statistics(pixels, groups)
+    scale = weight / np.sqrt(variance + eps)
+    shift, scale = (bias - mean * scale).astype(np.float32), scale.astype(np.float32)
+    if onednn.active():  # one pass of oneDNN's vectorized code, 3x faster on the VAE's
+        onednn.scale_shift(pixels, out, scale, shift, silu_after)
+        return
+    step = max(1, _GROUP_NORM_CHUNK // pixels.shape[1])
+
+    def normalize(part: np.ndarray, out_part: np.ndarray) -> None:
+        for start in range(0, len(part), step):
+            y = out_part[start : start + step]
+            np.multiply(part[start : start + step], scale, out=y)
+            y += shift
+            if silu_after:
+                _silu_in_place(y.reshape(-1))
+
+    _split_over_cores(normalize, pixels, out)
+
+
+def _groups_of_channels(
+    channel_mean: np.ndarray, channel_variance: np.ndarray, groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel: its group's mean and variance from its channels' (each over the same
+    pixels): the mean of their means; the mean of their variances plus the variance of
+    their means."""
+    means = channel_mean.astype(np.float64).reshape(groups, -1)
+    group_mean = means.mean(axis=1, keepdims=True)
+    variances = channel_variance.astype(np.float64).reshape(groups, -1)
+    group_variance = (variances + np.square(means - group_mean)).mean(axis=1)
+    return np.repeat(group_mean, means.shape[1]), np.repeat(group_variance, means.shape[1])
+
+
+def _group_statistics(pixels: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel: its group's mean and variance over (pixels, channels), in two passes
+    over chunks of pixels on all cores: per-channel sums (float32 within a chunk, float64
+    across), then the centred squares about each group's mean (E[x^2] - E[x]^2 cancels
+    badly)."""
     channels = pixels.shape[1]
     count = len(pixels) * (channels // groups)
     step = max(1, _GROUP_NORM_CHUNK // channels)
@@ -537,19 +581,4 @@ def _group_norm_pixels(
         np.square(centred, out=centred)
         return np.add.reduce(centred, axis=0)
 
-    scale = weight / np.sqrt(per_group(centred_squares) + eps)
-    shift, scale = (bias - mean * scale).astype(np.float32), scale.astype(np.float32)
-
-    if onednn.active():  # one pass of oneDNN's vectorized code, 3x faster on the VAE's
-        onednn.scale_shift(pixels, out, scale, shift, silu_after)
-        return
-
-    def normalize(part: np.ndarray, out_part: np.ndarray) -> None:
-        for start in range(0, len(part), step):
-            y = out_part[start : start + step]
-            np.multiply(part[start : start + step], scale, out=y)
-            y += shift
-            if silu_after:
-                _silu_in_place(y.reshape(-1))
-
-    _split_over_cores(normalize, pixels, out)
+    return mean, per_group(centred_squares)

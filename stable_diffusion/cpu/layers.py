@@ -123,8 +123,8 @@ class GEGLU(unet.GEGLU):
         if onednn.active() and x.dtype == mx.float32:
             # Each half (packed in bfloat16) for an owner of its own (the projection is not
             # called here); the biases, GELU and product ride along in oneDNN's matmuls.
-            gate = onednn.linear(x, weight, biases[1], self, lambda w: w[half:], gelu=True)
-            return onednn.linear(x, weight, biases[0], self.proj, lambda w: w[:half], times=gate)
+            gate = onednn.linear(x, weight, biases[1], self, slice(half, None), gelu=True)
+            return onednn.linear(x, weight, biases[0], self.proj, slice(half), times=gate)
         hidden, gate = x @ weight[:half].T, x @ weight[half:].T
         if hidden.dtype == mx.float32:
             return kernels.geglu_(hidden, gate, *biases)

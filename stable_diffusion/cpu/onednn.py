@@ -33,7 +33,7 @@ import os
 import platform
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -58,14 +58,14 @@ _CPU_ENGINE = 1
 _IN_ORDER_STREAM = 1
 _BF16, _F32 = 2, 3
 _FORMAT_ANY = 1
-_FORWARD_INFERENCE = 96
+_FORWARD_TRAINING, _FORWARD_INFERENCE = 64, 96
 _CONVOLUTION_DIRECT = 1
 _ELTWISE = {"exp": 42, "silu": 44, "gelu": 49}  # silu: swish with alpha 1
 _BINARY = {"plus": 0x1FFF0, "times": 0x1FFF1}
 _ARG_FIRST_POST_OP_OPERAND = 32768 | 2  # DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1
 _QUERY_WEIGHTS_MD = 131
 _ARG_SRC, _ARG_SRC_1, _ARG_DST, _ARG_WEIGHTS, _ARG_BIAS = 1, 2, 17, 33, 41
-_ARG_SCALE, _ARG_SHIFT = 51, 52
+_ARG_MEAN, _ARG_VARIANCE, _ARG_SCALE, _ARG_SHIFT = 49, 50, 51, 52
 _USE_SCALE_AND_SHIFT = 0x2 | 0x4  # dnnl_use_scale | dnnl_use_shift
 _ARG_FROM, _ARG_TO = _ARG_SRC, _ARG_DST
 _MAX_DIMS = 12
@@ -465,6 +465,49 @@ def scale_shift(
     )
 
 
+def channel_statistics(x: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each channel's mean and variance (about the mean, over the rows) of a float32 (rows,
+    channels) array, from oneDNN's batch normalization (a pass for the means, another for
+    the centred squares, float32 sums), which also writes the per-channel normalized array
+    into `scratch` (float32, x's shape; unused here): 3-10x faster than numpy's sums on the
+    UNets' group norms (docs/performance.md)."""
+    rows, channels = x.shape
+    key = "channel_statistics", rows, channels
+    library = _library()
+    if key not in _PLANS:
+        # One image of `rows` pixels in `_nhwc` layout (an unused axis's stride too: else
+        # oneDNN takes it for another layout and runs its reference code, 100x slower).
+        image = library.descriptor(*_nhwc((1, rows, 1, channels)), _F32)
+        descriptor = _Handle()
+        library.check(
+            library.dnnl.dnnl_batch_normalization_forward_primitive_desc_create(
+                ctypes.byref(descriptor),
+                library.engine,
+                _FORWARD_TRAINING,
+                image,
+                image,
+                ctypes.c_float(0),
+                ctypes.c_uint(0),
+                None,
+            ),
+            "plan a group norm's statistics",
+        )
+        per_channel = library.descriptor((channels,), (1,), _F32)
+        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor))
+    plan: _PerChannel = _PLANS[key]
+    mean, variance = np.empty(channels, np.float32), np.empty(channels, np.float32)
+    library.execute(
+        plan.compute,
+        [
+            (_ARG_SRC, plan.image, x.ctypes.data),
+            (_ARG_DST, plan.image, scratch.ctypes.data),
+            (_ARG_MEAN, plan.per_channel, mean.ctypes.data),
+            (_ARG_VARIANCE, plan.per_channel, variance.ctypes.data),
+        ],
+    )
+    return mean, variance
+
+
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
     """Layer norm over float32 `x`'s last axis, scaled and shifted, into a new array: one
     oneDNN primitive (float32 arithmetic), 6x faster than `kernels.layer_norm` on the UNets'
@@ -607,20 +650,28 @@ def _float32(weight: mx.array) -> np.ndarray:
 
 
 def _weight(
-    plan: _Plan, weight: mx.array, owner: object | None, matrix: Callable[[mx.array], mx.array]
+    plan: _Plan, weight: mx.array, owner: object | None, rows: slice = slice(None)
 ) -> np.ndarray:
-    """`matrix(weight)` as `plan` takes it: packed for `owner` until the `fast_cpu()` block
+    """`weight[rows]` as `plan` takes it: packed for `owner` until the `fast_cpu()` block
     ends (as `store.kept` keeps; made again when `weight` is replaced; for this call only
     without an owner), or as it is."""
     if plan.weight.reorder is None:
-        return _float32(matrix(weight))
+        return _float32_rows(weight, rows)
     if owner is None:
-        return _pack(plan, matrix(weight))
-    return kept(owner, (weight, plan), lambda: _pack(plan, matrix(weight)))
+        return _pack(plan, weight, rows)
+    return kept(owner, (weight, plan), lambda: _pack(plan, weight, rows))
 
 
-def _pack(plan: _Plan, weight: mx.array) -> np.ndarray:
-    return plan.weight.pack(_float32(weight))
+def _pack(plan: _Plan, weight: mx.array, rows: slice) -> np.ndarray:
+    return plan.weight.pack(_float32_rows(weight, rows))
+
+
+def _float32_rows(weight: mx.array, rows: slice) -> np.ndarray:
+    """A float32 weight's rows sliced in numpy, a view: `mx.contiguous` of MLX's slice
+    copies them (3 ms for half of SD 1.5's largest GEGLU weight, at every call)."""
+    if weight.dtype == mx.float32:
+        return _float32(weight)[rows]
+    return _float32(weight[rows])
 
 
 def _source_scratch(elements: int) -> np.ndarray:
@@ -720,19 +771,18 @@ def linear(
     weight: mx.array,
     bias: mx.array | None,
     owner: object,
-    matrix: Callable[[mx.array], mx.array] | None = None,
+    rows: slice = slice(None),
     gelu: bool = False,
     times: mx.array | None = None,
 ) -> mx.array:
     """x @ w.T (+ bias) in this block's precision with float32 sums, for float32 `x` of any
-    leading shape, where w is the (columns, inner) `matrix(weight)` (`weight` itself by
-    default); with `gelu`, the exact GELU of that; with `times`, that times `times` (of the
-    result's shape), in the same pass. A packed w is kept for `owner` (`_weight`)."""
-    matrix = matrix or (lambda w: w)
-    inner, columns = x.shape[-1], matrix(weight).shape[0]
+    leading shape, where w is the (columns, inner) `weight[rows]`; with `gelu`, the exact
+    GELU of that; with `times`, that times `times` (of the result's shape), in the same
+    pass. A packed w is kept for `owner` (`_weight`)."""
+    inner, columns = x.shape[-1], len(range(weight.shape[0])[rows])
     then = "gelu" if gelu else "times" if times is not None else None
     plan = _matmul(x.size // inner, inner, columns, bias is not None, _compute(), then)
-    packed = _weight(plan, weight, owner, matrix)
+    packed = _weight(plan, weight, owner, rows)
     return _run(plan, x, packed, bias, (*x.shape[:-1], columns), times)
 
 
@@ -754,7 +804,7 @@ def conv2d(
     )
     shape = ConvShape(x.shape, weight.shape, stride, padding, dilation)  # type: ignore[arg-type]
     plan = _convolution(shape, bias is not None, _compute())
-    return _run(plan, x, _weight(plan, weight, owner, lambda w: w), bias, shape.output)
+    return _run(plan, x, _weight(plan, weight, owner), bias, shape.output)
 
 
 # Powers per attention block (4 MB of bfloat16): fewer, larger blocks ran faster up to

@@ -106,12 +106,20 @@ def test_float16_weights_multiply_in_float32(onednn_float32):
     assert_float32_close(ours, np.array(x), weight, np.array(layer.bias))
 
 
-def test_geglu_in_float32(onednn_float32):
-    geglu = unet.GEGLU(64, 32)
+def test_geglu_in_float32(onednn_float32, monkeypatch):
+    """Each half of the projection multiplies with its rows of the weight read in place
+    (`mx.contiguous` of MLX's slice copies them, from 256 rows of 64 here)."""
+    weights = []
+    run = onednn._run
+    monkeypatch.setattr(onednn, "_run", lambda *a: weights.append(a[2]) or run(*a))
+    geglu = unet.GEGLU(64, 512)
     x = mx.random.normal((1, 16, 64), key=mx.random.key(3))
     with fast_cpu(geglu):
         ours = np.array(geglu(x))
     assert onednn_float32 == ["linear", "linear"]
+    whole = np.asarray(geglu.proj.weight)
+    assert [w.shape for w in weights] == [(512, 64)] * 2
+    assert all(np.shares_memory(w, whole) for w in weights)
     projected = np.array(x, np.float64) @ np.array(geglu.proj.weight, np.float64).T
     projected += np.array(geglu.proj.bias, np.float64)
     hidden, gate = np.split(projected, 2, axis=-1)
@@ -175,20 +183,26 @@ def onednn_block(request):
 
 
 @pytest.mark.parametrize("silu", [False, True])
-def test_group_norm_normalizes_in_onednn_in_float32(onednn_block, monkeypatch, silu):
+@pytest.mark.parametrize("size", [(9, 7), (129, 128)])
+def test_group_norm_normalizes_in_onednn_in_float32(onednn_block, monkeypatch, silu, size):
     """Where oneDNN computes, every group norm (the UNets' small latents too) runs
-    `kernels.group_norm`, its normalizing pass (and SiLU) in oneDNN: float32 arithmetic,
-    exact to float32's rounding."""
+    `kernels.group_norm`, its normalizing pass (and SiLU) in oneDNN, its statistics too up to
+    `_ONEDNN_STATISTICS_MAX_PIXELS` (numpy's above): float32 arithmetic, within 1e-5 of
+    float64 on channels far from zero (where E[x^2] - E[x]^2 would cancel)."""
     calls = []
-    scale_shift = onednn.scale_shift
-    monkeypatch.setattr(onednn, "scale_shift", lambda *a: calls.append(1) or scale_shift(*a))
+    for name in ("scale_shift", "channel_statistics"):
+        function = getattr(onednn, name)
+        monkeypatch.setattr(onednn, name, lambda *a, f=function, n=name: calls.append(n) or f(*a))
     norm = layers.GroupNorm(4, 32, 1e-5)
     norm.weight = mx.random.normal((32,), key=mx.random.key(1))
     norm.bias = mx.random.normal((32,), key=mx.random.key(2))
-    x = 2 * mx.random.normal((2, 9, 7, 32), key=mx.random.key(3)) - 5
+    offsets = mx.random.uniform(-20, 20, (32,), key=mx.random.key(4))
+    x = 2 * mx.random.normal((2, *size, 32), key=mx.random.key(3)) + offsets
     with onednn_block(norm):
         ours = np.array(norm(x, silu_after=silu))
-    assert calls == [1, 1]  # one pass per image
+    small = size[0] * size[1] <= kernels._ONEDNN_STATISTICS_MAX_PIXELS
+    # One pass per image, and the statistics' passes where oneDNN computes them.
+    assert calls == (["channel_statistics", "scale_shift"] if small else ["scale_shift"]) * 2
     expected = group_norm_float64(x, 4, norm.weight, norm.bias, 1e-5, silu)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
