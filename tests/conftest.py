@@ -31,8 +31,8 @@ def float32_without_onednn() -> Iterator[None]:
 def onednn_float32(monkeypatch) -> list[str]:
     """`fast_cpu()` computes float32 through oneDNN, on any CPU, and every convolution that
     Winograd does not take and every non-causal attention runs there however few its pixels
-    and keys (the tiny models' are below the thresholds); returns what ran through oneDNN
-    ("linear", "conv2d", "powers_times_values"), to check that it ran. CI installs oneDNN on
+    and scores (the tiny models' are below the thresholds); returns what ran through oneDNN
+    ("linear", "conv2d", "head_attention"), to check that it ran. CI installs oneDNN on
     Linux x86-64 (requirements-bfloat16.txt): there the test fails rather than skips
     without it."""
     from stable_diffusion.cpu import kernels, layers, onednn
@@ -41,9 +41,9 @@ def onednn_float32(monkeypatch) -> list[str]:
         pytest.skip(f"oneDNN is not installed: {onednn.FIX}")
     monkeypatch.setattr(onednn, "float32_by_default", lambda: True)
     monkeypatch.setattr(layers, "_ONEDNN_FLOAT32_MIN_PIXELS", 1)
-    monkeypatch.setattr(kernels, "_ONEDNN_MIN_KEYS", 1)
+    monkeypatch.setattr(kernels, "_ONEDNN_FLOAT32_MIN_SCORES", 1)
     ran: list[str] = []
-    for name in ("linear", "conv2d", "powers_times_values"):
+    for name in ("linear", "conv2d", "head_attention"):
         original = getattr(onednn, name)
 
         def recorded(*args, _name=name, _original=original, **kwargs):

@@ -44,10 +44,14 @@ _SCORE_BLOCK_ELEMENTS = 1 << 20
 # scores): faster on SD 1.5's 4096 keys, slower on SDXL's 256, even between 1536 and 2304
 # (docs/performance.md).
 _SHIFTED_MIN_KEYS = 2048
-# Keys from which attention computes in oneDNN where the CPU layers do (`onednn.active()`):
-# in bfloat16 faster than the float32 kernels from 1024 keys on, no faster on SDXL's 256;
-# in float32 10-25% faster on 1024 to 8192 keys (docs/performance.md).
+# Keys from which attention computes in oneDNN's bfloat16 under `fast_cpu(bfloat16=True)`:
+# faster than the float32 kernels from 1024 keys on, no faster on SDXL's 256
+# (docs/performance.md).
 _ONEDNN_MIN_KEYS = 1024
+# Scores per head (queries x keys) from which attention computes in oneDNN's float32 where
+# the CPU layers do: SD 1.5's 4096 x 77 cross-attention 1.5x faster, 1024 x 1024 1.2x,
+# 9216 x 9216 (SD 2.x at 768px) 1.2x; slower on SDXL's 256 x 256 (docs/performance.md).
+_ONEDNN_FLOAT32_MIN_SCORES = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -213,8 +217,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     block at a time (docs/performance.md): no core waits for the other between the stages.
     Scores are exponents of `_EXPONENTIALS`' base b: softmax(s) = b^(s log_b e) / sum
     b^(s log_b e), the factor log_b(e) riding along with the scale."""
-    if onednn.active() and not causal and k.shape[1] >= _ONEDNN_MIN_KEYS:
-        return _onednn_attention(q, k, v, heads)
+    if onednn.bfloat16_active() and not causal and k.shape[1] >= _ONEDNN_MIN_KEYS:
+        return _onednn_bfloat16_attention(q, k, v, heads)
+    if onednn.active() and not causal and q.shape[1] * k.shape[1] >= _ONEDNN_FLOAT32_MIN_SCORES:
+        return _onednn_float32_attention(q, k, v, heads)
     attend = _shifted_attention if k.shape[1] >= _SHIFTED_MIN_KEYS else _exact_attention
     return attend(q, k, v, heads, causal)
 
@@ -326,16 +332,52 @@ def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal
     return _merge_heads(out, batch, heads, v.dtype)
 
 
-def _onednn_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
-    """`_shifted_attention`'s algorithm with oneDNN's matmuls (`onednn.py`), in bfloat16 or
-    float32: the scores' powers in base e (oneDNN's exp), for bfloat16 the operands' width
-    rounded up to what its AMX kernels take; rows that underflowed are computed again in
-    float32."""
+def _onednn_float32_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    """Softmax attention through oneDNN's float32 matmuls reading the projections in place
+    (`onednn.head_attention`): no per-head copies of the operands. Each row's scores are
+    shifted by its block's bound (`_score_shifts`' Cauchy-Schwarz bound, at most e^headroom
+    after the shift); rows whose powers underflowed under that shared shift are computed
+    again exactly."""
+    batch, length, width = q.shape
+    dim = width // heads
+    q, k = (mx.contiguous(a.astype(mx.float32)) for a in (q, k))
+    values = v.astype(mx.float32).reshape(batch, -1, heads, dim)
+    values = mx.concatenate([values, mx.ones((*values.shape[:-1], 1), mx.float32)], axis=-1)
+    key_norms = mx.sqrt(mx.square(k.reshape(batch, -1, heads, dim)).sum(axis=-1)).max(axis=1)
+    query_norms = mx.sqrt(mx.square(q.reshape(batch, length, heads, dim)).sum(axis=-1))
+    bounds = query_norms * key_norms[:, None] * dim**-0.5  # (batch, length, heads)
+    mx.eval(q, k, values, bounds)
+    q, k, values, bounds = (np.asarray(a) for a in (q, k, values, bounds))
+    out = np.empty((batch, length, heads, dim + 1), np.float32)
+    for entry in range(batch):
+        onednn.head_attention(
+            q[entry], k[entry], values[entry], bounds[entry], BASE_E.headroom, out[entry]
+        )
+        _redo_underflowed_heads(q[entry], k[entry], values[entry], out[entry])
+    result = mx.array(out)
+    return (result[..., :dim] / result[..., dim:]).reshape(batch, length, width).astype(v.dtype)
+
+
+def _redo_underflowed_heads(
+    queries: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray
+) -> None:
+    """`_redo_underflowed` for `onednn.head_attention`'s operands and output."""
+    dim = out.shape[2] - 1
+    for head in np.flatnonzero((out[..., -1] < _MIN_ROW_SUM).any(axis=0)):
+        rows = np.flatnonzero(out[:, head, -1] < _MIN_ROW_SUM)
+        columns = slice(head * dim, (head + 1) * dim)
+        scores = queries[rows, columns] @ keys[:, columns].T * np.float32(dim**-0.5)
+        _exponentiate_exactly(scores, BASE_E)
+        out[rows, head] = scores @ values[:, head]
+
+
+def _onednn_bfloat16_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    """`_shifted_attention`'s algorithm with oneDNN's bfloat16 matmuls (`onednn.py`): the
+    scores' powers in base e (oneDNN's exp), the operands' width rounded up to what its AMX
+    kernels take; rows that underflowed are computed again in float32."""
     batch, _, width = q.shape
     dim = width // heads
-    # AMX's bfloat16 tiles take multiples of ATTENTION_WIDTH_MULTIPLE; float32 gained
-    # nothing from padding (docs/performance.md).
-    multiple = onednn.ATTENTION_WIDTH_MULTIPLE if onednn.bfloat16_active() else 1
+    multiple = onednn.ATTENTION_WIDTH_MULTIPLE
     padded = -(-(dim + 1) // multiple) * multiple
     queries, keys, values = _shifted_operands(q, k, v, heads, BASE_E, padded)
     out = onednn.powers_times_values(queries, keys, values)

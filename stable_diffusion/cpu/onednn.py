@@ -15,9 +15,10 @@ powers, so that no pass over the scores runs in numpy.
 
 On CPUs with AVX-512, `fast_cpu()` without bfloat16 computes in float32 here where oneDNN
 was measured faster than OpenBLAS (`float32_by_default`): the linear layers (their weights
-as they are, no packed copy), GEGLU, the norms, attention from 1024 keys, Winograd's
-products (`batched_matmul`) and the convolutions that Winograd does not take on images from
-64x64 pixels (the layers decide).
+as they are, no packed copy), GEGLU, the norms, attention over long sequences (each head's
+columns of the projections read in place: `head_attention`), Winograd's products
+(`batched_matmul`) and the convolutions that Winograd does not take on images from 64x64
+pixels (the layers decide).
 
 The library comes from the optional `onednn-cpu-gomp` wheel (requirements-bfloat16.txt),
 called through ctypes (its C API, oneDNN 3.x); `unavailable_reason` says why bfloat16
@@ -60,8 +61,8 @@ _BF16, _F32 = 2, 3
 _FORMAT_ANY = 1
 _FORWARD_TRAINING, _FORWARD_INFERENCE = 64, 96
 _CONVOLUTION_DIRECT = 1
-_ELTWISE = {"exp": 42, "silu": 44, "gelu": 49}  # silu: swish with alpha 1
-_BINARY = {"plus": 0x1FFF0, "times": 0x1FFF1}
+_ELTWISE = {"scale": 38, "exp": 42, "silu": 44, "gelu": 49}  # scale: linear; silu: swish
+_BINARY = {"plus": 0x1FFF0, "times": 0x1FFF1, "minus": 0x1FFF5}
 _ARG_FIRST_POST_OP_OPERAND = 32768 | 2  # DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1
 _QUERY_WEIGHTS_MD = 131
 _ARG_SRC, _ARG_SRC_1, _ARG_DST, _ARG_WEIGHTS, _ARG_BIAS = 1, 2, 17, 33, 41
@@ -397,20 +398,21 @@ def _matmul(
     return _PLANS[key]
 
 
-def _post_ops(steps: tuple[str, ...], operand: _Handle) -> _Handle:
+def _post_ops(steps: tuple[str | tuple[str, float], ...], operand: _Handle) -> _Handle:
     """Primitive attributes applying `steps` in turn to each result: "exp", "gelu" (exact),
-    "silu", or with a float32 operand described by `operand` (only as the first step, at
-    `_ARG_FIRST_POST_OP_OPERAND`), "times" or "plus"."""
+    "silu", ("scale", factor), or with a float32 operand described by `operand` (only as
+    the first step, at `_ARG_FIRST_POST_OP_OPERAND`), "times", "plus" or "minus"."""
     library = _library()
     attributes, post_ops = _Handle(), _Handle()
     library.check(library.dnnl.dnnl_primitive_attr_create(ctypes.byref(attributes)), "set up")
     library.check(library.dnnl.dnnl_post_ops_create(ctypes.byref(post_ops)), "set up")
     for step in steps:
+        step, factor = step if isinstance(step, tuple) else (step, 1.0)
         if step in _BINARY:
             status = library.dnnl.dnnl_post_ops_append_binary(post_ops, _BINARY[step], operand)
         else:
             status = library.dnnl.dnnl_post_ops_append_eltwise(
-                post_ops, _ELTWISE[step], ctypes.c_float(1), ctypes.c_float(0)
+                post_ops, _ELTWISE[step], ctypes.c_float(factor), ctypes.c_float(0)
             )
         library.check(status, f"set up a {step}")
     library.check(library.dnnl.dnnl_primitive_attr_set_post_ops(attributes, post_ops), "set up")
@@ -829,17 +831,17 @@ class _Attention:
     weigh: _Handle
 
 
-def _attention(rows: int, width: int, keys: int, value_width: int, dtype: int) -> _Attention:
-    key = "attention", rows, width, keys, value_width, dtype
+def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention:
+    key = "attention", rows, width, keys, value_width
     if key not in _PLANS:
         library = _library()
-        queries = library.descriptor((rows, width), (width, 1), dtype)
-        powers = library.descriptor((rows, keys), (keys, 1), dtype)
+        queries = library.descriptor((rows, width), (width, 1), _BF16)
+        powers = library.descriptor((rows, keys), (keys, 1), _BF16)
         output = library.descriptor((rows, value_width), (value_width, 1), _F32)
         exponentiate = _matmul_descriptor(
             library,
             queries,
-            library.descriptor((width, keys), None, dtype),
+            library.descriptor((width, keys), None, _BF16),
             powers,
             _post_ops(("exp",), powers),
             None,
@@ -848,14 +850,14 @@ def _attention(rows: int, width: int, keys: int, value_width: int, dtype: int) -
         weigh = _matmul_descriptor(
             library,
             powers,
-            library.descriptor((keys, value_width), None, dtype),
+            library.descriptor((keys, value_width), None, _BF16),
             output,
             None,
             None,
             "plan an attention matmul",
         )
-        plain_keys = library.descriptor((width, keys), (keys, 1), dtype)
-        plain_values = library.descriptor((keys, value_width), (value_width, 1), dtype)
+        plain_keys = library.descriptor((width, keys), (keys, 1), _BF16)
+        plain_values = library.descriptor((keys, value_width), (value_width, 1), _BF16)
         _PLANS[key] = _Attention(
             queries=queries,
             keys=_Packing.of(library, exponentiate, plain_keys),
@@ -871,27 +873,22 @@ def _attention(rows: int, width: int, keys: int, value_width: int, dtype: int) -
 def powers_times_values(queries: mx.array, keys: mx.array, values: mx.array) -> np.ndarray:
     """e^(queries[h] @ keys[h]) @ values[h] for each head h of float32 (heads, length,
     width), (heads, width, keys) and (heads, keys, value width) arrays, as a float32 numpy
-    array: the scores and their powers computed in float32 (a score above 88 overflows), the
-    sums in float32; in bfloat16 the operands and the powers rounded to it, and `width` a
-    multiple of `ATTENTION_WIDTH_MULTIPLE`. In blocks of rows, each head's keys and values
-    packed once for all its blocks."""
+    array, in bfloat16: the operands and the powers rounded to it (`width` a multiple of
+    `ATTENTION_WIDTH_MULTIPLE`), the scores and their powers computed in float32 (a score
+    above 88 overflows), the sums in float32. In blocks of rows, each head's keys and
+    values packed once for all its blocks."""
     heads, length, width = queries.shape
     key_count, value_width = values.shape[1:]
     rows = min(max(1, _ATTENTION_POWERS // key_count), length)
     padded_length = -(-length // rows) * rows  # the blocks' packed layouts depend on rows
     queries = mx.pad(queries, [(0, 0), (0, padded_length - length), (0, 0)])
-    dtype = _compute()
-    if dtype == _BF16:
-        queries, keys, values = (
-            np.asarray(mx.view(mx.contiguous(a.astype(mx.bfloat16)), mx.uint16))
-            for a in (queries, keys, values)
-        )
-        powers = _source_scratch(rows * key_count)
-    else:
-        queries, keys, values = (_float32(a) for a in (queries, keys, values))
-        powers = np.empty(rows * key_count, np.float32)
+    queries, keys, values = (
+        np.asarray(mx.view(mx.contiguous(a.astype(mx.bfloat16)), mx.uint16))
+        for a in (queries, keys, values)
+    )
+    powers = _source_scratch(rows * key_count)
     out = np.empty((heads, padded_length, value_width), np.float32)
-    plan = _attention(rows, width, key_count, value_width, dtype)
+    plan = _attention(rows, width, key_count, value_width)
     library = _library()
     for head in range(heads):
         packed_keys, packed_values = plan.keys.pack(keys[head]), plan.values.pack(values[head])
@@ -913,3 +910,107 @@ def powers_times_values(queries: mx.array, keys: mx.array, values: mx.array) -> 
                 ],
             )
     return out[:, :length]
+
+
+# Powers per float32 attention block (32 MB): gemm's kernels on the heads' strided columns
+# ran faster on larger blocks, up to about this (docs/performance.md).
+_FLOAT32_ATTENTION_POWERS = 1 << 23
+
+
+@dataclass(frozen=True)
+class _HeadAttention:
+    """The float32 primitives of one head's attention over a block of rows, reading and
+    writing the heads' columns in place: the queries' block times the keys, less a shift
+    given at each call (over the scale), scaled and exponentiated (post-ops), into powers;
+    the powers times the values (with their column of ones) into the output's columns."""
+
+    queries: _Handle
+    keys: _Handle
+    powers: _Handle
+    shift: _Handle
+    values: _Handle
+    output: _Handle
+    exponentiate: _Handle
+    weigh: _Handle
+
+
+def _head_attention(rows: int, keys: int, heads: int, dim: int, scale: float) -> _HeadAttention:
+    key = "head_attention", rows, keys, heads, dim, scale
+    if key not in _PLANS:
+        library = _library()
+        powers = library.descriptor((rows, keys), (keys, 1), _F32)
+        shift = library.descriptor((1, 1), (1, 1), _F32)
+        queries = library.descriptor((rows, dim), (heads * dim, 1), _F32)
+        keys_md = library.descriptor((dim, keys), (1, heads * dim), _F32)  # keys.T
+        values = library.descriptor((keys, dim + 1), (heads * (dim + 1), 1), _F32)
+        output = library.descriptor((rows, dim + 1), (heads * (dim + 1), 1), _F32)
+        what = "plan an attention matmul"
+        exponentiate = _matmul_descriptor(
+            library,
+            queries,
+            keys_md,
+            powers,
+            _post_ops(("minus", ("scale", scale), "exp"), shift),
+            None,
+            what,
+        )
+        weigh = _matmul_descriptor(library, powers, values, output, None, None, what)
+        _PLANS[key] = _HeadAttention(
+            queries=queries,
+            keys=keys_md,
+            powers=powers,
+            shift=shift,
+            values=values,
+            output=output,
+            exponentiate=library.primitive(exponentiate),
+            weigh=library.primitive(weigh),
+        )
+    return _PLANS[key]
+
+
+def head_attention(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    bounds: np.ndarray,
+    headroom: float,
+    out: np.ndarray,
+) -> None:
+    """out[i, h] = sum over keys j of e^(s[i, h, j] - c) [values[j, h], 1], where s[i, h, j]
+    = queries[i, h] . keys[j, h] / sqrt(dim), for float32 (length, heads * dim) queries,
+    (keys, heads * dim) keys, (keys, heads, dim + 1) values ending in a column of ones and
+    a (length, heads, dim + 1) `out`. Each head's block of rows subtracts one shift c, its
+    rows' largest score bound (`bounds`, (length, heads)) less `headroom`, or 0: no power
+    overflows, and a row whose scores lie far below the block's bound underflows (its last
+    column near 0: the caller computes it again). Reads and writes every head's columns in
+    place: no copies of the operands."""
+    length, heads, value_width = out.shape
+    dim, key_count = value_width - 1, len(keys)
+    rows = min(max(1, _FLOAT32_ATTENTION_POWERS // key_count), length)
+    powers = np.empty(rows * key_count, np.float32)
+    scale = dim**-0.5
+    shift = np.zeros(1, np.float32)  # c / scale, for the primitive
+    library = _library()
+    for start in range(0, length, rows):
+        block = slice(start, min(start + rows, length))
+        plan = _head_attention(block.stop - start, key_count, heads, dim, scale)
+        shifts = np.maximum(bounds[block].max(axis=0) - headroom, 0) / scale
+        for head in range(heads):
+            shift[0] = shifts[head]
+            library.execute(
+                plan.exponentiate,
+                [
+                    (_ARG_SRC, plan.queries, queries[start, head * dim :].ctypes.data),
+                    (_ARG_WEIGHTS, plan.keys, keys[0, head * dim :].ctypes.data),
+                    (_ARG_DST, plan.powers, powers.ctypes.data),
+                    (_ARG_FIRST_POST_OP_OPERAND, plan.shift, shift.ctypes.data),
+                ],
+            )
+            library.execute(
+                plan.weigh,
+                [
+                    (_ARG_SRC, plan.powers, powers.ctypes.data),
+                    (_ARG_WEIGHTS, plan.values, values[0, head].ctypes.data),
+                    (_ARG_DST, plan.output, out[start, head].ctypes.data),
+                ],
+            )

@@ -223,30 +223,57 @@ def test_layer_norm_runs_in_onednn_in_float32(onednn_block):
 
 
 def test_long_attention_in_float32(onednn_float32, monkeypatch):
-    """From `_ONEDNN_MIN_KEYS` keys on, self-attention runs as oneDNN's matmuls with its exp
-    in between, in float32 (blocks of rows, the last one shorter): float32's rounding."""
-    monkeypatch.setattr(kernels, "_ONEDNN_MIN_KEYS", 1024)
-    monkeypatch.setattr(onednn, "_ATTENTION_POWERS", 400 * 1100)
+    """From `_ONEDNN_FLOAT32_MIN_SCORES` scores per head on, attention runs as oneDNN's
+    float32 matmuls reading each head's columns in place, its scale, shift and exp in
+    between (blocks of rows, the last one shorter; two entries): float32's rounding."""
+    monkeypatch.setattr(kernels, "_ONEDNN_FLOAT32_MIN_SCORES", 1100 * 1100)
+    monkeypatch.setattr(onednn, "_FLOAT32_ATTENTION_POWERS", 400 * 1100)
+    monkeypatch.setattr(onednn, "_PLANS", {})
     keys = mx.random.split(mx.random.key(6), 3)
     q, k, v = (0.5 * mx.random.normal((2, 1100, 2 * 40), key=key) for key in keys)
     with fast_cpu():
         ours = np.array(kernels.attention(q, k, v, 2, causal=False))
-    assert onednn_float32 == ["powers_times_values"]
+        assert onednn_float32 == ["head_attention"] * 2
+        kernels.attention(q[:, :1099], k, v, 2, causal=False)  # below the threshold
+    assert onednn_float32 == ["head_attention"] * 2
+    assert [key[1] for key in onednn._PLANS if key[0] == "head_attention"] == [400, 300]
     exact, _ = attention_bound(np.array(q), np.array(k), np.array(v), 2)
     np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
 
 
 def test_float32_attention_recomputes_underflowed_rows(onednn_float32, monkeypatch):
-    """test_kernels.py's extreme scores at oneDNN's lengths: the rows the shift underflows
-    are recomputed exactly; the others are float32's."""
+    """test_kernels.py's extreme scores at oneDNN's lengths: queries along axis 0 score 450
+    on every other key (exp overflows without the shift); queries along axis 1 score near
+    0 under the same bound, which the block's shift underflows: recomputed exactly. The
+    others are float32's."""
     length = 1024
     q, k, v = extreme_scores(length)
     recomputed = recorded_recomputations(monkeypatch)
     with fast_cpu():
         out = np.array(kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, False))
     expected, _ = attention_bound(q, k, v, 1)
-    assert onednn_float32 == ["powers_times_values"]
+    assert onednn_float32 == ["head_attention"]
     assert sum(recomputed) == length // 2
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * abs(v).max())
+
+
+def test_float32_attention_shifts_each_head_by_its_own_bound(onednn_float32, monkeypatch):
+    """A head of extreme scores next to a head of ordinary ones: the second's scores are
+    not shifted by the first's bound (which would underflow them all): nothing is
+    recomputed."""
+    length = 1024
+    extreme = extreme_scores(length)
+    extreme[0][0, 1::2] = extreme[0][0, ::2]  # every query along axis 0: none underflows
+    rng = np.random.default_rng(3)
+    q, k, v = (
+        np.concatenate([a, rng.standard_normal(a.shape).astype(np.float32)], axis=-1)
+        for a in extreme
+    )
+    recomputed = recorded_recomputations(monkeypatch)
+    with fast_cpu():
+        out = np.array(kernels.attention(mx.array(q), mx.array(k), mx.array(v), 2, False))
+    expected, _ = attention_bound(q, k, v, 2)
+    assert onednn_float32 == ["head_attention"] and not recomputed
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * abs(v).max())
 
 
