@@ -135,7 +135,9 @@ def test_convolutions_in_float32(onednn_float32, kernel, stride, padding, dilati
     x = mx.random.normal((2, size, size + 3, 24), key=mx.random.key(4))
     with fast_cpu(conv):
         ours = conv(x)
-    assert onednn_float32 == ["conv2d"]
+    # 3x3 stride-1 convolutions of these small images: one matmul of their patches.
+    patches = (kernel, stride, padding, dilation) == (3, 1, 1, 1)
+    assert onednn_float32 == ["linear" if patches else "conv2d"]
     expected = mx.conv2d(x, conv.weight, stride, padding, dilation)
     assert ours.shape == expected.shape and ours.dtype == mx.float32
     pixels, weight, _ = convolve_float64(
@@ -145,17 +147,19 @@ def test_convolutions_in_float32(onednn_float32, kernel, stride, padding, dilati
 
 
 @pytest.mark.parametrize(
-    "image, channels, kernel, stride, calls_in_onednn",
+    "image, channels, kernel, stride, ran",
     [
-        ((64, 64), (8, 8), 3, 1, 3),  # the VAE's narrow layers (too few for Winograd)
-        ((64, 64), (8, 16), 1, 1, 3),  # shortcuts
-        ((64, 64), (8, 8), 3, 2, 3),  # downsamplers
-        ((64, 63), (8, 8), 3, 1, 0),  # under MIN_PIXELS
-        ((32, 32), (256, 256), 3, 1, 1),  # Winograd's, from the second call in a block
+        ((64, 64), (8, 8), 3, 1, ["conv2d"] * 3),  # the VAE's narrow layers (no Winograd)
+        ((64, 64), (8, 16), 1, 1, ["conv2d"] * 3),  # shortcuts
+        ((64, 64), (8, 8), 3, 2, ["conv2d"] * 3),  # downsamplers
+        ((64, 63), (8, 8), 3, 1, []),  # under MIN_PIXELS
+        ((32, 32), (256, 256), 3, 1, ["conv2d"]),  # Winograd's, from the second call
+        ((15, 17), (8, 8), 3, 1, ["linear"] * 3),  # the UNets' 8x8: a matmul of patches
+        ((16, 16), (8, 8), 3, 1, []),  # over _PATCHES_MAX_PIXELS: MLX's
     ],
 )
 def test_which_convolutions_take_onednn_float32(
-    onednn_float32, monkeypatch, image, channels, kernel, stride, calls_in_onednn
+    onednn_float32, monkeypatch, image, channels, kernel, stride, ran
 ):
     monkeypatch.setattr(cpu_layers, "_ONEDNN_FLOAT32_MIN_PIXELS", MIN_PIXELS)
     by_winograd = []
@@ -165,7 +169,7 @@ def test_which_convolutions_take_onednn_float32(
     x = mx.random.normal((1, *image, channels[0]), key=mx.random.key(5))
     with fast_cpu(conv):
         outputs = [conv(x) for _ in range(3)]
-    assert onednn_float32 == ["conv2d"] * calls_in_onednn
+    assert onednn_float32 == ran
     assert len(by_winograd) == (2 if channels[0] == 256 else 0)
     expected = mx.conv2d(x, conv.weight, stride, kernel // 2) + conv.bias
     for ours in outputs:
