@@ -334,9 +334,9 @@ def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal
 
 def _onednn_float32_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     """Softmax attention through oneDNN's float32 matmuls reading the projections in place
-    (`onednn.head_attention`): no per-head copies of the operands. Each row's scores are
-    shifted by its block's bound (`_score_shifts`' Cauchy-Schwarz bound, at most e^headroom
-    after the shift); rows whose powers underflowed under that shared shift are computed
+    (`onednn.head_attention`): no per-head copies of the operands. Each head's block of
+    rows shares one shift, its rows' largest Cauchy-Schwarz bound (as in `_score_shifts`)
+    less the headroom; rows whose powers underflowed under that shared shift are computed
     again exactly."""
     batch, length, width = q.shape
     dim = width // heads

@@ -471,14 +471,14 @@ def channel_statistics(x: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, 
     """Each channel's mean and variance (about the mean, over the rows) of a float32 (rows,
     channels) array, from oneDNN's batch normalization (a pass for the means, another for
     the centred squares, float32 sums), which also writes the per-channel normalized array
-    into `scratch` (float32, x's shape; unused here): 3-10x faster than numpy's sums on the
-    UNets' group norms (docs/performance.md)."""
+    into `scratch` (float32, x's shape; unused here): the UNets' group norms 2-5x faster
+    than with numpy's sums (docs/performance.md)."""
     rows, channels = x.shape
     key = "channel_statistics", rows, channels
     library = _library()
     if key not in _PLANS:
         # One image of `rows` pixels in `_nhwc` layout (an unused axis's stride too: else
-        # oneDNN takes it for another layout and runs its reference code, 100x slower).
+        # oneDNN takes it for another layout and runs its reference code, 40x slower).
         image = library.descriptor(*_nhwc((1, rows, 1, channels)), _F32)
         descriptor = _Handle()
         library.check(
