@@ -361,14 +361,15 @@ def _onednn_float32_attention(q: mx.array, k: mx.array, v: mx.array, heads: int)
 def _redo_underflowed_heads(
     queries: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray
 ) -> None:
-    """`_redo_underflowed` for `onednn.head_attention`'s operands and output."""
+    """`_redo_underflowed` for each head of `onednn.head_attention`'s output with a row
+    that underflowed (its scale on that head's keys)."""
     dim = out.shape[2] - 1
     for head in np.flatnonzero((out[..., -1] < _MIN_ROW_SUM).any(axis=0)):
-        rows = np.flatnonzero(out[:, head, -1] < _MIN_ROW_SUM)
         columns = slice(head * dim, (head + 1) * dim)
-        scores = queries[rows, columns] @ keys[:, columns].T * np.float32(dim**-0.5)
-        _exponentiate_exactly(scores, BASE_E)
-        out[rows, head] = scores @ values[:, head]
+        scaled_keys = keys[:, columns].T * np.float32(dim**-0.5)
+        _redo_underflowed(
+            queries[:, columns], scaled_keys, values[:, head], out[:, head], 0, False, BASE_E
+        )
 
 
 def _onednn_bfloat16_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:

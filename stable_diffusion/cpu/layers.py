@@ -331,13 +331,18 @@ class Conv2d(layers.Conv2d):
             return kept_from_second_use(self, sources, make)
         return kept(self, sources, make)
 
+    @property
+    def _same_size_3x3(self) -> bool:
+        """A 3x3 kernel, stride 1, padding 1: the output the input's size."""
+        return (self.weight.shape[1:3], self.stride, self.padding) == ((3, 3), (1, 1), (1, 1))
+
     def _winograd_algorithm(self, x: mx.array) -> winograd.Algorithm | None:
         """For a float32 image (checked by the caller): the Winograd algorithm that
-        convolves it, if any (3x3 kernels, stride 1, padding 1)."""
-        out_channels, kernel_height, kernel_width, in_channels = self.weight.shape
+        convolves it, if any (`_same_size_3x3` kernels)."""
+        out_channels, _, _, in_channels = self.weight.shape
         pixels = x.shape[1] * x.shape[2]
         if (
-            ((kernel_height, kernel_width), self.stride, self.padding) != ((3, 3), (1, 1), (1, 1))
+            not self._same_size_3x3
             or self.weight.dtype != mx.float32
             or min(in_channels, out_channels) < _WINOGRAD_MIN_CHANNELS
             or pixels < _WINOGRAD_MIN_PIXELS
@@ -362,7 +367,7 @@ class Conv2d(layers.Conv2d):
             and not onednn.bfloat16_active()
             and self.groups == 1
             and self.dilation in (1, (1, 1))
-            and (self.weight.shape[1:3], self.stride, self.padding) == ((3, 3), (1, 1), (1, 1))
+            and self._same_size_3x3
             and x.shape[1] * x.shape[2] <= _PATCHES_MAX_PIXELS
         )
 
@@ -391,12 +396,11 @@ class Conv2d(layers.Conv2d):
             return self._onednn(x, self)
         if not (x.dtype == mx.float32 and self.stride == (1, 1)):
             return super().__call__(x)
-        shape = self.weight.shape[1:3], self.padding
-        if shape == ((1, 1), (0, 0)):
+        if (self.weight.shape[1:3], self.padding) == ((1, 1), (0, 0)):
             # MLX's CPU convolution runs a 1x1 kernel slower than the same matmul, with
             # more memory.
             return self._with_bias(x @ self.weight.reshape(self.weight.shape[0], -1).T)
-        if shape == ((3, 3), (1, 1)):
+        if self._same_size_3x3:
             algorithm = self._winograd_algorithm(x)
             if algorithm is not None:
                 kernel = self._winograd_kernel(algorithm)

@@ -422,7 +422,7 @@ def _post_ops(steps: tuple[str | tuple[str, float], ...], operand: _Handle) -> _
 @dataclass(frozen=True)
 class _PerChannel:
     """A primitive over a float32 (rows, channels) image with per-channel operands (a scale
-    and shift, a layer norm's weight and bias)."""
+    and shift, a layer norm's weight and bias) or results (a mean and variance)."""
 
     image: _Handle
     per_channel: _Handle
@@ -934,9 +934,10 @@ class _HeadAttention:
     weigh: _Handle
 
 
-def _head_attention(rows: int, keys: int, heads: int, dim: int, scale: float) -> _HeadAttention:
-    key = "head_attention", rows, keys, heads, dim, scale
+def _head_attention(rows: int, keys: int, heads: int, dim: int) -> _HeadAttention:
+    key = "head_attention", rows, keys, heads, dim
     if key not in _PLANS:
+        scale = dim**-0.5
         library = _library()
         powers = library.descriptor((rows, keys), (keys, 1), _F32)
         shift = library.descriptor((1, 1), (1, 1), _F32)
@@ -993,7 +994,7 @@ def head_attention(
     library = _library()
     for start in range(0, length, rows):
         block = slice(start, min(start + rows, length))
-        plan = _head_attention(block.stop - start, key_count, heads, dim, scale)
+        plan = _head_attention(block.stop - start, key_count, heads, dim)
         shifts = np.maximum(bounds[block].max(axis=0) - headroom, 0) / scale
         for head in range(heads):
             shift[0] = shifts[head]
