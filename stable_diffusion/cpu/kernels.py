@@ -44,10 +44,10 @@ _SCORE_BLOCK_ELEMENTS = 1 << 20
 # scores): faster on SD 1.5's 4096 keys, slower on SDXL's 256, even between 1536 and 2304
 # (docs/performance.md).
 _SHIFTED_MIN_KEYS = 2048
-# Keys from which attention computes in oneDNN's bfloat16 under `fast_cpu(bfloat16=True)`:
-# faster than the float32 kernels from 1024 keys on, no faster on SDXL's 256
-# (docs/performance.md).
-_ONEDNN_MIN_KEYS = 1024
+# Scores per head (queries x keys) from which attention computes in oneDNN's bfloat16 under
+# `fast_cpu(bfloat16=True)`: SD 1.5's 4096 x 77 cross-attention 1.2x faster than float32,
+# 1024 x 1024 1.9x; no faster on SDXL's 256 x 256 (docs/performance.md).
+_ONEDNN_BFLOAT16_MIN_SCORES = 1 << 18
 # Scores per head (queries x keys) from which attention computes in oneDNN's float32 where
 # the CPU layers do: SD 1.5's 4096 x 77 cross-attention 1.5x faster, 1024 x 1024 1.2x,
 # 9216 x 9216 (SD 2.x at 768px) 1.2x; slower on SDXL's 256 x 256 (docs/performance.md).
@@ -217,9 +217,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     block at a time (docs/performance.md): no core waits for the other between the stages.
     Scores are exponents of `_EXPONENTIALS`' base b: softmax(s) = b^(s log_b e) / sum
     b^(s log_b e), the factor log_b(e) riding along with the scale."""
-    if onednn.bfloat16_active() and not causal and k.shape[1] >= _ONEDNN_MIN_KEYS:
+    scores = q.shape[1] * k.shape[1]
+    if onednn.bfloat16_active() and not causal and scores >= _ONEDNN_BFLOAT16_MIN_SCORES:
         return _onednn_bfloat16_attention(q, k, v, heads)
-    if onednn.active() and not causal and q.shape[1] * k.shape[1] >= _ONEDNN_FLOAT32_MIN_SCORES:
+    if onednn.active() and not causal and scores >= _ONEDNN_FLOAT32_MIN_SCORES:
         return _onednn_float32_attention(q, k, v, heads)
     attend = _shifted_attention if k.shape[1] >= _SHIFTED_MIN_KEYS else _exact_attention
     return attend(q, k, v, heads, causal)
@@ -277,13 +278,13 @@ def _exact_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: 
 
 
 def _shifted_operands(
-    q: mx.array, k: mx.array, v: mx.array, heads: int, exponentials: Exponentials, width: int
+    q: mx.array, k: mx.array, v: mx.array, heads: int
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Each head's operands, evaluated, with the shift column and row of ones that
-    `_attend` needs: queries (B*H, L, width) scaled for `exponentials`' base, their negated
-    shift as one more column (zeros after it up to `width`); keys (B*H, width, S) with a row
-    of ones to meet the shift (zeros after it); values (B*H, S, D + 1) with a column of
-    ones, whose output is the row sums of the powers."""
+    `_attend` needs: queries (B*H, L, D + 1) scaled for `_EXPONENTIALS`' base, their
+    negated shift as the last column; keys (B*H, D + 1, S) with a row of ones to meet the
+    shift; values (B*H, S, D + 1) with a column of ones, whose output is the row sums of
+    the powers."""
     batch, _, model_width = q.shape
     dim = model_width // heads
 
@@ -291,14 +292,11 @@ def _shifted_operands(
         x = x.astype(mx.float32).reshape(batch, -1, heads, dim).transpose(transpose_to)
         return x.reshape(batch * heads, *x.shape[2:])
 
-    queries = split_heads(q * (exponentials.log_e / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
+    queries = split_heads(q * (_EXPONENTIALS.log_e / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
     keys = split_heads(k, (0, 2, 3, 1))  # (B*H, D, S)
-    shifts = -_score_shifts(queries, keys, exponentials)
-    padding = mx.zeros((*queries.shape[:2], width - dim - 1), mx.float32)
-    queries = mx.contiguous(mx.concatenate([queries, shifts, padding], axis=-1))
-    ones = mx.ones_like(keys[:, :1])
-    padding = mx.zeros((keys.shape[0], width - dim - 1, keys.shape[2]), mx.float32)
-    keys = mx.contiguous(mx.concatenate([keys, ones, padding], axis=1))
+    shifts = -_score_shifts(queries, keys, _EXPONENTIALS)
+    queries = mx.contiguous(mx.concatenate([queries, shifts], axis=-1))
+    keys = mx.contiguous(mx.concatenate([keys, mx.ones_like(keys[:, :1])], axis=1))
     values = split_heads(v, (0, 2, 1, 3))  # (B*H, S, D)
     values = mx.contiguous(mx.concatenate([values, mx.ones_like(values[..., :1])], axis=-1))
     mx.eval(queries, keys, values)
@@ -317,9 +315,7 @@ def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal
     needs."""
     batch, q_len, width = q.shape
     dim = width // heads
-    queries, keys, values = (
-        np.asarray(a) for a in _shifted_operands(q, k, v, heads, _EXPONENTIALS, dim + 1)
-    )
+    queries, keys, values = (np.asarray(a) for a in _shifted_operands(q, k, v, heads))
     out = np.empty((batch * heads, q_len, dim + 1), np.float32)
 
     def attend(entry: int, group: slice, rows: slice) -> None:
@@ -332,20 +328,35 @@ def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal
     return _merge_heads(out, batch, heads, v.dtype)
 
 
+def _score_bounds(q: mx.array, k: mx.array, heads: int) -> mx.array:
+    """(B, L, heads): each query's Cauchy-Schwarz bound on its scaled scores, |q| max|k| /
+    sqrt(dim) (see `_score_shifts`)."""
+    batch, length, width = q.shape
+    dim = width // heads
+    key_norms = mx.sqrt(mx.square(k.reshape(batch, -1, heads, dim)).sum(axis=-1)).max(axis=1)
+    query_norms = mx.sqrt(mx.square(q.reshape(batch, length, heads, dim)).sum(axis=-1))
+    return query_norms * key_norms[:, None] * dim**-0.5
+
+
+def _normalized_heads(out: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    """(B, L, H, D + 1) outputs, their last column the row sums -> (B, L, H*D)."""
+    batch, length, heads, value_width = out.shape
+    result = mx.array(out)  # a row-major copy, whatever `out`'s strides
+    result = result[..., :-1] / result[..., -1:]
+    return result.reshape(batch, length, heads * (value_width - 1)).astype(dtype)
+
+
 def _onednn_float32_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     """Softmax attention through oneDNN's float32 matmuls reading the projections in place
     (`onednn.head_attention`): no per-head copies of the operands. Each head's block of
-    rows shares one shift, its rows' largest Cauchy-Schwarz bound (as in `_score_shifts`)
-    less the headroom; rows whose powers underflowed under that shared shift are computed
-    again exactly."""
+    rows shares one shift, its rows' largest Cauchy-Schwarz bound less the headroom; rows
+    whose powers underflowed under that shared shift are computed again exactly."""
     batch, length, width = q.shape
     dim = width // heads
     q, k = (mx.contiguous(a.astype(mx.float32)) for a in (q, k))
     values = v.astype(mx.float32).reshape(batch, -1, heads, dim)
     values = mx.concatenate([values, mx.ones((*values.shape[:-1], 1), mx.float32)], axis=-1)
-    key_norms = mx.sqrt(mx.square(k.reshape(batch, -1, heads, dim)).sum(axis=-1)).max(axis=1)
-    query_norms = mx.sqrt(mx.square(q.reshape(batch, length, heads, dim)).sum(axis=-1))
-    bounds = query_norms * key_norms[:, None] * dim**-0.5  # (batch, length, heads)
+    bounds = _score_bounds(q, k, heads)
     mx.eval(q, k, values, bounds)
     q, k, values, bounds = (np.asarray(a) for a in (q, k, values, bounds))
     out = np.empty((batch, length, heads, dim + 1), np.float32)
@@ -353,40 +364,42 @@ def _onednn_float32_attention(q: mx.array, k: mx.array, v: mx.array, heads: int)
         onednn.head_attention(
             q[entry], k[entry], values[entry], bounds[entry], BASE_E.headroom, out[entry]
         )
-        _redo_underflowed_heads(q[entry], k[entry], values[entry], out[entry])
-    result = mx.array(out)
-    return (result[..., :dim] / result[..., dim:]).reshape(batch, length, width).astype(v.dtype)
+        _redo_underflowed_heads(q[entry], k[entry], values[entry, ..., :dim], out[entry])
+    return _normalized_heads(out, v.dtype)
+
+
+def _onednn_bfloat16_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    """Softmax attention through oneDNN's bfloat16 matmuls (`onednn.bfloat16_head_attention`),
+    each row shifted by its own Cauchy-Schwarz bound less the headroom; rows that
+    underflowed all the same are computed again in float32."""
+    batch, length, width = q.shape
+    dim, dtype = width // heads, v.dtype
+    q, k, v = (mx.contiguous(a.astype(mx.float32)) for a in (q, k, v))
+    shifts = mx.maximum(_score_bounds(q, k, heads) - BASE_E.headroom, 0)
+    mx.eval(q, k, v, shifts)
+    q, k, v, shifts = (np.asarray(a) for a in (q, k, v, shifts))
+    out = np.empty((batch, heads, length, dim + 1), np.float32)
+    for entry in range(batch):
+        onednn.bfloat16_head_attention(q[entry], k[entry], v[entry], shifts[entry], out[entry])
+        values = v[entry].reshape(len(v[entry]), heads, dim)
+        _redo_underflowed_heads(q[entry], k[entry], values, out[entry].transpose(1, 0, 2))
+    return _normalized_heads(out.transpose(0, 2, 1, 3), dtype)
 
 
 def _redo_underflowed_heads(
     queries: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray
 ) -> None:
-    """`_redo_underflowed` for each head of `onednn.head_attention`'s output with a row
-    that underflowed (its scale on that head's keys)."""
+    """`_redo_underflowed` for each head of a (length, heads, dim + 1) output with a row
+    that underflowed, from the float32 (length, heads * dim) queries, (keys, heads * dim)
+    keys and (keys, heads, dim) values."""
     dim = out.shape[2] - 1
     for head in np.flatnonzero((out[..., -1] < _MIN_ROW_SUM).any(axis=0)):
         columns = slice(head * dim, (head + 1) * dim)
         scaled_keys = keys[:, columns].T * np.float32(dim**-0.5)
+        with_ones = np.concatenate([values[:, head], np.ones((len(keys), 1), np.float32)], 1)
         _redo_underflowed(
-            queries[:, columns], scaled_keys, values[:, head], out[:, head], 0, False, BASE_E
+            queries[:, columns], scaled_keys, with_ones, out[:, head], 0, False, BASE_E
         )
-
-
-def _onednn_bfloat16_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
-    """`_shifted_attention`'s algorithm with oneDNN's bfloat16 matmuls (`onednn.py`): the
-    scores' powers in base e (oneDNN's exp), the operands' width rounded up to what its AMX
-    kernels take; rows that underflowed are computed again in float32."""
-    batch, _, width = q.shape
-    dim = width // heads
-    multiple = onednn.ATTENTION_WIDTH_MULTIPLE
-    padded = -(-(dim + 1) // multiple) * multiple
-    queries, keys, values = _shifted_operands(q, k, v, heads, BASE_E, padded)
-    out = onednn.powers_times_values(queries, keys, values)
-    queries, keys, values = np.asarray(queries), np.asarray(keys), np.asarray(values)
-    for head in range(batch * heads):
-        _redo_underflowed(queries[head], keys[head], values[head], out[head], 0, False, BASE_E)
-    out /= out[..., -1:]
-    return _merge_heads(out, batch, heads, v.dtype)
 
 
 def _silu_in_place(values: np.ndarray) -> None:

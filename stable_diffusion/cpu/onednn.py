@@ -9,9 +9,10 @@ oneDNN's own reorder (vectorized, unlike a numpy pass), multiplies by the weight
 once per `fast_cpu()` block into oneDNN's packed layout, sums in float32 and adds the bias
 (and a GELU, or a product, as post-ops) in the same pass. oneDNN 3.2's "fpmath" attribute
 (float32 inputs, bfloat16 compute) only applies with AMX; on AVX512_BF16 it computes in
-float32, no faster, so the conversion is explicit. Attention (`powers_times_values`) is two
-matmuls per block of rows, the first exponentiating its scores as a post-op into bfloat16
-powers, so that no pass over the scores runs in numpy.
+float32, no faster, so the conversion is explicit. Attention (`bfloat16_head_attention`)
+converts each head's columns of the projections in place, then runs two matmuls per block
+of rows, the first exponentiating its scores as a post-op into bfloat16 powers, so that no
+pass over the scores runs in numpy.
 
 On CPUs with AVX-512, `fast_cpu()` without bfloat16 computes in float32 here where oneDNN
 was measured faster than OpenBLAS (`float32_by_default`): the linear layers (their weights
@@ -809,60 +810,100 @@ def conv2d(
     return _run(plan, x, _weight(plan, weight, owner), bias, shape.output)
 
 
-# Powers per attention block (4 MB of bfloat16): fewer, larger blocks ran faster up to
-# this size, on 1024 and 4096 keys (docs/performance.md).
+# Powers per bfloat16 attention block (4 MB): fewer, larger blocks ran faster up to this
+# size, on 1024 and 4096 keys (docs/performance.md).
 _ATTENTION_POWERS = 1 << 21
 # Inner sizes of multiples of this run on AMX's tiles; others on slower kernels.
-ATTENTION_WIDTH_MULTIPLE = 32
+_AMX_MULTIPLE = 32
+_BFLOAT16_ONE = 0x3F80
 
 
 @dataclass(frozen=True)
-class _Attention:
-    """The primitives of one head's attention in blocks of rows: the bfloat16 queries'
-    block times the packed keys, exponentiated (oneDNN's exp post-op, in float32) into
-    bfloat16 powers; the powers times the packed values, into float32."""
+class _Conversion:
+    """A float32 -> bfloat16 reorder between two (shape, strides) layouts."""
 
-    queries: _Handle
+    source: _Handle
+    destination: _Handle
+    reorder: _Handle
+
+    @staticmethod
+    def of(
+        library: _Library, shape: tuple[int, int], source: tuple[int, int], to: tuple[int, int]
+    ) -> _Conversion:
+        source_md = library.descriptor(shape, source, _F32)
+        destination = library.descriptor(shape, to, _BF16)
+        return _Conversion(source_md, destination, library.reorder(source_md, destination))
+
+    def run(self, source: int, destination: int) -> None:
+        arguments = [(_ARG_FROM, self.source, source), (_ARG_TO, self.destination, destination)]
+        _library().execute(self.reorder, arguments)
+
+
+@dataclass(frozen=True)
+class _BFloat16Attention:
+    """The primitives of one head's bfloat16 attention: its float32 columns of the
+    projections converted in place into the operands' bfloat16 buffers (queries with their
+    shift column, keys transposed above their row of ones, values beside their column of
+    ones; `width`, the queries' and keys' inner size, a multiple of `_AMX_MULTIPLE`), keys
+    and values packed; then per block of `rows` queries, their scores scaled and
+    exponentiated (post-ops) into bfloat16 powers, and the powers times the values into
+    float32."""
+
+    rows: int
+    width: int
+    take_queries: _Conversion
+    take_keys: _Conversion
+    take_values: _Conversion
     keys: _Packing
-    powers: _Handle
     values: _Packing
+    queries: _Handle
+    powers: _Handle
     output: _Handle
     exponentiate: _Handle
     weigh: _Handle
 
 
-def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention:
-    key = "attention", rows, width, keys, value_width
+def _bfloat16_attention(length: int, keys: int, heads: int, dim: int) -> _BFloat16Attention:
+    key = "bfloat16_attention", length, keys, heads, dim
     if key not in _PLANS:
         library = _library()
+        rows = min(max(1, _ATTENTION_POWERS // keys), length)
+        width = -(-(dim + 1) // _AMX_MULTIPLE) * _AMX_MULTIPLE
+        columns = heads * dim
         queries = library.descriptor((rows, width), (width, 1), _BF16)
         powers = library.descriptor((rows, keys), (keys, 1), _BF16)
-        output = library.descriptor((rows, value_width), (value_width, 1), _F32)
+        output = library.descriptor((rows, dim + 1), (dim + 1, 1), _F32)
+        what = "plan an attention matmul"
         exponentiate = _matmul_descriptor(
             library,
             queries,
             library.descriptor((width, keys), None, _BF16),
             powers,
-            _post_ops(("exp",), powers),
+            _post_ops((("scale", dim**-0.5), "exp"), powers),
             None,
-            "plan an attention matmul",
+            what,
         )
         weigh = _matmul_descriptor(
             library,
             powers,
-            library.descriptor((keys, value_width), None, _BF16),
+            library.descriptor((keys, dim + 1), None, _BF16),
             output,
             None,
             None,
-            "plan an attention matmul",
+            what,
         )
         plain_keys = library.descriptor((width, keys), (keys, 1), _BF16)
-        plain_values = library.descriptor((keys, value_width), (value_width, 1), _BF16)
-        _PLANS[key] = _Attention(
-            queries=queries,
+        plain_values = library.descriptor((keys, dim + 1), (dim + 1, 1), _BF16)
+        _PLANS[key] = _BFloat16Attention(
+            rows=rows,
+            width=width,
+            take_queries=_Conversion.of(library, (length, dim), (columns, 1), (width, 1)),
+            take_keys=_Conversion.of(library, (dim, keys), (1, columns), (keys, 1)),
+            take_values=_Conversion.of(library, (keys, dim), (columns, 1), (dim + 1, 1)),
             keys=_Packing.of(library, exponentiate, plain_keys),
-            powers=powers,
             values=_Packing.of(library, weigh, plain_values),
+            queries=queries,
+            powers=powers,
             output=output,
             exponentiate=library.primitive(exponentiate),
             weigh=library.primitive(weigh),
@@ -870,33 +911,45 @@ def _attention(rows: int, width: int, keys: int, value_width: int) -> _Attention
     return _PLANS[key]
 
 
-def powers_times_values(queries: mx.array, keys: mx.array, values: mx.array) -> np.ndarray:
-    """e^(queries[h] @ keys[h]) @ values[h] for each head h of float32 (heads, length,
-    width), (heads, width, keys) and (heads, keys, value width) arrays, as a float32 numpy
-    array, in bfloat16: the operands and the powers rounded to it (`width` a multiple of
-    `ATTENTION_WIDTH_MULTIPLE`), the scores and their powers computed in float32 (a score
-    above 88 overflows), the sums in float32. In blocks of rows, each head's keys and
-    values packed once for all its blocks."""
-    heads, length, width = queries.shape
-    key_count, value_width = values.shape[1:]
-    rows = min(max(1, _ATTENTION_POWERS // key_count), length)
-    padded_length = -(-length // rows) * rows  # the blocks' packed layouts depend on rows
-    queries = mx.pad(queries, [(0, 0), (0, padded_length - length), (0, 0)])
-    queries, keys, values = (
-        np.asarray(mx.view(mx.contiguous(a.astype(mx.bfloat16)), mx.uint16))
-        for a in (queries, keys, values)
-    )
-    powers = _source_scratch(rows * key_count)
-    out = np.empty((heads, padded_length, value_width), np.float32)
-    plan = _attention(rows, width, key_count, value_width)
+def bfloat16_head_attention(
+    queries: np.ndarray, keys: np.ndarray, values: np.ndarray, shifts: np.ndarray, out: np.ndarray
+) -> None:
+    """`head_attention` in bfloat16, each row with a shift of its own: out[h, i] = sum over
+    keys j of e^(s[i, h, j] - shifts[i, h]) [values[j, h], 1] for float32 (length, heads *
+    dim) queries, (keys, heads * dim) keys and values, (length, heads) shifts and a
+    (heads, length, dim + 1) `out` (its heads apart: oneDNN's AMX kernels write dense
+    blocks only). The operands, the shifts and the powers are rounded to bfloat16; scores,
+    powers and sums are computed in float32 (a shifted score above 88 overflows). Reads the
+    heads' columns in place (oneDNN's conversions); each head's keys and values are packed
+    once for all its blocks of rows."""
+    length, heads = shifts.shape
+    dim, key_count = queries.shape[1] // heads, len(keys)
+    plan = _bfloat16_attention(length, key_count, heads, dim)
+    # The primitives take whole blocks (the packed layouts depend on the rows): the queries
+    # padded with rows of zeros, a shorter last block's output written aside.
+    padded_length = -(-length // plan.rows) * plan.rows
+    block_queries = np.zeros((padded_length, plan.width), np.uint16)
+    plain_keys = np.zeros((plan.width, key_count), np.uint16)
+    plain_values = np.empty((key_count, dim + 1), np.uint16)
+    plain_keys[dim] = plain_values[:, dim] = _BFLOAT16_ONE
+    negated = mx.array(shifts * np.float32(-(dim**0.5)))  # in the unscaled scores' units
+    shift_columns = np.asarray(mx.view(negated.astype(mx.bfloat16), mx.uint16))
+    powers = _source_scratch(plan.rows * key_count)
+    last_block = np.empty((plan.rows, dim + 1), np.float32)
     library = _library()
     for head in range(heads):
-        packed_keys, packed_values = plan.keys.pack(keys[head]), plan.values.pack(values[head])
-        for start in range(0, padded_length, rows):
+        plan.take_queries.run(queries[0, head * dim :].ctypes.data, block_queries.ctypes.data)
+        block_queries[:length, dim] = shift_columns[:, head]
+        plan.take_keys.run(keys[0, head * dim :].ctypes.data, plain_keys.ctypes.data)
+        plan.take_values.run(values[0, head * dim :].ctypes.data, plain_values.ctypes.data)
+        packed_keys, packed_values = plan.keys.pack(plain_keys), plan.values.pack(plain_values)
+        for start in range(0, padded_length, plan.rows):
+            whole = start + plan.rows <= length
+            block_out = out[head, start:] if whole else last_block
             library.execute(
                 plan.exponentiate,
                 [
-                    (_ARG_SRC, plan.queries, queries[head, start].ctypes.data),
+                    (_ARG_SRC, plan.queries, block_queries[start].ctypes.data),
                     (_ARG_WEIGHTS, plan.keys.packed, packed_keys.ctypes.data),
                     (_ARG_DST, plan.powers, powers.ctypes.data),
                 ],
@@ -906,10 +959,11 @@ def powers_times_values(queries: mx.array, keys: mx.array, values: mx.array) -> 
                 [
                     (_ARG_SRC, plan.powers, powers.ctypes.data),
                     (_ARG_WEIGHTS, plan.values.packed, packed_values.ctypes.data),
-                    (_ARG_DST, plan.output, out[head, start].ctypes.data),
+                    (_ARG_DST, plan.output, block_out.ctypes.data),
                 ],
             )
-    return out[:, :length]
+            if not whole:
+                out[head, start:] = last_block[: length - start]
 
 
 # Powers per float32 attention block (32 MB): gemm's kernels on the heads' strided columns

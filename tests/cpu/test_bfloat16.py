@@ -163,20 +163,23 @@ def test_primitives_are_cached_per_shape_and_weights_packed_once(monkeypatch):
 
 
 @needs_bfloat16
-@pytest.mark.parametrize("heads, dim", [(2, 40), (1, 64)])
-def test_long_attention_computes_in_bfloat16(monkeypatch, heads, dim):
-    """From `_ONEDNN_MIN_KEYS` keys on (here 1100 queries and keys: a last block shorter
-    than the others), the UNets' self-attention runs in bfloat16 (oneDNN's matmuls, its exp
-    in between) within the bound of `attention_bound`."""
+@pytest.mark.parametrize(
+    "heads, dim, length, keys", [(2, 40, 1100, 1100), (1, 64, 1100, 1100), (2, 40, 3500, 77)]
+)
+def test_long_attention_computes_in_bfloat16(monkeypatch, heads, dim, length, keys):
+    """From `_ONEDNN_BFLOAT16_MIN_SCORES` scores per head on (self-attention in blocks of 400
+    rows, the last one shorter; cross-attention on the text's 77 keys), the UNets' attention
+    runs in bfloat16 (oneDNN's matmuls, its exp in between) within the bound of
+    `attention_bound`."""
     calls = []
-    powers = onednn.powers_times_values
-    monkeypatch.setattr(onednn, "powers_times_values", lambda *a: calls.append(1) or powers(*a))
-    monkeypatch.setattr(onednn, "_ATTENTION_POWERS", 400 * 1100)
-    keys = mx.random.split(mx.random.key(6), 3)
-    q, k, v = (0.5 * mx.random.normal((2, 1100, heads * dim), key=key) for key in keys)
+    attend = onednn.bfloat16_head_attention
+    monkeypatch.setattr(onednn, "bfloat16_head_attention", lambda *a: calls.append(1) or attend(*a))
+    monkeypatch.setattr(onednn, "_ATTENTION_POWERS", 400 * keys)
+    q = 0.5 * mx.random.normal((2, length, heads * dim), key=mx.random.key(5))
+    k, v = (0.5 * mx.random.normal((2, keys, heads * dim), key=mx.random.key(i)) for i in (6, 7))
     with fast_cpu(bfloat16=True):
         ours = np.array(kernels.attention(q, k, v, heads, causal=False))
-    assert calls == [1] and ours.shape == q.shape
+    assert calls == [1, 1] and ours.shape == q.shape  # once per entry
     exact, bound = attention_bound(np.array(q), np.array(k), np.array(v), heads)
     error = np.abs(ours - exact)
     assert (error <= bound).all(), (error - bound).max()
@@ -203,7 +206,7 @@ def test_bfloat16_attention_recomputes_underflowed_rows(monkeypatch):
 @needs_bfloat16
 def test_short_and_causal_attention_stay_float32(monkeypatch):
     """Too few keys to gain (the text's 77, SDXL's 256), or a causal mask: float32."""
-    monkeypatch.setattr(onednn, "powers_times_values", None)  # would fail if called
+    monkeypatch.setattr(onednn, "bfloat16_head_attention", None)  # would fail if called
     for length, causal in ((77, True), (256, False)):
         q, k, v = (mx.random.normal((1, length, 64), key=mx.random.key(i)) for i in range(3))
         with fast_cpu():
