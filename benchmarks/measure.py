@@ -197,7 +197,7 @@ def dtype_options(name: str) -> tuple[bool, bool]:
     """--dtypes entry -> (float16, quantize). q8: 4-bit text encoders and 8-bit UNet linear
     layers over float16 weights. On a CPU everything computes in float32 (float16 matmuls
     miss the BLAS there): float16 and q8 weights only save memory. bfloat16: float32
-    weights, the matmuls, convolutions and long attention in bfloat16 (`--bfloat16`)."""
+    weights, the matmuls, convolutions and attention in bfloat16 (`--bfloat16`)."""
     options = {
         "float32": (False, False),
         "float16": (True, False),

@@ -292,7 +292,7 @@ def parser(description: str, image_input: bool = False) -> argparse.ArgumentPars
     p.add_argument(
         "--bfloat16",
         action="store_true",
-        help="compute the matmuls, convolutions and long attention in bfloat16 on CPUs with "
+        help="compute the matmuls, convolutions and attention in bfloat16 on CPUs with "
         "AVX512_BF16 or AMX: faster, slightly different images "
         "(pip install -r requirements-bfloat16.txt)",
     )

@@ -90,12 +90,13 @@ def fast_cpu(*models: nn.Module, bfloat16: bool = False) -> Iterator[None]:
     it kept (and MLX's buffers, whose sizes from a decode slowed the UNet steps after it:
     docs/performance.md). On leaving, every layer is its model class again.
 
-    With `bfloat16`, the linear layers, convolutions and attention over 1024 keys or more
-    compute in bfloat16 through oneDNN (`onednn.py`: CPUs with AVX512_BF16 or AMX, the optional
-    requirements-bfloat16.txt); where that cannot run, `onednn.Unavailable` says why and
-    names the fix. Without it, on CPUs with AVX-512 where oneDNN is installed, what
-    `onednn.py`'s docstring lists (linear layers, norms, long attention, some convolutions)
-    computes in float32 through oneDNN (`onednn.float32_by_default`). No effect on a GPU."""
+    With `bfloat16`, the linear layers, convolutions and attention (all but the text
+    encoders' causal attention) compute in bfloat16 through oneDNN (`onednn.py`: CPUs with
+    AVX512_BF16 or AMX, the optional requirements-bfloat16.txt); where that cannot run,
+    `onednn.Unavailable` says why and names the fix. Without it, on CPUs with AVX-512 where
+    oneDNN is installed, what `onednn.py`'s docstring lists (linear layers, norms, long
+    attention, some convolutions) computes in float32 through oneDNN
+    (`onednn.float32_by_default`). No effect on a GPU."""
     with ExitStack() as stack:
         if bfloat16 and on_cpu():
             onednn.require()

@@ -44,10 +44,6 @@ _SCORE_BLOCK_ELEMENTS = 1 << 20
 # scores): faster on SD 1.5's 4096 keys, slower on SDXL's 256, even between 1536 and 2304
 # (docs/performance.md).
 _SHIFTED_MIN_KEYS = 2048
-# Scores per head (queries x keys) from which attention computes in oneDNN's bfloat16 under
-# `fast_cpu(bfloat16=True)`: SD 1.5's 4096 x 77 cross-attention 1.2x faster than float32,
-# 1024 x 1024 1.9x; no faster on SDXL's 256 x 256 (docs/performance.md).
-_ONEDNN_BFLOAT16_MIN_SCORES = 1 << 18
 # Scores per head (queries x keys) from which attention computes in oneDNN's float32 where
 # the CPU layers do: SD 1.5's 4096 x 77 cross-attention 1.5x faster, 1024 x 1024 1.2x,
 # 9216 x 9216 (SD 2.x at 768px) 1.2x; slower on SDXL's 256 x 256 (docs/performance.md).
@@ -216,11 +212,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     UNets' shapes than MLX's multi-threaded matmuls with the softmax between them, one
     block at a time (docs/performance.md): no core waits for the other between the stages.
     Scores are exponents of `_EXPONENTIALS`' base b: softmax(s) = b^(s log_b e) / sum
-    b^(s log_b e), the factor log_b(e) riding along with the scale."""
-    scores = q.shape[1] * k.shape[1]
-    if onednn.bfloat16_active() and not causal and scores >= _ONEDNN_BFLOAT16_MIN_SCORES:
+    b^(s log_b e), the factor log_b(e) riding along with the scale. Under
+    `fast_cpu(bfloat16=True)` all but causal attention (the text encoders') runs in oneDNN's
+    bfloat16, faster at every size the models have (docs/performance.md)."""
+    if onednn.bfloat16_active() and not causal:
         return _onednn_bfloat16_attention(q, k, v, heads)
-    if onednn.active() and not causal and scores >= _ONEDNN_FLOAT32_MIN_SCORES:
+    if onednn.active() and not causal and q.shape[1] * k.shape[1] >= _ONEDNN_FLOAT32_MIN_SCORES:
         return _onednn_float32_attention(q, k, v, heads)
     attend = _shifted_attention if k.shape[1] >= _SHIFTED_MIN_KEYS else _exact_attention
     return attend(q, k, v, heads, causal)

@@ -841,15 +841,17 @@ class _Conversion:
 
 @dataclass(frozen=True)
 class _BFloat16Attention:
-    """The primitives of one head's bfloat16 attention: its float32 columns of the
-    projections converted in place into the operands' bfloat16 buffers (queries with their
-    shift column, keys transposed above their row of ones, values beside their column of
-    ones; `width`, the queries' and keys' inner size, a multiple of `_AMX_MULTIPLE`), keys
-    and values packed; then per block of `rows` queries, their scores scaled and
-    exponentiated (post-ops) into bfloat16 powers, and the powers times the values into
-    float32."""
+    """The primitives of bfloat16 attention over (heads, length, width) operands: every
+    head's float32 columns of the projections converted at once into bfloat16 buffers
+    (queries with their shift column, keys transposed above their row of ones, values
+    beside their column of ones; `width`, the queries' and keys' inner size, a multiple of
+    `_AMX_MULTIPLE`); then per block of `group` heads and `rows` queries (all of them where
+    the group has more than one head: each block's operands dense, as oneDNN's AMX kernels
+    take them), the keys and values packed, the scores scaled and exponentiated (post-ops)
+    into bfloat16 powers, and the powers times the values into float32."""
 
     rows: int
+    group: int
     width: int
     take_queries: _Conversion
     take_keys: _Conversion
@@ -863,21 +865,36 @@ class _BFloat16Attention:
     weigh: _Handle
 
 
+def _attention_blocks(length: int, keys: int, heads: int) -> tuple[int, int]:
+    """(rows, heads) per block of at most `_ATTENTION_POWERS` powers: all of a group of
+    heads' rows (the most heads that fit, a divisor of `heads`), else one head's rows in
+    blocks."""
+    if length * keys > _ATTENTION_POWERS:
+        return max(1, _ATTENTION_POWERS // keys), 1
+    fitting = min(heads, _ATTENTION_POWERS // (length * keys))
+    return length, max(g for g in range(1, fitting + 1) if heads % g == 0)
+
+
 def _bfloat16_attention(length: int, keys: int, heads: int, dim: int) -> _BFloat16Attention:
     key = "bfloat16_attention", length, keys, heads, dim
     if key not in _PLANS:
         library = _library()
-        rows = min(max(1, _ATTENTION_POWERS // keys), length)
+        rows, group = _attention_blocks(length, keys, heads)
         width = -(-(dim + 1) // _AMX_MULTIPLE) * _AMX_MULTIPLE
+        padded_length = -(-length // rows) * rows
         columns = heads * dim
-        queries = library.descriptor((rows, width), (width, 1), _BF16)
-        powers = library.descriptor((rows, keys), (keys, 1), _BF16)
-        output = library.descriptor((rows, dim + 1), (dim + 1, 1), _F32)
+
+        def dense(*shape: int) -> tuple[int, ...]:
+            return tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
+
+        queries = library.descriptor((group, rows, width), dense(group, rows, width), _BF16)
+        powers = library.descriptor((group, rows, keys), dense(group, rows, keys), _BF16)
+        output = library.descriptor((group, rows, dim + 1), dense(group, rows, dim + 1), _F32)
         what = "plan an attention matmul"
         exponentiate = _matmul_descriptor(
             library,
             queries,
-            library.descriptor((width, keys), None, _BF16),
+            library.descriptor((group, width, keys), None, _BF16),
             powers,
             _post_ops((("scale", dim**-0.5), "exp"), powers),
             None,
@@ -886,20 +903,29 @@ def _bfloat16_attention(length: int, keys: int, heads: int, dim: int) -> _BFloat
         weigh = _matmul_descriptor(
             library,
             powers,
-            library.descriptor((keys, dim + 1), None, _BF16),
+            library.descriptor((group, keys, dim + 1), None, _BF16),
             output,
             None,
             None,
             what,
         )
-        plain_keys = library.descriptor((width, keys), (keys, 1), _BF16)
-        plain_values = library.descriptor((keys, dim + 1), (dim + 1, 1), _BF16)
+        plain_keys = library.descriptor((group, width, keys), dense(group, width, keys), _BF16)
+        plain_values = library.descriptor(
+            (group, keys, dim + 1), dense(group, keys, dim + 1), _BF16
+        )
         _PLANS[key] = _BFloat16Attention(
             rows=rows,
+            group=group,
             width=width,
-            take_queries=_Conversion.of(library, (length, dim), (columns, 1), (width, 1)),
-            take_keys=_Conversion.of(library, (dim, keys), (1, columns), (keys, 1)),
-            take_values=_Conversion.of(library, (keys, dim), (columns, 1), (dim + 1, 1)),
+            take_queries=_Conversion.of(
+                library, (heads, length, dim), (dim, columns, 1), dense(heads, padded_length, width)
+            ),
+            take_keys=_Conversion.of(
+                library, (heads, dim, keys), (dim, 1, columns), dense(heads, width, keys)
+            ),
+            take_values=_Conversion.of(
+                library, (heads, keys, dim), (dim, columns, 1), dense(heads, keys, dim + 1)
+            ),
             keys=_Packing.of(library, exponentiate, plain_keys),
             values=_Packing.of(library, weigh, plain_values),
             queries=queries,
@@ -925,31 +951,32 @@ def bfloat16_head_attention(
     length, heads = shifts.shape
     dim, key_count = queries.shape[1] // heads, len(keys)
     plan = _bfloat16_attention(length, key_count, heads, dim)
+    rows, group = plan.rows, plan.group
     # The primitives take whole blocks (the packed layouts depend on the rows): the queries
     # padded with rows of zeros, a shorter last block's output written aside.
-    padded_length = -(-length // plan.rows) * plan.rows
-    block_queries = np.zeros((padded_length, plan.width), np.uint16)
-    plain_keys = np.zeros((plan.width, key_count), np.uint16)
-    plain_values = np.empty((key_count, dim + 1), np.uint16)
-    plain_keys[dim] = plain_values[:, dim] = _BFLOAT16_ONE
-    negated = mx.array(shifts * np.float32(-(dim**0.5)))  # in the unscaled scores' units
-    shift_columns = np.asarray(mx.view(negated.astype(mx.bfloat16), mx.uint16))
-    powers = _source_scratch(plan.rows * key_count)
-    last_block = np.empty((plan.rows, dim + 1), np.float32)
+    padded_length = -(-length // rows) * rows
+    all_queries = np.zeros((heads, padded_length, plan.width), np.uint16)
+    all_keys = np.zeros((heads, plan.width, key_count), np.uint16)
+    all_values = np.empty((heads, key_count, dim + 1), np.uint16)
+    all_keys[:, dim] = all_values[..., dim] = _BFLOAT16_ONE
+    plan.take_queries.run(queries.ctypes.data, all_queries.ctypes.data)
+    plan.take_keys.run(keys.ctypes.data, all_keys.ctypes.data)
+    plan.take_values.run(values.ctypes.data, all_values.ctypes.data)
+    negated = mx.array(shifts.T * np.float32(-(dim**0.5)))  # in the unscaled scores' units
+    all_queries[:, :length, dim] = np.asarray(mx.view(negated.astype(mx.bfloat16), mx.uint16))
+    powers = _source_scratch(group * rows * key_count)
+    last_block = np.empty((rows, dim + 1), np.float32)
     library = _library()
-    for head in range(heads):
-        plan.take_queries.run(queries[0, head * dim :].ctypes.data, block_queries.ctypes.data)
-        block_queries[:length, dim] = shift_columns[:, head]
-        plan.take_keys.run(keys[0, head * dim :].ctypes.data, plain_keys.ctypes.data)
-        plan.take_values.run(values[0, head * dim :].ctypes.data, plain_values.ctypes.data)
-        packed_keys, packed_values = plan.keys.pack(plain_keys), plan.values.pack(plain_values)
-        for start in range(0, padded_length, plan.rows):
-            whole = start + plan.rows <= length
-            block_out = out[head, start:] if whole else last_block
+    for first in range(0, heads, group):
+        packed_keys = plan.keys.pack(all_keys[first : first + group])
+        packed_values = plan.values.pack(all_values[first : first + group])
+        for start in range(0, padded_length, rows):
+            whole = start + rows <= length
+            block_out = out[first, start:] if whole else last_block
             library.execute(
                 plan.exponentiate,
                 [
-                    (_ARG_SRC, plan.queries, block_queries[start].ctypes.data),
+                    (_ARG_SRC, plan.queries, all_queries[first, start].ctypes.data),
                     (_ARG_WEIGHTS, plan.keys.packed, packed_keys.ctypes.data),
                     (_ARG_DST, plan.powers, powers.ctypes.data),
                 ],
@@ -963,7 +990,7 @@ def bfloat16_head_attention(
                 ],
             )
             if not whole:
-                out[head, start:] = last_block[: length - start]
+                out[first, start:] = last_block[: length - start]
 
 
 # Powers per float32 attention block (32 MB): gemm's kernels on the heads' strided columns

@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bfloat16",
         action="store_true",
-        help="compute the matmuls, convolutions and long attention in bfloat16 on CPUs with "
+        help="compute the matmuls, convolutions and attention in bfloat16 on CPUs with "
         "AVX512_BF16 or AMX (pip install -r requirements-bfloat16.txt)",
     )
     p.add_argument(

@@ -1,5 +1,5 @@
 """`fast_cpu(bfloat16=True)`: the linear layers, the GEGLU (its GELU and product fused),
-the convolutions and long attention multiply in bfloat16 through oneDNN (float32 sums); a
+the convolutions and attention (not causal) multiply in bfloat16 through oneDNN (float32 sums); a
 clear refusal where that cannot run.
 
 Tolerance, from bfloat16's 8-bit significand (unit roundoff u = 2^-8): each product of two
@@ -164,17 +164,23 @@ def test_primitives_are_cached_per_shape_and_weights_packed_once(monkeypatch):
 
 @needs_bfloat16
 @pytest.mark.parametrize(
-    "heads, dim, length, keys", [(2, 40, 1100, 1100), (1, 64, 1100, 1100), (2, 40, 3500, 77)]
+    "heads, dim, length, keys, powers, blocks",
+    [
+        (2, 40, 1100, 1100, 400 * 1100, (400, 1)),  # one head's rows in blocks, a shorter last
+        (1, 64, 1100, 1100, 400 * 1100, (400, 1)),
+        (2, 40, 3500, 77, 400 * 77, (400, 1)),  # cross-attention on the text's 77 keys
+        (6, 40, 300, 77, 4 * 300 * 77, (300, 3)),  # groups of heads, all rows at once
+    ],
 )
-def test_long_attention_computes_in_bfloat16(monkeypatch, heads, dim, length, keys):
-    """From `_ONEDNN_BFLOAT16_MIN_SCORES` scores per head on (self-attention in blocks of 400
-    rows, the last one shorter; cross-attention on the text's 77 keys), the UNets' attention
-    runs in bfloat16 (oneDNN's matmuls, its exp in between) within the bound of
-    `attention_bound`."""
+def test_attention_computes_in_bfloat16(monkeypatch, heads, dim, length, keys, powers, blocks):
+    """The UNets' (and the VAE's) attention runs in bfloat16 (oneDNN's matmuls, its exp in
+    between) within the bound of `attention_bound`, in blocks of rows and of heads that hold
+    at most `_ATTENTION_POWERS` powers."""
     calls = []
     attend = onednn.bfloat16_head_attention
     monkeypatch.setattr(onednn, "bfloat16_head_attention", lambda *a: calls.append(1) or attend(*a))
-    monkeypatch.setattr(onednn, "_ATTENTION_POWERS", 400 * keys)
+    monkeypatch.setattr(onednn, "_ATTENTION_POWERS", powers)
+    assert onednn._attention_blocks(length, keys, heads) == blocks
     q = 0.5 * mx.random.normal((2, length, heads * dim), key=mx.random.key(5))
     k, v = (0.5 * mx.random.normal((2, keys, heads * dim), key=mx.random.key(i)) for i in (6, 7))
     with fast_cpu(bfloat16=True):
@@ -204,16 +210,15 @@ def test_bfloat16_attention_recomputes_underflowed_rows(monkeypatch):
 
 
 @needs_bfloat16
-def test_short_and_causal_attention_stay_float32(monkeypatch):
-    """Too few keys to gain (the text's 77, SDXL's 256), or a causal mask: float32."""
+def test_causal_attention_stays_float32(monkeypatch):
+    """The text encoders' causal attention: float32."""
     monkeypatch.setattr(onednn, "bfloat16_head_attention", None)  # would fail if called
-    for length, causal in ((77, True), (256, False)):
-        q, k, v = (mx.random.normal((1, length, 64), key=mx.random.key(i)) for i in range(3))
-        with fast_cpu():
-            float32 = np.array(kernels.attention(q, k, v, 2, causal))
-        with fast_cpu(bfloat16=True):
-            ours = np.array(kernels.attention(q, k, v, 2, causal))
-        np.testing.assert_array_equal(ours, float32)
+    q, k, v = (mx.random.normal((1, 77, 64), key=mx.random.key(i)) for i in range(3))
+    with fast_cpu():
+        float32 = np.array(kernels.attention(q, k, v, 2, True))
+    with fast_cpu(bfloat16=True):
+        ours = np.array(kernels.attention(q, k, v, 2, True))
+    np.testing.assert_array_equal(ours, float32)
 
 
 @needs_bfloat16
