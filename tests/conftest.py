@@ -30,20 +30,19 @@ def float32_without_onednn() -> Iterator[None]:
 @pytest.fixture
 def onednn_float32(monkeypatch) -> list[str]:
     """`fast_cpu()` computes float32 through oneDNN, on any CPU, and every convolution that
-    Winograd does not take and every non-causal attention runs there however few its pixels
-    and scores (the tiny models' are below the thresholds); returns what ran through oneDNN
-    ("linear", "conv2d", "head_attention"), to check that it ran. CI installs oneDNN on
+    Winograd does not take runs there however few its pixels (the tiny models' are below
+    the threshold); returns what ran through oneDNN ("linear", "conv2d", "attention",
+    "head_attention"), to check that it ran. CI installs oneDNN on
     Linux x86-64 (requirements-bfloat16.txt): there the test fails rather than skips
     without it."""
-    from stable_diffusion.cpu import kernels, layers, onednn
+    from stable_diffusion.cpu import layers, onednn
 
     if not onednn.installed() and not (os.environ.get("CI") and onednn.on_linux_x86()):
         pytest.skip(f"oneDNN is not installed: {onednn.FIX}")
     monkeypatch.setattr(onednn, "float32_by_default", lambda: True)
     monkeypatch.setattr(layers, "_ONEDNN_FLOAT32_MIN_PIXELS", 1)
-    monkeypatch.setattr(kernels, "_ONEDNN_FLOAT32_MIN_SCORES", 1)
     ran: list[str] = []
-    for name in ("linear", "conv2d", "head_attention"):
+    for name in ("linear", "conv2d", "attention", "head_attention"):
         original = getattr(onednn, name)
 
         def recorded(*args, _name=name, _original=original, **kwargs):

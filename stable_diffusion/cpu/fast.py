@@ -94,7 +94,7 @@ def fast_cpu(*models: nn.Module, bfloat16: bool = False) -> Iterator[None]:
     encoders' causal attention) compute in bfloat16 through oneDNN (`onednn.py`: CPUs with
     AVX512_BF16 or AMX, the optional requirements-bfloat16.txt); where that cannot run,
     `onednn.Unavailable` says why and names the fix. Without it, on CPUs with AVX-512 where
-    oneDNN is installed, what `onednn.py`'s docstring lists (linear layers, norms, long
+    oneDNN is installed, what `onednn.py`'s docstring lists (linear layers, norms,
     attention, some convolutions) computes in float32 through oneDNN
     (`onednn.float32_by_default`). No effect on a GPU."""
     with ExitStack() as stack:

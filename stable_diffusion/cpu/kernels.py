@@ -44,10 +44,11 @@ _SCORE_BLOCK_ELEMENTS = 1 << 20
 # scores): faster on SD 1.5's 4096 keys, slower on SDXL's 256, even between 1536 and 2304
 # (docs/performance.md).
 _SHIFTED_MIN_KEYS = 2048
-# Scores per head (queries x keys) from which attention computes in oneDNN's float32 where
-# the CPU layers do: SD 1.5's 4096 x 77 cross-attention 1.5x faster, 1024 x 1024 1.2x,
-# 9216 x 9216 (SD 2.x at 768px) 1.2x; slower on SDXL's 256 x 256 (docs/performance.md).
-_ONEDNN_FLOAT32_MIN_SCORES = 1 << 17
+# Scores per head (queries x keys) from which float32 attention reads each head's columns
+# in place, a block of rows sharing its shift (`onednn.head_attention`): SD 2.x's 9216 x 9216
+# at 768px 1.15x faster than `onednn.attention`'s groups, as fast at 4096 x 4096, slower
+# below (docs/performance.md).
+_SHARED_SHIFT_MIN_SCORES = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -212,12 +213,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal: bool) -
     UNets' shapes than MLX's multi-threaded matmuls with the softmax between them, one
     block at a time (docs/performance.md): no core waits for the other between the stages.
     Scores are exponents of `_EXPONENTIALS`' base b: softmax(s) = b^(s log_b e) / sum
-    b^(s log_b e), the factor log_b(e) riding along with the scale. Under
-    `fast_cpu(bfloat16=True)` all but causal attention (the text encoders') runs in oneDNN's
-    bfloat16, faster at every size the models have (docs/performance.md)."""
-    if onednn.bfloat16_active() and not causal:
-        return _onednn_bfloat16_attention(q, k, v, heads)
-    if onednn.active() and not causal and q.shape[1] * k.shape[1] >= _ONEDNN_FLOAT32_MIN_SCORES:
+    b^(s log_b e), the factor log_b(e) riding along with the scale. Where the CPU layers
+    compute through oneDNN, all but causal attention (the text encoders') runs there,
+    faster at every size the models have (docs/performance.md)."""
+    if onednn.active() and not causal:
+        if onednn.bfloat16_active() or q.shape[1] * k.shape[1] < _SHARED_SHIFT_MIN_SCORES:
+            return _onednn_attention(q, k, v, heads)
         return _onednn_float32_attention(q, k, v, heads)
     attend = _shifted_attention if k.shape[1] >= _SHIFTED_MIN_KEYS else _exact_attention
     return attend(q, k, v, heads, causal)
@@ -365,10 +366,10 @@ def _onednn_float32_attention(q: mx.array, k: mx.array, v: mx.array, heads: int)
     return _normalized_heads(out, v.dtype)
 
 
-def _onednn_bfloat16_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
-    """Softmax attention through oneDNN's bfloat16 matmuls (`onednn.bfloat16_head_attention`),
-    each row shifted by its own Cauchy-Schwarz bound less the headroom; rows that
-    underflowed all the same are computed again in float32."""
+def _onednn_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
+    """Softmax attention through oneDNN's matmuls in this block's precision
+    (`onednn.attention`), each row shifted by its own Cauchy-Schwarz bound less the
+    headroom; rows that underflowed all the same are computed again exactly, in float32."""
     batch, length, width = q.shape
     dim, dtype = width // heads, v.dtype
     q, k, v = (mx.contiguous(a.astype(mx.float32)) for a in (q, k, v))
@@ -377,7 +378,7 @@ def _onednn_bfloat16_attention(q: mx.array, k: mx.array, v: mx.array, heads: int
     q, k, v, shifts = (np.asarray(a) for a in (q, k, v, shifts))
     out = np.empty((batch, heads, length, dim + 1), np.float32)
     for entry in range(batch):
-        onednn.bfloat16_head_attention(q[entry], k[entry], v[entry], shifts[entry], out[entry])
+        onednn.attention(q[entry], k[entry], v[entry], shifts[entry], out[entry])
         values = v[entry].reshape(len(v[entry]), heads, dim)
         _redo_underflowed_heads(q[entry], k[entry], values, out[entry].transpose(1, 0, 2))
     return _normalized_heads(out.transpose(0, 2, 1, 3), dtype)

@@ -9,15 +9,15 @@ oneDNN's own reorder (vectorized, unlike a numpy pass), multiplies by the weight
 once per `fast_cpu()` block into oneDNN's packed layout, sums in float32 and adds the bias
 (and a GELU, or a product, as post-ops) in the same pass. oneDNN 3.2's "fpmath" attribute
 (float32 inputs, bfloat16 compute) only applies with AMX; on AVX512_BF16 it computes in
-float32, no faster, so the conversion is explicit. Attention (`bfloat16_head_attention`)
-converts each head's columns of the projections in place, then runs two matmuls per block
-of rows, the first exponentiating its scores as a post-op into bfloat16 powers, so that no
-pass over the scores runs in numpy.
+float32, no faster, so the conversion is explicit. Attention (`attention`, in either
+precision) converts every head's columns of the projections in place, then runs two
+matmuls per block of heads and rows, the first exponentiating its scores as a post-op
+into the powers, so that no pass over the scores runs in numpy.
 
 On CPUs with AVX-512, `fast_cpu()` without bfloat16 computes in float32 here where oneDNN
 was measured faster than OpenBLAS (`float32_by_default`): the linear layers (their weights
-as they are, no packed copy), GEGLU, the norms, attention over long sequences (each head's
-columns of the projections read in place: `head_attention`), Winograd's products
+as they are, no packed copy), GEGLU, the norms, attention (`attention`; on the longest
+sequences each head's columns read in place by `head_attention`), Winograd's products
 (`batched_matmul`) and the convolutions that Winograd does not take on images from 64x64
 pixels (the layers decide).
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import importlib.metadata
+import math
 import os
 import platform
 import sys
@@ -810,17 +811,18 @@ def conv2d(
     return _run(plan, x, _weight(plan, weight, owner), bias, shape.output)
 
 
-# Powers per bfloat16 attention block (4 MB): fewer, larger blocks ran faster up to this
+# Powers per attention block (4 MB in bfloat16): fewer, larger blocks ran faster up to this
 # size, on 1024 and 4096 keys (docs/performance.md).
 _ATTENTION_POWERS = 1 << 21
 # Inner sizes of multiples of this run on AMX's tiles; others on slower kernels.
 _AMX_MULTIPLE = 32
-_BFLOAT16_ONE = 0x3F80
+_ONES = {_BF16: 0x3F80, _F32: 1.0}
+_ELEMENTS = {_BF16: np.uint16, _F32: np.float32}
 
 
 @dataclass(frozen=True)
 class _Conversion:
-    """A float32 -> bfloat16 reorder between two (shape, strides) layouts."""
+    """A float32 -> float32 or bfloat16 reorder between two (shape, strides) layouts."""
 
     source: _Handle
     destination: _Handle
@@ -828,10 +830,14 @@ class _Conversion:
 
     @staticmethod
     def of(
-        library: _Library, shape: tuple[int, int], source: tuple[int, int], to: tuple[int, int]
+        library: _Library,
+        shape: tuple[int, ...],
+        source: tuple[int, ...],
+        to: tuple[int, ...],
+        dtype: int,
     ) -> _Conversion:
         source_md = library.descriptor(shape, source, _F32)
-        destination = library.descriptor(shape, to, _BF16)
+        destination = library.descriptor(shape, to, dtype)
         return _Conversion(source_md, destination, library.reorder(source_md, destination))
 
     def run(self, source: int, destination: int) -> None:
@@ -840,16 +846,18 @@ class _Conversion:
 
 
 @dataclass(frozen=True)
-class _BFloat16Attention:
-    """The primitives of bfloat16 attention over (heads, length, width) operands: every
-    head's float32 columns of the projections converted at once into bfloat16 buffers
-    (queries with their shift column, keys transposed above their row of ones, values
-    beside their column of ones; `width`, the queries' and keys' inner size, a multiple of
-    `_AMX_MULTIPLE`); then per block of `group` heads and `rows` queries (all of them where
-    the group has more than one head: each block's operands dense, as oneDNN's AMX kernels
-    take them), the keys and values packed, the scores scaled and exponentiated (post-ops)
-    into bfloat16 powers, and the powers times the values into float32."""
+class _AttentionPlan:
+    """The primitives of attention over (heads, length, width) operands, in bfloat16 or
+    float32: every head's float32 columns of the projections converted at once into the
+    operands' buffers (queries with their shift column, keys transposed above their row of
+    ones, values beside their column of ones; in bfloat16, `width`, the queries' and keys'
+    inner size, is a multiple of `_AMX_MULTIPLE`); then per block of `group` heads and
+    `rows` queries (all of them where the group has more than one head: each block's
+    operands dense, as oneDNN's brgemm kernels take them), the keys and values packed, the
+    scores scaled and exponentiated (post-ops) into powers, and the powers times the values
+    into float32."""
 
+    dtype: int
     rows: int
     group: int
     width: int
@@ -875,26 +883,28 @@ def _attention_blocks(length: int, keys: int, heads: int) -> tuple[int, int]:
     return length, max(g for g in range(1, fitting + 1) if heads % g == 0)
 
 
-def _bfloat16_attention(length: int, keys: int, heads: int, dim: int) -> _BFloat16Attention:
-    key = "bfloat16_attention", length, keys, heads, dim
+def _dense(*shape: int) -> tuple[int, ...]:
+    """Row-major strides of `shape`."""
+    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+
+
+def _attention_plan(length: int, keys: int, heads: int, dim: int, dtype: int) -> _AttentionPlan:
+    key = "attention", length, keys, heads, dim, dtype
     if key not in _PLANS:
         library = _library()
         rows, group = _attention_blocks(length, keys, heads)
-        width = -(-(dim + 1) // _AMX_MULTIPLE) * _AMX_MULTIPLE
+        multiple = _AMX_MULTIPLE if dtype == _BF16 else 1
+        width = -(-(dim + 1) // multiple) * multiple
         padded_length = -(-length // rows) * rows
         columns = heads * dim
-
-        def dense(*shape: int) -> tuple[int, ...]:
-            return tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
-
-        queries = library.descriptor((group, rows, width), dense(group, rows, width), _BF16)
-        powers = library.descriptor((group, rows, keys), dense(group, rows, keys), _BF16)
-        output = library.descriptor((group, rows, dim + 1), dense(group, rows, dim + 1), _F32)
+        queries = library.descriptor((group, rows, width), _dense(group, rows, width), dtype)
+        powers = library.descriptor((group, rows, keys), _dense(group, rows, keys), dtype)
+        output = library.descriptor((group, rows, dim + 1), _dense(group, rows, dim + 1), _F32)
         what = "plan an attention matmul"
         exponentiate = _matmul_descriptor(
             library,
             queries,
-            library.descriptor((group, width, keys), None, _BF16),
+            library.descriptor((group, width, keys), None, dtype),
             powers,
             _post_ops((("scale", dim**-0.5), "exp"), powers),
             None,
@@ -903,28 +913,37 @@ def _bfloat16_attention(length: int, keys: int, heads: int, dim: int) -> _BFloat
         weigh = _matmul_descriptor(
             library,
             powers,
-            library.descriptor((group, keys, dim + 1), None, _BF16),
+            library.descriptor((group, keys, dim + 1), None, dtype),
             output,
             None,
             None,
             what,
         )
-        plain_keys = library.descriptor((group, width, keys), dense(group, width, keys), _BF16)
+        plain_keys = library.descriptor((group, width, keys), _dense(group, width, keys), dtype)
         plain_values = library.descriptor(
-            (group, keys, dim + 1), dense(group, keys, dim + 1), _BF16
+            (group, keys, dim + 1), _dense(group, keys, dim + 1), dtype
         )
-        _PLANS[key] = _BFloat16Attention(
+        _PLANS[key] = _AttentionPlan(
+            dtype=dtype,
             rows=rows,
             group=group,
             width=width,
             take_queries=_Conversion.of(
-                library, (heads, length, dim), (dim, columns, 1), dense(heads, padded_length, width)
+                library,
+                (heads, length, dim),
+                (dim, columns, 1),
+                _dense(heads, padded_length, width),
+                dtype,
             ),
             take_keys=_Conversion.of(
-                library, (heads, dim, keys), (dim, 1, columns), dense(heads, width, keys)
+                library, (heads, dim, keys), (dim, 1, columns), _dense(heads, width, keys), dtype
             ),
             take_values=_Conversion.of(
-                library, (heads, keys, dim), (dim, columns, 1), dense(heads, keys, dim + 1)
+                library,
+                (heads, keys, dim),
+                (dim, columns, 1),
+                _dense(heads, keys, dim + 1),
+                dtype,
             ),
             keys=_Packing.of(library, exponentiate, plain_keys),
             values=_Packing.of(library, weigh, plain_values),
@@ -937,34 +956,39 @@ def _bfloat16_attention(length: int, keys: int, heads: int, dim: int) -> _BFloat
     return _PLANS[key]
 
 
-def bfloat16_head_attention(
+def attention(
     queries: np.ndarray, keys: np.ndarray, values: np.ndarray, shifts: np.ndarray, out: np.ndarray
 ) -> None:
-    """`head_attention` in bfloat16, each row with a shift of its own: out[h, i] = sum over
-    keys j of e^(s[i, h, j] - shifts[i, h]) [values[j, h], 1] for float32 (length, heads *
-    dim) queries, (keys, heads * dim) keys and values, (length, heads) shifts and a
-    (heads, length, dim + 1) `out` (its heads apart: oneDNN's AMX kernels write dense
-    blocks only). The operands, the shifts and the powers are rounded to bfloat16; scores,
-    powers and sums are computed in float32 (a shifted score above 88 overflows). Reads the
-    heads' columns in place (oneDNN's conversions); each head's keys and values are packed
-    once for all its blocks of rows."""
+    """out[h, i] = sum over keys j of e^(s[i, h, j] - shifts[i, h]) [values[j, h], 1], where
+    s[i, h, j] = queries[i, h] . keys[j, h] / sqrt(dim), for float32 (length, heads * dim)
+    queries, (keys, heads * dim) keys and values, (length, heads) shifts and a (heads,
+    length, dim + 1) `out` (its heads apart: oneDNN's brgemm kernels write dense blocks
+    only), in this block's precision: in bfloat16 the operands, the shifts and the powers
+    are rounded to it; scores, powers and sums are computed in float32 (a shifted score
+    above 88 overflows). Reads the heads' columns in place (oneDNN's conversions); a group
+    of heads' keys and values are packed once for all its blocks of rows."""
     length, heads = shifts.shape
     dim, key_count = queries.shape[1] // heads, len(keys)
-    plan = _bfloat16_attention(length, key_count, heads, dim)
-    rows, group = plan.rows, plan.group
+    plan = _attention_plan(length, key_count, heads, dim, _compute())
+    rows, group, element = plan.rows, plan.group, _ELEMENTS[plan.dtype]
     # The primitives take whole blocks (the packed layouts depend on the rows): the queries
     # padded with rows of zeros, a shorter last block's output written aside.
     padded_length = -(-length // rows) * rows
-    all_queries = np.zeros((heads, padded_length, plan.width), np.uint16)
-    all_keys = np.zeros((heads, plan.width, key_count), np.uint16)
-    all_values = np.empty((heads, key_count, dim + 1), np.uint16)
-    all_keys[:, dim] = all_values[..., dim] = _BFLOAT16_ONE
+    all_queries = np.zeros((heads, padded_length, plan.width), element)
+    all_keys = np.zeros((heads, plan.width, key_count), element)
+    all_values = np.empty((heads, key_count, dim + 1), element)
+    all_keys[:, dim] = all_values[..., dim] = _ONES[plan.dtype]
     plan.take_queries.run(queries.ctypes.data, all_queries.ctypes.data)
     plan.take_keys.run(keys.ctypes.data, all_keys.ctypes.data)
     plan.take_values.run(values.ctypes.data, all_values.ctypes.data)
-    negated = mx.array(shifts.T * np.float32(-(dim**0.5)))  # in the unscaled scores' units
-    all_queries[:, :length, dim] = np.asarray(mx.view(negated.astype(mx.bfloat16), mx.uint16))
-    powers = _source_scratch(group * rows * key_count)
+    negated = shifts.T * np.float32(-(dim**0.5))  # in the unscaled scores' units
+    if plan.dtype == _BF16:
+        negated = np.asarray(mx.view(mx.array(negated).astype(mx.bfloat16), mx.uint16))
+    all_queries[:, :length, dim] = negated
+    # Reused from call to call, as the matmuls' conversion buffer (a bfloat16 one: two
+    # elements per float32 power).
+    scratch = group * rows * key_count * np.dtype(element).itemsize // 2
+    powers = _source_scratch(scratch)[:scratch].view(element)
     last_block = np.empty((rows, dim + 1), np.float32)
     library = _library()
     for first in range(0, heads, group):

@@ -177,8 +177,8 @@ def test_attention_computes_in_bfloat16(monkeypatch, heads, dim, length, keys, p
     between) within the bound of `attention_bound`, in blocks of rows and of heads that hold
     at most `_ATTENTION_POWERS` powers."""
     calls = []
-    attend = onednn.bfloat16_head_attention
-    monkeypatch.setattr(onednn, "bfloat16_head_attention", lambda *a: calls.append(1) or attend(*a))
+    attend = onednn.attention
+    monkeypatch.setattr(onednn, "attention", lambda *a: calls.append(1) or attend(*a))
     monkeypatch.setattr(onednn, "_ATTENTION_POWERS", powers)
     assert onednn._attention_blocks(length, keys, heads) == blocks
     q = 0.5 * mx.random.normal((2, length, heads * dim), key=mx.random.key(5))
@@ -212,7 +212,7 @@ def test_bfloat16_attention_recomputes_underflowed_rows(monkeypatch):
 @needs_bfloat16
 def test_causal_attention_stays_float32(monkeypatch):
     """The text encoders' causal attention: float32."""
-    monkeypatch.setattr(onednn, "bfloat16_head_attention", None)  # would fail if called
+    monkeypatch.setattr(onednn, "attention", None)  # would fail if called
     q, k, v = (mx.random.normal((1, 77, 64), key=mx.random.key(i)) for i in range(3))
     with fast_cpu():
         float32 = np.array(kernels.attention(q, k, v, 2, True))

@@ -49,7 +49,7 @@ def test_cpu_paths_match_reference(model, onednn, request):
             assert_close(output.pooled, ref[f"{name}.pooled"])
         assert_unet_matches(model, ref, unet)
         assert_vae_matches(model, ref, vae)
-    in_onednn = {"linear", "conv2d", "head_attention"}
+    in_onednn = {"linear", "conv2d", "attention"}
     assert in_onednn == set(ran_in_onednn) if onednn else not ran_in_onednn
 
 

@@ -226,42 +226,67 @@ def test_layer_norm_runs_in_onednn_in_float32(onednn_block):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
-def test_long_attention_in_float32(onednn_float32, monkeypatch):
-    """From `_ONEDNN_FLOAT32_MIN_SCORES` scores per head on, attention runs as oneDNN's
-    float32 matmuls reading each head's columns in place, its scale, shift and exp in
-    between (blocks of rows, the last one shorter; two entries): float32's rounding."""
-    monkeypatch.setattr(kernels, "_ONEDNN_FLOAT32_MIN_SCORES", 1100 * 1100)
+def test_attention_in_float32(onednn_float32, monkeypatch):
+    """Attention runs as oneDNN's float32 matmuls, its scale and exp in between: by groups
+    of heads where they fit (`onednn.attention`; 4 heads of 300 x 77 in groups of 2, two
+    entries), from `_SHARED_SHIFT_MIN_SCORES` scores per head reading each head's columns
+    in place, a block of rows sharing its shift (`onednn.head_attention`; blocks of 400 of
+    1100 rows, the last one shorter): float32's rounding."""
+    monkeypatch.setattr(kernels, "_SHARED_SHIFT_MIN_SCORES", 1100 * 1100)
     monkeypatch.setattr(onednn, "_FLOAT32_ATTENTION_POWERS", 400 * 1100)
+    monkeypatch.setattr(onednn, "_ATTENTION_POWERS", 2 * 300 * 77)
     monkeypatch.setattr(onednn, "_PLANS", {})
-    keys = mx.random.split(mx.random.key(6), 3)
-    q, k, v = (0.5 * mx.random.normal((2, 1100, 2 * 40), key=key) for key in keys)
-    with fast_cpu():
-        ours = np.array(kernels.attention(q, k, v, 2, causal=False))
-        assert onednn_float32 == ["head_attention"] * 2
-        kernels.attention(q[:, :1099], k, v, 2, causal=False)  # below the threshold
-    assert onednn_float32 == ["head_attention"] * 2
+    for heads, dim, length, key_count, ran in (
+        (2, 40, 1100, 1100, "head_attention"),
+        (4, 24, 300, 77, "attention"),
+    ):
+        q = 0.5 * mx.random.normal((2, length, heads * dim), key=mx.random.key(5))
+        k, v = (
+            0.5 * mx.random.normal((2, key_count, heads * dim), key=mx.random.key(i))
+            for i in (6, 7)
+        )
+        onednn_float32.clear()
+        with fast_cpu():
+            ours = np.array(kernels.attention(q, k, v, heads, causal=False))
+        assert onednn_float32 == [ran] * 2
+        exact, _ = attention_bound(np.array(q), np.array(k), np.array(v), heads)
+        np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
     assert [key[1] for key in onednn._PLANS if key[0] == "head_attention"] == [400, 300]
-    exact, _ = attention_bound(np.array(q), np.array(k), np.array(v), 2)
-    np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+    assert onednn._attention_blocks(300, 77, 4) == (300, 2)
+    assert onednn._attention_blocks(300, 77, 3) == (300, 1)  # 2 of 3 heads fit: not a divisor
 
 
-def test_float32_attention_recomputes_underflowed_rows(onednn_float32, monkeypatch):
+@pytest.fixture(params=["attention", "head_attention"])
+def float32_attention(request, onednn_float32, monkeypatch) -> str:
+    """Each test once by `onednn.attention` (each row its own shift), once by
+    `onednn.head_attention` (a block's rows share theirs)."""
+    if request.param == "head_attention":
+        monkeypatch.setattr(kernels, "_SHARED_SHIFT_MIN_SCORES", 1)
+    onednn_float32.clear()
+    return request.param
+
+
+def test_float32_attention_recomputes_underflowed_rows(
+    float32_attention, onednn_float32, monkeypatch
+):
     """test_kernels.py's extreme scores at oneDNN's lengths: queries along axis 0 score 450
     on every other key (exp overflows without the shift); queries along axis 1 score near
-    0 under the same bound, which the block's shift underflows: recomputed exactly. The
-    others are float32's."""
+    0 under the same bound, which their shift underflows: recomputed exactly. The others
+    are float32's."""
     length = 1024
     q, k, v = extreme_scores(length)
     recomputed = recorded_recomputations(monkeypatch)
     with fast_cpu():
         out = np.array(kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, False))
     expected, _ = attention_bound(q, k, v, 1)
-    assert onednn_float32 == ["head_attention"]
+    assert onednn_float32 == [float32_attention]
     assert sum(recomputed) == length // 2
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * abs(v).max())
 
 
-def test_float32_attention_shifts_each_head_by_its_own_bound(onednn_float32, monkeypatch):
+def test_float32_attention_shifts_each_head_by_its_own_bound(
+    float32_attention, onednn_float32, monkeypatch
+):
     """A head of extreme scores next to a head of ordinary ones: the second's scores are
     not shifted by the first's bound (which would underflow them all): nothing is
     recomputed."""
@@ -277,7 +302,7 @@ def test_float32_attention_shifts_each_head_by_its_own_bound(onednn_float32, mon
     with fast_cpu():
         out = np.array(kernels.attention(mx.array(q), mx.array(k), mx.array(v), 2, False))
     expected, _ = attention_bound(q, k, v, 2)
-    assert onednn_float32 == ["head_attention"] and not recomputed
+    assert onednn_float32 == [float32_attention] and not recomputed
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * abs(v).max())
 
 
