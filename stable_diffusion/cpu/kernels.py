@@ -141,17 +141,21 @@ def _attend_exactly(
     by_head /= scores.sum(axis=-1).T[..., None]
 
 
-def _score_shifts(queries: mx.array, keys: mx.array, exponentials: Exponentials) -> mx.array:
-    """(B*H, L, 1): how much to subtract from each query's scores so that b^score cannot
-    overflow.
+def _score_shifts(q: mx.array, k: mx.array, heads: int, exponentials: Exponentials) -> mx.array:
+    """(B, L, heads): how much to subtract from each query's scores (on (B, L, heads * dim)
+    projections, scaled by 1 / sqrt(dim) and for `exponentials`' base) so that b^score
+    cannot overflow.
 
     By Cauchy-Schwarz a row's scores lie within +-|q| max|k|; shifted to at most the
     headroom (`Exponentials`), their powers and sums stay finite. Subtracting this bound
     instead of each row's max saves two passes over the scores, and riding along in the
     matmul (one more column), the shift costs nothing."""
-    key_norm = mx.sqrt(mx.square(keys).sum(axis=1)).max(axis=-1)  # keys: (B*H, D, S)
-    bounds = mx.sqrt(mx.square(queries).sum(axis=-1)) * key_norm[:, None]
-    return mx.maximum(bounds - exponentials.headroom, 0)[..., None]
+    batch, length, width = q.shape
+    dim = width // heads
+    key_norms = mx.sqrt(mx.square(k.reshape(batch, -1, heads, dim)).sum(axis=-1)).max(axis=1)
+    query_norms = mx.sqrt(mx.square(q.reshape(batch, length, heads, dim)).sum(axis=-1))
+    bounds = query_norms * key_norms[:, None] * (exponentials.log_e / math.sqrt(dim))
+    return mx.maximum(bounds - exponentials.headroom, 0)
 
 
 def _attend(
@@ -292,8 +296,9 @@ def _shifted_operands(
 
     queries = split_heads(q * (_EXPONENTIALS.log_e / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
     keys = split_heads(k, (0, 2, 3, 1))  # (B*H, D, S)
-    shifts = -_score_shifts(queries, keys, _EXPONENTIALS)
-    queries = mx.contiguous(mx.concatenate([queries, shifts], axis=-1))
+    shifts = _score_shifts(q.astype(mx.float32), k.astype(mx.float32), heads, _EXPONENTIALS)
+    shifts = shifts.transpose(0, 2, 1).reshape(*queries.shape[:2], 1)  # (B*H, L, 1)
+    queries = mx.contiguous(mx.concatenate([queries, -shifts], axis=-1))
     keys = mx.contiguous(mx.concatenate([keys, mx.ones_like(keys[:, :1])], axis=1))
     values = split_heads(v, (0, 2, 1, 3))  # (B*H, S, D)
     values = mx.contiguous(mx.concatenate([values, mx.ones_like(values[..., :1])], axis=-1))
@@ -326,16 +331,6 @@ def _shifted_attention(q: mx.array, k: mx.array, v: mx.array, heads: int, causal
     return _merge_heads(out, batch, heads, v.dtype)
 
 
-def _score_bounds(q: mx.array, k: mx.array, heads: int) -> mx.array:
-    """(B, L, heads): each query's Cauchy-Schwarz bound on its scaled scores, |q| max|k| /
-    sqrt(dim) (see `_score_shifts`)."""
-    batch, length, width = q.shape
-    dim = width // heads
-    key_norms = mx.sqrt(mx.square(k.reshape(batch, -1, heads, dim)).sum(axis=-1)).max(axis=1)
-    query_norms = mx.sqrt(mx.square(q.reshape(batch, length, heads, dim)).sum(axis=-1))
-    return query_norms * key_norms[:, None] * dim**-0.5
-
-
 def _normalized_heads(out: np.ndarray, dtype: mx.Dtype) -> mx.array:
     """(B, L, H, D + 1) outputs, their last column the row sums -> (B, L, H*D)."""
     batch, length, heads, value_width = out.shape
@@ -347,33 +342,31 @@ def _normalized_heads(out: np.ndarray, dtype: mx.Dtype) -> mx.array:
 def _onednn_float32_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     """Softmax attention through oneDNN's float32 matmuls reading the projections in place
     (`onednn.head_attention`): no per-head copies of the operands. Each head's block of
-    rows shares one shift, its rows' largest Cauchy-Schwarz bound less the headroom; rows
-    whose powers underflowed under that shared shift are computed again exactly."""
+    rows shares one shift, its rows' largest (`_score_shifts`); rows whose powers
+    underflowed under that shared shift are computed again exactly."""
     batch, length, width = q.shape
     dim = width // heads
     q, k = (mx.contiguous(a.astype(mx.float32)) for a in (q, k))
     values = v.astype(mx.float32).reshape(batch, -1, heads, dim)
     values = mx.concatenate([values, mx.ones((*values.shape[:-1], 1), mx.float32)], axis=-1)
-    bounds = _score_bounds(q, k, heads)
-    mx.eval(q, k, values, bounds)
-    q, k, values, bounds = (np.asarray(a) for a in (q, k, values, bounds))
+    shifts = _score_shifts(q, k, heads, BASE_E)
+    mx.eval(q, k, values, shifts)
+    q, k, values, shifts = (np.asarray(a) for a in (q, k, values, shifts))
     out = np.empty((batch, length, heads, dim + 1), np.float32)
     for entry in range(batch):
-        onednn.head_attention(
-            q[entry], k[entry], values[entry], bounds[entry], BASE_E.headroom, out[entry]
-        )
+        onednn.head_attention(q[entry], k[entry], values[entry], shifts[entry], out[entry])
         _redo_underflowed_heads(q[entry], k[entry], values[entry, ..., :dim], out[entry])
     return _normalized_heads(out, v.dtype)
 
 
 def _onednn_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     """Softmax attention through oneDNN's matmuls in this block's precision
-    (`onednn.attention`), each row shifted by its own Cauchy-Schwarz bound less the
-    headroom; rows that underflowed all the same are computed again exactly, in float32."""
+    (`onednn.attention`), each row shifted by its own `_score_shifts`; rows that
+    underflowed all the same are computed again exactly, in float32."""
     batch, length, width = q.shape
     dim, dtype = width // heads, v.dtype
     q, k, v = (mx.contiguous(a.astype(mx.float32)) for a in (q, k, v))
-    shifts = mx.maximum(_score_bounds(q, k, heads) - BASE_E.headroom, 0)
+    shifts = _score_shifts(q, k, heads, BASE_E)
     mx.eval(q, k, v, shifts)
     q, k, v, shifts = (np.asarray(a) for a in (q, k, v, shifts))
     out = np.empty((batch, heads, length, dim + 1), np.float32)

@@ -1075,20 +1075,15 @@ def _head_attention(rows: int, keys: int, heads: int, dim: int) -> _HeadAttentio
 
 
 def head_attention(
-    queries: np.ndarray,
-    keys: np.ndarray,
-    values: np.ndarray,
-    bounds: np.ndarray,
-    headroom: float,
-    out: np.ndarray,
+    queries: np.ndarray, keys: np.ndarray, values: np.ndarray, shifts: np.ndarray, out: np.ndarray
 ) -> None:
     """out[i, h] = sum over keys j of e^(s[i, h, j] - c) [values[j, h], 1], where s[i, h, j]
     = queries[i, h] . keys[j, h] / sqrt(dim), for float32 (length, heads * dim) queries,
     (keys, heads * dim) keys, (keys, heads, dim + 1) values ending in a column of ones and
-    a (length, heads, dim + 1) `out`. Each head's block of rows subtracts one shift c, its
-    rows' largest score bound (`bounds`, (length, heads)) less `headroom`, or 0: no power
-    overflows, and a row whose scores lie far below the block's bound underflows (its last
-    column near 0: the caller computes it again). Reads and writes every head's columns in
+    a (length, heads, dim + 1) `out`. Each head's block of rows subtracts one shift c, the
+    largest of its rows' `shifts` ((length, heads)): no power overflows, and a row whose
+    own shift lies far below the block's underflows (its last column near 0: the caller
+    computes it again). Reads and writes every head's columns in
     place: no copies of the operands."""
     length, heads, value_width = out.shape
     dim, key_count = value_width - 1, len(keys)
@@ -1100,9 +1095,9 @@ def head_attention(
     for start in range(0, length, rows):
         block = slice(start, min(start + rows, length))
         plan = _head_attention(block.stop - start, key_count, heads, dim)
-        shifts = np.maximum(bounds[block].max(axis=0) - headroom, 0) / scale
+        block_shifts = shifts[block].max(axis=0) / scale
         for head in range(heads):
-            shift[0] = shifts[head]
+            shift[0] = block_shifts[head]
             library.execute(
                 plan.exponentiate,
                 [
