@@ -152,6 +152,7 @@ def _score_shifts(q: mx.array, k: mx.array, heads: int, exponentials: Exponentia
     matmul (one more column), the shift costs nothing."""
     batch, length, width = q.shape
     dim = width // heads
+    q, k = q.astype(mx.float32), k.astype(mx.float32)
     key_norms = mx.sqrt(mx.square(k.reshape(batch, -1, heads, dim)).sum(axis=-1)).max(axis=1)
     query_norms = mx.sqrt(mx.square(q.reshape(batch, length, heads, dim)).sum(axis=-1))
     bounds = query_norms * key_norms[:, None] * (exponentials.log_e / math.sqrt(dim))
@@ -346,48 +347,55 @@ def _onednn_float32_attention(q: mx.array, k: mx.array, v: mx.array, heads: int)
     underflowed under that shared shift are computed again exactly."""
     batch, length, width = q.shape
     dim = width // heads
-    q, k = (mx.contiguous(a.astype(mx.float32)) for a in (q, k))
-    values = v.astype(mx.float32).reshape(batch, -1, heads, dim)
+    dtype = v.dtype
+    q, k, v = (mx.contiguous(a.astype(mx.float32)) for a in (q, k, v))
+    values = v.reshape(batch, -1, heads, dim)
     values = mx.concatenate([values, mx.ones((*values.shape[:-1], 1), mx.float32)], axis=-1)
     shifts = _score_shifts(q, k, heads, BASE_E)
     mx.eval(q, k, values, shifts)
-    q, k, values, shifts = (np.asarray(a) for a in (q, k, values, shifts))
+    queries, keys, values, shifts = (np.asarray(a) for a in (q, k, values, shifts))
     out = np.empty((batch, length, heads, dim + 1), np.float32)
     for entry in range(batch):
-        onednn.head_attention(q[entry], k[entry], values[entry], shifts[entry], out[entry])
-        _redo_underflowed_heads(q[entry], k[entry], values[entry, ..., :dim], out[entry])
-    return _normalized_heads(out, v.dtype)
+        onednn.head_attention(queries[entry], keys[entry], values[entry], shifts[entry], out[entry])
+        _redo_underflowed_heads(q[entry], k[entry], v[entry], out[entry])
+    return _normalized_heads(out, dtype)
 
 
 def _onednn_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.array:
     """Softmax attention through oneDNN's matmuls in this block's precision
     (`onednn.attention`), each row shifted by its own `_score_shifts`; rows that
-    underflowed all the same are computed again exactly, in float32."""
+    underflowed all the same are computed again exactly, in float32. Bfloat16 projections
+    (in bfloat16 blocks) are read as they are and give a bfloat16 output."""
     batch, length, width = q.shape
     dim, dtype = width // heads, v.dtype
-    q, k, v = (mx.contiguous(a.astype(mx.float32)) for a in (q, k, v))
+    operands = mx.bfloat16 if dtype == mx.bfloat16 else mx.float32
+    q, k, v = (mx.contiguous(a.astype(operands)) for a in (q, k, v))
     shifts = _score_shifts(q, k, heads, BASE_E)
     mx.eval(q, k, v, shifts)
-    q, k, v, shifts = (np.asarray(a) for a in (q, k, v, shifts))
+    queries, keys, values = (onednn.numpy(a) for a in (q, k, v))
     out = np.empty((batch, heads, length, dim + 1), np.float32)
     for entry in range(batch):
-        onednn.attention(q[entry], k[entry], v[entry], shifts[entry], out[entry])
-        values = v[entry].reshape(len(v[entry]), heads, dim)
-        _redo_underflowed_heads(q[entry], k[entry], values, out[entry].transpose(1, 0, 2))
+        entry_shifts = np.asarray(shifts[entry])
+        onednn.attention(queries[entry], keys[entry], values[entry], entry_shifts, out[entry])
+        _redo_underflowed_heads(q[entry], k[entry], v[entry], out[entry].transpose(1, 0, 2))
     return _normalized_heads(out.transpose(0, 2, 1, 3), dtype)
 
 
 def _redo_underflowed_heads(
-    queries: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray
+    queries: mx.array, keys: mx.array, values: mx.array, out: np.ndarray
 ) -> None:
     """`_redo_underflowed` for each head of a (length, heads, dim + 1) output with a row
-    that underflowed, from the float32 (length, heads * dim) queries, (keys, heads * dim)
-    keys and (keys, heads, dim) values."""
+    that underflowed, from the (length, heads * dim) queries and (keys, heads * dim) keys
+    and values (in float32 or bfloat16)."""
+    underflowed = np.flatnonzero((out[..., -1] < _MIN_ROW_SUM).any(axis=0))
+    if not len(underflowed):
+        return
     dim = out.shape[2] - 1
-    for head in np.flatnonzero((out[..., -1] < _MIN_ROW_SUM).any(axis=0)):
+    queries, keys, values = (np.asarray(a.astype(mx.float32)) for a in (queries, keys, values))
+    for head in underflowed:
         columns = slice(head * dim, (head + 1) * dim)
         scaled_keys = keys[:, columns].T * np.float32(dim**-0.5)
-        with_ones = np.concatenate([values[:, head], np.ones((len(keys), 1), np.float32)], 1)
+        with_ones = np.concatenate([values[:, columns], np.ones((len(keys), 1), np.float32)], 1)
         _redo_underflowed(
             queries[:, columns], scaled_keys, with_ones, out[:, head], 0, False, BASE_E
         )

@@ -23,6 +23,34 @@ from ..models import layers, unet
 from . import kernels, onednn, winograd
 from .store import kept, kept_from_second_use
 
+# -- what oneDNN takes -----------------------------------------------------------------------
+
+
+def _matmul_input_dtype() -> mx.Dtype:
+    """The type in which to write an activation that only feeds matmuls or convolutions:
+    bfloat16 where they compute in it, which would round it to that anyway (half the bytes,
+    no conversion at each use); else float32."""
+    return mx.bfloat16 if onednn.bfloat16_active() else mx.float32
+
+
+def _onednn_takes(x: mx.array) -> bool:
+    """Whether a matmul or convolution of `x` computes through oneDNN here: a float32 `x`
+    where oneDNN is active, a bfloat16 one (`_matmul_input_dtype`) in bfloat16 blocks."""
+    if x.dtype == mx.bfloat16:
+        return onednn.bfloat16_active()
+    return x.dtype == mx.float32 and onednn.active()
+
+
+def _projection(layer: nn.Module, x: mx.array) -> mx.array:
+    """layer(x), written in `_matmul_input_dtype` where oneDNN computes it: for outputs that
+    only feed matmuls (attention's projections)."""
+    if isinstance(layer, Linear) and _onednn_takes(x):
+        return onednn.linear(
+            x, layer.weight, layer.get("bias"), layer, output=_matmul_input_dtype()
+        )
+    return layer(x)
+
+
 # -- activations ----------------------------------------------------------------------------
 #
 # Rational approximations (the coefficients of Eigen's float tanh and erf): max abs error
@@ -120,11 +148,17 @@ class GEGLU(unet.GEGLU):
         # gating fuse into one pass instead of three over a strided split.
         biases = mx.split(self.proj.bias, 2)
         weight, half = self.proj.weight, self.proj.weight.shape[0] // 2
-        if onednn.active() and x.dtype == mx.float32:
+        if _onednn_takes(x):
             # Each half (packed in bfloat16) for an owner of its own (the projection is not
-            # called here); the biases, GELU and product ride along in oneDNN's matmuls.
-            gate = onednn.linear(x, weight, biases[1], self, slice(half, None), gelu=True)
-            return onednn.linear(x, weight, biases[0], self.proj, slice(half), times=gate)
+            # called here); the biases, GELU and product ride along in oneDNN's matmuls. In
+            # bfloat16 the product is written in it: the next matmul's input.
+            output = _matmul_input_dtype()
+            gate = onednn.linear(
+                x, weight, biases[1], self, slice(half, None), gelu=True, output=output
+            )
+            return onednn.linear(
+                x, weight, biases[0], self.proj, slice(half), times=gate, output=output
+            )
         hidden, gate = x @ weight[:half].T, x @ weight[half:].T
         if hidden.dtype == mx.float32:
             return kernels.geglu_(hidden, gate, *biases)
@@ -141,11 +175,12 @@ def _normalize(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array) -> 
 
 class LayerNorm(layers.LayerNorm):
     """In numpy on all cores (float32 activations); in oneDNN where the layers compute
-    there (`onednn.active()`)."""
+    there (`onednn.active()`), written in `_matmul_input_dtype` if `feeds_matmuls`."""
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, feeds_matmuls: bool = False) -> mx.array:
         if x.dtype == mx.float32 and onednn.active():
-            return onednn.layer_norm(x, self.weight, self.bias, self.eps)
+            output = _matmul_input_dtype() if feeds_matmuls else mx.float32
+            return onednn.layer_norm(x, self.weight, self.bias, self.eps, output)
         if x.dtype == mx.float32:
             return kernels.layer_norm(x, self.weight, self.bias, self.eps)
         return super().__call__(x)
@@ -196,14 +231,35 @@ class GroupNorm(layers.GroupNorm):
 
 
 class Attention(unet.Attention):
+    """In bfloat16 blocks the projections are written in bfloat16 (`_projection`), and so
+    is the attention's output: they only feed matmuls."""
+
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+        if not onednn.bfloat16_active():
+            return super().__call__(x, context)
+        if context is None:
+            keys, values = _projection(self.to_k, x), _projection(self.to_v, x)
+        else:
+            keys, values = self.context_keys_values(context)
+        return self.to_out[0](layers.attention(_projection(self.to_q, x), keys, values, self.heads))
+
     def context_keys_values(self, context: mx.array) -> tuple[mx.array, mx.array]:
         """The text context is the same at every step: within a `fast_cpu()` block its keys
         and values are computed once."""
         return kept(
             self,
             (context, self.to_k.weight, self.to_v.weight),
-            lambda: super(Attention, self).context_keys_values(context),
+            lambda: (_projection(self.to_k, context), _projection(self.to_v, context)),
         )
+
+
+class BasicTransformerBlock(unet.BasicTransformerBlock):
+    """The layer norms' outputs only feed matmuls (`LayerNorm`'s `feeds_matmuls`)."""
+
+    def __call__(self, x: mx.array, context: mx.array) -> mx.array:
+        x = x + self.attn1(self.norm1(x, feeds_matmuls=True))
+        x = x + self.attn2(self.norm2(x, feeds_matmuls=True), context)
+        return x + self.ff(self.norm3(x, feeds_matmuls=True))
 
 
 # -- linear ---------------------------------------------------------------------------------
@@ -214,7 +270,7 @@ class Linear(layers.Linear):
     bias into the output, which is slower on the UNet's shapes."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if onednn.active() and x.dtype == mx.float32:
+        if _onednn_takes(x):
             return onednn.linear(x, self.weight, self.get("bias"), self)
         if "bias" in self:
             return x @ self.weight.T + self.bias
@@ -494,6 +550,7 @@ SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {
         LayerNorm,
         GroupNorm,
         Attention,
+        BasicTransformerBlock,
         Linear,
         QuantizedLinear,
         Conv2d,

@@ -4,10 +4,13 @@
 On CPUs with AVX512_BF16 oneDNN's bfloat16 matmul runs about twice as fast as OpenBLAS's
 float32 one on the UNets' shapes, with AMX three to seven times; MLX has no fast CPU
 bfloat16 matmul, and OpenBLAS's builds at hand none at all (docs/performance.md). The
-activations stay float32: each matmul or convolution converts its input to bfloat16 with
-oneDNN's own reorder (vectorized, unlike a numpy pass), multiplies by the weight converted
-once per `fast_cpu()` block into oneDNN's packed layout, sums in float32 and adds the bias
-(and a GELU, or a product, as post-ops) in the same pass. oneDNN 3.2's "fpmath" attribute
+activations stay float32 where they are added to or normalized (the residual stream, the
+convolutions' outputs): a matmul or convolution converts a float32 input to bfloat16 with
+oneDNN's own reorder (vectorized, unlike a numpy pass); the layers whose outputs only feed
+matmuls (layer norms, attention's projections and output, GEGLU) write them in bfloat16,
+which the next matmul reads as it is. Each multiplies by the weight converted once per
+`fast_cpu()` block into oneDNN's packed layout, sums in float32 and adds the bias (and a
+GELU, or a product, as post-ops) in the same pass. oneDNN 3.2's "fpmath" attribute
 (float32 inputs, bfloat16 compute) only applies with AMX; on AVX512_BF16 it computes in
 float32, no faster, so the conversion is explicit. Attention (`attention`, in either
 precision) converts every head's columns of the projections in place, then runs two
@@ -73,6 +76,7 @@ _USE_SCALE_AND_SHIFT = 0x2 | 0x4  # dnnl_use_scale | dnnl_use_shift
 _ARG_FROM, _ARG_TO = _ARG_SRC, _ARG_DST
 _MAX_DIMS = 12
 _Dims = ctypes.c_int64 * _MAX_DIMS
+_DTYPES = {mx.float32: _F32, mx.bfloat16: _BF16}
 _Handle = ctypes.c_void_p
 
 # What the CPU layers compute in through oneDNN in this context: _BF16, _F32 or None.
@@ -313,9 +317,9 @@ class _Packing:
 @dataclass(frozen=True)
 class _Plan:
     """The primitives of one matmul or convolution of a given shape, computed in bfloat16
-    or float32: the float32 input -> a bfloat16 copy (None in float32); the float32 weight
-    (its own strides) as the primitive takes it; the primitive itself (float32 bias and
-    output)."""
+    or float32: a float32 input -> a bfloat16 copy (None in float32; a bfloat16 input is
+    taken as it is); the float32 weight (its own strides) as the primitive takes it; the
+    primitive itself (float32 bias, output in float32 or bfloat16: `destination`)."""
 
     source: _Handle
     computed_source: _Handle
@@ -374,18 +378,25 @@ def _matmul_descriptor(
 
 
 def _matmul(
-    rows: int, inner: int, columns: int, bias: bool, dtype: int, then: str | None = None
+    rows: int,
+    inner: int,
+    columns: int,
+    bias: bool,
+    dtype: int,
+    then: str | None = None,
+    output: int = _F32,
 ) -> _Plan:
-    """A linear layer's plan; `then` "gelu" applies the exact GELU to its results, "times"
-    multiplies them by a float32 (rows, columns) operand (`_ARG_FIRST_POST_OP_OPERAND`). In
-    bfloat16 the weight is packed; in float32 the matmul reads it as it is, as fast as
-    packed on the UNets' shapes (docs/performance.md) and with no copy in memory."""
-    key = "matmul", rows, inner, columns, bias, dtype, then
+    """A linear layer's plan, its results in `output` (_F32 or _BF16); `then` "gelu"
+    applies the exact GELU to its results, "times" multiplies them by a (rows, columns)
+    operand of the results' type (`_ARG_FIRST_POST_OP_OPERAND`). In bfloat16 the weight is
+    packed; in float32 the matmul reads it as it is, as fast as packed on the UNets' shapes
+    (docs/performance.md) and with no copy in memory."""
+    key = "matmul", rows, inner, columns, bias, dtype, then, output
     if key not in _PLANS:
         library = _library()
         source = (rows, inner), (inner, 1)
         bias_md = library.descriptor((1, columns), (columns, 1), _F32) if bias else None
-        destination = library.descriptor((rows, columns), (columns, 1), _F32)
+        destination = library.descriptor((rows, columns), (columns, 1), output)
         weight = library.descriptor((inner, columns), (1, inner), _F32)  # weight.T
         descriptor = _matmul_descriptor(
             library,
@@ -424,18 +435,21 @@ def _post_ops(steps: tuple[str | tuple[str, float], ...], operand: _Handle) -> _
 @dataclass(frozen=True)
 class _PerChannel:
     """A primitive over a float32 (rows, channels) image with per-channel operands (a scale
-    and shift, a layer norm's weight and bias) or results (a mean and variance)."""
+    and shift, a layer norm's weight and bias) or results (a mean and variance), its output
+    image described by `output` (float32 or bfloat16)."""
 
     image: _Handle
     per_channel: _Handle
     compute: _Handle
+    output: _Handle
 
 
 def scale_shift(
     x: np.ndarray, out: np.ndarray, scale: np.ndarray, shift: np.ndarray, silu: bool
 ) -> None:
     """out = x * scale + shift, then its SiLU if `silu`, for float32 (rows, channels)
-    arrays and per-channel float32 `scale` and `shift`, in one oneDNN pass on all cores."""
+    arrays and per-channel float32 `scale` and `shift`, in one oneDNN pass on all cores.
+    (Written in bfloat16, this ran oneDNN 3.2's reference code, 50x slower.)"""
     rows, channels = x.shape
     key = "scale_shift", rows, channels, silu
     if key not in _PLANS:
@@ -456,14 +470,14 @@ def scale_shift(
             ),
             "plan a scale and shift",
         )
-        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor))
+        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor), image)
     plan: _PerChannel = _PLANS[key]
     _library().execute(
         plan.compute,
         [
             (_ARG_SRC, plan.image, x.ctypes.data),
             (_ARG_SRC_1, plan.per_channel, scale.ctypes.data),
-            (_ARG_DST, plan.image, out.ctypes.data),
+            (_ARG_DST, plan.output, out.ctypes.data),
             (_ARG_FIRST_POST_OP_OPERAND, plan.per_channel, shift.ctypes.data),
         ],
     )
@@ -497,7 +511,7 @@ def channel_statistics(x: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, 
             "plan a group norm's statistics",
         )
         per_channel = library.descriptor((channels,), (1,), _F32)
-        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor))
+        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor), image)
     plan: _PerChannel = _PLANS[key]
     mean, variance = np.empty(channels, np.float32), np.empty(channels, np.float32)
     library.execute(
@@ -512,16 +526,19 @@ def channel_statistics(x: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, 
     return mean, variance
 
 
-def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
-    """Layer norm over float32 `x`'s last axis, scaled and shifted, into a new array: one
-    oneDNN primitive (float32 arithmetic), 6x faster than `kernels.layer_norm` on the UNets'
-    shapes (docs/performance.md)."""
+def layer_norm(
+    x: mx.array, weight: mx.array, bias: mx.array, eps: float, output: mx.Dtype = mx.float32
+) -> mx.array:
+    """Layer norm over float32 `x`'s last axis, scaled and shifted, into a new `output`
+    array (float32 or bfloat16): one oneDNN primitive (float32 arithmetic), 6x faster than
+    `kernels.layer_norm` on the UNets' shapes (docs/performance.md)."""
     channels = x.shape[-1]
     rows = x.size // channels
-    key = "layer_norm", rows, channels, eps
+    key = "layer_norm", rows, channels, eps, output
     library = _library()
     if key not in _PLANS:
         image = library.descriptor((rows, channels), (channels, 1), _F32)
+        out_md = library.descriptor((rows, channels), (channels, 1), _DTYPES[output])
         descriptor = _Handle()
         library.check(
             library.dnnl.dnnl_layer_normalization_forward_primitive_desc_create(
@@ -529,7 +546,7 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
                 library.engine,
                 _FORWARD_INFERENCE,
                 image,
-                image,
+                out_md,
                 None,
                 ctypes.c_float(eps),
                 ctypes.c_uint(_USE_SCALE_AND_SHIFT),
@@ -538,17 +555,17 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
             "plan a layer norm",
         )
         per_channel = library.descriptor((channels,), (1,), _F32)
-        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor))
+        _PLANS[key] = _PerChannel(image, per_channel, library.primitive(descriptor), out_md)
     plan: _PerChannel = _PLANS[key]
     x = mx.contiguous(x)
-    out = mx.contiguous(mx.zeros_like(x))
+    out = mx.contiguous(mx.zeros(x.shape, output))
     weight, bias = weight.astype(mx.float32), bias.astype(mx.float32)
     mx.eval(x, out, weight, bias)
     library.execute(
         plan.compute,
         [
             (_ARG_SRC, plan.image, np.asarray(x).ctypes.data),
-            (_ARG_DST, plan.image, np.asarray(out).ctypes.data),
+            (_ARG_DST, plan.output, numpy(out).ctypes.data),
             (_ARG_SCALE, plan.per_channel, np.asarray(weight).ctypes.data),
             (_ARG_SHIFT, plan.per_channel, np.asarray(bias).ctypes.data),
         ],
@@ -728,27 +745,37 @@ def batched_matmul(a: mx.array, b: mx.array) -> mx.array:
     return out
 
 
+def numpy(a: mx.array) -> np.ndarray:
+    """An evaluated, contiguous float32 or bfloat16 array's buffer in numpy, no copy: a
+    bfloat16 one as its bits (uint16), which numpy has no type for."""
+    return np.asarray(mx.view(a, mx.uint16) if a.dtype == mx.bfloat16 else a)
+
+
 def _run(
     plan: _Plan,
     x: mx.array,
     packed: np.ndarray,
     bias: mx.array | None,
     output_shape: tuple[int, ...],
+    output: mx.Dtype = mx.float32,
     times: mx.array | None = None,
 ) -> mx.array:
-    """`plan` on float32 `x` (for bfloat16 converted in this thread's scratch buffer),
-    computed with the `packed` weight into a new float32 array (multiplied by `times` where
-    the plan says so)."""
+    """`plan` on `x`, computed with the `packed` weight into a new `output` array
+    (multiplied by `times`, of its type, where the plan says so). A float32 `x` computed
+    in bfloat16 is converted in this thread's scratch buffer; a bfloat16 one is read as it
+    is (only in bfloat16 blocks)."""
     x = mx.contiguous(x)
-    out = mx.contiguous(mx.zeros(output_shape, mx.float32))
+    out = mx.contiguous(mx.zeros(output_shape, output))
     if bias is not None:
         bias = bias.astype(mx.float32)
     if times is not None:
-        times = mx.contiguous(times.astype(mx.float32))
+        times = mx.contiguous(times.astype(output))
     mx.eval(*(a for a in (x, out, bias, times) if a is not None))
     library = _library()
-    source = np.asarray(x)
-    if plan.convert_source is not None:
+    source = numpy(x)
+    if x.dtype == mx.bfloat16:
+        assert plan.convert_source is not None, "a bfloat16 input outside bfloat16 blocks"
+    elif plan.convert_source is not None:
         source = _source_scratch(x.size)
         library.execute(
             plan.convert_source,
@@ -760,12 +787,12 @@ def _run(
     args = [
         (_ARG_SRC, plan.computed_source, source.ctypes.data),
         (_ARG_WEIGHTS, plan.weight.packed, packed.ctypes.data),
-        (_ARG_DST, plan.destination, np.asarray(out).ctypes.data),
+        (_ARG_DST, plan.destination, numpy(out).ctypes.data),
     ]
     if bias is not None and plan.bias is not None:
         args.append((_ARG_BIAS, plan.bias, np.asarray(bias).ctypes.data))
     if times is not None:
-        args.append((_ARG_FIRST_POST_OP_OPERAND, plan.destination, np.asarray(times).ctypes.data))
+        args.append((_ARG_FIRST_POST_OP_OPERAND, plan.destination, numpy(times).ctypes.data))
     library.execute(plan.compute, args)
     return out
 
@@ -778,16 +805,20 @@ def linear(
     rows: slice = slice(None),
     gelu: bool = False,
     times: mx.array | None = None,
+    output: mx.Dtype = mx.float32,
 ) -> mx.array:
-    """x @ w.T (+ bias) in this block's precision with float32 sums, for float32 `x` of any
-    leading shape, where w is the (columns, inner) `weight[rows]`; with `gelu`, the exact
-    GELU of that; with `times`, that times `times` (of the result's shape), in the same
-    pass. A packed w is kept for `owner` (`_weight`)."""
+    """x @ w.T (+ bias) in this block's precision with float32 sums, into an `output`
+    array (bfloat16: only in bfloat16 blocks), for `x` of any leading shape (float32, or
+    bfloat16 in bfloat16 blocks), where w is the (columns, inner) `weight[rows]`; with
+    `gelu`, the exact GELU of that; with `times`, that times `times` (of the result's
+    shape), in the same pass. A packed w is kept for `owner` (`_weight`)."""
     inner, columns = x.shape[-1], len(range(weight.shape[0])[rows])
     then = "gelu" if gelu else "times" if times is not None else None
-    plan = _matmul(x.size // inner, inner, columns, bias is not None, _compute(), then)
+    plan = _matmul(
+        x.size // inner, inner, columns, bias is not None, _compute(), then, _DTYPES[output]
+    )
     packed = _weight(plan, weight, owner, rows)
-    return _run(plan, x, packed, bias, (*x.shape[:-1], columns), times)
+    return _run(plan, x, packed, bias, (*x.shape[:-1], columns), output, times)
 
 
 def conv2d(
@@ -822,7 +853,8 @@ _ELEMENTS = {_BF16: np.uint16, _F32: np.float32}
 
 @dataclass(frozen=True)
 class _Conversion:
-    """A float32 -> float32 or bfloat16 reorder between two (shape, strides) layouts."""
+    """A reorder between two (shape, strides) layouts, from float32 or bfloat16 (`source`'s
+    type) to float32 or bfloat16 (`dtype`)."""
 
     source: _Handle
     destination: _Handle
@@ -835,8 +867,9 @@ class _Conversion:
         source: tuple[int, ...],
         to: tuple[int, ...],
         dtype: int,
+        source_dtype: int,
     ) -> _Conversion:
-        source_md = library.descriptor(shape, source, _F32)
+        source_md = library.descriptor(shape, source, source_dtype)
         destination = library.descriptor(shape, to, dtype)
         return _Conversion(source_md, destination, library.reorder(source_md, destination))
 
@@ -888,8 +921,10 @@ def _dense(*shape: int) -> tuple[int, ...]:
     return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
 
 
-def _attention_plan(length: int, keys: int, heads: int, dim: int, dtype: int) -> _AttentionPlan:
-    key = "attention", length, keys, heads, dim, dtype
+def _attention_plan(
+    length: int, keys: int, heads: int, dim: int, dtype: int, source: int
+) -> _AttentionPlan:
+    key = "attention", length, keys, heads, dim, dtype, source
     if key not in _PLANS:
         library = _library()
         rows, group = _attention_blocks(length, keys, heads)
@@ -934,9 +969,15 @@ def _attention_plan(length: int, keys: int, heads: int, dim: int, dtype: int) ->
                 (dim, columns, 1),
                 _dense(heads, padded_length, width),
                 dtype,
+                source,
             ),
             take_keys=_Conversion.of(
-                library, (heads, dim, keys), (dim, 1, columns), _dense(heads, width, keys), dtype
+                library,
+                (heads, dim, keys),
+                (dim, 1, columns),
+                _dense(heads, width, keys),
+                dtype,
+                source,
             ),
             take_values=_Conversion.of(
                 library,
@@ -944,6 +985,7 @@ def _attention_plan(length: int, keys: int, heads: int, dim: int, dtype: int) ->
                 (dim, columns, 1),
                 _dense(heads, keys, dim + 1),
                 dtype,
+                source,
             ),
             keys=_Packing.of(library, exponentiate, plain_keys),
             values=_Packing.of(library, weigh, plain_values),
@@ -960,8 +1002,9 @@ def attention(
     queries: np.ndarray, keys: np.ndarray, values: np.ndarray, shifts: np.ndarray, out: np.ndarray
 ) -> None:
     """out[h, i] = sum over keys j of e^(s[i, h, j] - shifts[i, h]) [values[j, h], 1], where
-    s[i, h, j] = queries[i, h] . keys[j, h] / sqrt(dim), for float32 (length, heads * dim)
-    queries, (keys, heads * dim) keys and values, (length, heads) shifts and a (heads,
+    s[i, h, j] = queries[i, h] . keys[j, h] / sqrt(dim), for (length, heads * dim) queries,
+    (keys, heads * dim) keys and values (all float32, or all bfloat16 as their bits, uint16,
+    in bfloat16 blocks), float32 (length, heads) shifts and a float32 (heads,
     length, dim + 1) `out` (its heads apart: oneDNN's brgemm kernels write dense blocks
     only), in this block's precision: in bfloat16 the operands, the shifts and the powers
     are rounded to it; scores, powers and sums are computed in float32 (a shifted score
@@ -969,7 +1012,8 @@ def attention(
     of heads' keys and values are packed once for all its blocks of rows."""
     length, heads = shifts.shape
     dim, key_count = queries.shape[1] // heads, len(keys)
-    plan = _attention_plan(length, key_count, heads, dim, _compute())
+    source = _BF16 if queries.dtype == np.uint16 else _F32
+    plan = _attention_plan(length, key_count, heads, dim, _compute(), source)
     rows, group, element = plan.rows, plan.group, _ELEMENTS[plan.dtype]
     # The primitives take whole blocks (the packed layouts depend on the rows): the queries
     # padded with rows of zeros, a shorter last block's output written aside.

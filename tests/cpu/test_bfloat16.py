@@ -122,20 +122,25 @@ def test_upsampler_convolves_in_bfloat16():
 @needs_bfloat16
 def test_geglu_projection_multiplies_in_bfloat16():
     """Both halves through oneDNN: the GEGLU of bfloat16-rounded inputs' products, checked
-    against the float32 GEGLU of exactly those inputs (which differs only by the sums)."""
+    against the float32 GEGLU of exactly those inputs (which differs by the sums, and by
+    the rounding of the gate and the product: the output is written in bfloat16 for the
+    next matmul)."""
     geglu = unet.GEGLU(64, 32)
     x = mx.random.normal((1, 16, 64), key=mx.random.key(3))
     with fast_cpu(geglu):
         float32 = np.array(geglu(x))
     with fast_cpu(geglu, bfloat16=True):
-        ours = np.array(geglu(x))
+        product = geglu(x)
+    assert product.dtype == mx.bfloat16
+    ours = np.array(product.astype(mx.float32))
     rounded = unet.GEGLU(64, 32)  # the biases are added in float32 either way
     rounded.proj.weight = geglu.proj.weight.astype(mx.bfloat16).astype(mx.float32)
     rounded.proj.bias = geglu.proj.bias
     with fast_cpu(rounded):
         expected = np.array(rounded(x.astype(mx.bfloat16).astype(mx.float32)))
     assert np.abs(ours - float32).max() > 1e-4  # not float32's
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    # Two roundings to bfloat16 (8 significant bits: each within 2^-8 of the value).
+    np.testing.assert_allclose(ours, expected, rtol=2**-7, atol=1e-5 * np.abs(expected).max())
 
 
 @needs_bfloat16
@@ -193,20 +198,69 @@ def test_attention_computes_in_bfloat16(monkeypatch, heads, dim, length, keys, p
 
 
 @needs_bfloat16
-def test_bfloat16_attention_recomputes_underflowed_rows(monkeypatch):
+def test_bfloat16_projections_are_read_as_they_are():
+    """Bfloat16 projections (`layers.Attention` writes them so in bfloat16 blocks) go into
+    oneDNN's operands unconverted and give a bfloat16 output: exactly the float32 result
+    for the same values, rounded."""
+    q, k, v = (mx.random.normal((2, 300, 4 * 40), key=mx.random.key(i)) for i in (5, 6, 7))
+    q, k, v = (a.astype(mx.bfloat16) for a in (q, k, v))
+    with fast_cpu(bfloat16=True):
+        ours = kernels.attention(q, k, v, 4, causal=False)
+        float32 = kernels.attention(*(a.astype(mx.float32) for a in (q, k, v)), 4, causal=False)
+    assert ours.dtype == mx.bfloat16 and float32.dtype == mx.float32
+    np.testing.assert_array_equal(
+        np.array(ours.astype(mx.float32)), np.array(float32.astype(mx.bfloat16).astype(mx.float32))
+    )
+
+
+@needs_bfloat16
+@pytest.mark.parametrize("inputs", [mx.float32, mx.bfloat16])
+def test_bfloat16_attention_recomputes_underflowed_rows(monkeypatch, inputs):
     """test_kernels.py's extreme scores at bfloat16's lengths: queries along axis 0 score
     450 on every other key (exp overflows without the shift), all alike, so their weights
     are exactly uniform: off by the values' rounding only; queries along axis 1 score near 0
-    under the same bound, which the shift underflows: recomputed in float32 (1e-5)."""
+    under the same bound, which the shift underflows: recomputed in float32 (1e-5; bfloat16
+    projections give a bfloat16 output, off by its rounding too)."""
     length = 1024
-    q, k, v = extreme_scores(length)
+    q, k, v = (mx.array(a).astype(inputs) for a in extreme_scores(length))
     recomputed = recorded_recomputations(monkeypatch)
     with fast_cpu(bfloat16=True):
-        out = np.array(kernels.attention(mx.array(q), mx.array(k), mx.array(v), 1, False))
-    expected, _ = attention_bound(q, k, v, 1)
+        out = kernels.attention(q, k, v, 1, False)
+    assert out.dtype == inputs
+    out = np.array(out.astype(mx.float32))
+    expected, _ = attention_bound(*(np.array(a.astype(mx.float32)) for a in (q, k, v)), 1)
     assert sum(recomputed) == length // 2
-    np.testing.assert_allclose(out[0, 1::2], expected[0, 1::2], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(out[0, ::2], expected[0, ::2], rtol=0, atol=2.0**-8 * abs(v).max())
+    rounding = 2.0**-8 if inputs == mx.bfloat16 else 0
+    np.testing.assert_allclose(out[0, 1::2], expected[0, 1::2], rtol=rounding, atol=1e-5)
+    v_max = np.abs(np.array(v.astype(mx.float32))).max()
+    np.testing.assert_allclose(out[0, ::2], expected[0, ::2], rtol=0, atol=2.0**-7 * v_max)
+
+
+@needs_bfloat16
+def test_transformer_block_feeds_its_matmuls_bfloat16(monkeypatch):
+    """In bfloat16 blocks each layer of a transformer block whose output only feeds matmuls
+    (the layer norms, the projections, attention, GEGLU) writes it in bfloat16, so every
+    matmul but the text context's projections reads its input unconverted; the residual
+    stream stays float32, within bfloat16's rounding of float32's block."""
+    inputs = []
+    linear = onednn.linear
+    monkeypatch.setattr(
+        onednn, "linear", lambda x, *a, **k: inputs.append(x.dtype) or linear(x, *a, **k)
+    )
+    block = unet.BasicTransformerBlock(64, 2, 32)
+    x = mx.random.normal((1, 100, 64), key=mx.random.key(1))
+    context = mx.random.normal((1, 77, 32), key=mx.random.key(2))
+    with fast_cpu(block, bfloat16=True):
+        ours = block(x, context)
+        mx.eval(ours)
+    # attn1's keys, values, queries and output; attn2's (the context's keys and values from
+    # the float32 context); GEGLU's two halves and the feed-forward's output.
+    bf16, f32 = mx.bfloat16, mx.float32
+    assert inputs == 4 * [bf16] + 2 * [f32] + 2 * [bf16] + 3 * [bf16]
+    assert ours.dtype == mx.float32
+    float32 = np.array(block(x, context))  # plain MLX
+    update = np.abs(float32 - np.array(x)).max()
+    assert 1e-4 * update < np.abs(np.array(ours) - float32).max() < 2e-2 * update
 
 
 @needs_bfloat16

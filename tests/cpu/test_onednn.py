@@ -212,17 +212,28 @@ def test_group_norm_normalizes_in_onednn_in_float32(onednn_block, monkeypatch, s
 
 
 def test_layer_norm_runs_in_onednn_in_float32(onednn_block):
+    """Float32 arithmetic; where its output feeds matmuls (`feeds_matmuls`), written in
+    bfloat16 in bfloat16 blocks: exactly the float32 result rounded."""
     norm = layers.LayerNorm(48, eps=1e-5)
     norm.weight = mx.random.normal((48,), key=mx.random.key(1))
     norm.bias = mx.random.normal((48,), key=mx.random.key(2))
     x = 3 * mx.random.normal((2, 37, 48), key=mx.random.key(3)) + 10
     with onednn_block(norm):
-        ours = np.array(norm(x))
+        normalized = norm(x)
+        for_matmuls = norm(x, feeds_matmuls=True)
+        bfloat16 = onednn.bfloat16_active()
+    assert normalized.dtype == mx.float32
+    assert for_matmuls.dtype == (mx.bfloat16 if bfloat16 else mx.float32)
+    np.testing.assert_array_equal(
+        np.array(for_matmuls.astype(mx.float32)),
+        np.array(normalized.astype(for_matmuls.dtype).astype(mx.float32)),
+    )
+    ours = np.array(normalized)
     x64 = np.array(x, np.float64)
     centred = x64 - x64.mean(axis=-1, keepdims=True)
     expected = centred / np.sqrt(np.square(centred).mean(axis=-1, keepdims=True) + 1e-5)
     expected = expected * np.array(norm.weight) + np.array(norm.bias)
-    assert ("layer_norm", 74, 48, 1e-5) in onednn._PLANS
+    assert ("layer_norm", 74, 48, 1e-5, mx.float32) in onednn._PLANS
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
