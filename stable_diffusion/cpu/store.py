@@ -1,9 +1,12 @@
-"""What a `fast_cpu()` block keeps from call to call: values too large to keep for good,
-too costly to make at every call (Winograd kernels, the text context's keys and values)."""
+"""What the CPU paths keep from call to call: within a `fast_cpu()` block, values too large
+to keep for good, too costly to make at every call (Winograd kernels, the text context's
+keys and values); for as long as a layer lives, what is no larger than its weights and
+costs a pass over them to make (their packed bfloat16 copies)."""
 
 from __future__ import annotations
 
 import contextvars
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +15,10 @@ from typing import TypeVar
 T = TypeVar("T")
 # The current `fast_cpu()` block's store; None outside one.
 _BLOCK_STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fast_cpu", default=None)
+# What `kept_while_alive` keeps: id(owner) -> _Kept (its sources held weakly), dropped with
+# the owner (`_WATCHED_OWNERS`: the owners with a finalizer for that) or a source.
+_ALIVE_STORE: dict[int, _Kept] = {}
+_WATCHED_OWNERS: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -68,14 +75,47 @@ def kept_from_second_use(
     return kept(owner, sources, make)
 
 
+def kept_while_alive(owner: object, sources: tuple[object, ...], make: Callable[[], T]) -> T:
+    """`make()`, kept for `owner` for as long as it lives, across `fast_cpu()` blocks, and
+    as long as the objects it is made from (`sources`, held weakly) stay the same: made
+    again when one is replaced (a LoRA merge, another shape), and dropped when one is
+    freed. For values no larger than the model's weights that take a pass over them to
+    make: a one-step image would otherwise make them all again at each image, and a longer
+    one twice (`kept`'s first request)."""
+    key = id(owner)
+    entry = _ALIVE_STORE.get(key)
+    if entry is not None and _same_sources(entry, sources):
+        return entry.value  # type: ignore[return-value]
+    if key not in _WATCHED_OWNERS:
+        _WATCHED_OWNERS.add(key)
+        weakref.finalize(owner, _forget_owner, key)
+    value = make()
+
+    def forget(_: weakref.ref) -> None:
+        if _ALIVE_STORE.get(key) is kept_entry:
+            del _ALIVE_STORE[key]
+
+    kept_entry = _ALIVE_STORE[key] = _Kept(tuple(weakref.ref(s, forget) for s in sources), value)
+    return value
+
+
+def _forget_owner(key: int) -> None:
+    _ALIVE_STORE.pop(key, None)
+    _WATCHED_OWNERS.discard(key)
+
+
+def _same_sources(entry: _Kept, sources: tuple[object, ...]) -> bool:
+    """Whether `entry` was made from `sources` (its own held as they are, or weakly)."""
+    held = (s() if isinstance(s, weakref.ref) else s for s in entry.sources)
+    return len(entry.sources) == len(sources) and all(
+        old is new for old, new in zip(held, sources, strict=True)
+    )
+
+
 def _first_request(store: dict, owner: object, sources: tuple[object, ...]) -> bool:
     """Whether this is `owner`'s first request from `sources` in the block (noted if so)."""
     entry = store.get(id(owner))
-    if (
-        entry is not None
-        and len(entry.sources) == len(sources)
-        and all(old is new for old, new in zip(entry.sources, sources, strict=True))
-    ):
+    if entry is not None and _same_sources(entry, sources):
         return False
     # The entry holds its sources, so no new array can take their ids meanwhile.
     store[id(owner)] = _Kept(sources, _MADE_ONCE)
