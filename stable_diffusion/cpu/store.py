@@ -92,8 +92,8 @@ def kept_while_alive(owner: object, sources: tuple[object, ...], make: Callable[
     value = make()
 
     def forget(_: weakref.ref) -> None:
-        if _ALIVE_STORE.get(key) is kept_entry:
-            del _ALIVE_STORE[key]
+        if _ALIVE_STORE.get(key) is kept_entry:  # not a newer entry (another thread may race)
+            _ALIVE_STORE.pop(key, None)
 
     kept_entry = _ALIVE_STORE[key] = _Kept(tuple(weakref.ref(s, forget) for s in sources), value)
     return value
