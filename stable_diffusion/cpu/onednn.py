@@ -882,10 +882,11 @@ class _Conversion:
 @dataclass(frozen=True)
 class _AttentionPlan:
     """The primitives of attention over (heads, length, width) operands, in bfloat16 or
-    float32: every head's float32 columns of the projections converted at once into the
-    operands' buffers (queries with their shift column, keys transposed above their row of
-    ones, values beside their column of ones; in bfloat16, `width`, the queries' and keys'
-    inner size, is a multiple of `_AMX_MULTIPLE`); then per block of `group` heads and
+    float32: every head's columns of the projections (float32 or bfloat16) converted at
+    once into the operands' buffers (queries with their shift column, keys transposed above
+    their row of ones, values beside their column of ones; in bfloat16, `width`, the
+    queries' and keys' inner size, is a multiple of `_AMX_MULTIPLE`); then per block of
+    `group` heads and
     `rows` queries (all of them where the group has more than one head: each block's
     operands dense, as oneDNN's brgemm kernels take them), the keys and values packed, the
     scores scaled and exponentiated (post-ops) into powers, and the powers times the values
