@@ -93,9 +93,8 @@ def fast_cpu(*models: nn.Module, bfloat16: bool = False) -> Iterator[None]:
     With `bfloat16`, the linear layers, convolutions and attention (all but the text
     encoders' causal attention) compute in bfloat16 through oneDNN (`onednn.py`: CPUs with
     AVX512_BF16 or AMX, the optional requirements-bfloat16.txt), each weight packed in
-    bfloat16 at its first use and kept, beyond the block, as long as its layer lives and
-    the weight stays the same (half its float32 size: `store.kept_while_alive`); where that
-    cannot run,
+    bfloat16 at its first use in the block and kept until it ends (half its float32 size);
+    where that cannot run,
     `onednn.Unavailable` says why and names the fix. Without it, on CPUs with AVX-512 where
     oneDNN is installed, what `onednn.py`'s docstring lists (linear layers, norms,
     attention, some convolutions) computes in float32 through oneDNN

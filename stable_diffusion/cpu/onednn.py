@@ -8,9 +8,9 @@ activations stay float32 where they are added to or normalized (the residual str
 convolutions' outputs): a matmul or convolution converts a float32 input to bfloat16 with
 oneDNN's own reorder (vectorized, unlike a numpy pass); the layers whose outputs only feed
 matmuls (layer norms, attention's projections and output, GEGLU) write them in bfloat16,
-which the next matmul reads as it is. Each multiplies by the weight converted once into
-oneDNN's packed layout (kept while its layer lives, half the weight's float32 size), sums
-in float32 and adds the bias (and a GELU, or a product, as post-ops) in the same pass.
+which the next matmul reads as it is. Each multiplies by the weight converted once per
+`fast_cpu()` block into oneDNN's packed layout (half the weight's float32 size), sums in
+float32 and adds the bias (and a GELU, or a product, as post-ops) in the same pass.
 oneDNN 3.2's "fpmath" attribute (float32 inputs, bfloat16 compute) only applies with AMX;
 on AVX512_BF16 it computes in float32, no faster, so the conversion is explicit.
 Attention (`attention`, in either precision) converts every head's columns of the
@@ -51,7 +51,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import features
-from .store import kept_while_alive
+from .store import kept_from_first_use
 
 PACKAGE = "onednn-cpu-gomp"
 FIX = "pip install -r requirements-bfloat16.txt"
@@ -674,14 +674,14 @@ def _float32(weight: mx.array) -> np.ndarray:
 def _weight(
     plan: _Plan, weight: mx.array, owner: object | None, rows: slice = slice(None)
 ) -> np.ndarray:
-    """`weight[rows]` as `plan` takes it: packed for `owner` for as long as it lives (made
-    again when `weight` or the plan's layout changes: `store.kept_while_alive`; for this
-    call only without an owner), or as it is."""
+    """`weight[rows]` as `plan` takes it: packed for `owner` from its first use until the
+    `fast_cpu()` block ends (made again when `weight` or the plan changes:
+    `store.kept_from_first_use`; for this call only without an owner), or as it is."""
     if plan.weight.reorder is None:
         return _float32_rows(weight, rows)
     if owner is None:
         return _pack(plan, weight, rows)
-    return kept_while_alive(owner, (weight, plan), lambda: _pack(plan, weight, rows))
+    return kept_from_first_use(owner, (weight, plan), lambda: _pack(plan, weight, rows))
 
 
 def _pack(plan: _Plan, weight: mx.array, rows: slice) -> np.ndarray:

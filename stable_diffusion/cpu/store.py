@@ -1,12 +1,10 @@
-"""What the CPU paths keep from call to call: within a `fast_cpu()` block, values too large
-to keep for good, too costly to make at every call (Winograd kernels, the text context's
-keys and values); for as long as a layer lives, what is no larger than its weights and
-costs a pass over them to make (their packed bfloat16 copies)."""
+"""What a `fast_cpu()` block keeps from call to call: values too large to keep for good,
+too costly to make at every call (Winograd kernels, the text context's keys and values,
+oneDNN's packed weights)."""
 
 from __future__ import annotations
 
 import contextvars
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,10 +13,6 @@ from typing import TypeVar
 T = TypeVar("T")
 # The current `fast_cpu()` block's store; None outside one.
 _BLOCK_STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fast_cpu", default=None)
-# What `kept_while_alive` keeps: id(owner) -> _Kept (its sources held weakly), dropped with
-# the owner (`_WATCHED_OWNERS`: the owners with a finalizer for that) or a source.
-_ALIVE_STORE: dict[int, _Kept] = {}
-_WATCHED_OWNERS: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -75,40 +69,23 @@ def kept_from_second_use(
     return kept(owner, sources, make)
 
 
-def kept_while_alive(owner: object, sources: tuple[object, ...], make: Callable[[], T]) -> T:
-    """`make()`, kept for `owner` for as long as it lives, across `fast_cpu()` blocks, and
-    as long as the objects it is made from (`sources`, held weakly) stay the same: made
-    again when one is replaced (a LoRA merge, another shape), and dropped when one is
-    freed. For values no larger than the model's weights that take a pass over them to
-    make: a one-step image would otherwise make them all again at each image, and a longer
-    one twice (`kept`'s first request)."""
-    key = id(owner)
-    entry = _ALIVE_STORE.get(key)
-    if entry is not None and _same_sources(entry, sources):
-        return entry.value  # type: ignore[return-value]
-    if key not in _WATCHED_OWNERS:
-        _WATCHED_OWNERS.add(key)
-        weakref.finalize(owner, _forget_owner, key)
-    value = make()
-
-    def forget(_: weakref.ref) -> None:
-        if _ALIVE_STORE.get(key) is kept_entry:  # not a newer entry (another thread may race)
-            _ALIVE_STORE.pop(key, None)
-
-    kept_entry = _ALIVE_STORE[key] = _Kept(tuple(weakref.ref(s, forget) for s in sources), value)
-    return value
-
-
-def _forget_owner(key: int) -> None:
-    _ALIVE_STORE.pop(key, None)
-    _WATCHED_OWNERS.discard(key)
+def kept_from_first_use(owner: object, sources: tuple[object, ...], make: Callable[[], T]) -> T:
+    """As `kept`, but kept from the first request: for values that a block calling the
+    model once holds anyway while it runs, as each layer's packed weight is until the layer
+    has computed (oneDNN's packed weights: `kept` made them twice in any image of more than
+    one step). Outside a block, made at every call."""
+    store = _BLOCK_STORE.get()
+    if store is None:
+        return make()
+    entry = store.get(id(owner))
+    if entry is None or not _same_sources(entry, sources):
+        entry = store[id(owner)] = _Kept(sources, make())
+    return entry.value  # type: ignore[return-value]
 
 
 def _same_sources(entry: _Kept, sources: tuple[object, ...]) -> bool:
-    """Whether `entry` was made from `sources` (its own held as they are, or weakly)."""
-    held = (s() if isinstance(s, weakref.ref) else s for s in entry.sources)
     return len(entry.sources) == len(sources) and all(
-        old is new for old, new in zip(held, sources, strict=True)
+        old is new for old, new in zip(entry.sources, sources, strict=True)
     )
 
 

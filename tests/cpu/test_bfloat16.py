@@ -145,8 +145,8 @@ def test_geglu_projection_multiplies_in_bfloat16():
 
 @needs_bfloat16
 def test_primitives_are_cached_per_shape_and_weights_packed_once(monkeypatch):
-    """A primitive per shape; a weight packed once and kept while its layer lives, across
-    blocks (`store.kept_while_alive`), packed again for another shape or a replaced weight."""
+    """A primitive per shape, for the process; a weight packed once per block, from its
+    first use (`store.kept_from_first_use`), again for another shape or a replaced weight."""
     packs = []
     pack = onednn._pack
     monkeypatch.setattr(onednn, "_pack", lambda *a: packs.append(a) or pack(*a))
@@ -162,9 +162,9 @@ def test_primitives_are_cached_per_shape_and_weights_packed_once(monkeypatch):
         layer.weight = layer.weight * 2  # a replaced weight (a LoRA merge) is packed again
         layer(mx.random.normal((7, 32)))
         assert len(packs) == 3
-    with fast_cpu(layer, bfloat16=True):  # a new block reuses the primitive and packed weight
+    with fast_cpu(layer, bfloat16=True):  # a new block packs again, and reuses the primitive
         layer(mx.random.normal((7, 32)))
-    assert len(onednn._PLANS) == 2 and len(packs) == 3
+    assert len(onednn._PLANS) == 2 and len(packs) == 4
 
 
 @needs_bfloat16

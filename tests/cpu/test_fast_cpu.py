@@ -80,33 +80,22 @@ def test_a_value_is_kept_from_its_second_use_until_the_block_ends():
     assert use(replaced) == 7  # outside a block: made at every use
 
 
-def test_a_value_kept_while_its_owner_lives_outlasts_blocks():
-    """`store.kept_while_alive` makes a value once and keeps it across blocks, made again
-    for a replaced source; it holds neither its owner nor its sources: dropped when either
-    is freed."""
+def test_a_value_can_be_kept_from_its_first_use():
+    """`store.kept_from_first_use`: made once per block and per sources, from the first
+    use; a new block, or a replaced source, starts over."""
     made = []
+    owner, source = object(), mx.zeros(1)
 
-    class Owner:
-        pass
-
-    owner, source = Owner(), mx.zeros(1)
-
-    def use(owner: Owner, source: mx.array) -> int:
-        return store.kept_while_alive(owner, (source,), lambda: made.append(1) or len(made))
+    def use(source: mx.array) -> int:
+        return store.kept_from_first_use(owner, (source,), lambda: made.append(1) or len(made))
 
     with fast_cpu():
-        assert [use(owner, source) for _ in range(3)] == [1, 1, 1]
+        assert [use(source) for _ in range(3)] == [1, 1, 1]
+        replaced = mx.zeros(1)
+        assert [use(replaced) for _ in range(2)] == [2, 2]
     with fast_cpu():
-        assert use(owner, source) == 1
-    assert use(owner, source) == 1  # outside a block too
-    replaced = mx.zeros(1)
-    assert [use(owner, replaced), use(owner, replaced)] == [2, 2]
-    key = id(owner)
-    del replaced  # the source freed: the value too
-    assert key not in store._ALIVE_STORE
-    assert use(owner, source) == 3
-    del owner  # the owner freed: the value too
-    assert key not in store._ALIVE_STORE and key not in store._WATCHED_OWNERS
+        assert [use(replaced) for _ in range(2)] == [3, 3]
+    assert [use(replaced) for _ in range(2)] == [4, 5]  # outside a block: made at every use
 
 
 def test_a_value_kept_from_its_second_use_can_be_left_unmade_at_the_first():
