@@ -297,7 +297,7 @@ def _shifted_operands(
 
     queries = split_heads(q * (_EXPONENTIALS.log_e / math.sqrt(dim)), (0, 2, 1, 3))  # (B*H, L, D)
     keys = split_heads(k, (0, 2, 3, 1))  # (B*H, D, S)
-    shifts = _score_shifts(q.astype(mx.float32), k.astype(mx.float32), heads, _EXPONENTIALS)
+    shifts = _score_shifts(q, k, heads, _EXPONENTIALS)
     shifts = shifts.transpose(0, 2, 1).reshape(*queries.shape[:2], 1)  # (B*H, L, 1)
     queries = mx.contiguous(mx.concatenate([queries, -shifts], axis=-1))
     keys = mx.contiguous(mx.concatenate([keys, mx.ones_like(keys[:, :1])], axis=1))
@@ -372,11 +372,10 @@ def _onednn_attention(q: mx.array, k: mx.array, v: mx.array, heads: int) -> mx.a
     q, k, v = (mx.contiguous(a.astype(operands)) for a in (q, k, v))
     shifts = _score_shifts(q, k, heads, BASE_E)
     mx.eval(q, k, v, shifts)
-    queries, keys, values = (onednn.numpy(a) for a in (q, k, v))
+    queries, keys, values, shifts = (onednn.numpy(a) for a in (q, k, v, shifts))
     out = np.empty((batch, heads, length, dim + 1), np.float32)
     for entry in range(batch):
-        entry_shifts = np.asarray(shifts[entry])
-        onednn.attention(queries[entry], keys[entry], values[entry], entry_shifts, out[entry])
+        onednn.attention(queries[entry], keys[entry], values[entry], shifts[entry], out[entry])
         _redo_underflowed_heads(q[entry], k[entry], v[entry], out[entry].transpose(1, 0, 2))
     return _normalized_heads(out.transpose(0, 2, 1, 3), dtype)
 

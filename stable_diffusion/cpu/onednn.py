@@ -886,11 +886,10 @@ class _AttentionPlan:
     once into the operands' buffers (queries with their shift column, keys transposed above
     their row of ones, values beside their column of ones; in bfloat16, `width`, the
     queries' and keys' inner size, is a multiple of `_AMX_MULTIPLE`); then per block of
-    `group` heads and
-    `rows` queries (all of them where the group has more than one head: each block's
-    operands dense, as oneDNN's brgemm kernels take them), the keys and values packed, the
-    scores scaled and exponentiated (post-ops) into powers, and the powers times the values
-    into float32."""
+    `group` heads and `rows` queries (all of them where the group has more than one head:
+    each block's operands dense, as oneDNN's brgemm kernels take them), the keys and values
+    packed, the scores scaled and exponentiated (post-ops) into powers, and the powers
+    times the values into float32."""
 
     dtype: int
     rows: int
@@ -1129,8 +1128,8 @@ def head_attention(
     a (length, heads, dim + 1) `out`. Each head's block of rows subtracts one shift c, the
     largest of its rows' `shifts` ((length, heads)): no power overflows, and a row whose
     own shift lies far below the block's underflows (its last column near 0: the caller
-    computes it again). Reads and writes every head's columns in
-    place: no copies of the operands."""
+    computes it again). Reads and writes every head's columns in place: no copies of the
+    operands."""
     length, heads, value_width = out.shape
     dim, key_count = value_width - 1, len(keys)
     rows = min(max(1, _FLOAT32_ATTENTION_POWERS // key_count), length)
