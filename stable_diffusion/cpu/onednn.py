@@ -747,9 +747,13 @@ def batched_matmul(a: mx.array, b: mx.array) -> mx.array:
 
 
 def numpy(a: mx.array) -> np.ndarray:
-    """An evaluated, contiguous float32 or bfloat16 array's buffer in numpy, no copy: a
-    bfloat16 one as its bits (uint16), which numpy has no type for."""
-    return np.asarray(mx.view(a, mx.uint16) if a.dtype == mx.bfloat16 else a)
+    """A contiguous float32 or bfloat16 array's buffer in numpy (evaluated first), no copy:
+    a bfloat16 one as its bits (uint16), which numpy has no type for, read through the
+    buffer protocol (BufferError if strided; a view in MLX would be one more evaluation, a
+    round trip to MLX's thread: docs/performance.md)."""
+    if a.dtype == mx.bfloat16:
+        return np.frombuffer(a, np.uint16).reshape(a.shape)
+    return np.asarray(a)
 
 
 def _run(
@@ -1028,7 +1032,7 @@ def attention(
     plan.take_values.run(values.ctypes.data, all_values.ctypes.data)
     negated = shifts.T * np.float32(-(dim**0.5))  # in the unscaled scores' units
     if plan.dtype == _BF16:
-        negated = np.asarray(mx.view(mx.array(negated).astype(mx.bfloat16), mx.uint16))
+        negated = numpy(mx.contiguous(mx.array(negated).astype(mx.bfloat16)))
     all_queries[:, :length, dim] = negated
     # Reused from call to call, as the matmuls' conversion buffer (a bfloat16 one: two
     # elements per float32 power).

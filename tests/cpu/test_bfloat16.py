@@ -213,6 +213,20 @@ def test_bfloat16_projections_are_read_as_they_are():
     )
 
 
+def test_bfloat16_buffers_are_read_in_place_as_their_bits():
+    """`onednn.numpy` gives oneDNN a bfloat16 array's own buffer, as uint16 bits: what is
+    written there is the array's value (outputs are written so), a lazy array is evaluated
+    first, and a strided one is refused rather than copied."""
+    lazy = mx.array([[1.0, -2.0], [0.5, 3.0]]).astype(mx.bfloat16) * 1
+    bits = onednn.numpy(lazy)
+    assert bits.dtype == np.uint16 and bits.shape == (2, 2)
+    assert bits.tolist() == [[0x3F80, 0xC000], [0x3F00, 0x4040]]  # bfloat16's encodings
+    bits[0, 0] = 0x4100  # 8.0
+    assert lazy[0, 0].item() == 8.0
+    with pytest.raises(BufferError):
+        onednn.numpy(mx.array(np.ones((3, 2), np.float32)).astype(mx.bfloat16).T)
+
+
 @needs_bfloat16
 @pytest.mark.parametrize("inputs", [mx.float32, mx.bfloat16])
 def test_bfloat16_attention_recomputes_underflowed_rows(monkeypatch, inputs):
