@@ -666,8 +666,10 @@ def _convolution(shape: ConvShape, bias: bool, dtype: int) -> _Plan:
 
 
 def _float32(weight: mx.array) -> np.ndarray:
-    weight = mx.contiguous(weight.astype(mx.float32))
-    mx.eval(weight)
+    """A weight in float32, row-major, read in place where it is both already (numpy
+    evaluates it; an MLX `contiguous` would cost an evaluation at each call)."""
+    if weight.dtype != mx.float32:
+        weight = weight.astype(mx.float32)
     return np.ascontiguousarray(weight)
 
 
